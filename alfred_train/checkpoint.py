@@ -1,0 +1,184 @@
+"""Sharded checkpoints: save, load (resharding across TP/PP), resume, keep-last-N, `latest`.
+
+Layout under `run.dir/checkpoints/`:
+
+    iter_0000010/            megatron-core dist_checkpointing (torch_dist) files
+        meta.json            step, layout, trainer state (schedules, data position, KL controller...)
+        rng/rank_00003.pt    python / numpy / torch RNG states of each rank
+    latest                   text file naming the newest complete checkpoint ("iter_0000010")
+
+A checkpoint is written under `.tmp-iter_0000010/` and renamed when every rank has finished, then
+`latest` is replaced atomically (write + os.replace): a crash mid-save leaves the previous
+`latest` loadable. Model weights load at any TP/PP layout; optimizer states at the layout they
+were saved with (checked, with a clear error otherwise).
+
+A checkpoint holds any number of named models (`policy`, `value`, ...), each with an optional
+optimizer; `meta.json["state"]` carries the JSON-able trainer state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from alfred_train.errors import ConfigError
+
+LATEST = "latest"
+
+
+def iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `ckpt_root`, or None."""
+    root = Path(ckpt_root)
+    marker = root / LATEST
+    if not marker.exists():
+        return None
+    path = root / marker.read_text().strip()
+    return path if (path / "meta.json").exists() else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint dir, a `checkpoints/` root (uses latest) or a run dir."""
+    p = Path(path)
+    for cand in (p, p / "checkpoints"):
+        if (cand / "meta.json").exists():
+            return cand
+        found = latest_checkpoint(cand)
+        if found:
+            return found
+    raise ConfigError(f"{path}: no checkpoint found (expected meta.json, or a 'latest' file)")
+
+
+def _model_sd(chunks, name: str) -> dict:
+    return {f"{name}.chunk{i}": c.sharded_state_dict(prefix="") for i, c in enumerate(chunks)}
+
+
+def _optimizer_sd(optimizer, model_sd: dict, is_loading: bool) -> dict:
+    merged = {}
+    for v in model_sd.values():
+        merged.update(v)
+    return optimizer.sharded_state_dict(merged, is_loading=is_loading)
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict, runtime,
+                    keep: int, layout: dict) -> Path:
+    """Collective: every rank calls it. models: name -> (chunks, optimizer or None)."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(ckpt_root)
+    final = root / iter_name(step)
+    tmp = root / f".tmp-{iter_name(step)}"
+    if runtime.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    sharded = {}
+    for name, (chunks, optimizer) in models.items():
+        msd = _model_sd(chunks, name)
+        sharded.update(msd)
+        if optimizer is not None:
+            sharded[f"{name}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=False)
+    dist_checkpointing.save(sharded, str(tmp))
+    rng_dir = tmp / "rng"
+    if runtime.is_main:
+        rng_dir.mkdir(exist_ok=True)
+    dist.barrier()
+    torch.save(rng_state(), rng_dir / f"rank_{runtime.rank:05d}.pt")
+    dist.barrier()
+    if runtime.is_main:
+        meta = {"step": step, "layout": layout, "models": sorted(models), "state": state}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / LATEST, final.name)
+        _prune(root, keep)
+    dist.barrier()
+    return final
+
+
+def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | None = None) -> dict:
+    """Load the named models (and optimizers, when given) in place; returns meta.json.
+
+    models: name -> (chunks, optimizer or None). `name` may be given as "dst=src" to load the
+    checkpoint's model `src` into `dst` (e.g. value model from the reward model).
+    Optimizer states need the layout they were saved at (`strict_layout`).
+    """
+    from megatron.core import dist_checkpointing
+
+    path = resolve_checkpoint(ckpt_dir)
+    meta = json.loads((path / "meta.json").read_text())
+    sharded, wanted = {}, {}
+    for spec, (chunks, optimizer) in models.items():
+        dst, _, src = spec.partition("=")
+        src = src or dst
+        if src not in meta["models"]:
+            raise ConfigError(f"{path}: holds models {meta['models']}, not {src!r}")
+        if len(chunks) != int(meta["layout"].get("vpp") or 1):
+            raise ConfigError(f"{path}: saved with another virtual-pipeline split; set parallel.vpp as when saved")
+        msd = _model_sd(chunks, src)
+        sharded.update(msd)
+        wanted[spec] = (chunks, optimizer, src, msd)
+        if optimizer is not None:
+            if strict_layout is not None and meta["layout"] != strict_layout:
+                raise ConfigError(f"{path}: optimizer state was saved at layout {meta['layout']}, "
+                                  f"this run is {strict_layout}; resume at the same parallel.tp/pp/dp/zero")
+            sharded[f"{src}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, str(path))
+    for spec, (chunks, optimizer, src, _) in wanted.items():
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[f"{src}.chunk{i}"], strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded[f"{src}.optimizer"])
+    return meta
+
+
+def load_rng(ckpt_dir: Path, rank: int) -> bool:
+    f = Path(ckpt_dir) / "rng" / f"rank_{rank:05d}.pt"
+    if not f.exists():
+        return False
+    set_rng_state(torch.load(f, weights_only=False))
+    return True
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("iter_*") if (p / "meta.json").exists())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""`alfred-train`: parse, dispatch to a stage, map errors to exit codes.
+
+    alfred-train sft|rm|ppo [CONFIG.yaml] [key.path=value ...] [--dry-run]
+    alfred-train launch CONFIG.yaml --backend slurm|sagemaker|local [--dry-run] [overrides]
+    alfred-train jobs status|logs|cancel JOB --backend slurm|sagemaker
+    alfred-train convert hf-to-mcore|mcore-to-hf|apply-delta ...
+    alfred-train generate CKPT_DIR --prompts FILE.jsonl --output OUT.jsonl
+
+Exit codes: 0 done, 2 bad configuration or input, 3 preempted after a checkpoint, 1 anything else.
+Without CONFIG a stage runs its embedded tiny recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from alfred_train.errors import AlfredError
+
+STAGES = ("sft", "rm", "ppo")
+
+
+def _quiet_third_party() -> None:
+    for pattern in ("Apex is not installed", ".*Transformer Engine.*", ".*torch.distributed.*",
+                    ".*is deprecated.*", ".*TypedStorage.*", ".*FutureWarning.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alfred-train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage.upper()} stage")
+        p.add_argument("config", nargs="?", help="run YAML (default: the embedded tiny recipe)")
+        p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=1e-5")
+        p.add_argument("--dry-run", action="store_true",
+                       help="validate, print the layout, parameter counts and memory estimate, stop")
+        p.set_defaults(func=run_stage)
+    for module in ("alfred_train.launch.cli", "alfred_train.convert.cli", "alfred_train.generate"):
+        try:
+            mod = __import__(module, fromlist=["add_commands"])
+        except ImportError:
+            continue
+        mod.add_commands(sub)
+    return parser
+
+
+def _split_config_arg(args) -> tuple[str | None, list[str]]:
+    """`alfred-train sft optim.lr=1` has no config file: the first positional is an override."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    return config, overrides
+
+
+def run_stage(args) -> int:
+    from alfred_train.config import default_config_path, load_config
+    from alfred_train.parallel.init import detect_launch_env
+
+    config, overrides = _split_config_arg(args)
+    if config is None:
+        config = str(default_config_path().with_name(f"tiny-{args.command}.yaml"))
+    cfg = load_config(config, overrides)
+    if args.dry_run:
+        from alfred_train.dryrun import describe
+
+        print(describe(cfg, args.command))
+        return 0
+    launch = detect_launch_env()
+    if launch.launcher == "single" and cfg.world_size > 1:
+        from alfred_train.parallel.spawn import spawn_local
+
+        argv = [args.command, config, *overrides]
+        return spawn_local(argv, cfg.world_size)
+    return _run_worker(cfg, args.command)
+
+
+def _run_worker(cfg, stage: str) -> int:
+    import importlib
+
+    from alfred_train.parallel.dims import ParallelDims
+    from alfred_train.parallel.init import init_runtime, seed_everything, shutdown
+
+    p = cfg.parallel
+    runtime = init_runtime(ParallelDims(p.tp, p.pp, p.dp, p.vpp), backend=p.backend)
+    try:
+        seed_everything(cfg.train.seed, runtime)
+        module = importlib.import_module(f"alfred_train.stages.{stage}")
+        return module.run(cfg, runtime)
+    finally:
+        shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_third_party()
+    _setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except AlfredError as err:
+        rank = int(os.environ.get("RANK", 0))
+        if rank == 0 or err.exit_code != 2:
+            print(f"alfred-train: error: {err}", file=sys.stderr, flush=True)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""What a user watches: metrics.jsonl, TensorBoard events, a progress bar with ETA, and plots.
+
+Only the main rank (global rank 0) writes; on other ranks `MetricsLogger` does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True, progress: bool = True, desc: str = "train"):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
+                             dynamic_ncols=True, file=sys.stderr, disable=None)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}, "time": time.time()}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            shown = {k: f"{v:.4g}" for k, v in record.items()
+                     if k in ("loss", "lr", "score", "kl", "accuracy", "tokens_per_s") and isinstance(v, float)}
+            self._bar.set_postfix(shown, refresh=False)
+
+    def write(self, text: str) -> None:
+        """A line of text that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._jsonl.close()
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(run_dir: str | Path, keys: list[str], out_name: str = "metrics.png") -> Path | None:
+    """One small panel per metric against step; returns the PNG path (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(run_dir)
+    keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if not keys:
+        return None
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = Path(run_dir) / out_name
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -1,0 +1,111 @@
+"""What every stage does around its loop: run directory, tokenizer, models, resume, preemption."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from alfred_train import checkpoint
+from alfred_train.config import Config, dump_yaml
+from alfred_train.data.tokenizer import load_tokenizer
+from alfred_train.models.build import ModelShape, build_model, resolve_shape
+from alfred_train.parallel.init import ParallelRuntime
+
+TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "assets" / "tiny_sp.model"
+PREEMPTED_EXIT_CODE = 3  # a checkpoint was written on SIGUSR1/SIGTERM: requeue and resume
+
+
+def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
+    """Create run.dir (and checkpoints/) and write the resolved config atomically on rank 0."""
+    run_dir = Path(cfg.run.dir)
+    if runtime.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / ".config.yaml.tmp"
+        tmp.write_text(dump_yaml(cfg))
+        os.replace(tmp, run_dir / "config.yaml")
+    dist.barrier()
+    return run_dir
+
+
+def tokenizer_for(cfg: Config):
+    return load_tokenizer(cfg.model.tokenizer or TINY_TOKENIZER)
+
+
+def use_bf16(cfg: Config, runtime: ParallelRuntime) -> bool:
+    if cfg.train.precision == "auto":
+        return not runtime.cpu
+    return cfg.train.precision == "bf16"
+
+
+def layout(cfg: Config) -> dict:
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "dp": p.dp, "vpp": p.vpp, "zero": p.zero}
+
+
+def attention_backend(cfg: Config, runtime: ParallelRuntime):
+    from alfred_train.kernels.backends import choose_backend
+
+    return choose_backend(cfg.model.attention_backend)
+
+
+def make_model(cfg: Config, runtime: ParallelRuntime, shape: ModelShape, *, kind: str, backend,
+               seed: int | None):
+    return build_model(shape, cfg.parallel, kind=kind, bf16=use_bf16(cfg, runtime), backend=backend,
+                       device=runtime.device, seed=seed)
+
+
+def shape_for(cfg: Config, tokenizer) -> ModelShape:
+    return resolve_shape(cfg.model, tokenizer.vocab_size)
+
+
+def resume_dir(cfg: Config) -> Path | None:
+    """The checkpoint to resume from per `checkpoint.resume` (auto | none | a path)."""
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints")
+    return checkpoint.resolve_checkpoint(mode)
+
+
+def unwrap(chunk):
+    """The innermost GPTModel of a DDP / Float16Module wrapped chunk."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+class Preemption:
+    """SIGUSR1 / SIGTERM ask the run to checkpoint at the next step boundary and exit with code 3.
+
+    `requested()` is collective (a MAX all-reduce), so every rank stops at the same step.
+    """
+
+    def __init__(self):
+        self._flag = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame):
+        self._flag = True
+
+    def requested(self, device) -> bool:
+        flag = torch.tensor([1.0 if self._flag else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t0 = now - self.t0, now
+        return dt

@@ -1,0 +1,161 @@
+"""Supervised fine-tuning: packed prompt/response data, loss on response tokens only."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from functools import partial
+
+import torch
+
+from alfred_train import checkpoint
+from alfred_train.config import Config
+from alfred_train.data import synthetic
+from alfred_train.data.datasets import read_sft_jsonl
+from alfred_train.data.records import parse_sft
+from alfred_train.data.sft_dataset import SFTDataset
+from alfred_train.data.templates import get_template
+from alfred_train.metrics import MetricsLogger, plot_metrics
+from alfred_train.parallel.init import ParallelRuntime
+from alfred_train.stages import common
+from alfred_train.training import Trainable, build_optimizer, build_scheduler, run_schedule, reduce_reports, wrap_ddp
+
+log = logging.getLogger("alfred_train")
+MODEL_NAME = "policy"  # SFT checkpoints hold the policy that PPO starts from
+
+
+def load_sft_examples(cfg: Config):
+    """(train, valid) example lists from JSONL files or the synthetic task."""
+    d = cfg.data
+    if d.synthetic:
+        records = [parse_sft(r, f"synthetic:{i}") for i, r in enumerate(
+            synthetic.make_sft_records(d.synthetic_size, cfg.train.seed))]
+    else:
+        records = read_sft_jsonl(d.train)
+    if d.valid:
+        return records, read_sft_jsonl(d.valid)
+    n_valid = int(len(records) * d.valid_fraction)
+    order = list(range(len(records)))
+    random.Random(cfg.train.seed).shuffle(order)
+    valid = [records[i] for i in order[:n_valid]]
+    train = [records[i] for i in order[n_valid:]]
+    return train, valid
+
+
+def lm_forward_step(data_iterator, model):
+    """megatron-core forward step: per-token LM loss, summed over response tokens."""
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    tokens = batch.tokens.to(device)  # (b, S)
+    losses = model(tokens, batch.position_ids.to(device), None, labels=batch.labels.to(device))  # (b, S)
+    return losses, partial(_lm_loss, batch.loss_mask.to(device))
+
+
+def _lm_loss(loss_mask, losses):
+    loss_sum = (losses.float() * loss_mask).sum()
+    tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, tokens, {"loss": loss_sum.detach(), "tokens": tokens.detach().float()}
+
+
+def micro_batches(rows, micro_batch_size: int) -> list:
+    return [rows.select(range(i, min(i + micro_batch_size, len(rows))))
+            for i in range(0, len(rows), micro_batch_size)]
+
+
+def run(cfg: Config, runtime: ParallelRuntime) -> int:
+    t = cfg.train
+    run_dir = common.prepare_run_dir(cfg, runtime)
+    tokenizer = common.tokenizer_for(cfg)
+    shape = common.shape_for(cfg, tokenizer)
+    backend = common.attention_backend(cfg, runtime)
+    bf16 = common.use_bf16(cfg, runtime)
+    chunks = common.make_model(cfg, runtime, shape, kind="lm", backend=backend, seed=t.seed)
+    chunks = wrap_ddp(chunks, zero=cfg.parallel.zero)
+    optimizer = build_optimizer(chunks, cfg.optim, bf16=bf16, zero=cfg.parallel.zero)
+    trainable = Trainable(chunks, optimizer, build_scheduler(optimizer, cfg.optim, t.max_steps), runtime)
+    models = {MODEL_NAME: ([common.unwrap(c) for c in chunks], optimizer)}
+
+    train_ex, valid_ex = load_sft_examples(cfg)
+    template = get_template(cfg.data.template)
+    train_set = SFTDataset.build(train_ex, tokenizer, template, cfg.data.seq_len, cfg.data.pack, t.seed)
+    valid_set = SFTDataset.build(valid_ex, tokenizer, template, cfg.data.seq_len, cfg.data.pack, t.seed) \
+        if len(valid_ex) else None
+
+    step, consumed = 0, 0
+    resume = common.resume_dir(cfg)
+    if resume is not None:
+        meta = checkpoint.load_models(resume, models, strict_layout=common.layout(cfg))
+        trainable.scheduler.load_state_dict(meta["state"]["scheduler"])
+        step, consumed = meta["step"], meta["state"]["consumed_samples"]
+        trainable.steps = step
+        checkpoint.load_rng(resume, runtime.rank)
+        log.info("resumed from %s at step %d", resume, step)
+    elif cfg.checkpoint.init:
+        checkpoint.load_models(cfg.checkpoint.init, {f"{MODEL_NAME}": (models[MODEL_NAME][0], None)})
+
+    def save(at_step, consumed_samples):
+        state = {"scheduler": trainable.scheduler.state_dict(), "consumed_samples": consumed_samples,
+                 "stage": "sft", "model": _shape_dict(shape)}
+        return checkpoint.save_checkpoint(run_dir / "checkpoints", at_step, models, state, runtime,
+                                          cfg.checkpoint.keep, common.layout(cfg))
+
+    metrics = MetricsLogger(run_dir, enabled=runtime.is_main, total_steps=t.max_steps, start_step=step,
+                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="sft")
+    preemption = common.Preemption()
+    batches = train_set.batches(t.global_batch_size, runtime.dp_rank, cfg.parallel.dp, t.seed, consumed)
+    code = 0
+    while step < t.max_steps:
+        t0 = time.perf_counter()
+        position, rows = next(batches)
+        result = trainable.step(micro_batches(rows, t.micro_batch_size), lm_forward_step,
+                                seq_len=cfg.data.seq_len, micro_batch_size=t.micro_batch_size)
+        step, consumed = step + 1, position.consumed_samples
+        dt = time.perf_counter() - t0
+        row = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+               "tokens_per_s": t.global_batch_size * cfg.data.seq_len / dt, "step_time": dt,
+               "skipped": int(not result.ok)}
+        if valid_set is not None and t.eval_interval and step % t.eval_interval == 0:
+            row["valid_loss"] = evaluate(trainable, valid_set, cfg, runtime)
+        metrics.log(step, row)
+        last = step == t.max_steps
+        if last and valid_set is not None and "valid_loss" not in row:
+            metrics.log(step, {"valid_loss": evaluate(trainable, valid_set, cfg, runtime)})
+        periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+        if periodic or (last and cfg.checkpoint.save_final):
+            save(step, consumed)
+        if not last and preemption.requested(runtime.device):
+            if not periodic:
+                save(step, consumed)
+            metrics.write(f"preempted at step {step}: checkpoint saved, exiting with code "
+                          f"{common.PREEMPTED_EXIT_CODE} so the job can be requeued")
+            code = common.PREEMPTED_EXIT_CODE
+            break
+    metrics.close()
+    if runtime.is_main:
+        if cfg.logging.plots:
+            plot_metrics(run_dir, ["loss", "valid_loss", "lr", "grad_norm", "tokens_per_s"])
+        print(f"sft: {step} steps done; run directory: {run_dir} "
+              f"(metrics.jsonl, tb/, checkpoints/{checkpoint.iter_name(step)})", flush=True)
+    return code
+
+
+@torch.no_grad()
+def evaluate(trainable: Trainable, dataset: SFTDataset, cfg: Config, runtime: ParallelRuntime) -> float:
+    """Token-mean loss over the first `train.eval_batches` micro-batches of each DP rank's share."""
+    t = cfg.train
+    per_rank = max(1, len(dataset) // cfg.parallel.dp)
+    start = runtime.dp_rank * per_rank
+    idx = list(range(start, start + min(per_rank, t.eval_batches * t.micro_batch_size)))
+    rows = dataset.blocks.select(idx)
+    trainable.eval()
+    reports = run_schedule(trainable.chunks, micro_batches(rows, t.micro_batch_size), lm_forward_step,
+                           seq_len=cfg.data.seq_len, micro_batch_size=t.micro_batch_size, forward_only=True)
+    sums = reduce_reports(reports, runtime)
+    return sums["loss"] / max(sums["tokens"], 1.0)
+
+
+def _shape_dict(shape) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(shape)

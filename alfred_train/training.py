@@ -1,0 +1,168 @@
+"""A trainable megatron-core model: DDP wrapper, optimizer, LR schedule, and one optimizer step.
+
+Every stage trains through `Trainable.step(micro_batches, forward_step)`: it runs megatron-core's
+pipeline schedule (1F1B with PP > 1, plain gradient accumulation otherwise), reduces gradients over
+DP, clips, and steps the optimizer and the schedule.
+
+Loss aggregation is a token mean over the *global* batch: a `forward_step` returns
+`(loss_sum, num_tokens, report)` for its micro-batch, megatron-core sums gradients over
+micro-batches and DP ranks and divides by the total token count (`calculate_per_token_loss`), so
+splitting the same global batch over more ranks or micro-batches does not change the update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from alfred_train.parallel.init import ParallelRuntime
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-mean loss over the global batch
+    tokens: int  # tokens that carried loss, over the global batch
+    grad_norm: float
+    lr: float
+    ok: bool  # False when the update was skipped (non-finite loss or gradients)
+    reports: dict  # other per-step sums reported by the forward step, averaged per token
+
+
+def build_optimizer(chunks, optim_cfg, *, lr: float | None = None, bf16: bool, zero: bool):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    cfg = OptimizerConfig(
+        optimizer="adam", lr=lr or optim_cfg.lr, min_lr=optim_cfg.min_lr,
+        weight_decay=optim_cfg.weight_decay, adam_beta1=optim_cfg.beta1, adam_beta2=optim_cfg.beta2,
+        adam_eps=optim_cfg.eps, clip_grad=optim_cfg.clip_grad, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=zero)
+    return get_megatron_optimizer(cfg, chunks)
+
+
+def build_scheduler(optimizer, optim_cfg, max_steps: int, *, lr: float | None = None):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    peak = lr or optim_cfg.lr
+    floor = optim_cfg.min_lr * (peak / optim_cfg.lr)
+    decay = optim_cfg.decay_steps or max_steps
+    warmup = min(optim_cfg.warmup_steps, max(decay - 1, 0))
+    style = optim_cfg.schedule
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=peak, min_lr=floor if style != "constant" else peak,
+        lr_warmup_steps=warmup, lr_decay_steps=max(decay, warmup + 1),
+        lr_decay_style=style, start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay,
+        wd_incr_steps=max(decay, 1), wd_incr_style="constant")
+    scheduler.step(increment=1)  # update k uses lr(k), k = 1..max_steps (megatron starts at lr(0) = 0)
+    return scheduler
+
+
+def wrap_ddp(chunks, *, zero: bool):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=zero,
+        check_for_nan_in_grad=False, bucket_size=None)
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(DistributedDataParallel(
+            config=chunk.config, ddp_config=ddp_cfg, module=chunk,
+            disable_bucketing=i > 0))
+    return wrapped
+
+
+@dataclass
+class Trainable:
+    """Model chunks (DDP-wrapped), their optimizer and LR schedule, and the step count."""
+
+    chunks: list
+    optimizer: object
+    scheduler: object
+    runtime: ParallelRuntime
+    steps: int = 0
+
+    @property
+    def config(self):
+        return self.chunks[0].config
+
+    def train(self) -> None:
+        for c in self.chunks:
+            c.train()
+
+    def eval(self) -> None:
+        for c in self.chunks:
+            c.eval()
+
+    def step(self, micro_batches: list, forward_step: Callable, *, seq_len: int,
+             micro_batch_size: int) -> StepResult:
+        """One optimizer step over `micro_batches` (this DP rank's share of the global batch)."""
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg = self.config
+        cfg.finalize_model_grads_func = finalize_model_grads
+        cfg.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+        cfg.grad_scale_func = self.optimizer.scale_loss
+        self.train()
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = run_schedule(self.chunks, micro_batches, forward_step, seq_len=seq_len,
+                               micro_batch_size=micro_batch_size, forward_only=False)
+        sums = reduce_reports(reports, self.runtime)
+        tokens = max(sums.pop("tokens"), 1.0)
+        loss = sums.pop("loss") / tokens
+        ok = bool(torch.isfinite(torch.tensor(loss)))
+        grad_norm = float("nan")
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
+        if ok:
+            ok, grad_norm, _ = self.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            ok = bool(ok) and bool(torch.isfinite(torch.tensor(grad_norm)))
+        if ok:
+            self.scheduler.step(increment=1)
+            self.steps += 1
+        return StepResult(loss=loss, tokens=int(tokens), grad_norm=grad_norm,
+                          lr=lr, ok=ok,
+                          reports={k: v / tokens for k, v in sums.items()})
+
+
+def run_schedule(chunks, micro_batches: list, forward_step: Callable, *, seq_len: int,
+                 micro_batch_size: int, forward_only: bool) -> list:
+    """megatron-core's schedule over `micro_batches`; returns the per-micro-batch reports."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fb = get_forward_backward_func()
+    iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
+    return fb(forward_step_func=forward_step, data_iterator=iterators,
+              model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(micro_batches),
+              seq_length=seq_len, micro_batch_size=micro_batch_size, forward_only=forward_only)
+
+
+def reduce_reports(reports: Iterable[dict], runtime: ParallelRuntime) -> dict:
+    """Sum the per-micro-batch reports over micro-batches and DP ranks; known on every rank.
+
+    Each report maps a name to a scalar tensor sum; the last pipeline stage holds them, so the sums
+    are all-reduced over the PP group (other stages add zeros) and then over the DP group.
+    """
+    reports = list(reports)
+    keys = sorted(reports[0]) if reports else []
+    # every rank must agree on the keys: the last stage's are broadcast implicitly by fixing them
+    names = keys if runtime.is_last_stage else None
+    holder = [names]
+    if runtime.dims.pp > 1:
+        src = dist.get_global_rank(runtime.pp_group, runtime.dims.pp - 1)
+        dist.broadcast_object_list(holder, src=src, group=runtime.pp_group)
+    names = holder[0] or []
+    vec = torch.zeros(len(names), dtype=torch.float64, device=runtime.device)
+    if runtime.is_last_stage:
+        for r in reports:
+            for i, k in enumerate(names):
+                vec[i] += float(r[k])
+    if runtime.dims.pp > 1:
+        dist.all_reduce(vec, group=runtime.pp_group)
+    if runtime.dims.dp > 1:
+        dist.all_reduce(vec, group=runtime.dp_group)
+    return {k: float(v) for k, v in zip(names, vec.tolist())}
