@@ -1,0 +1,13 @@
+"""Data: tokenizers, prompt templates, JSONL records, SFT packing, sampling and the synthetic task.
+
+    tokenizer.py    Tokenizer interface, SentencePieceTokenizer, HFJsonTokenizer, load_tokenizer,
+                    train_sentencepiece
+    records.py      typed records (Message, SFTExample, PreferencePair, PromptExample) + checks
+    templates.py    stackllama / tulu / vicuna / plain; get_template, render_prompt
+    datasets.py     JSONL readers (file:line errors), encode_sft / encode_prompt / encode_scored
+    packing.py      pack_examples (SFT blocks), pad_examples, pad_batch / collate_pairs (RM)
+    sampler.py      deterministic data-parallel sampler resumable from consumed_samples
+    sft_dataset.py  SFTDataset: encode, shuffle, pack, batch
+    synthetic.py    the cheerful-word-list demo task and its ground-truth property_score
+    corpus.py       the tiny corpus and the shipped tiny sentencepiece model (assets/)
+"""
