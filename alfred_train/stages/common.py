@@ -33,8 +33,12 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     return run_dir
 
 
+def tokenizer_path(cfg: Config) -> str:
+    return str(Path(cfg.model.tokenizer).resolve()) if cfg.model.tokenizer else str(TINY_TOKENIZER)
+
+
 def tokenizer_for(cfg: Config):
-    return load_tokenizer(cfg.model.tokenizer or TINY_TOKENIZER)
+    return load_tokenizer(tokenizer_path(cfg))
 
 
 def use_bf16(cfg: Config, runtime: ParallelRuntime) -> bool:

@@ -96,7 +96,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
 
     def save(at_step, consumed_samples):
         state = {"scheduler": trainable.scheduler.state_dict(), "consumed_samples": consumed_samples,
-                 "stage": "sft", "model": _shape_dict(shape)}
+                 "stage": "sft", "model": _shape_dict(shape), "tokenizer": common.tokenizer_path(cfg)}
         return checkpoint.save_checkpoint(run_dir / "checkpoints", at_step, models, state, runtime,
                                           cfg.checkpoint.keep, common.layout(cfg))
 
