@@ -63,11 +63,54 @@ def _model_sd(chunks, name: str) -> dict:
     return {f"{name}.chunk{i}": c.sharded_state_dict(prefix="") for i, c in enumerate(chunks)}
 
 
+@torch.no_grad()
+def _prime_optimizer_state(optimizer) -> None:
+    """Materialize torch Adam's lazy state (with its per-parameter `step`) by one step at lr=0 on
+    zero gradients; parameters do not change. megatron-core 0.16.1's distributed optimizer needs
+    that state to build its load template when Adam is torch's (no TE/apex FusedAdam)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if len(inner.state):
+            continue
+        saved = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        for g, lr in zip(inner.param_groups, saved):
+            g["lr"] = lr
+            for p in g["params"]:
+                p.grad = None
+
+
+def _adam_step(optimizer) -> float | None:
+    """torch Adam's per-parameter step count (the same for every parameter)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if "step" in state:
+                return float(state["step"])
+    return None
+
+
+def _set_adam_step(optimizer, step: float) -> None:
+    """Restore the step count: megatron-core 0.16.1's distributed optimizer loads it only into a
+    state it allocates itself, not into the primed one (see `_prime_optimizer_state`)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
 def _optimizer_sd(optimizer, model_sd: dict, is_loading: bool) -> dict:
     merged = {}
     for v in model_sd.values():
         merged.update(v)
-    return optimizer.sharded_state_dict(merged, is_loading=is_loading)
+    # The distributed optimizer (ZeRO) is saved per DP shard ("dp_reshardable"): megatron-core
+    # 0.16.1's default fully-sharded format rejects fp32 params (flattened_range unsupported).
+    metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
+    with torch.no_grad():
+        return optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=metadata)
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict, runtime,
@@ -89,6 +132,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
         if optimizer is not None:
             sharded[f"{name}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=False)
     dist_checkpointing.save(sharded, str(tmp))
+    adam_steps = {name: _adam_step(opt) for name, (_, opt) in models.items() if opt is not None}
     rng_dir = tmp / "rng"
     if runtime.is_main:
         rng_dir.mkdir(exist_ok=True)
@@ -96,7 +140,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
     torch.save(rng_state(), rng_dir / f"rank_{runtime.rank:05d}.pt")
     dist.barrier()
     if runtime.is_main:
-        meta = {"step": step, "layout": layout, "models": sorted(models), "state": state}
+        meta = {"step": step, "layout": layout, "models": sorted(models), "state": state,
+                "adam_steps": adam_steps}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -133,13 +178,17 @@ def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | Non
             if strict_layout is not None and meta["layout"] != strict_layout:
                 raise ConfigError(f"{path}: optimizer state was saved at layout {meta['layout']}, "
                                   f"this run is {strict_layout}; resume at the same parallel.tp/pp/dp/zero")
+            _prime_optimizer_state(optimizer)
             sharded[f"{src}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path))
-    for spec, (chunks, optimizer, src, _) in wanted.items():
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"{src}.chunk{i}"], strict=True)
-        if optimizer is not None:
-            optimizer.load_state_dict(loaded[f"{src}.optimizer"])
+    with torch.no_grad():
+        for spec, (chunks, optimizer, src, _) in wanted.items():
+            for i, chunk in enumerate(chunks):
+                chunk.load_state_dict(loaded[f"{src}.chunk{i}"], strict=True)
+            if optimizer is not None:
+                optimizer.load_state_dict(loaded[f"{src}.optimizer"])
+                if meta.get("adam_steps", {}).get(src) is not None:
+                    _set_adam_step(optimizer, meta["adam_steps"][src])
     return meta
 
 

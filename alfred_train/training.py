@@ -59,6 +59,12 @@ def build_scheduler(optimizer, optim_cfg, max_steps: int, *, lr: float | None = 
     return scheduler
 
 
+def restore_scheduler(scheduler, state: dict) -> None:
+    """Load a saved schedule; megatron's load_state_dict *adds* the saved steps to the current count."""
+    scheduler.num_steps = 0
+    scheduler.load_state_dict(state)
+
+
 def wrap_ddp(chunks, *, zero: bool):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 

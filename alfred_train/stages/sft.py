@@ -19,7 +19,8 @@ from alfred_train.data.templates import get_template
 from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.stages import common
-from alfred_train.training import Trainable, build_optimizer, build_scheduler, run_schedule, reduce_reports, wrap_ddp
+from alfred_train.training import (Trainable, build_optimizer, build_scheduler, reduce_reports,
+                                   restore_scheduler, run_schedule, wrap_ddp)
 
 log = logging.getLogger("alfred_train")
 MODEL_NAME = "policy"  # SFT checkpoints hold the policy that PPO starts from
@@ -86,7 +87,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     resume = common.resume_dir(cfg)
     if resume is not None:
         meta = checkpoint.load_models(resume, models, strict_layout=common.layout(cfg))
-        trainable.scheduler.load_state_dict(meta["state"]["scheduler"])
+        restore_scheduler(trainable.scheduler, meta["state"]["scheduler"])
         step, consumed = meta["step"], meta["state"]["consumed_samples"]
         trainable.steps = step
         checkpoint.load_rng(resume, runtime.rank)
