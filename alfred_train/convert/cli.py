@@ -1,0 +1,113 @@
+"""`alfred-train convert`: move weights between Hugging Face directories and our checkpoints.
+
+    alfred-train convert hf-to-mcore HF_DIR OUT_DIR [--tp N --pp N] [--kind auto|lm|reward] [--dtype ...]
+    alfred-train convert mcore-to-hf CKPT_DIR OUT_DIR [--model policy|reward|value] [--dtype ...]
+                                     [--max-shard-size 5GB]
+    alfred-train convert apply-delta BASE_DIR DELTA_DIR OUT_DIR [--max-shard-size 5GB]
+
+hf-to-mcore checks config.json and the safetensors headers in this process, then, when tp*pp > 1
+and no launcher started us, runs tp*pp local workers (like the stages do).
+"""
+
+from __future__ import annotations
+
+import re
+
+from alfred_train.convert.safetensors_io import DEFAULT_SHARD_BYTES
+from alfred_train.errors import ConfigError
+
+KINDS = {"auto": None, "lm": "lm", "reward": "scalar"}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '200MB' / '1048576' -> bytes (powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
+    if not m:
+        raise ConfigError(f"--max-shard-size {text!r}: write a size like 5GB, 500MB or a byte count")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def add_commands(subparsers) -> None:
+    conv = subparsers.add_parser("convert", help="Hugging Face <-> alfred-train checkpoint conversion")
+    sub = conv.add_subparsers(dest="convert_command", required=True)
+
+    p = sub.add_parser("hf-to-mcore", help="Hugging Face Llama/Falcon directory -> our checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to save at")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to save at")
+    p.add_argument("--kind", choices=sorted(KINDS), default="auto",
+                   help="reward: scalar head from score.weight (auto: from config.json architectures)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="stored weights (auto: bf16 if the HF weights are bf16, else fp32)")
+    p.set_defaults(func=run_hf_to_mcore)
+
+    p = sub.add_parser("mcore-to-hf", help="our checkpoint -> Hugging Face safetensors + config.json")
+    p.add_argument("ckpt_dir", help="a checkpoint dir, a checkpoints/ root or a run dir")
+    p.add_argument("out_dir")
+    p.add_argument("--model", default=None, help="policy | reward | value (default: policy, else reward)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--max-shard-size", default="5GB", help="split into shards + index above this size")
+    p.set_defaults(func=run_mcore_to_hf)
+
+    p = sub.add_parser("apply-delta", help="base + delta weights (Hugging Face dirs) -> target weights")
+    p.add_argument("base_dir")
+    p.add_argument("delta_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.set_defaults(func=run_apply_delta)
+
+
+def _single_process_runtime(tp: int = 1, pp: int = 1):
+    from alfred_train.parallel.dims import ParallelDims
+    from alfred_train.parallel.init import init_runtime
+
+    return init_runtime(ParallelDims(tp, pp, 1))
+
+
+def run_hf_to_mcore(args) -> int:
+    from alfred_train.convert.hf_import import check_hf_tensors, hf_to_mcore, plan_import
+    from alfred_train.convert.safetensors_io import SafetensorsDir
+    from alfred_train.parallel.init import detect_launch_env, shutdown
+
+    if args.tp < 1 or args.pp < 1:
+        raise ConfigError(f"--tp {args.tp} --pp {args.pp}: both must be >= 1")
+    plan = plan_import(args.hf_dir, KINDS[args.kind], args.dtype)  # config errors before any weight
+    check_hf_tensors(plan, SafetensorsDir(args.hf_dir))
+    world = args.tp * args.pp
+    if world > 1 and detect_launch_env().launcher == "single":
+        from alfred_train.parallel.spawn import spawn_local
+
+        argv = ["convert", "hf-to-mcore", args.hf_dir, args.out_dir, "--tp", str(args.tp), "--pp",
+                str(args.pp), "--kind", args.kind, "--dtype", args.dtype]
+        return spawn_local(argv, world)
+    runtime = _single_process_runtime(args.tp, args.pp)
+    try:
+        hf_to_mcore(args.hf_dir, args.out_dir, runtime, tp=args.tp, pp=args.pp, kind=plan.kind,
+                    dtype=args.dtype)
+    finally:
+        shutdown()
+    return 0
+
+
+def run_mcore_to_hf(args) -> int:
+    from alfred_train.convert.hf_export import mcore_to_hf
+    from alfred_train.parallel.init import detect_launch_env, shutdown
+
+    if detect_launch_env().world_size != 1:
+        raise ConfigError("convert mcore-to-hf runs as one process; start it without torchrun/srun")
+    max_bytes = parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_SHARD_BYTES
+    runtime = _single_process_runtime()
+    try:
+        mcore_to_hf(args.ckpt_dir, args.out_dir, runtime, model=args.model, dtype=args.dtype,
+                    max_shard_bytes=max_bytes)
+    finally:
+        shutdown()
+    return 0
+
+
+def run_apply_delta(args) -> int:
+    from alfred_train.convert.delta import apply_delta
+
+    apply_delta(args.base_dir, args.delta_dir, args.out_dir, parse_size(args.max_shard_size))
+    return 0

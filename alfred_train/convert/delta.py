@@ -1,0 +1,74 @@
+"""`convert apply-delta`: target = base + delta, tensor by tensor (StableVicuna / Vicuna-v0 style).
+
+Released "delta" weights are the difference between a fine-tuned model and its base; both are
+Hugging Face safetensors directories with the same tensor names. For every tensor name n:
+
+    out[n] = base[n] + delta[n]          computed in fp32, stored in the base tensor's dtype
+
+Added tokens: when the delta's vocabulary is larger (embedding / lm_head rows V_delta > V_base),
+the base rows are zero-padded to V_delta first, so new tokens get exactly the delta's rows.
+Any other shape mismatch, or a tensor present on one side only, is an error naming the tensor.
+config.json, generation config and tokenizer files are taken from the delta directory (it
+describes the target model), falling back to the base's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from alfred_train.convert.hf_config import read_hf_config
+from alfred_train.convert.safetensors_io import DEFAULT_SHARD_BYTES, SafetensorsDir, ShardWriter
+from alfred_train.convert.tokenizer_files import TOKENIZER_FILES
+from alfred_train.errors import ConfigError
+
+VOCAB_TENSORS = ("embed_tokens.weight", "word_embeddings.weight", "lm_head.weight")
+MUST_MATCH = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def add_delta(name: str, base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """base (V_b, ...) + delta (V_d, ...) with base rows zero-padded when a vocabulary tensor grew."""
+    if base.shape != delta.shape:
+        grows = (name.endswith(VOCAB_TENSORS) and base.shape[1:] == delta.shape[1:]
+                 and delta.shape[0] > base.shape[0])
+        if not grows:
+            raise ConfigError(f"apply-delta: {name}: base shape {tuple(base.shape)} != delta shape "
+                              f"{tuple(delta.shape)}; is this delta made for this base model?")
+        padded = base.new_zeros(delta.shape)  # (V_d, h)
+        padded[: base.shape[0]] = base
+        base = padded
+    return (base.float() + delta.float()).to(base.dtype)
+
+
+def check_configs(base: dict, delta: dict) -> None:
+    for field in MUST_MATCH:
+        if base.get(field) != delta.get(field):
+            raise ConfigError(f"apply-delta: config.json {field} differs: base {base.get(field)!r}, "
+                              f"delta {delta.get(field)!r}; use the base model the delta was made from")
+
+
+def apply_delta(base_dir: str | Path, delta_dir: str | Path, out_dir: str | Path,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    base_dir, delta_dir, out = Path(base_dir), Path(delta_dir), Path(out_dir)
+    check_configs(read_hf_config(base_dir), read_hf_config(delta_dir))
+    base, delta = SafetensorsDir(base_dir), SafetensorsDir(delta_dir)
+    only_base = sorted(set(base.keys()) - set(delta.keys()))
+    only_delta = sorted(set(delta.keys()) - set(base.keys()))
+    if only_base or only_delta:
+        raise ConfigError(f"apply-delta: tensor names differ (only in base: {only_base[:3]}, "
+                          f"only in delta: {only_delta[:3]})")
+    writer = ShardWriter(out, max_shard_bytes)
+    for name in delta.keys():
+        writer.add(name, add_delta(name, base.get(name), delta.get(name)))
+    writer.close()
+    for fname in ("config.json", *TOKENIZER_FILES):
+        src = delta_dir / fname if (delta_dir / fname).is_file() else base_dir / fname
+        if src.is_file():
+            shutil.copyfile(src, out / fname)
+    vocab = json.loads((out / "config.json").read_text()).get("vocab_size")
+    print(f"apply-delta: {base_dir} + {delta_dir} -> {out} ({len(delta.keys())} tensors, vocab {vocab})",
+          flush=True)
+    return out

@@ -1,0 +1,118 @@
+"""`convert mcore-to-hf`: our checkpoint (any TP/PP it was saved at) -> a Hugging Face directory.
+
+The model is built at TP=1/PP=1 in one process and loaded with resharding, gathered into global
+tensors and mapped back with the same rules as the import (`convert/hf.py`):
+
+    OUT_DIR/config.json              LlamaFor* / FalconFor* (new decoder architecture)
+    OUT_DIR/model.safetensors        or model-0000i-of-0000N.safetensors + index past --max-shard-size
+    OUT_DIR/tokenizer.* ...          copied from the checkpoint's state["tokenizer"]
+
+A scalar model ("reward", "value") becomes *ForSequenceClassification with `score.weight` (1, h);
+our ScalarHead's bias is written as `score.bias` only when it is non-zero (transformers' score head
+has none and would ignore it; a warning says so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from alfred_train.convert import hf, hf_config
+from alfred_train.convert.mcore import gather_globals
+from alfred_train.convert.safetensors_io import DEFAULT_SHARD_BYTES, write_safetensors
+from alfred_train.convert.tokenizer_files import copy_tokenizer_files, write_tokenizer_config
+from alfred_train.errors import ConfigError
+from alfred_train.models.build import ModelShape
+
+log = logging.getLogger("alfred_train")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCALAR_MODELS = ("reward", "value")
+
+
+def pick_model(meta: dict, requested: str | None) -> str:
+    names = meta["models"]
+    if requested:
+        if requested not in names:
+            raise ConfigError(f"--model {requested}: the checkpoint holds {names}")
+        return requested
+    for name in ("policy", "reward", "value"):
+        if name in names:
+            return name
+    raise ConfigError(f"checkpoint holds models {names}; pick one with --model")
+
+
+def load_global_tensors(ckpt: Path, name: str, shape: ModelShape, kind: str, runtime) -> dict[str, torch.Tensor]:
+    """Load model `name` at TP=1/PP=1 (fp32) and return its global tensors."""
+    from alfred_train import checkpoint
+    from alfred_train.config import ParallelConfig
+    from alfred_train.kernels.backends import choose_backend
+    from alfred_train.models.build import build_model
+
+    chunks = build_model(shape, ParallelConfig(), kind=kind, bf16=False,
+                         backend=choose_backend("eager"), device=runtime.device)
+    checkpoint.load_models(ckpt, {name: (chunks, None)})
+    return gather_globals(chunks)
+
+
+def _token_ids(state: dict, tok) -> dict:
+    saved = state.get("hf") or {}
+    if tok is None:
+        return {k: saved.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    pad = saved.get("pad_token_id", tok.pad_id) if saved else tok.pad_id
+    return {"bos": tok.bos_id, "eos": tok.eos_id, "pad": pad}
+
+
+def export_tokenizer(state: dict, out_dir: Path):
+    """Copy the checkpoint's tokenizer next to the weights; returns it loaded, or None."""
+    from alfred_train.data.tokenizer import load_tokenizer
+
+    src = state.get("tokenizer")
+    if not src or not Path(src).exists():
+        log.warning("checkpoint names no tokenizer (state['tokenizer']); copy the tokenizer files yourself")
+        return None
+    copy_tokenizer_files(src, out_dir)
+    tok = load_tokenizer(out_dir)
+    write_tokenizer_config(out_dir, tok)
+    return tok
+
+
+def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: str | None = None,
+                dtype: str = "auto", max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    from alfred_train import checkpoint
+
+    ckpt = checkpoint.resolve_checkpoint(ckpt_dir)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    state = meta.get("state") or {}
+    if "model" not in state:
+        raise ConfigError(f"{ckpt}: meta.json has no state.model (the model shape); "
+                          "re-save it with a stage that records it")
+    shape = ModelShape(**state["model"])
+    name = pick_model(meta, model)
+    kind = "scalar" if name in SCALAR_MODELS else "lm"
+    dtype = {"auto": state.get("dtype", "float32"), "fp32": "float32", "bf16": "bfloat16",
+             "fp16": "float16"}.get(dtype, dtype)
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: use one of auto, {', '.join(DTYPES)}")
+
+    ours = load_global_tensors(ckpt, name, shape, kind, runtime)
+    tied = kind == "lm" and torch.equal(ours["embedding.word_embeddings.weight"], ours["output_layer.weight"])
+    tensors = hf.hf_from_ours(hf.rules_for(shape, kind), ours, tied=tied)
+    if "score.bias" in tensors:
+        log.warning("score.bias is non-zero: transformers' %s has no bias and will ignore it",
+                    hf_config.ARCHITECTURES[(shape.arch, kind)])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors({k: v.to(DTYPES[dtype]) for k, v in tensors.items()}, out, max_shard_bytes)
+    tok = export_tokenizer(state, out)
+    ids = _token_ids(state, tok)
+    config = hf_config.hf_config_from_shape(shape, kind, tied=tied, dtype=dtype, bos_id=ids["bos"],
+                                            eos_id=ids["eos"], pad_id=ids["pad"])
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if not (out / "generation_config.json").exists():
+        gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    print(f"convert: {ckpt} (model {name!r}) -> {out} ({config['architectures'][0]}, {dtype})", flush=True)
+    return out

@@ -1,0 +1,150 @@
+"""`convert hf-to-mcore`: a Hugging Face Llama / Falcon directory -> our checkpoint at any TP/PP.
+
+    OUT_DIR/
+        iter_0000000/     megatron dist checkpoint, model "policy" (or "reward" for a scalar head)
+        latest
+        tokenizer/        tokenizer.model / tokenizer.json / tokenizer_config.json ... as found
+        model.yaml        the `model:` section for a run YAML using OUT_DIR as checkpoint.init
+
+Order of work: config.json is validated and the tensor names / shapes in the safetensors headers
+checked before any weight is read; then every rank builds its part of the model and reads only
+the Hugging Face tensors its shards come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from alfred_train.convert import hf, hf_config
+from alfred_train.convert.mcore import fill_from_globals
+from alfred_train.convert.safetensors_io import SafetensorsDir
+from alfred_train.convert.tokenizer_files import check_tokenizer, copy_tokenizer_files
+from alfred_train.errors import ConfigError
+from alfred_train.models.build import ModelShape
+
+log = logging.getLogger("alfred_train")
+MODEL_NAMES = {"lm": "policy", "scalar": "reward"}
+
+
+@dataclass(frozen=True)
+class ImportPlan:
+    config: dict  # the Hugging Face config.json
+    shape: ModelShape
+    kind: str  # "lm" | "scalar"
+    tied: bool  # HF ties lm_head to the embedding: our output layer gets a copy
+    bf16: bool  # store bf16 weights (else fp32)
+
+
+def plan_import(hf_dir: str | Path, kind: str | None = None, dtype: str = "auto") -> ImportPlan:
+    """Validate config.json (no weights read) and decide what to build."""
+    config = hf_config.read_hf_config(hf_dir)
+    kind = kind or hf_config.hf_kind(config)
+    shape = hf_config.shape_from_hf(config, kind)
+    source = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    bf16 = {"auto": source == "bfloat16", "bf16": True, "fp32": False}[dtype]
+    return ImportPlan(config, shape, kind, tied=kind == "lm" and hf_config.is_tied(config), bf16=bf16)
+
+
+def check_hf_tensors(plan: ImportPlan, weights: SafetensorsDir) -> list[hf.Rule]:
+    """Every tensor the rules need is there, and nothing we would silently drop (header reads only)."""
+    rules = hf.rules_for(plan.shape, plan.kind, tied=plan.tied)
+    names = weights.keys()
+    for rule in rules:
+        for name in rule.hf:
+            if name not in weights and not rule.optional:
+                raise ConfigError(f"{weights.path}: tensor {name!r} is missing (needed for {rule.ours})")
+    extra = hf.unexpected_hf_tensors(rules, names)
+    if extra:
+        raise ConfigError(f"{weights.path}: tensors {extra[:3]} have no place in a {plan.shape.arch} "
+                          f"model as config.json describes it; check the config's bias/architecture fields")
+    return rules
+
+
+def global_reader(rules: list[hf.Rule], weights: SafetensorsDir):
+    """name -> our global tensor, built from the HF tensors on demand (fp32)."""
+    by_name = {r.ours: r for r in rules}
+
+    def read(name: str) -> torch.Tensor:
+        rule = by_name.get(name)
+        if rule is None:
+            raise ConfigError(f"no Hugging Face tensor maps to our {name!r}")
+        if rule.optional and any(n not in weights for n in rule.hf):
+            return rule.missing()
+        try:
+            return rule.to_ours([weights.get(n).float() for n in rule.hf])
+        except (RuntimeError, ValueError) as err:
+            raise ConfigError(f"{weights.path}: tensors {list(rule.hf)} do not fit {name}: {err}") from err
+
+    return read
+
+
+def model_yaml(shape: ModelShape, tokenizer: str | None, out_dir: Path) -> str:
+    model = {"arch": shape.arch, "num_layers": shape.num_layers, "hidden_size": shape.hidden_size,
+             "ffn_hidden_size": shape.ffn_hidden_size, "num_attention_heads": shape.num_attention_heads,
+             "num_query_groups": shape.num_query_groups, "vocab_size": shape.vocab_size,
+             "max_seq_len": shape.max_seq_len, "rotary_base": shape.rotary_base, "norm_eps": shape.norm_eps,
+             "parallel_layernorms": shape.parallel_layernorms, "init_std": shape.init_std,
+             "tokenizer": tokenizer}
+    head = (f"# Written by `alfred-train convert hf-to-mcore`. Paste into a run YAML, with\n"
+            f"#   checkpoint:\n#     init: {out_dir.resolve()}\n")
+    return head + yaml.safe_dump({"model": model}, sort_keys=False)
+
+
+def prepare_output(plan: ImportPlan, hf_dir: Path, out_dir: Path) -> str | None:
+    """Rank 0: copy and check the tokenizer, write model.yaml; returns the tokenizer path."""
+    tok_dir = out_dir / "tokenizer"
+    copied = copy_tokenizer_files(hf_dir, tok_dir)
+    tokenizer = None
+    if any(n in copied for n in ("tokenizer.model", "tokenizer.json")):
+        check_tokenizer(tok_dir, plan.shape.vocab_size)
+        tokenizer = str(tok_dir.resolve())
+    else:
+        log.warning("%s has no tokenizer.model or tokenizer.json: set model.tokenizer yourself", hf_dir)
+    (out_dir / "model.yaml").write_text(model_yaml(plan.shape, tokenizer, out_dir))
+    return tokenizer
+
+
+def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, runtime, *, tp: int, pp: int,
+                kind: str | None = None, dtype: str = "auto") -> Path:
+    """Collective over tp*pp ranks: build our model at (tp, pp), fill it from HF, save step 0."""
+    import torch.distributed as dist
+
+    from alfred_train import checkpoint
+    from alfred_train.config import ParallelConfig
+    from alfred_train.kernels.backends import choose_backend
+    from alfred_train.models.build import build_model
+    from alfred_train.stages.common import unwrap
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    plan = plan_import(hf_dir, kind, dtype)
+    weights = SafetensorsDir(hf_dir)
+    rules = check_hf_tensors(plan, weights)
+    tokenizer = [None]
+    if runtime.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer[0] = prepare_output(plan, hf_dir, out_dir)
+    dist.broadcast_object_list(tokenizer, src=0)
+    # The local spec's sharded keys equal the TE spec's: the checkpoint loads under either backend.
+    chunks = build_model(plan.shape, ParallelConfig(tp=tp, pp=pp), kind=plan.kind, bf16=plan.bf16,
+                         backend=choose_backend("eager"), device=runtime.device)
+    chunks = [unwrap(c) for c in chunks]
+    filled = fill_from_globals(chunks, global_reader(rules, weights))
+    log.info("filled %d tensor shards from %s", filled, hf_dir)
+    hf_ids = {k: plan.config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    state = {"stage": "convert", "model": dataclasses.asdict(plan.shape), "tokenizer": tokenizer[0],
+             "dtype": "bfloat16" if plan.bf16 else "float32",
+             "hf": {"source": str(hf_dir.resolve()), "architectures": plan.config.get("architectures"),
+                    "tie_word_embeddings": plan.tied, **hf_ids}}
+    layout = {"tp": tp, "pp": pp, "dp": 1, "vpp": None, "zero": False}
+    name = MODEL_NAMES[plan.kind]
+    path = checkpoint.save_checkpoint(out_dir, 0, {name: (chunks, None)}, state, runtime, keep=1, layout=layout)
+    if runtime.is_main:
+        print(f"convert: {hf_dir} -> {path} (model {name!r}, tp={tp}, pp={pp}); "
+              f"model section in {out_dir / 'model.yaml'}", flush=True)
+    return path

@@ -1,0 +1,509 @@
+"""Hugging Face <-> alfred-train conversion: logits parity at TP=1 / TP=2 / PP=2, exact round trips,
+sharded input, refused configs, apply-delta arithmetic, reward models, tokenizers.
+
+Tiny random Llama (GQA 4 heads / 2 groups, vocab 520 -> padded 640, sharded with an index) and
+Falcon (new decoder architecture, GQA, tied embeddings, vocab 300 -> 384) are made locally with
+transformers. Four launches do the distributed work (each checks several things):
+    1. `alfred-train convert hf-to-mcore falcon --tp 2`        (the CLI spawning 2 workers)
+    2. 2 workers at TP=2: convert llama at TP=2; logits of llama and falcon vs transformers
+    3. 2 workers at PP=2: convert falcon + reward at PP=2; logits of llama (TP=2 ckpt, resharded),
+       falcon and the reward model vs transformers
+    4. 1 process: convert all three at TP=1, logits vs transformers, export every checkpoint back
+This file is also the worker: `python tests/test_convert.py JOB.json` under RANK/WORLD_SIZE env.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SP = REPO / "alfred_train" / "data" / "assets" / "tiny_sp.model"
+CORPUS = REPO / "alfred_train" / "data" / "assets" / "tiny_corpus.txt"
+TOL = 1e-4
+PROMPTS = {"llama": [[1, 40, 41, 42, 43, 44], [1, 300, 7], [1, 9, 99, 199, 299]],  # BOS first, varied lengths
+           "falcon": [[40, 41, 42, 43], [200, 7, 8], [5, 6, 7, 8, 9, 10]]}
+GREEDY_TOKENS = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker (runs in the launched processes; no transformers import there).
+
+def _forward(chunks, tokens: torch.Tensor, runtime):
+    """Full logits / scores (B, S, V) on the last pipeline stage, None elsewhere."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    model = chunks[0]
+    b, s = tokens.shape
+    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)  # (B, S)
+    if not runtime.is_first_stage:
+        hidden = torch.empty(s, b, model.config.hidden_size)  # (S, B, h)
+        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden)
+    out = model(tokens, position_ids, None, runtime_gather_output=True)
+    if not runtime.is_last_stage:
+        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        return None
+    return out
+
+
+def _greedy(ckpt: str, prompts: list[list[int]], max_new: int, runtime) -> list[list[int]]:
+    """Our KV-cache greedy decoding of left-padded prompts; each row up to and including EOD."""
+    from alfred_train import checkpoint
+    from alfred_train.config import ParallelConfig
+    from alfred_train.data.tokenizer import load_tokenizer
+    from alfred_train.kernels.backends import choose_backend
+    from alfred_train.models.build import ModelShape, build_model
+    from alfred_train.ppo.generation import SamplingParams, generate
+
+    state = json.loads((checkpoint.resolve_checkpoint(ckpt) / "meta.json").read_text())["state"]
+    shape = ModelShape(**state["model"])
+    eod = load_tokenizer(state["tokenizer"]).eod_id
+    chunks = build_model(shape, ParallelConfig(), kind="lm", bf16=False, backend=choose_backend("sdpa"),
+                         device=runtime.device)
+    checkpoint.load_models(ckpt, {"policy": (chunks, None)})
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # (B, P) left-padded
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    response, response_mask = generate(chunks, runtime, ids, mask, SamplingParams(max_new_tokens=max_new, greedy=True),
+                                       eod_id=eod, vocab_size=shape.vocab_size, seed=0)
+    return [row[m.bool()].tolist() for row, m in zip(response, response_mask)]
+
+
+def run_job(job: dict) -> None:
+    from alfred_train import checkpoint
+    from alfred_train.config import ParallelConfig
+    from alfred_train.convert.hf_export import mcore_to_hf
+    from alfred_train.convert.hf_import import MODEL_NAMES, hf_to_mcore
+    from alfred_train.kernels.backends import choose_backend
+    from alfred_train.models.build import ModelShape, build_model
+    from alfred_train.parallel.dims import ParallelDims
+    from alfred_train.parallel.init import init_runtime, shutdown
+
+    tp, pp = job["tp"], job["pp"]
+    runtime = init_runtime(ParallelDims(tp, pp, 1))
+    results = {}
+    try:
+        for hf_dir, out_dir, kind, dtype in job.get("convert", []):
+            hf_to_mcore(hf_dir, out_dir, runtime, tp=tp, pp=pp, kind=kind, dtype=dtype)
+        for label, ckpt, ref_file in job.get("check", []):
+            meta = json.loads((checkpoint.resolve_checkpoint(ckpt) / "meta.json").read_text())
+            shape = ModelShape(**meta["state"]["model"])
+            name = meta["models"][0]
+            kind = "lm" if name == MODEL_NAMES["lm"] else "scalar"
+            chunks = build_model(shape, ParallelConfig(tp=tp, pp=pp), kind=kind, bf16=False,
+                                 backend=choose_backend("sdpa"), device=runtime.device)
+            checkpoint.load_models(ckpt, {name: (chunks, None)})
+            ref = torch.load(ref_file)
+            with torch.no_grad():
+                out = _forward(chunks, ref["tokens"], runtime)
+            if out is not None:
+                want = ref["logits"]  # (B, S, V) or (B, S, 1)
+                results[label] = {
+                    "max_abs_diff": (out[..., : want.shape[-1]] - want).abs().max().item(),
+                    "padded_logits_max": out[..., want.shape[-1]:].abs().max().item() if kind == "lm" else 0.0,
+                    "width": out.shape[-1]}
+        for label, ckpt, prompts, max_new in job.get("generate", []):
+            results[label] = _greedy(ckpt, prompts, max_new, runtime)
+        for ckpt, out_dir in job.get("export", []):
+            mcore_to_hf(ckpt, out_dir, runtime)
+    finally:
+        shutdown()
+    if results:
+        Path(job["results"]).mkdir(parents=True, exist_ok=True)
+        (Path(job["results"]) / f"rank{runtime.rank}.json").write_text(json.dumps(results))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: tiny Hugging Face models, reference logits, the four launches.
+
+def _perturb(model, seed: int) -> None:
+    """Random weights of a size that makes every tensor matter (norms away from 1, biases non-zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name or "ln_" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
+            else:
+                p.copy_(0.08 * noise)
+
+
+def _falcon_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=[">>ABSTRACT<<", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(CORPUS)], trainer)
+    tok.save(str(path))
+
+
+def make_hf_models(root: Path) -> dict:
+    from transformers import (FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM,
+                              LlamaForSequenceClassification)
+
+    torch.manual_seed(0)
+    llama_cfg = dict(vocab_size=520, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                     rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    llama = LlamaForCausalLM(LlamaConfig(**llama_cfg)).eval()
+    _perturb(llama, 1)
+    llama.save_pretrained(root / "llama", safe_serialization=True, max_shard_size="100KB")
+    shutil.copyfile(TINY_SP, root / "llama" / "tokenizer.model")
+
+    reward = LlamaForSequenceClassification(LlamaConfig(**llama_cfg, num_labels=1, pad_token_id=0)).eval()
+    _perturb(reward, 2)
+    reward.save_pretrained(root / "reward", safe_serialization=True)
+    shutil.copyfile(TINY_SP, root / "reward" / "tokenizer.model")
+
+    falcon = FalconForCausalLM(FalconConfig(
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True, max_position_embeddings=128, layer_norm_epsilon=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 20000.0}, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=1, attn_implementation="eager")).eval()  # 1: <|endoftext|> here
+    _perturb(falcon, 3)
+    falcon.tie_weights()
+    falcon.save_pretrained(root / "falcon", safe_serialization=True)
+    _falcon_tokenizer(root / "falcon" / "tokenizer.json")
+
+    falcon7b = FalconForCausalLM(FalconConfig(  # Falcon-7B style: one LayerNorm, multi-query, untied
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+        parallel_attn=True, new_decoder_architecture=False, max_position_embeddings=128,
+        tie_word_embeddings=False, attn_implementation="eager")).eval()
+    _perturb(falcon7b, 4)
+    falcon7b.save_pretrained(root / "falcon7b", safe_serialization=True)
+    return {"llama": llama, "falcon": falcon, "falcon7b": falcon7b, "reward": reward}
+
+
+def reference(models: dict, root: Path) -> dict:
+    """tokens (B, S) and transformers' logits: (B, S, V) for LMs, per-token scores (B, S, 1) for the RM."""
+    gen = torch.Generator().manual_seed(7)
+    refs = {}
+    with torch.no_grad():
+        for label, model in models.items():
+            tokens = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)  # (B, S)
+            if label == "reward":
+                hidden = model.model(input_ids=tokens).last_hidden_state  # (B, S, h)
+                logits = model.score(hidden)  # (B, S, 1)
+            else:
+                logits = model(input_ids=tokens).logits  # (B, S, V)
+            refs[label] = root / f"ref_{label}.pt"
+            torch.save({"tokens": tokens, "logits": logits}, refs[label])
+    return refs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_workers(job: dict, world: int, root: Path, tag: str) -> dict:
+    job_file = root / f"job_{tag}.json"
+    job["results"] = str(root / f"results_{tag}")
+    job_file.write_text(json.dumps(job))
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, __file__, str(job_file)], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, f"{tag} worker failed:\n{out[-4000:]}"
+    merged = {}
+    for f in sorted(Path(job["results"]).glob("rank*.json")):
+        for label, value in json.loads(f.read_text()).items():
+            merged.setdefault(label, []).append(value)
+    return merged
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alfred_train", *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    models = make_hf_models(root)
+    refs = reference(models, root)
+    hf = {k: str(root / k) for k in models}
+    ck = lambda name: str(root / name)  # noqa: E731
+
+    done = cli("convert", "hf-to-mcore", hf["falcon"], ck("falcon_tp2"), "--tp", "2")
+    assert done.returncode == 0, done.stderr[-4000:]
+    tp2 = launch_workers({"tp": 2, "pp": 1, "convert": [[hf["llama"], ck("llama_tp2"), None, "auto"]],
+                          "check": [["llama", ck("llama_tp2"), str(refs["llama"])],
+                                    ["falcon", ck("falcon_tp2"), str(refs["falcon"])]]}, 2, root, "tp2")
+    pp2 = launch_workers({"tp": 1, "pp": 2,
+                          "convert": [[hf["falcon"], ck("falcon_pp2"), None, "auto"],
+                                      [hf["reward"], ck("reward_pp2"), None, "auto"]],
+                          "check": [["llama_from_tp2", ck("llama_tp2"), str(refs["llama"])],
+                                    ["falcon", ck("falcon_pp2"), str(refs["falcon"])],
+                                    ["reward", ck("reward_pp2"), str(refs["reward"])]]}, 2, root, "pp2")
+    tp1_models = ("llama", "falcon", "falcon7b", "reward")
+    tp1 = launch_workers({"tp": 1, "pp": 1,
+                          "convert": [[hf[k], ck(f"{k}_tp1"), None, "auto"] for k in tp1_models]
+                          + [[hf["llama"], ck("llama_bf16"), None, "bf16"]],
+                          "check": [[k, ck(f"{k}_tp1"), str(refs[k])] for k in tp1_models],
+                          "export": [[ck(f"{k}_tp1"), ck(f"{k}_back")] for k in tp1_models]
+                          + [[ck("falcon_tp2"), ck("falcon_back_from_tp2")],
+                             [ck("reward_pp2"), ck("reward_back_from_pp2")],
+                             [ck("llama_bf16"), ck("llama_bf16_back")]],
+                          "generate": [[f"greedy_{k}", ck(f"{k}_tp1"), PROMPTS[k], GREEDY_TOKENS]
+                                       for k in ("llama", "falcon")]}, 1, root, "tp1")
+    return {"root": root, "models": models, "refs": refs, "hf": hf,
+            "results": {"tp1": tp1, "tp2": tp2, "pp2": pp2}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests.
+
+@pytest.mark.parametrize("layout,labels", [
+    ("tp1", ("llama", "falcon", "falcon7b", "reward")),
+    ("tp2", ("llama", "falcon")),
+    ("pp2", ("llama_from_tp2", "falcon", "reward")),
+])
+def test_logits_match_transformers(work, layout, labels):
+    results = work["results"][layout]
+    for label in labels:
+        ref = torch.load(work["refs"][label.replace("_from_tp2", "")])["logits"]
+        assert ref.std() > 0.3  # the comparison is not between near-zero numbers
+        assert label in results, f"{layout}: no result for {label}"
+        for r in results[label]:  # one per last-stage rank (every TP rank gathers the full logits)
+            assert r["max_abs_diff"] < TOL, (layout, label, r)
+            assert r["padded_logits_max"] == 0.0, (layout, label, r)  # zero rows past the vocabulary
+    widths = {label: results[label][0]["width"] for label in labels}
+    if "falcon" in widths:
+        assert widths["falcon"] == 384  # 300 padded to a multiple of 128
+    if "reward" in widths:
+        assert widths["reward"] == 1
+
+
+def test_greedy_generation_matches_transformers(work):
+    """Our KV-cache greedy decoding == transformers' generate, token for token, left-padded prompts."""
+    for label in ("llama", "falcon"):
+        model = work["models"][label]
+        ours = work["results"]["tp1"][f"greedy_{label}"][0]
+        eos = model.config.eos_token_id
+        width = max(len(p) for p in PROMPTS[label])
+        ids = torch.zeros(len(PROMPTS[label]), width, dtype=torch.long)  # (B, P)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(PROMPTS[label]):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=GREEDY_TOKENS,
+                                 min_new_tokens=0, pad_token_id=0, eos_token_id=eos)
+        for row, got in zip(out[:, width:].tolist(), ours):
+            want = row[: row.index(eos) + 1] if eos in row else row
+            assert got == want, (label, got, want)
+        assert sum(len(r) for r in ours) >= len(ours) * 3  # something was generated
+
+
+def _tensors(path: Path) -> dict:
+    from alfred_train.convert.safetensors_io import SafetensorsDir
+
+    d = SafetensorsDir(path)
+    return {k: d.get(k) for k in d.keys()}
+
+
+@pytest.mark.parametrize("source,back", [
+    ("llama", "llama_back"), ("falcon", "falcon_back"), ("falcon7b", "falcon7b_back"), ("reward", "reward_back"),
+    ("falcon", "falcon_back_from_tp2"), ("reward", "reward_back_from_pp2"),
+])
+def test_round_trip_reproduces_every_tensor(work, source, back):
+    root = work["root"]
+    before, after = _tensors(root / source), _tensors(root / back)
+    assert sorted(before) == sorted(after)
+    for name in before:
+        assert before[name].dtype == after[name].dtype, name
+        assert torch.equal(before[name], after[name]), name
+
+
+def test_bf16_checkpoint_exports_bf16(work):
+    root = work["root"]
+    meta = json.loads((root / "llama_bf16" / "iter_0000000" / "meta.json").read_text())
+    assert meta["state"]["dtype"] == "bfloat16"
+    before, after = _tensors(root / "llama"), _tensors(root / "llama_bf16_back")
+    assert sorted(before) == sorted(after)
+    for name in before:
+        assert after[name].dtype == torch.bfloat16, name
+        assert torch.equal(before[name].to(torch.bfloat16), after[name]), name
+
+
+def test_sharded_input_and_tied_falcon_layout(work):
+    root = work["root"]
+    assert (root / "llama" / "model.safetensors.index.json").is_file()  # input was sharded
+    assert "lm_head.weight" not in _tensors(root / "falcon_back")  # tied again on export
+    config = json.loads((root / "falcon_back" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and config["new_decoder_architecture"] is True
+    assert config["num_kv_heads"] == 2 and config["rope_theta"] == 20000.0
+
+
+def test_exported_models_load_in_transformers(work):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    root = work["root"]
+    for label, loader in (("llama", AutoModelForCausalLM), ("falcon", AutoModelForCausalLM),
+                          ("falcon7b", AutoModelForCausalLM), ("reward", AutoModelForSequenceClassification)):
+        model = loader.from_pretrained(root / f"{label}_back", attn_implementation="eager").eval()
+        ref = torch.load(work["refs"][label])
+        with torch.no_grad():
+            if label == "reward":
+                got = model.score(model.model(input_ids=ref["tokens"]).last_hidden_state)
+            else:
+                got = model(input_ids=ref["tokens"]).logits
+        assert (got - ref["logits"]).abs().max().item() < 1e-6, label
+
+
+def test_model_yaml_and_tokenizers(work):
+    import yaml
+
+    from alfred_train.config import from_dict, Config
+    from alfred_train.data.tokenizer import load_tokenizer
+    from alfred_train.models.build import resolve_shape
+
+    root = work["root"]
+    section = yaml.safe_load((root / "llama_tp1" / "model.yaml").read_text())["model"]
+    cfg = from_dict(Config, {"model": section})
+    meta = json.loads((root / "llama_tp1" / "iter_0000000" / "meta.json").read_text())
+    llama_tok = load_tokenizer(cfg.model.tokenizer)
+    assert resolve_shape(cfg.model, llama_tok.vocab_size).__dict__ == meta["state"]["model"]
+    assert meta["state"]["model"]["padded_vocab_size"] == 640 and meta["state"]["model"]["rotary_base"] == 5000
+    assert (llama_tok.bos_id, llama_tok.eos_id, llama_tok.eod_id) == (1, 2, 2)
+
+    falcon_tok = load_tokenizer(json.loads((root / "falcon_tp1" / "iter_0000000" / "meta.json")
+                                           .read_text())["state"]["tokenizer"])
+    assert falcon_tok.bos_id is None and falcon_tok.eos_id == falcon_tok.eod_id == 1  # <|endoftext|>
+    assert falcon_tok.decode(falcon_tok.encode("the reward model")) == "the reward model"
+    back_tok = load_tokenizer(root / "falcon_back")
+    assert back_tok.encode("the reward model") == falcon_tok.encode("the reward model")
+    back_llama = load_tokenizer(root / "llama_back")
+    assert back_llama.encode("a b c") == llama_tok.encode("a b c")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("alibi", True), ("bias", True), ("activation", "relu"), ("rope_scaling", {"type": "linear", "factor": 2.0}),
+    ("new_decoder_architecture+parallel_attn", False),
+])
+def test_unsupported_falcon_config_refused_before_weights(work, tmp_path, capsys, field, value):
+    from alfred_train.cli import main
+
+    cfg = json.loads((work["root"] / "falcon" / "config.json").read_text())
+    if field == "new_decoder_architecture+parallel_attn":
+        cfg.update(new_decoder_architecture=False, parallel_attn=False)
+        field = "parallel_attn"
+    else:
+        cfg[field] = value
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(cfg))  # no weights at all: reading one would fail
+    code = main(["convert", "hf-to-mcore", str(bad), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"unsupported {field}" in err and "safetensors" not in err, err
+
+
+@pytest.mark.parametrize("field,value", [("attention_bias", True), ("mlp_bias", True), ("hidden_act", "gelu"),
+                                         ("head_dim", 32), ("rope_parameters", {"rope_type": "llama3",
+                                                                                "rope_theta": 5e5})])
+def test_unsupported_llama_config_refused(work, field, value):
+    from alfred_train.convert.hf_config import read_hf_config, shape_from_hf
+    from alfred_train.errors import ConfigError
+
+    cfg = read_hf_config(work["root"] / "llama")
+    cfg[field] = value
+    with pytest.raises(ConfigError, match=field):
+        shape_from_hf(cfg, "lm")
+
+
+def test_missing_weights_named_after_config_passes(work, tmp_path, capsys):
+    from alfred_train.cli import main
+
+    bad = tmp_path / "noweights"
+    bad.mkdir()
+    shutil.copyfile(work["root"] / "falcon" / "config.json", bad / "config.json")
+    assert main(["convert", "hf-to-mcore", str(bad), str(tmp_path / "out")]) == 2
+    assert "no model.safetensors" in capsys.readouterr().err
+
+
+def _save(d: Path, tensors: dict, config: dict) -> None:
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True)
+    save_file(tensors, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(config))
+
+
+def test_apply_delta_adds_and_pads_added_tokens(tmp_path):
+    from alfred_train.cli import main
+
+    config = {"model_type": "llama", "hidden_size": 2, "num_hidden_layers": 1, "num_attention_heads": 1}
+    base = {"model.embed_tokens.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+            "lm_head.weight": torch.tensor([[0.5, 0.5], [1.0, -1.0]]),
+            "model.norm.weight": torch.tensor([1.0, 1.0], dtype=torch.bfloat16)}
+    delta = {"model.embed_tokens.weight": torch.tensor([[0.1, 0.2], [0.3, 0.4], [7.0, 8.0]]),
+             "lm_head.weight": torch.tensor([[1.0, 1.0], [1.0, 1.0], [-2.0, 2.0]]),
+             "model.norm.weight": torch.tensor([0.5, -0.25], dtype=torch.bfloat16)}
+    _save(tmp_path / "base", base, {**config, "vocab_size": 2})
+    _save(tmp_path / "delta", delta, {**config, "vocab_size": 3})
+    (tmp_path / "delta" / "tokenizer.json").write_text("{}")
+    assert main(["convert", "apply-delta", str(tmp_path / "base"), str(tmp_path / "delta"),
+                 str(tmp_path / "out"), "--max-shard-size", "40B"]) == 0
+    out = _tensors(tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()  # 40 B shards: several files
+    assert torch.equal(out["model.embed_tokens.weight"], torch.tensor([[1.1, 2.2], [3.3, 4.4], [7.0, 8.0]]))
+    assert torch.equal(out["lm_head.weight"], torch.tensor([[1.5, 1.5], [2.0, 0.0], [-2.0, 2.0]]))
+    assert out["model.norm.weight"].dtype == torch.bfloat16
+    assert out["model.norm.weight"].tolist() == [1.5, 0.75]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 3
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_apply_delta_refuses_mismatch(tmp_path, capsys):
+    from alfred_train.cli import main
+
+    config = {"model_type": "llama", "hidden_size": 2, "num_hidden_layers": 1, "num_attention_heads": 1}
+    _save(tmp_path / "base", {"model.norm.weight": torch.ones(2)}, config)
+    _save(tmp_path / "delta", {"model.norm.weight": torch.ones(3)}, config)
+    assert main(["convert", "apply-delta", str(tmp_path / "base"), str(tmp_path / "delta"),
+                 str(tmp_path / "out")]) == 2
+    assert "model.norm.weight: base shape (2,) != delta shape (3,)" in capsys.readouterr().err
+
+
+def test_qkv_grouping_is_inverse_and_matches_falcon_layout():
+    from alfred_train.convert.hf import grouped_to_qkv, qkv_to_grouped
+
+    heads, groups, d, h = 4, 2, 3, 5
+    q = torch.arange(heads * d * h, dtype=torch.float32).reshape(heads * d, h)
+    k = -torch.arange(groups * d * h, dtype=torch.float32).reshape(groups * d, h) - 1
+    v = k - 1000
+    fused = qkv_to_grouped(q, k, v, heads=heads, groups=groups)  # (G*(H/G+2)*d, h)
+    # Falcon's view: (G, H/G + 2, d, h): q heads of the group, then k_g, then v_g
+    view = fused.reshape(groups, heads // groups + 2, d, h)
+    assert torch.equal(view[1, 0], q[2 * d: 3 * d]) and torch.equal(view[1, 2], k[d:])
+    assert torch.equal(view[0, 3], v[:d])
+    assert all(torch.equal(a, b) for a, b in zip(grouped_to_qkv(fused, heads=heads, groups=groups), (q, k, v)))
+
+
+if __name__ == "__main__":
+    run_job(json.loads(Path(sys.argv[1]).read_text()))
