@@ -1,0 +1,242 @@
+"""`alfred-train generate`: sample completions from any of our checkpoints at any TP/PP.
+
+    alfred-train generate CKPT_DIR [parallel.tp=2 parallel.pp=2] --prompts IN.jsonl --output OUT.jsonl
+        [--max-new-tokens N] [--greedy | --temperature T --top-p P --top-k K] [--template NAME]
+
+(`parallel.*` overrides come right after CKPT_DIR, as they follow CONFIG in `alfred-train sft`.)
+
+CKPT_DIR is a checkpoint, a `checkpoints/` root or a run directory (the latest checkpoint). The
+model is rebuilt from the checkpoint alone: `meta.json` state.model (the ModelShape) and
+state.tokenizer (else the tiny shipped tokenizer, or --tokenizer), then the model named by --model
+(default `policy`) is loaded, resharded to the requested layout. With tp * pp > 1 and no launcher,
+local worker processes are spawned.
+
+Input records: {"prompt": "text"} (or chat `messages`), rendered through --template (default: the
+template recorded in the run's config.yaml next to the checkpoint, else `plain`) and encoded as
+[BOS] + tokens; or {"prompt_ids": [ids]} used as given. Output records, in input order:
+{"prompt", "completion", "completion_ids" (without the EOD), "finish_reason": "eod" | "length"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from alfred_train.errors import ConfigError
+
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="sample completions for a JSONL prompt file from a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint dir, checkpoints/ root or run dir")
+    p.add_argument("overrides", nargs="*", metavar="parallel.KEY=VALUE",
+                   help="layout, right after CHECKPOINT: e.g. parallel.tp=2 parallel.pp=2")
+    p.add_argument("--prompts", required=True, help="JSONL: {'prompt': text} or {'prompt_ids': [ids]} per line")
+    p.add_argument("--output", required=True, help="JSONL written with prompt, completion, completion_ids")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling options)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int, help="0 = off")
+    p.add_argument("--template", help="prompt template (default: the run's data.template, else plain)")
+    p.add_argument("--model", default="policy", help="model name inside the checkpoint")
+    p.add_argument("--tokenizer", help="tokenizer file/dir (default: the one recorded in the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU")
+    p.add_argument("--attention-backend", default="sdpa", help="sdpa | eager (generation needs padding masks)")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from alfred_train.checkpoint import resolve_checkpoint
+    from alfred_train.parallel.init import detect_launch_env
+
+    parallel = parallel_config(args.overrides)
+    sampling_params(args)  # refuse bad flags before any process starts
+    resolve_checkpoint(args.checkpoint)
+    world = parallel.tp * parallel.pp
+    if world > 1 and detect_launch_env().launcher == "single":
+        from alfred_train.parallel.spawn import spawn_local
+
+        return spawn_local(_argv(args), world)
+    return _run_worker(args, parallel)
+
+
+def parallel_config(overrides: list[str]):
+    """`parallel.*` overrides -> ParallelConfig (strict, same parser as run configs); dp must be 1."""
+    from alfred_train.config import ParallelConfig, from_dict, load_dict
+
+    data = load_dict(None, overrides)
+    other = sorted(set(data) - {"parallel"})
+    if other:
+        raise ConfigError(f"generate takes only parallel.* overrides, got {', '.join(other)}")
+    parallel = from_dict(ParallelConfig, data.get("parallel", {}), "parallel")
+    if parallel.dp != 1 or parallel.vpp is not None or parallel.sequence_parallel:
+        raise ConfigError("generate runs one replica without virtual stages or sequence parallelism: "
+                          "set parallel.dp=1, parallel.vpp=null, parallel.sequence_parallel=false")
+    return parallel
+
+
+def sampling_params(args):
+    from alfred_train.ppo.generation import SamplingParams
+
+    given = [f"--{name.replace('_', '-')}" for name in SAMPLING_FLAGS if getattr(args, name) is not None]
+    if args.greedy and given:
+        raise ConfigError(f"--greedy takes no sampling options; drop {', '.join(given)} or --greedy")
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0, greedy=args.greedy)
+
+
+def _argv(args) -> list[str]:
+    argv = ["generate", args.checkpoint, *args.overrides, "--prompts", args.prompts, "--output", args.output,
+            "--max-new-tokens", str(args.max_new_tokens), "--min-new-tokens", str(args.min_new_tokens),
+            "--model", args.model, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+            "--precision", args.precision, "--attention-backend", args.attention_backend]
+    for flag in ("greedy",):
+        if getattr(args, flag):
+            argv.append(f"--{flag}")
+    for name in (*SAMPLING_FLAGS, "template", "tokenizer"):
+        if getattr(args, name) is not None:
+            argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return argv
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    text: str  # the prompt as given (or rendered / decoded)
+    ids: list[int]  # what the model conditions on
+
+
+def read_prompts(path: str | Path, tokenizer, template, max_len: int) -> list[PromptRecord]:
+    """Prompt records of a JSONL file; errors name file:line. Prompts keep their last max_len tokens."""
+    from alfred_train.data.datasets import encode_prompt
+    from alfred_train.data.records import parse_prompt
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--prompts {path}: no such file")
+    records = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        if isinstance(obj, dict) and "prompt_ids" in obj:
+            ids = obj["prompt_ids"]
+            if not (isinstance(ids, list) and ids and all(
+                    isinstance(i, int) and 0 <= i < tokenizer.vocab_size for i in ids)):
+                raise ConfigError(f"{where}: prompt_ids must be a non-empty list of token ids in "
+                                  f"[0, {tokenizer.vocab_size})")
+            ids = ids[-max_len:]
+            records.append(PromptRecord(obj.get("prompt") or tokenizer.decode(ids), ids))
+        else:
+            example = parse_prompt(obj, where)
+            text = obj["prompt"] if isinstance(obj.get("prompt"), str) else template.render_context(example.context)
+            records.append(PromptRecord(text, encode_prompt(tokenizer, template, example.context, max_len)))
+    if not records:
+        raise ConfigError(f"--prompts {path}: no records")
+    return records
+
+
+def left_pad(batch: list[list[int]], pad_id: int):
+    """(ids (B, P), mask (B, P)) with each row right-aligned; P = the longest row."""
+    import torch
+
+    width = max(len(ids) for ids in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, seq in enumerate(batch):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def run_template(ckpt: Path) -> str:
+    """data.template from the run's config.yaml (run_dir/checkpoints/iter_N), else `plain`."""
+    import yaml
+
+    config = ckpt.parent.parent / "config.yaml"
+    if config.is_file():
+        data = yaml.safe_load(config.read_text()) or {}
+        name = (data.get("data") or {}).get("template")
+        if isinstance(name, str):
+            return name
+    return "plain"
+
+
+def _load_policy(args, ckpt: Path, parallel, runtime):
+    from alfred_train.checkpoint import load_models
+    from alfred_train.data.tokenizer import load_tokenizer
+    from alfred_train.kernels.backends import choose_backend
+    from alfred_train.models.build import ModelShape, build_model
+    from alfred_train.stages.common import TINY_TOKENIZER, unwrap
+
+    state = json.loads((ckpt / "meta.json").read_text()).get("state", {})
+    if "model" not in state:
+        raise ConfigError(f"{ckpt}: meta.json has no state.model (model shape); use a checkpoint written "
+                          "by an alfred-train stage or convert")
+    shape = ModelShape(**state["model"])
+    tokenizer = load_tokenizer(args.tokenizer or state.get("tokenizer") or TINY_TOKENIZER)
+    if tokenizer.vocab_size != shape.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, the checkpoint's model {shape.vocab_size}: "
+                          "pass the training tokenizer with --tokenizer")
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and not runtime.cpu)
+    chunks = build_model(shape, parallel, kind="lm", bf16=bf16, backend=choose_backend(args.attention_backend),
+                         device=runtime.device)
+    models = [unwrap(c) for c in chunks]
+    load_models(ckpt, {args.model: (models, None)})
+    return models, shape, tokenizer
+
+
+def _run_worker(args, parallel) -> int:
+    import torch
+
+    from alfred_train.checkpoint import resolve_checkpoint
+    from alfred_train.data.datasets import write_jsonl
+    from alfred_train.data.templates import get_template
+    from alfred_train.parallel.dims import ParallelDims
+    from alfred_train.parallel.init import init_runtime, shutdown
+    from alfred_train.ppo.generation import generate
+
+    params = sampling_params(args)
+    ckpt = resolve_checkpoint(args.checkpoint)
+    runtime = init_runtime(ParallelDims(parallel.tp, parallel.pp, 1), backend=parallel.backend)
+    try:
+        models, shape, tokenizer = _load_policy(args, ckpt, parallel, runtime)
+        max_prompt = shape.max_seq_len - params.max_new_tokens
+        if max_prompt < 2:
+            raise ConfigError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in the "
+                              f"model's max_seq_len ({shape.max_seq_len}); lower it")
+        template = get_template(args.template or run_template(ckpt))
+        prompts = read_prompts(args.prompts, tokenizer, template, max_prompt)
+        out = []
+        for start in range(0, len(prompts), args.batch_size):
+            batch = prompts[start:start + args.batch_size]
+            ids, mask = left_pad([p.ids for p in batch], tokenizer.pad_id)
+            response, response_mask = generate(models, runtime, ids, mask, params, eod_id=tokenizer.eod_id,
+                                               vocab_size=tokenizer.vocab_size, seed=args.seed + start,
+                                               pad_id=tokenizer.pad_id)
+            for prompt, row, row_mask in zip(batch, response.cpu(), response_mask.cpu()):
+                tokens = row[row_mask.bool()].tolist()
+                finished = bool(tokens) and tokens[-1] == tokenizer.eod_id
+                tokens = tokens[:-1] if finished else tokens
+                out.append({"prompt": prompt.text, "completion": tokenizer.decode(tokens),
+                            "completion_ids": tokens, "finish_reason": "eod" if finished else "length"})
+        if runtime.is_main:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(args.output, out)
+            print(f"generate: {len(out)} completions written to {args.output}", flush=True)
+        torch.distributed.barrier()
+        return 0
+    finally:
+        shutdown()

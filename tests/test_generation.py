@@ -1,0 +1,363 @@
+"""KV-cache generation, sampling options, scoring helpers and `alfred-train generate`.
+
+In-process (1 rank): KV cache == full re-forward (greedy, left-padded batch == each prompt alone),
+sampling filters against hand-computed cases, min length / EOD stop, and the scoring helpers
+against a direct forward. Multi-process (`slow`): TP=2 and PP=2 workers (this file run as a
+script) reproduce the TP=1 numbers; `alfred-train generate` on a 3-step SFT checkpoint at TP=1
+and TP=2 x PP=2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 500  # tokenizer ids; the model's vocabulary is padded to 512: ids 500..511 must never appear
+EOD = 2
+PROMPT_LENGTHS = (10, 6, 3)  # left-padded to 10
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where init_runtime puts the model
+
+
+def tiny_shape(init_std: float = 0.2):
+    """4 layers, GQA 4 heads / 2 groups; init_std 0.2 makes greedy choices decisive (margins >> fp32 noise)."""
+    from alfred_train.models.build import ModelShape
+
+    return ModelShape(arch="llama", num_layers=4, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
+                      num_query_groups=2, vocab_size=VOCAB, padded_vocab_size=512, max_seq_len=64,
+                      rotary_base=10000, norm_eps=1e-5, parallel_layernorms=2, init_std=init_std)
+
+
+def build(runtime, kind: str, seed: int):
+    from alfred_train.config import ParallelConfig
+    from alfred_train.kernels.backends import choose_backend
+    from alfred_train.models.build import build_model
+
+    parallel = ParallelConfig(tp=runtime.dims.tp, pp=runtime.dims.pp)
+    return build_model(tiny_shape(), parallel, kind=kind, bf16=False, backend=choose_backend("sdpa"),
+                       device=runtime.device, seed=seed)
+
+
+def padded_prompts():
+    """(ids (3, 10), mask (3, 10)) on DEVICE: rows of PROMPT_LENGTHS real tokens, left padding id 0."""
+    gen = torch.Generator().manual_seed(0)
+    width = max(PROMPT_LENGTHS)
+    ids = torch.randint(3, VOCAB, (len(PROMPT_LENGTHS), width), generator=gen)  # (B, P)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(PROMPT_LENGTHS):
+        mask[row, width - n:] = 1
+    return (ids * mask).to(DEVICE), mask.to(DEVICE)
+
+
+def layout_results(runtime) -> dict:
+    """Everything the layout tests compare, computed at this rank's TP/PP layout."""
+    from alfred_train.ppo.generation import (SamplingParams, generate, generate_full_reforward, score_at_eod,
+                                             sequence_logprobs, sequence_values)
+
+    policy, scalar = build(runtime, "lm", seed=3), build(runtime, "scalar", seed=5)
+    ids, mask = padded_prompts()
+    greedy = SamplingParams(max_new_tokens=12, greedy=True)
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.9)
+    kw = dict(eod_id=EOD, vocab_size=VOCAB, seed=11)
+    out = {"greedy": generate(policy, runtime, ids, mask, greedy, **kw),
+           "greedy_full": generate_full_reforward(policy, runtime, ids, mask, greedy, **kw),
+           "sampled": generate(policy, runtime, ids, mask, sampled, **kw)}
+    response, response_mask = out["greedy"]
+    sequences, seq_mask = torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1)  # (B, L)
+    eod_index = ids.shape[1] + response_mask.sum(1) - 1  # (B,)
+    out["logprobs"] = sequence_logprobs(policy, runtime, sequences, seq_mask, ids.shape[1], vocab_size=VOCAB,
+                                        micro_batch_size=1)
+    out["values"] = sequence_values(scalar, runtime, sequences, seq_mask, ids.shape[1])
+    out["scores"] = score_at_eod(scalar, runtime, sequences, seq_mask, eod_index)
+    return out
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def test_position_ids_and_attention_mask_hand_computed():
+    from alfred_train.ppo.generation import attention_mask_for, position_ids_from_mask
+
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    hidden = attention_mask_for(mask, 4)  # (2, 1, 4, 4)
+    visible = (~hidden[0, 0]).int().tolist()
+    # padding queries see only themselves; real queries see real keys up to themselves
+    assert visible == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert (~hidden[1, 0]).int().tolist() == torch.ones(4, 4).tril().int().tolist()
+    decode = attention_mask_for(torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), 1)  # (2, 1, 1, 5)
+    assert (~decode[:, 0, 0]).int().tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+
+
+def test_sampling_filters_hand_computed():
+    from alfred_train.ppo.generation import SamplingParams, filter_top_k, filter_top_p, mask_logits, sample_next
+
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = lambda z: torch.isfinite(z)[0].tolist()  # noqa: E731
+    # mass before each id (by rank): 0, .5, .8, .95 -> top_p keeps ids while that mass is < top_p
+    assert kept(filter_top_p(logits, 0.8)) == [True, True, False, False]
+    assert kept(filter_top_p(logits, 0.81)) == [True, True, True, False]
+    assert kept(filter_top_p(logits, 0.1)) == [True, False, False, False]
+    assert kept(filter_top_k(logits, 3)) == [True, True, True, False]
+    shuffled = logits[:, [2, 0, 3, 1]]  # order must not matter
+    assert kept(filter_top_p(shuffled, 0.8)) == [False, True, False, True]
+    # padded-vocabulary ids (>= vocab_size) and EOD (before min length) are never chosen
+    big = torch.tensor([[1.0, 2.0, 3.0, 9.0, 8.0]])  # ids 3, 4 are vocabulary padding
+    z = mask_logits(big, vocab_size=3, eod_id=2, block_eod=True)
+    assert z[0].tolist()[:2] == [1.0, 2.0] and torch.isinf(z[0, 2:]).all()
+    params = SamplingParams(max_new_tokens=4, min_new_tokens=2, greedy=True)
+    assert sample_next(big, params, step=0, vocab_size=3, eod_id=2, generator=None).item() == 1
+    assert sample_next(big, params, step=2, vocab_size=3, eod_id=2, generator=None).item() == 2
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(big.expand(64, 5), SamplingParams(top_k=2), step=0, vocab_size=3,
+                                     eod_id=2, generator=gen) for _ in range(10)])
+    assert set(draws.unique().tolist()) == {1, 2}  # top-2 of the real vocabulary
+
+
+def test_sampling_params_are_checked():
+    from alfred_train.errors import ConfigError
+    from alfred_train.ppo.generation import SamplingParams
+
+    for bad in (dict(max_new_tokens=0), dict(min_new_tokens=5, max_new_tokens=4), dict(temperature=0.0),
+                dict(top_p=0.0), dict(top_k=-1)):
+        with pytest.raises(ConfigError, match="sampling:"):
+            SamplingParams(**bad)
+
+
+# ----------------------------------------------------------------------------- one rank, in process
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from alfred_train.parallel.dims import ParallelDims
+    from alfred_train.parallel.init import init_runtime, seed_everything, shutdown
+
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    threads = torch.get_num_threads()
+    rt = init_runtime(ParallelDims(1, 1, 1))
+    seed_everything(0, rt)  # on GPU: megatron's model-parallel RNG tracker
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest, and robust on a loaded machine
+    yield rt
+    shutdown()
+    torch.set_num_threads(threads)
+    os.environ.update(env)
+
+
+@pytest.fixture(scope="module")
+def reference(runtime):
+    return layout_results(runtime)
+
+
+@pytest.fixture(scope="module")
+def policy(runtime):
+    return build(runtime, "lm", seed=3)
+
+
+def test_kv_cache_greedy_equals_full_reforward_and_each_prompt_alone(runtime, policy, reference):
+    from alfred_train.ppo.generation import SamplingParams, generate
+
+    ids, mask = padded_prompts()
+    response, response_mask = reference["greedy"]
+    assert response.shape == (3, 12) and response_mask.bool().all()  # EOD never chosen by this model
+    assert torch.equal(response, reference["greedy_full"][0])
+    assert ((response >= 3) & (response < VOCAB)).all()
+    width = ids.shape[1]
+    for row, n in enumerate(PROMPT_LENGTHS):
+        alone, _ = generate(policy, runtime, ids[row:row + 1, width - n:], mask[row:row + 1, width - n:],
+                            SamplingParams(max_new_tokens=12, greedy=True), eod_id=EOD, vocab_size=VOCAB, seed=0)
+        assert alone[0].tolist() == response[row].tolist(), f"row {row} differs when generated alone"
+    assert len({tuple(r) for r in response.tolist()}) == 3  # rows really differ: the test can fail
+
+
+def test_greedy_margins_are_decisive(runtime, policy, reference):
+    """The parity tests are meaningful only if top-1 beats top-2 by far more than fp32 noise."""
+    from alfred_train.ppo.generation import attention_mask_for, position_ids_from_mask
+
+    ids, mask = padded_prompts()
+    response, response_mask = reference["greedy"]
+    seq, seq_mask = torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1)
+    with torch.no_grad():
+        logits = policy[0](seq, position_ids_from_mask(seq_mask), attention_mask_for(seq_mask, seq.shape[1]))
+    top2 = logits[:, ids.shape[1] - 1:-1, :VOCAB].topk(2, dim=-1).values  # (B, T, 2)
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-3
+    assert torch.equal(logits[:, ids.shape[1] - 1:-1, :VOCAB].argmax(-1), response)
+
+
+def test_sampling_options_top_k1_min_length_eod_stop_and_seeds(runtime, policy, reference):
+    from alfred_train.ppo.generation import SamplingParams, generate
+
+    ids, mask = padded_prompts()
+    greedy = reference["greedy"][0]
+    kw = dict(vocab_size=VOCAB, seed=5)
+    top1, _ = generate(policy, runtime, ids, mask, SamplingParams(max_new_tokens=12, temperature=0.7, top_k=1),
+                       eod_id=EOD, **kw)
+    assert torch.equal(top1, greedy)
+    # sampling is reproducible from the seed, and the seed matters
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.5)
+    a, b, c = (generate(policy, runtime, ids, mask, sampled, eod_id=EOD, vocab_size=VOCAB, seed=s)[0]
+               for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # EOD := the token row 0 picks greedily at step 2: row 0 stops there, mask 0 and pad after it
+    eod = int(greedy[0, 2])
+    resp, resp_mask = generate(policy, runtime, ids, mask, SamplingParams(max_new_tokens=12, greedy=True),
+                               eod_id=eod, pad_id=0, **kw)
+    assert resp[0, :3].tolist() == greedy[0, :3].tolist()
+    assert resp_mask[0].tolist() == [1, 1, 1] + [0] * (resp.shape[1] - 3)
+    assert (resp[0, 3:] == 0).all()
+    # a batch whose rows have all stopped ends early
+    alone, alone_mask = generate(policy, runtime, ids[:1], mask[:1], SamplingParams(max_new_tokens=12, greedy=True),
+                                 eod_id=eod, **kw)
+    assert alone.shape == (1, 3) and alone_mask.tolist() == [[1, 1, 1]]
+    # min_new_tokens=5 masks that EOD until step 5: row 0 goes on past step 2
+    longer, longer_mask = generate(policy, runtime, ids[:1], mask[:1],
+                                   SamplingParams(max_new_tokens=12, min_new_tokens=5, greedy=True), eod_id=eod, **kw)
+    assert int(longer_mask.sum()) >= 5 and eod not in longer[0, :5].tolist()
+    assert longer[0, :2].tolist() == greedy[0, :2].tolist()
+
+
+def test_scoring_helpers_equal_direct_forward(runtime, policy, reference):
+    from alfred_train.ppo.generation import attention_mask_for, position_ids_from_mask
+
+    ids, mask = padded_prompts()
+    prompt_len = ids.shape[1]
+    response, response_mask = reference["greedy"]
+    seq, seq_mask = torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1)
+    args = (seq, position_ids_from_mask(seq_mask), attention_mask_for(seq_mask, seq.shape[1]))
+    with torch.no_grad():
+        logits = policy[0](*args).double()  # (B, L, 512)
+        scalar = build(runtime, "scalar", seed=5)[0](*args)[..., 0]  # (B, L)
+    log_p = logits[:, prompt_len - 1:-1, :VOCAB].log_softmax(-1)  # (B, T, VOCAB): padded ids excluded
+    want_lp = log_p.gather(-1, response[..., None])[..., 0]
+    want_ent = -(log_p.exp() * log_p).sum(-1)
+    logprobs, entropy = reference["logprobs"]
+    assert logprobs.shape == entropy.shape == response.shape
+    torch.testing.assert_close(logprobs.double(), want_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy.double(), want_ent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reference["values"], scalar[:, prompt_len - 1:-1], atol=1e-6, rtol=0)
+    last = seq.shape[1] - 1  # no row stopped: EOD index = last position
+    torch.testing.assert_close(reference["scores"], scalar[:, last], atol=1e-6, rtol=0)
+    assert reference["values"].std() > 1e-3  # not a constant head
+
+
+def test_generate_refuses_virtual_pipeline_chunks(runtime, policy):
+    from alfred_train.errors import ConfigError
+    from alfred_train.ppo.generation import SamplingParams, generate
+
+    ids, mask = padded_prompts()
+    with pytest.raises(ConfigError, match="parallel.vpp"):
+        generate(policy * 2, runtime, ids, mask, SamplingParams(), eod_id=EOD, vocab_size=VOCAB, seed=0)
+
+
+# ----------------------------------------------------------------------------- TP / PP workers
+
+
+def _worker(out_dir: str, tp: int, pp: int) -> None:
+    from alfred_train.parallel.dims import ParallelDims
+    from alfred_train.parallel.init import init_runtime, seed_everything, shutdown
+
+    rt = init_runtime(ParallelDims(tp, pp, 1))
+    seed_everything(0, rt)
+    try:
+        results = layout_results(rt)
+        results["coords"] = (rt.tp_rank, rt.pp_rank)
+        torch.save(results, Path(out_dir) / f"rank{rt.rank}.pt")
+    finally:
+        shutdown()
+
+
+def _launch_workers(out_dir: Path, tp: int, pp: int) -> None:
+    from alfred_train.parallel.init import _free_port
+
+    world, port = tp * pp, _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", ALFRED_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(out_dir), str(tp), str(pp)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{log[-3000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_tp_pp_layouts_match_tp1(tmp_path, reference, tp, pp):
+    _launch_workers(tmp_path, tp, pp)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(tp * pp)]
+    for got in ranks:
+        where = f"tp_rank,pp_rank={got['coords']}"
+        for key in ("greedy", "greedy_full", "sampled"):  # ids and masks, every rank, token for token
+            for mine, ref in zip(got[key], reference[key]):
+                assert torch.equal(mine, ref), f"{key} differs from TP=1 on {where}"
+        for mine, ref in zip(got["logprobs"], reference["logprobs"]):
+            torch.testing.assert_close(mine, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["values"], reference["values"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["scores"], reference["scores"], atol=1e-5, rtol=0)
+    assert not torch.equal(reference["sampled"][0], reference["greedy"][0])  # sampling really sampled
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["ALFRED_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "alfred_train", *args], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sft")
+    done = _cli("sft", "configs/tiny-sft.yaml", f"run.dir={run_dir}", "train.max_steps=3", "parallel.tp=1",
+                "checkpoint.interval=0", "logging.tensorboard=false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def test_generate_cli_rejects_bad_flags_before_loading(tmp_path):
+    from alfred_train.cli import main
+
+    assert main(["generate", str(tmp_path), "--prompts", "x", "--output", "y", "--greedy", "--top-k", "3"]) == 2
+    assert main(["generate", str(tmp_path), "optim.lr=1", "--prompts", "x", "--output", "y"]) == 2
+    assert main(["generate", str(tmp_path), "--prompts", "x", "--output", "y"]) == 2  # no checkpoint there
+
+
+@pytest.mark.slow
+def test_generate_cli_end_to_end_tp1_and_tp2_pp2(sft_run, tmp_path):
+    from alfred_train.data.tokenizer import load_tokenizer
+    from alfred_train.stages.common import TINY_TOKENIZER
+
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"prompt": "Name a cheerful word."}, {"prompt": "List three happy things"},
+               {"prompt_ids": [1, 50, 60, 70]}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    outputs = {}
+    for name, layout in (("tp1", []), ("tp2pp2", ["parallel.tp=2", "parallel.pp=2"])):
+        out = tmp_path / f"{name}.jsonl"
+        done = _cli("generate", str(sft_run), *layout, "--prompts", str(prompts), "--output", str(out),
+                    "--max-new-tokens", "10", "--min-new-tokens", "4", "--greedy", "--batch-size", "2")
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    tok = load_tokenizer(TINY_TOKENIZER)
+    rows = outputs["tp1"]
+    want_prompts = ["Name a cheerful word.", "List three happy things", tok.decode([1, 50, 60, 70])]
+    assert [r["prompt"] for r in rows] == want_prompts
+    for row in rows:
+        assert set(row) == {"prompt", "completion", "completion_ids", "finish_reason"}
+        ids = row["completion_ids"]
+        assert 4 <= len(ids) <= 10 and all(0 <= i < tok.vocab_size and i != tok.eod_id for i in ids)
+        assert row["completion"] == tok.decode(ids)
+        assert row["finish_reason"] == ("length" if len(ids) == 10 else "eod")
+    assert outputs["tp2pp2"] == rows  # resharded TP=2 x PP=2 greedy == TP=1, token for token
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
