@@ -1,0 +1,177 @@
+"""`alfred-train launch` and `alfred-train jobs`: submit a run YAML to a backend and follow it.
+
+    alfred-train launch CONFIG.yaml [--backend slurm|sagemaker|local] [--template T.yaml]
+                        [--dry-run] [--wait] [key.path=value ...]
+    alfred-train jobs status|logs|cancel JOB --backend slurm|sagemaker [--region R] [--endpoint-url U]
+
+Handlers return the exit code: 0 ok, 2 bad configuration (ConfigError, nothing submitted),
+1 a backend call failed; `launch --wait` returns the job's own exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from alfred_train.errors import AlfredError
+from alfred_train.launch import job as job_files
+from alfred_train.launch import local, sagemaker, slurm
+from alfred_train.launch.config import BACKENDS, validate_sagemaker, validate_slurm
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `launch` and `jobs` on the main CLI's subparsers; each sets `func=handler`."""
+    p = subparsers.add_parser("launch", help="submit a run to Slurm, SageMaker or local torchrun")
+    p.add_argument("config", help="run YAML with a launch: section")
+    p.add_argument("--backend", choices=BACKENDS, help="overrides launch.backend")
+    p.add_argument("--template", help="YAML whose launch: section is laid over CONFIG's")
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the job and return its exit code")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    p.set_defaults(func=cmd_launch)
+
+    jobs = subparsers.add_parser("jobs", help="status, logs or cancel of a submitted job")
+    actions = jobs.add_subparsers(dest="action", required=True)
+    for action, text in (("status", "one status line"), ("logs", "print the log"), ("cancel", "cancel/stop")):
+        q = actions.add_parser(action, help=text)
+        q.add_argument("job", help="Slurm job id or SageMaker training job name")
+        q.add_argument("--backend", choices=("slurm", "sagemaker"), required=True)
+        q.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+        q.add_argument("--endpoint-url", default="", help="SageMaker/logs endpoint (tests: moto)")
+        if action == "logs":
+            q.add_argument("--tail", type=int, default=0, help="last N lines only (Slurm)")
+        q.set_defaults(func=cmd_jobs)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    run = job_files.resolve_run(args.config, args.overrides, args.template, args.backend)
+    backend = {"slurm": _launch_slurm, "sagemaker": _launch_sagemaker, "local": _launch_local}
+    return backend[run.launch.backend](run, args)
+
+
+def _launch_slurm(run: job_files.ResolvedRun, args: argparse.Namespace) -> int:
+    launch = run.launch
+    validate_slurm(launch)
+    job_files.check_world_size(run)
+    job_dir = job_files.job_dir_for(run).resolve()
+    config_path = job_dir / job_files.RESOLVED_CONFIG
+    script = slurm.render_sbatch(
+        launch,
+        command=job_files.train_command(launch, str(config_path)),
+        job_dir=job_dir,
+        workdir=Path.cwd(),
+        source=str(run.source),
+    )
+    if args.dry_run:
+        sys.stdout.write(script)
+        return 0
+    job_files.write_job_dir(run, job_dir)
+    script_path = job_dir / "job.sbatch"
+    script_path.write_text(script)
+    job_id = slurm.submit(script_path)
+    (job_dir / "job_id").write_text(job_id + "\n")
+    print(f"submitted Slurm job {job_id} ({script_path})", flush=True)
+    if not args.wait:
+        return 0
+    done = slurm.wait(job_id)
+    sys.stdout.write(slurm.log_text(job_id, tail_lines=20))
+    print(f"job {job_id} {done.state} exit={done.exit_code} restarts={done.restarts}")
+    return done.exit_code if done.state == "COMPLETED" or done.exit_code else 1
+
+
+def _launch_sagemaker(run: job_files.ResolvedRun, args: argparse.Namespace) -> int:
+    launch = run.launch
+    validate_sagemaker(launch)
+    job_files.check_world_size(run)
+    name = sagemaker.job_name(launch)
+    if args.dry_run:
+        request = sagemaker.build_request(launch, name=name, submit_uri=sagemaker.source_uri(launch, name))
+        print(json.dumps(request, indent=1))
+        return 0
+    sm_client, s3_client = sagemaker.clients(launch)
+    yaml_text = job_files.resolved_yaml(run)
+    sagemaker.submit(launch, name=name, job_config_yaml=yaml_text, sm_client=sm_client, s3_client=s3_client)
+    print(f"created SageMaker training job {name}", flush=True)
+    if not args.wait:
+        return 0
+    while (info := sagemaker.describe(sm_client, name))["TrainingJobStatus"] not in sagemaker.FINISHED:
+        time.sleep(30)
+    print(sagemaker.status_line(info))
+    return 0 if info["TrainingJobStatus"] == "Completed" else 1
+
+
+def _launch_local(run: job_files.ResolvedRun, args: argparse.Namespace) -> int:
+    local.validate_local(run.launch)
+    job_files.check_world_size(run)
+    job_dir = job_files.job_dir_for(run).resolve()
+    command = local.torchrun_command(run.launch, str(job_dir / job_files.RESOLVED_CONFIG))
+    if args.dry_run:
+        print(" ".join(command))
+        return 0
+    job_files.write_job_dir(run, job_dir)
+    return local.run(command)
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    if args.backend == "slurm":
+        if args.action == "status":
+            job = slurm.status(args.job)
+            print(f"{job.job_id} {job.state} exit={job.exit_code} restarts={job.restarts} log={job.log_path}")
+        elif args.action == "logs":
+            sys.stdout.write(slurm.log_text(args.job, tail_lines=args.tail))
+        else:
+            slurm.cancel(args.job)
+            print(f"cancelled Slurm job {args.job}")
+        return 0
+    sm_client = sagemaker.make_client("sagemaker", args.region, args.endpoint_url)
+    if args.action == "status":
+        print(sagemaker.status_line(sagemaker.describe(sm_client, args.job)))
+    elif args.action == "logs":
+        text = sagemaker.log_text(sagemaker.make_client("logs", args.region, args.endpoint_url), args.job)
+        sys.stdout.write(text or f"no log events yet for {args.job}\n")
+    else:
+        sagemaker.stop(sm_client, args.job)
+        print(f"stop requested for SageMaker training job {args.job}")
+    return 0
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but `key=value` words after an option (`CONFIG --dry-run a.b=1`) join overrides.
+
+    argparse stops filling a positional list once an option interrupts it; this collects the rest.
+    """
+    args, extra = parser.parse_known_args(argv)
+    stray = [word for word in extra if word.startswith("-") or "=" not in word]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m alfred_train.launch.cli ...`) until the main CLI includes us."""
+    parser = argparse.ArgumentParser(prog="alfred-train")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parse_with_overrides(parser, argv)
+    try:
+        return args.func(args)
+    except AlfredError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

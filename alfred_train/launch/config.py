@@ -1,0 +1,272 @@
+"""The `launch:` section of a run YAML: where and how the training job runs.
+
+One frozen dataclass per YAML section (`launch`, `launch.slurm`, `launch.sagemaker`). The sizes of
+the job live once, at the top (`nodes`, `gpus_per_node`, `procs_per_node`) and both backends read
+them: on SageMaker `nodes` is the instance count, on Slurm the `--nodes` of the allocation.
+
+Checks across fields are functions (`validate_slurm`, `validate_sagemaker`) raising ConfigError
+with the key path to change; nothing is rewritten after loading.
+
+Example::
+
+    launch:
+      backend: slurm
+      stage: sft
+      nodes: 2
+      gpus_per_node: 8
+      slurm: {partition: gpu, time: "12:00:00", setup: "source /shared/venv/bin/activate"}
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from alfred_train.errors import ConfigError
+
+BACKENDS = ("slurm", "sagemaker", "local")
+STAGES = ("sft", "rm", "ppo")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """How the sbatch script is rendered (see alfred_train.launch.slurm)."""
+
+    partition: str = ""  # sbatch --partition; "" = the cluster's default partition
+    account: str = ""  # sbatch --account; "" = the user's default account
+    time: str = "24:00:00"  # wall-clock limit "HH:MM:SS" or "D-HH:MM:SS" (sbatch --time)
+    signal_lead_s: int = 600  # USR1 this long before the limit: time to finish a step and save
+    cpus_per_task: int = 0  # sbatch --cpus-per-task; 0 = leave it to the partition's default
+    requeue: bool = True  # requeue after a checkpoint-and-exit (signal or preemption); resumes
+    extra_sbatch: tuple[str, ...] = ()  # more sbatch options, one per item, e.g. "--exclusive"
+    setup: str = ""  # shell run before srun: venv/module/container activation line(s)
+    env: dict[str, str] = field(default_factory=dict)  # exported in the script (NCCL_*, FI_*)
+    log_dir: str = ""  # folder of the job's log %x-%j.out; "" = the job folder
+    master_port: int = 0  # rendezvous port; 0 = 20000 + job id % 20000, so jobs on a node differ
+
+
+@dataclass(frozen=True)
+class SageMakerConfig:
+    """The CreateTrainingJob request (see alfred_train.launch.sagemaker)."""
+
+    instance_type: str = "ml.p4d.24xlarge"  # one of KNOWN_INSTANCE_GPUS; count is launch.nodes
+    role_arn: str = ""  # execution role, arn:aws:iam::<12 digits>:role/<name>; required
+    image_uri: str = ""  # training image (AWS PyTorch DLC + megatron-core); required
+    region: str = "us-east-1"  # AWS region of the job and its buckets
+    source_s3_uri: str = ""  # prefix for <job>/source/sourcedir.tar.gz; required
+    output_s3_uri: str = ""  # OutputDataConfig.S3OutputPath (model/output tarballs); required
+    checkpoint_s3_uri: str = ""  # CheckpointConfig.S3Uri, synced with /opt/ml/checkpoints; "" = off
+    spot: bool = False  # managed spot: cheaper, may be interrupted (resumes from checkpoints)
+    max_run_s: int = 5 * 24 * 3600  # StoppingCondition.MaxRuntimeInSeconds
+    max_wait_s: int = 0  # spot only: MaxWaitTimeInSeconds >= max_run_s; 0 = equal to max_run_s
+    volume_size_gb: int = 500  # EBS scratch per instance (ResourceConfig.VolumeSizeInGB)
+    subnets: tuple[str, ...] = ()  # VpcConfig.Subnets (EFA needs a VPC); () = no VPC
+    security_group_ids: tuple[str, ...] = ()  # VpcConfig; group must allow all traffic to itself
+    environment: dict[str, str] = field(default_factory=dict)  # job env (FI_*, NCCL_*); no secrets
+    endpoint_url: str = ""  # SageMaker/S3 endpoint override (tests: a moto server); "" = AWS
+    tags: dict[str, str] = field(default_factory=dict)  # job tags, e.g. {project: alfred}
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where the job runs and with how many processes."""
+
+    backend: str = "local"  # slurm | sagemaker | local; `--backend` on the command line wins
+    stage: str = "sft"  # sft | rm | ppo: the `alfred-train <stage>` the job runs
+    name: str = "alfred"  # job name (Slurm --job-name; SageMaker <name>-<timestamp>)
+    nodes: int = 1  # machines (Slurm nodes, SageMaker instance count)
+    gpus_per_node: int = 8  # GPUs per machine; 0 = CPU job (then set procs_per_node)
+    procs_per_node: int = 0  # worker processes per machine; 0 = one per GPU
+    python: str = "python"  # interpreter the job runs, after slurm.setup has activated an env
+    job_dir: str = ""  # job script + resolved config + logs; "" = <run.dir>/launch/<time>
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    sagemaker: SageMakerConfig = field(default_factory=SageMakerConfig)
+
+    @property
+    def workers_per_node(self) -> int:
+        """Processes started on each machine: procs_per_node, or one per GPU."""
+        return self.procs_per_node or self.gpus_per_node
+
+    @classmethod
+    def from_dict(cls, tree: dict | None, key: str = "launch") -> "LaunchConfig":
+        """Build from the `launch:` mapping of a run YAML; unknown keys and wrong types raise."""
+        return _build(cls, tree or {}, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict dict -> dataclass (the lead's loader may replace this)
+
+
+def _check_value(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, key)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in value.items()
+        ):
+            raise ConfigError(f"{key}: expected a mapping of names to strings")
+        return {k: str(v) for k, v in value.items()}
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{key}: unions are not supported in launch config")
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def _build(cls: type, tree: dict, key: str) -> Any:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(tree).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(tree) - names)
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    values = {name: _check_value(v, hints[name], f"{key}.{name}") for name, v in tree.items()}
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks across fields
+
+# GPUs per instance of the SageMaker training instance types we accept (0 = CPU instance).
+KNOWN_INSTANCE_GPUS = {
+    "ml.m5.xlarge": 0, "ml.m5.2xlarge": 0, "ml.m5.4xlarge": 0, "ml.c5.4xlarge": 0,
+    "ml.g4dn.xlarge": 1, "ml.g4dn.12xlarge": 4, "ml.g5.xlarge": 1, "ml.g5.12xlarge": 4,
+    "ml.g5.48xlarge": 8, "ml.p3.2xlarge": 1, "ml.p3.8xlarge": 4, "ml.p3.16xlarge": 8,
+    "ml.p3dn.24xlarge": 8, "ml.p4d.24xlarge": 8, "ml.p4de.24xlarge": 8, "ml.p5.48xlarge": 8,
+    "ml.p5e.48xlarge": 8, "ml.p5en.48xlarge": 8,
+}  # fmt: skip
+
+_TIME = re.compile(r"^(?:(\d+)-)?(\d{1,2}):([0-5]\d):([0-5]\d)$")
+_ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@\-/]{1,512}$")
+_S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?$")
+JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def slurm_time_s(text: str, key: str = "launch.slurm.time") -> int:
+    """Seconds in a Slurm time limit: "HH:MM:SS" or "D-HH:MM:SS"."""
+    match = _TIME.match(text)
+    if match is None:
+        raise ConfigError(f"{key}: {text!r} is not a time limit of the form HH:MM:SS or D-HH:MM:SS")
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def _check_no_secrets(env: dict[str, str], key: str) -> None:
+    for name in env:
+        if name.upper() in _SECRET_ENV:
+            raise ConfigError(
+                f"{key}.{name}: credentials must not go into a job; use an instance role "
+                "or the cluster's AWS credential files"
+            )
+
+
+def validate_common(cfg: LaunchConfig) -> None:
+    """Checks every backend needs: stage, sizes, job name."""
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"launch.backend: {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"launch.stage: {cfg.stage!r} is not one of {', '.join(STAGES)}")
+    if cfg.nodes < 1:
+        raise ConfigError(f"launch.nodes: must be >= 1, got {cfg.nodes}")
+    if cfg.gpus_per_node < 0 or cfg.procs_per_node < 0:
+        raise ConfigError("launch.procs_per_node: gpus_per_node and procs_per_node must be >= 0")
+    if cfg.workers_per_node == 0:
+        raise ConfigError("launch.procs_per_node: set it (>= 1) for a CPU job with gpus_per_node: 0")
+    if not JOB_NAME.match(cfg.name) or len(cfg.name) > 40:
+        raise ConfigError(
+            f"launch.name: {cfg.name!r} must be 1-40 letters, digits or inner hyphens "
+            "(a timestamp is appended for SageMaker's 63-character limit)"
+        )
+
+
+def validate_slurm(cfg: LaunchConfig) -> None:
+    """Checks for `--backend slurm`; raises ConfigError naming the key."""
+    validate_common(cfg)
+    s = cfg.slurm
+    limit_s = slurm_time_s(s.time)
+    if not 0 < s.signal_lead_s < limit_s:
+        raise ConfigError(
+            f"launch.slurm.signal_lead_s: {s.signal_lead_s} must be > 0 and below the time limit "
+            f"launch.slurm.time={s.time} ({limit_s} s)"
+        )
+    if s.cpus_per_task < 0:
+        raise ConfigError(f"launch.slurm.cpus_per_task: must be >= 0, got {s.cpus_per_task}")
+    if not 0 <= s.master_port < 65536:
+        raise ConfigError(f"launch.slurm.master_port: {s.master_port} is not a port number")
+    for i, line in enumerate(s.extra_sbatch):
+        if not line.startswith("--") or "\n" in line:
+            raise ConfigError(
+                f"launch.slurm.extra_sbatch[{i}]: {line!r} must be one sbatch option like '--exclusive'"
+            )
+    _check_no_secrets(s.env, "launch.slurm.env")
+
+
+def validate_sagemaker(cfg: LaunchConfig) -> None:
+    """Checks for `--backend sagemaker`; moto validates nothing, so every field is checked here."""
+    validate_common(cfg)
+    sm = cfg.sagemaker
+    key = "launch.sagemaker"
+    if sm.instance_type not in KNOWN_INSTANCE_GPUS:
+        raise ConfigError(
+            f"{key}.instance_type: {sm.instance_type!r} is not a known training instance type "
+            f"(e.g. ml.p4d.24xlarge, ml.p5.48xlarge, ml.g5.12xlarge)"
+        )
+    gpus = KNOWN_INSTANCE_GPUS[sm.instance_type]
+    if cfg.gpus_per_node != gpus:
+        raise ConfigError(
+            f"launch.gpus_per_node: {cfg.gpus_per_node} but {sm.instance_type} has {gpus} GPUs"
+        )
+    if not _ROLE_ARN.match(sm.role_arn):
+        raise ConfigError(
+            f"{key}.role_arn: {sm.role_arn!r} is not an IAM role ARN "
+            "(arn:aws:iam::<12-digit account>:role/<name>)"
+        )
+    if not sm.image_uri or any(c.isspace() for c in sm.image_uri):
+        raise ConfigError(f"{key}.image_uri: set the training image URI (ECR repository:tag)")
+    if not re.match(r"^[a-z]{2}(-[a-z]+)+-\d$", sm.region):
+        raise ConfigError(f"{key}.region: {sm.region!r} is not an AWS region like us-east-1")
+    for name in ("source_s3_uri", "output_s3_uri", "checkpoint_s3_uri"):
+        uri = getattr(sm, name)
+        if (uri or name != "checkpoint_s3_uri") and not _S3_URI.match(uri):
+            raise ConfigError(f"{key}.{name}: {uri!r} is not an S3 URI of the form s3://bucket/prefix")
+    if sm.max_run_s < 1:
+        raise ConfigError(f"{key}.max_run_s: must be >= 1 second, got {sm.max_run_s}")
+    if sm.max_wait_s and not sm.spot:
+        raise ConfigError(f"{key}.max_wait_s: only used with spot: true; remove it or set spot")
+    if sm.spot and sm.max_wait_s and sm.max_wait_s < sm.max_run_s:
+        raise ConfigError(
+            f"{key}.max_wait_s: {sm.max_wait_s} must be >= max_run_s ({sm.max_run_s}) for spot"
+        )
+    if sm.volume_size_gb < 1:
+        raise ConfigError(f"{key}.volume_size_gb: must be >= 1, got {sm.volume_size_gb}")
+    if bool(sm.subnets) != bool(sm.security_group_ids):
+        raise ConfigError(f"{key}.security_group_ids: a VPC needs both subnets and security groups")
+    _check_no_secrets(sm.environment, f"{key}.environment")
+
+
+def validate_job_name(name: str, key: str = "launch.name") -> str:
+    """Return `name` when it obeys SageMaker's rule ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$."""
+    if not JOB_NAME.match(name):
+        raise ConfigError(f"{key}: job name {name!r} breaks ^[a-zA-Z0-9](-*[a-zA-Z0-9]){{0,62}}$")
+    return name
+

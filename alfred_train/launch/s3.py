@@ -1,0 +1,296 @@
+"""Checkpoint sync with S3, made safe by a manifest written last.
+
+A checkpoint folder `iter_0000010/` is uploaded to `s3://bucket/prefix/iter_0000010/` file by file,
+with retries, and `manifest.json` goes up only after every file is there. A checkpoint counts as
+*complete* when its manifest exists and every object it lists is present with the listed size;
+a download also checks each file's sha256. An upload cut off half-way therefore has no manifest
+(or, if objects were deleted later, a manifest that does not verify) and is never used on resume.
+
+Manifest layout (`manifest.json`, also written locally by `write_manifest`)::
+
+    {"format": 1, "files": [{"path": "common.pt", "size": 1234, "sha256": "ab.."}, ...]}
+
+`path` is relative to the checkpoint folder with `/` separators; `manifest.json` itself is not listed.
+
+The caller passes a boto3 S3 client (`boto3.client("s3", endpoint_url=...)`): credentials come from
+boto3's usual chain and are never read, printed or stored here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from alfred_train.errors import AlfredError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_ITER_DIR = re.compile(r"^iter_(\d+)$")
+_S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?$")
+
+T = TypeVar("T")
+
+
+class CheckpointSyncError(AlfredError):
+    """An S3 checkpoint could not be uploaded or downloaded intact."""
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """`s3://bucket/key` split in two; `key` has no leading and no trailing `/`."""
+
+    bucket: str
+    key: str
+
+    def child(self, name: str) -> "S3Location":
+        return S3Location(self.bucket, f"{self.key}/{name}" if self.key else name)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}" if self.key else f"s3://{self.bucket}"
+
+
+def parse_s3_uri(uri: str) -> S3Location:
+    """`s3://bucket/a/b/` -> S3Location("bucket", "a/b"); raises ValueError on another shape."""
+    match = _S3_URI.match(uri)
+    if match is None:
+        raise ValueError(f"{uri!r} is not an S3 URI of the form s3://bucket/prefix")
+    return S3Location(match.group(1), (match.group(2) or "").strip("/"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_manifest(ckpt_dir: str | os.PathLike) -> dict:
+    """Manifest of every file under `ckpt_dir` (recursively, sorted), `manifest.json` excluded."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise CheckpointSyncError(f"checkpoint folder {root} does not exist")
+    files = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel == MANIFEST:
+            continue
+        files.append({"path": rel, "size": path.stat().st_size, "sha256": _sha256(path)})
+    return {"format": MANIFEST_FORMAT, "files": files}
+
+
+def write_manifest(ckpt_dir: str | os.PathLike) -> dict:
+    """Write `<ckpt_dir>/manifest.json` (atomically: temp file + rename) and return it.
+
+    Call it after every file of the checkpoint is written and closed.
+    """
+    manifest = build_manifest(ckpt_dir)
+    target = Path(ckpt_dir) / MANIFEST
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, target)
+    return manifest
+
+
+def _check_manifest(manifest: Any, where: str) -> list[dict]:
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointSyncError(f"{where}: not a format-{MANIFEST_FORMAT} checkpoint manifest")
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and {"path", "size", "sha256"} <= f.keys() for f in files
+    ):
+        raise CheckpointSyncError(f"{where}: manifest 'files' must list path/size/sha256 entries")
+    for f in files:
+        if f["path"].startswith("/") or ".." in f["path"].split("/"):
+            raise CheckpointSyncError(f"{where}: manifest path {f['path']!r} leaves the checkpoint")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Retries
+
+
+def _with_retries(action: Callable[[], T], *, what: str, retries: int, backoff_s: float) -> T:
+    """Run `action`, retrying `retries` more times on S3/network errors with doubling sleeps."""
+    from boto3.exceptions import S3UploadFailedError
+
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as err:
+            if attempt == retries:
+                raise CheckpointSyncError(
+                    f"{what} failed after {retries + 1} attempts: {type(err).__name__}: {err}"
+                ) from err
+            time.sleep(backoff_s * (2**attempt))
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Upload
+
+
+def upload_checkpoint(
+    local_ckpt_dir: str | os.PathLike,
+    s3_uri: str,
+    client: Any,
+    retries: int = 3,
+    backoff_s: float = 1.0,
+) -> dict:
+    """Upload one checkpoint folder to `s3_uri` (its own prefix, e.g. `s3://b/run/iter_0000010`).
+
+    Every file goes up with `client.upload_file` (multipart for large shards), each retried up to
+    `retries` times; `manifest.json` is put last, so a reader never sees a manifest before the files
+    it lists. Writes the local manifest too. Returns the manifest; raises CheckpointSyncError when a
+    file cannot be uploaded (the remote prefix is then left without a manifest: never used).
+    """
+    root = Path(local_ckpt_dir)
+    dest = parse_s3_uri(s3_uri)
+    manifest = write_manifest(root)
+    for entry in manifest["files"]:
+        target = dest.child(entry["path"])
+        _with_retries(
+            lambda: client.upload_file(str(root / entry["path"]), target.bucket, target.key),
+            what=f"upload of {target}",
+            retries=retries,
+            backoff_s=backoff_s,
+        )
+    body = json.dumps(manifest, indent=1).encode()
+    target = dest.child(MANIFEST)
+    _with_retries(
+        lambda: client.put_object(Bucket=target.bucket, Key=target.key, Body=body),
+        what=f"upload of {target}",
+        retries=retries,
+        backoff_s=backoff_s,
+    )
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the newest complete checkpoint
+
+
+def _list_iter_prefixes(root: S3Location, client: Any) -> list[tuple[int, S3Location]]:
+    """(iteration, location) of every `iter_N/` directly under `root`, newest first."""
+    found = []
+    prefix = f"{root.key}/" if root.key else ""
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=root.bucket, Prefix=prefix, Delimiter="/"
+    ):
+        for common in page.get("CommonPrefixes", []):
+            name = common["Prefix"][len(prefix) :].rstrip("/")
+            match = _ITER_DIR.match(name)
+            if match:
+                found.append((int(match.group(1)), root.child(name)))
+    return sorted(found, key=lambda item: item[0], reverse=True)
+
+
+def _read_manifest(loc: S3Location, client: Any) -> list[dict] | None:
+    """Files listed by `loc/manifest.json`, or None when there is no manifest."""
+    try:
+        body = client.get_object(Bucket=loc.bucket, Key=loc.child(MANIFEST).key)["Body"].read()
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    try:
+        return _check_manifest(json.loads(body), str(loc.child(MANIFEST)))
+    except json.JSONDecodeError as err:
+        raise CheckpointSyncError(f"{loc.child(MANIFEST)} is not JSON: {err}") from err
+
+
+def _remote_sizes(loc: S3Location, client: Any) -> dict[str, int]:
+    """Relative path -> size of every object under `loc/`."""
+    sizes = {}
+    prefix = f"{loc.key}/"
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            sizes[obj["Key"][len(prefix) :]] = obj["Size"]
+    return sizes
+
+
+def verify_remote(s3_uri: str, client: Any) -> bool:
+    """True when `s3_uri/manifest.json` exists and lists only objects present with their sizes."""
+    loc = parse_s3_uri(s3_uri)
+    files = _read_manifest(loc, client)
+    if files is None:
+        return False
+    sizes = _remote_sizes(loc, client)
+    return all(sizes.get(f["path"]) == f["size"] for f in files)
+
+
+def latest_complete(s3_uri: str, client: Any) -> str | None:
+    """S3 URI of the newest `iter_N` under `s3_uri` whose manifest verifies, or None.
+
+    `s3_uri` is the checkpoints root (the parent of the `iter_N/` prefixes). Newer prefixes that
+    have no manifest, or whose manifest lists a missing or wrong-sized object, are skipped.
+    """
+    for _, loc in _list_iter_prefixes(parse_s3_uri(s3_uri), client):
+        if verify_remote(str(loc), client):
+            return str(loc)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Download
+
+
+def download_checkpoint(
+    s3_uri: str,
+    local_dir: str | os.PathLike,
+    client: Any,
+    retries: int = 3,
+    backoff_s: float = 1.0,
+) -> Path:
+    """Download the checkpoint at `s3_uri` into `local_dir` and verify it against its manifest.
+
+    Files land in a temporary sibling folder first; only when every size and sha256 matches is it
+    renamed to `local_dir` (which must not exist yet), so a failed download leaves nothing behind.
+    Raises CheckpointSyncError on a missing manifest or any mismatch. Returns `Path(local_dir)`.
+    """
+    loc = parse_s3_uri(s3_uri)
+    target = Path(local_dir)
+    if target.exists():
+        raise CheckpointSyncError(f"{target} already exists: download into a new folder")
+    files = _read_manifest(loc, client)
+    if files is None:
+        raise CheckpointSyncError(f"{loc} has no {MANIFEST}: an incomplete upload, not a checkpoint")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for entry in files:
+            path = staging / entry["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            source = loc.child(entry["path"])
+            _with_retries(
+                lambda: client.download_file(source.bucket, source.key, str(path)),
+                what=f"download of {source}",
+                retries=retries,
+                backoff_s=backoff_s,
+            )
+            size, digest = path.stat().st_size, _sha256(path)
+            if size != entry["size"] or digest != entry["sha256"]:
+                raise CheckpointSyncError(
+                    f"{source}: size/sha256 {size}/{digest[:12]} does not match the manifest "
+                    f"({entry['size']}/{entry['sha256'][:12]})"
+                )
+        manifest = {"format": MANIFEST_FORMAT, "files": files}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,161 @@
+"""The launch: section, its checks, the rendered sbatch script and the SageMaker entry script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alfred_train.errors import ConfigError
+from alfred_train.launch import job, slurm
+from alfred_train.launch.config import LaunchConfig, slurm_time_s, validate_slurm
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_run(path: Path, **sections) -> Path:
+    """configs/tiny-sft.yaml (a valid 2-process run) with `sections` replacing its own."""
+    tree = {**yaml.safe_load((REPO / "configs" / "tiny-sft.yaml").read_text()), **sections}
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_from_dict_nested_and_strict():
+    cfg = LaunchConfig.from_dict(
+        {"nodes": 2, "slurm": {"partition": "gpu", "env": {"NCCL_DEBUG": "INFO", "X": 1}, "extra_sbatch": ["--exclusive"]}}
+    )
+    assert (cfg.nodes, cfg.gpus_per_node, cfg.workers_per_node) == (2, 8, 8)
+    assert cfg.slurm.env == {"NCCL_DEBUG": "INFO", "X": "1"} and cfg.slurm.extra_sbatch == ("--exclusive",)
+    with pytest.raises(ConfigError, match=r"^launch\.slurm\.partiton: unknown key"):
+        LaunchConfig.from_dict({"slurm": {"partiton": "gpu"}})
+    with pytest.raises(ConfigError, match=r"^launch\.nodes: expected an integer, got '2'"):
+        LaunchConfig.from_dict({"nodes": "2"})
+    with pytest.raises(ConfigError, match=r"^launch\.sagemaker\.spot: expected true or false"):
+        LaunchConfig.from_dict({"sagemaker": {"spot": 1}})
+    with pytest.raises(ConfigError, match=r"^launch\.sagemaker\.subnets: expected a list"):
+        LaunchConfig.from_dict({"sagemaker": {"subnets": "subnet-1"}})
+
+
+def test_resolve_run_template_then_overrides(tmp_path):
+    tiny_run(tmp_path / "run.yaml", run={"dir": "out"}, launch={"nodes": 4, "slurm": {"partition": "a"}})
+    (tmp_path / "t.yaml").write_text("launch: {nodes: 1, gpus_per_node: 2, slurm: {account: acct}}\n")
+    run = job.resolve_run(
+        tmp_path / "run.yaml", ["launch.slurm.partition=b", "launch.slurm.env={A: '1'}", "optim.lr=1e-2"],
+        template=tmp_path / "t.yaml", backend="slurm",
+    )  # fmt: skip
+    assert run.launch.nodes == 1 and run.launch.backend == "slurm"
+    assert (run.launch.slurm.partition, run.launch.slurm.account) == ("b", "acct")
+    assert run.launch.slurm.env == {"A": "1"} and run.config.optim.lr == 1e-2
+    assert run.run_dir == "out"
+    # The whole run config is checked at launch, including processes = tp * pp * dp.
+    with pytest.raises(ConfigError, match=r"^parallel: dp\(1\) \* tp\(2\) \* pp\(1\) = 2 != WORLD_SIZE\(8\)"):
+        job.check_world_size(job.resolve_run(tmp_path / "run.yaml", ["launch.nodes=1"]))
+    with pytest.raises(ConfigError, match=r"^optim.lrr: unknown key"):
+        job.resolve_run(tmp_path / "run.yaml", ["optim.lrr=1"], template=tmp_path / "t.yaml")
+    with pytest.raises(ConfigError, match=r"override 'nodes': expected key.path=value"):
+        job.resolve_run(tmp_path / "run.yaml", ["nodes"])
+    (tmp_path / "bad.yaml").write_text("train: {}\n")
+    with pytest.raises(ConfigError, match="holds only a launch: section, not train"):
+        job.resolve_run(tmp_path / "run.yaml", template=tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    ("tree", "key"),
+    [
+        ({"stage": "dpo"}, "launch.stage"),
+        ({"nodes": 0}, "launch.nodes"),
+        ({"gpus_per_node": 0}, "launch.procs_per_node"),
+        ({"name": "bad_name"}, "launch.name"),
+        ({"slurm": {"time": "90"}}, "launch.slurm.time"),
+        ({"slurm": {"time": "00:05:00", "signal_lead_s": 300}}, "launch.slurm.signal_lead_s"),
+        ({"slurm": {"extra_sbatch": ["exclusive"]}}, r"launch.slurm.extra_sbatch\[0\]"),
+        ({"slurm": {"env": {"AWS_SECRET_ACCESS_KEY": "x"}}}, "launch.slurm.env.AWS_SECRET_ACCESS_KEY"),
+    ],
+)
+def test_slurm_checks_name_the_key(tree, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        validate_slurm(LaunchConfig.from_dict(tree))
+
+
+def test_slurm_time_parsing():
+    assert slurm_time_s("01:02:03") == 3723
+    assert slurm_time_s("2-00:00:10") == 2 * 86400 + 10
+
+
+def test_render_sbatch(tmp_path):
+    cfg = LaunchConfig.from_dict(
+        {
+            "name": "tiny", "nodes": 2, "gpus_per_node": 8,
+            "slurm": {"partition": "gpu", "account": "rl", "time": "04:00:00", "signal_lead_s": 300,
+                      "cpus_per_task": 12, "setup": "source /opt/venv/bin/activate",
+                      "env": {"NCCL_DEBUG": "INFO", "ODD": "a b"}, "extra_sbatch": ["--exclusive"]},
+        }
+    )  # fmt: skip
+    script = slurm.render_sbatch(
+        cfg, command=["python", "-m", "alfred_train", "sft", "/j/config.yaml"], job_dir=tmp_path, workdir=tmp_path
+    )
+    header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert header == [
+        "#SBATCH --job-name=tiny", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=12", "#SBATCH --time=04:00:00",
+        "#SBATCH --partition=gpu", "#SBATCH --account=rl", f"#SBATCH --output={tmp_path}/%x-%j.out",
+        "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue",
+        "#SBATCH --exclusive",
+    ]  # fmt: skip
+    assert "export ODD='a b'\n" in script and "source /opt/venv/bin/activate\n" in script
+    assert "srun --kill-on-bad-exit=1 python -m alfred_train sft /j/config.yaml &" in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "trap on_usr1 USR1" in script
+    no_requeue = LaunchConfig.from_dict({"slurm": {"requeue": False}})
+    script = slurm.render_sbatch(no_requeue, command=["true"], job_dir=tmp_path, workdir=tmp_path)
+    assert "#SBATCH --no-requeue" in script and "scontrol requeue" not in script
+    out = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_parse_show_job():
+    line = "JobId=7 JobName=a b JobState=COMPLETED Restarts=1 ExitCode=3:0 StdOut=/x/a-7.out"
+    fields = slurm.parse_show_job(line)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "3:0" and fields["StdOut"] == "/x/a-7.out"
+
+
+def entry(tmp_path, env, *args):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "sagemaker" / "entry.py"), *args, "--print-only"],
+        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", **env},
+    )  # fmt: skip
+    return done
+
+
+def test_entry_script_two_hosts(tmp_path):
+    resource = tmp_path / "resourceconfig.json"
+    resource.write_text(json.dumps({"current_host": "algo-2", "hosts": ["algo-1", "algo-2"], "network_interface_name": "eth0"}))
+    done = entry(tmp_path, {"ALFRED_SM_RESOURCECONFIG": str(resource)}, "--stage", "ppo", "--config", "job/config.yaml", "--procs_per_node", "8")
+    assert done.returncode == 0, done.stderr
+    argv = done.stdout.split()
+    flag = lambda name: argv[argv.index(name) + 1]  # noqa: E731
+    assert argv[1:3] == ["-m", "torch.distributed.run"]
+    assert (flag("--nnodes"), flag("--nproc_per_node"), flag("--node_rank")) == ("2", "8", "1")
+    assert (flag("--master_addr"), flag("--master_port")) == ("algo-1", "7777")
+    assert argv[-3:] == ["ppo", str(REPO / "sagemaker" / "job" / "config.yaml"), "run.dir=/opt/ml/checkpoints"]
+
+    # Host order is SageMaker's, not sorted: algo-10 listed first is the master and rank 0.
+    env = {"ALFRED_SM_RESOURCECONFIG": str(tmp_path / "none.json"), "SM_HOSTS": '["algo-10", "algo-2"]',
+           "SM_CURRENT_HOST": "algo-10", "SM_NUM_GPUS": "4"}  # fmt: skip
+    argv = entry(tmp_path, env, "--stage", "sft", "--config", "/abs/c.yaml").stdout.split()
+    assert (flag("--node_rank"), flag("--master_addr"), flag("--nproc_per_node")) == ("0", "algo-10", "4")
+    assert "/abs/c.yaml" in argv
+
+    done = entry(tmp_path, {"ALFRED_SM_RESOURCECONFIG": str(tmp_path / "none.json")}, "--stage", "sft", "--config", "c")
+    assert done.returncode != 0 and "not in a SageMaker job" in done.stderr
+
+
+def test_resolved_config_round_trips(tmp_path):
+    tiny_run(tmp_path / "run.yaml", launch={"stage": "rm", "gpus_per_node": 2})
+    run = job.resolve_run(tmp_path / "run.yaml", ["train.max_steps=4"])
+    path = job.write_job_dir(run, tmp_path / "j")
+    assert yaml.safe_load(path.read_text()) == run.tree and run.tree["train"]["max_steps"] == 4
+    assert job.train_command(run.launch, str(path)) == ["python", "-m", "alfred_train", "rm", str(path)]

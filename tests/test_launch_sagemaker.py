@@ -1,0 +1,171 @@
+"""SageMaker launcher against a real moto server process, through the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+from launch_fixtures import REPO, SECRET_MARKER, aws_env, boto_client, moto, moto_server  # noqa: F401
+
+from alfred_train.errors import ConfigError
+from alfred_train.launch import cli, sagemaker
+from alfred_train.launch.config import LaunchConfig
+
+BUCKET = "alfred-test"
+TEMPLATE = REPO / "sagemaker" / "alfred-40b-p4d.yaml"
+
+
+def account_fields(endpoint: str) -> list[str]:
+    """The overrides a user adds to the p4d template (account-specific), pointed at moto."""
+    return [
+        "launch.sagemaker.role_arn=arn:aws:iam::123456789012:role/AlfredSageMaker",
+        "launch.sagemaker.image_uri=123456789012.dkr.ecr.us-east-1.amazonaws.com/alfred-train:0.1",
+        f"launch.sagemaker.source_s3_uri=s3://{BUCKET}/jobs",
+        f"launch.sagemaker.output_s3_uri=s3://{BUCKET}/output",
+        f"launch.sagemaker.checkpoint_s3_uri=s3://{BUCKET}/alfred-40b-ppo/checkpoints",
+        f"launch.sagemaker.endpoint_url={endpoint}",
+    ]
+
+
+@pytest.fixture
+def run_config(tmp_path) -> Path:
+    """configs/alfred-40b-ppo.yaml when it exists, else a minimal stand-in run config."""
+    recipe = REPO / "configs" / "alfred-40b-ppo.yaml"
+    if recipe.is_file():
+        return recipe
+    path = tmp_path / "alfred-40b-ppo.yaml"
+    path.write_text(
+        "run: {dir: runs/alfred-40b-ppo}\nparallel: {tp: 8, pp: 4, dp: 4}\n"
+        "model: {num_layers: 8, hidden_size: 512, num_attention_heads: 8}\ndata: {synthetic: true}\n"
+        "train: {micro_batch_size: 1, global_batch_size: 64}\nppo: {rollouts_per_iter: 64}\n"
+    )
+    return path
+
+
+def launch_cli(*args: str, endpoint: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "alfred_train.launch.cli", *args],
+        capture_output=True, text=True, env=aws_env(endpoint), cwd=REPO, timeout=120,
+    )  # fmt: skip
+
+
+def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
+    s3 = boto_client("s3", moto)
+    s3.create_bucket(Bucket=BUCKET)
+    common = [str(run_config), "--backend", "sagemaker", "--template", str(TEMPLATE), *account_fields(moto)]
+    extra = ["launch.sagemaker.spot=true", "launch.sagemaker.max_wait_s=500000"]
+
+    dry = launch_cli("launch", *common, "--dry-run", *extra, endpoint=moto)
+    assert dry.returncode == 0, dry.stderr
+    rendered = json.loads(dry.stdout)
+    assert rendered["Environment"] == {
+        "FI_EFA_USE_DEVICE_RDMA": "1", "FI_PROVIDER": "efa", "NCCL_DEBUG": "WARN",
+        "NCCL_SOCKET_IFNAME": "eth0", "RDMAV_FORK_SAFE": "1",
+    }  # fmt: skip
+    sm = boto_client("sagemaker", moto)
+    assert sm.list_training_jobs()["TrainingJobSummaries"] == []  # dry run submitted nothing
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
+
+    done = launch_cli("launch", *common, *extra, endpoint=moto)
+    assert done.returncode == 0, done.stderr
+    name = done.stdout.split()[-1]
+    assert name.startswith("alfred-40b-ppo-") and len(name) == len("alfred-40b-ppo-") + 15
+    job = sm.describe_training_job(TrainingJobName=name)
+    assert job["ResourceConfig"]["InstanceType"] == "ml.p4d.24xlarge"
+    assert job["ResourceConfig"]["InstanceCount"] == 16
+    assert job["ResourceConfig"]["VolumeSizeInGB"] == 1000
+    assert job["AlgorithmSpecification"]["TrainingImage"].endswith("/alfred-train:0.1")
+    assert job["RoleArn"] == "arn:aws:iam::123456789012:role/AlfredSageMaker"
+    source = f"s3://{BUCKET}/jobs/{name}/source/sourcedir.tar.gz"
+    assert job["HyperParameters"] == {
+        "sagemaker_program": '"entry.py"',
+        "sagemaker_submit_directory": json.dumps(source),
+        "sagemaker_region": '"us-east-1"',
+        "sagemaker_torch_distributed_enabled": "false",
+        "stage": '"ppo"',
+        "config": '"job/config.yaml"',
+        "procs_per_node": "8",
+    }
+    assert job["CheckpointConfig"] == {
+        "S3Uri": f"s3://{BUCKET}/alfred-40b-ppo/checkpoints",
+        "LocalPath": "/opt/ml/checkpoints",
+    }
+    assert job["EnableManagedSpotTraining"] is True
+    assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 432000, "MaxWaitTimeInSeconds": 500000}
+    assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/output"
+    for key in ("ResourceConfig", "CheckpointConfig", "StoppingCondition", "RoleArn", "OutputDataConfig"):
+        assert job[key] == rendered[key]  # the dry run showed what was then sent
+
+    # The uploaded source: the package, entry.py on top, the resolved config; no secret anywhere.
+    body = s3.get_object(Bucket=BUCKET, Key=f"jobs/{name}/source/sourcedir.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert {"entry.py", "job/config.yaml", "alfred_train/launch/cli.py", "sagemaker/entry.py", "setup.cfg"} <= set(members)
+    assert not any("__pycache__" in m or m.endswith(".pyc") for m in members)
+    assert members["entry.py"] == (REPO / "sagemaker" / "entry.py").read_bytes()
+    resolved = yaml.safe_load(members["job/config.yaml"])
+    assert resolved["launch"]["stage"] == "ppo" and resolved["launch"]["sagemaker"]["spot"] is True
+    for text in (dry.stdout, dry.stderr, done.stdout, done.stderr, *members.values()):
+        assert SECRET_MARKER.encode() not in (text if isinstance(text, bytes) else text.encode())
+
+    status = launch_cli("jobs", "status", name, "--backend", "sagemaker", "--endpoint-url", moto, endpoint=moto)
+    assert status.returncode == 0 and status.stdout.split()[:2] == [name, "Completed"], status.stderr
+    logs = launch_cli("jobs", "logs", name, "--backend", "sagemaker", "--endpoint-url", moto, endpoint=moto)
+    assert logs.returncode == 0 and logs.stdout == f"no log events yet for {name}\n"
+
+
+def test_existing_job_name_is_refused(moto):
+    s3 = boto_client("s3", moto)
+    s3.create_bucket(Bucket=BUCKET)
+    tree = yaml.safe_load(TEMPLATE.read_text())["launch"]
+    for override in account_fields(moto):
+        key, value = override.split("=", 1)
+        tree["sagemaker"][key.split(".")[-1]] = value
+    launch = LaunchConfig.from_dict(tree)
+    sm = boto_client("sagemaker", moto)
+    sagemaker.submit(launch, name="alfred-dup", job_config_yaml="{}", sm_client=sm, s3_client=s3)
+    with pytest.raises(ConfigError, match="launch.name: training job 'alfred-dup' already exists"):
+        sagemaker.submit(launch, name="alfred-dup", job_config_yaml="{}", sm_client=sm, s3_client=s3)
+    assert len(sm.list_training_jobs()["TrainingJobSummaries"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("launch.sagemaker.instance_type=ml.p4d.48xlarge", "launch.sagemaker.instance_type"),
+        ("launch.nodes=0", "launch.nodes"),
+        ("launch.gpus_per_node=4", "launch.gpus_per_node"),
+        ("launch.sagemaker.role_arn=arn:aws:iam::1234:role/x", "launch.sagemaker.role_arn"),
+        ("launch.sagemaker.role_arn=AlfredSageMaker", "launch.sagemaker.role_arn"),
+        ("launch.sagemaker.image_uri=", "launch.sagemaker.image_uri"),
+        ("launch.sagemaker.region=moon", "launch.sagemaker.region"),
+        ("launch.sagemaker.source_s3_uri=https://b/jobs", "launch.sagemaker.source_s3_uri"),
+        ("launch.sagemaker.output_s3_uri=", "launch.sagemaker.output_s3_uri"),
+        ("launch.sagemaker.checkpoint_s3_uri=s3:/b/c", "launch.sagemaker.checkpoint_s3_uri"),
+        ("launch.sagemaker.max_wait_s=3600", "launch.sagemaker.max_wait_s"),
+        ("launch.name=alfred_40b", "launch.name"),
+        ("launch.name=-alfred", "launch.name"),
+        ("launch.sagemaker.environment={AWS_SECRET_ACCESS_KEY: x}", "launch.sagemaker.environment.AWS_SECRET_ACCESS_KEY"),
+        ("launch.sagemaker.subnets=[subnet-1]", "launch.sagemaker.security_group_ids"),
+        ("launch.sagemaker.volume_size_gb=big", "launch.sagemaker.volume_size_gb"),
+        ("launch.sagemaker.instance_count=16", "launch.sagemaker.instance_count"),
+        ("launch.nodes=2", "parallel"),  # 2 x 8 processes != tp*pp*dp = 128
+    ],
+)
+def test_bad_field_exit_2_names_it_submits_nothing(moto, run_config, capsys, override, key):
+    s3 = boto_client("s3", moto)
+    s3.create_bucket(Bucket=BUCKET)
+    spot = ["launch.sagemaker.spot=true"] if "max_wait" in override else []
+    argv = ["launch", str(run_config), "--backend", "sagemaker", "--template", str(TEMPLATE),
+            *account_fields(moto), *spot, override]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {key}: ") and "\n" not in err
+    assert boto_client("sagemaker", moto).list_training_jobs()["TrainingJobSummaries"] == []
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)

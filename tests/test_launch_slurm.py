@@ -1,0 +1,136 @@
+"""The Slurm backend on a real single-node cluster (tests/slurm_cluster.sh): sbatch, srun, requeue."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from launch_fixtures import REPO, SECRET_MARKER, aws_env, files_containing, slurm_cluster  # noqa: F401
+
+from alfred_train.launch import slurm
+from alfred_train.launch.config import LaunchConfig
+
+pytestmark = pytest.mark.slurm
+
+# Joins the job the way the trainer does (SLURM_PROCID / SLURM_NTASKS + MASTER_ADDR/PORT from the
+# script), all-reduces over gloo; on the first run it waits for USR1, then exits 3 like the trainer.
+WORKER = """
+import json, os, signal, sys, time
+import torch, torch.distributed as dist
+rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+got = []
+signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
+value = torch.tensor([float(rank + 1)])
+dist.all_reduce(value)
+out = {"world": world, "local": int(os.environ["SLURM_LOCALID"]), "sum": value.item(),
+       "master": os.environ["MASTER_ADDR"], "port": os.environ["MASTER_PORT"]}
+if restart == 0:
+    open(f"ready.{rank}", "w").close()
+    deadline = time.time() + 60
+    while not got and time.time() < deadline:
+        time.sleep(0.05)
+    out["signal"] = got[0] if got else None
+json.dump(out, open(f"out.{restart}.{rank}.json", "w"))
+dist.destroy_process_group()
+sys.exit(3 if restart == 0 else 0)
+"""
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_two_tasks_allreduce_then_usr1_checkpoint_and_requeue(slurm_cluster, tmp_path):
+    (tmp_path / "worker.py").write_text(WORKER)
+    launch = LaunchConfig.from_dict(
+        {"name": "allreduce", "gpus_per_node": 0, "procs_per_node": 2,
+         "slurm": {"time": "00:05:00", "signal_lead_s": 60, "env": {"ALFRED_PROBE": "x y"}}}
+    )  # fmt: skip
+    script = slurm.render_sbatch(
+        launch, command=[sys.executable, str(tmp_path / "worker.py")], job_dir=tmp_path, workdir=tmp_path
+    )
+    (tmp_path / "job.sbatch").write_text(script)
+    job_id = slurm.submit(tmp_path / "job.sbatch")
+    wait_for(lambda: (tmp_path / "ready.0").exists() and (tmp_path / "ready.1").exists(), 60, "both tasks")
+    assert slurm.status(job_id).state == "RUNNING"
+    # What --signal=B:USR1@lead does before the time limit: USR1 to the batch shell only.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    done = slurm.wait(job_id, timeout_s=120, poll_s=0.5)
+
+    assert (done.state, done.exit_code, done.restarts) == ("COMPLETED", 0, 1), done
+    runs = {(r, k): json.loads((tmp_path / f"out.{r}.{k}.json").read_text()) for r in (0, 1) for k in (0, 1)}
+    for (restart, rank), out in runs.items():
+        assert out["sum"] == 3.0 and out["world"] == 2 and out["local"] == rank
+        assert out["master"] == "localhost" and int(out["port"]) == 20000 + int(job_id) % 20000
+    assert runs[0, 0]["signal"] == runs[0, 1]["signal"] == 10  # SIGUSR1 reached both tasks
+    log = slurm.log_text(job_id)
+    assert log.index("restart 0") < log.index("USR1, forwarding") < log.index("workers exited with 3")
+    assert log.index("requeueing job") < log.index("restart 1") < log.index("workers exited with 0")
+    assert done.log_path == str(tmp_path / f"allreduce-{job_id}.out")
+
+
+def launch_cli(*args: str, wait: bool = False) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "alfred_train.launch.cli", *args, *(["--wait"] if wait else [])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=aws_env(), cwd=REPO,
+    )  # fmt: skip
+
+
+def final_loss(run_dir: Path, step: int) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r.get("step") == step and "loss" in r]
+    assert losses, f"no loss at step {step} in {run_dir}/metrics.jsonl"
+    return losses[-1]
+
+
+def test_tiny_sft_on_slurm_and_requeue_resumes_to_the_same_loss(slurm_cluster, tmp_path):
+    steps = 80
+    common = ["launch", "configs/tiny-sft.yaml", "--backend", "slurm", f"train.max_steps={steps}", "checkpoint.interval=10", "checkpoint.keep=20",
+              "logging.progress=false", "logging.plots=false", "launch.gpus_per_node=0", "launch.procs_per_node=2",
+              f"launch.python={sys.executable}", "launch.slurm.time=00:10:00", "launch.slurm.signal_lead_s=60"]  # fmt: skip
+    straight = launch_cli(*common, f"run.dir={tmp_path}/straight", "launch.name=sft-straight", wait=True)
+    requeued = launch_cli(*common, f"run.dir={tmp_path}/requeued", "launch.name=sft-requeued")
+    out, err = requeued.communicate(timeout=60)
+    assert requeued.returncode == 0, err
+    job_id = out.split()[3]  # "submitted Slurm job <id> (<script>)"
+
+    # Requeue as an operator (or a preemption) would, once a checkpoint exists: TERM reaches the
+    # trainer, which saves at the next step and exits 3; the rerun resumes from `latest`.
+    ckpts = tmp_path / "requeued" / "checkpoints"
+    wait_for(lambda: (ckpts / "latest").exists(), 120, "the first checkpoint")
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    job = slurm.wait(job_id, timeout_s=180, poll_s=0.5)
+    out_straight, err_straight = straight.communicate(timeout=180)
+
+    assert straight.returncode == 0, err_straight
+    assert " COMPLETED exit=0 restarts=0" in out_straight
+    assert (job.state, job.exit_code) == ("COMPLETED", 0) and job.restarts >= 1
+    log = slurm.log_text(job_id)
+    assert "restart 1" in log and "resumed from" in log, log[-3000:]
+    resumed_step = int(log.split("resumed from")[1].split("at step")[1].split()[0])
+    assert 0 < resumed_step < steps
+    assert final_loss(tmp_path / "requeued", steps) == pytest.approx(final_loss(tmp_path / "straight", steps), abs=1e-6)
+
+    # `jobs status` / `jobs logs` through the CLI.
+    status = launch_cli("jobs", "status", job_id, "--backend", "slurm")
+    s_out, _ = status.communicate(timeout=60)
+    assert s_out.startswith(f"{job_id} COMPLETED exit=0 restarts=")
+    logs = launch_cli("jobs", "logs", job_id, "--backend", "slurm", "--tail", "1")
+    assert logs.communicate(timeout=60)[0] == "alfred: workers exited with 0\n"
+
+    # The fake AWS secret in the launcher's environment is nowhere: outputs, run dirs, job
+    # scripts, logs, nor slurmctld's saved job state.
+    for text in (out, err, out_straight, err_straight, log):
+        assert SECRET_MARKER not in text
+    assert files_containing(tmp_path, SECRET_MARKER) == []
+    assert files_containing(slurm_cluster.parent, SECRET_MARKER) == []
