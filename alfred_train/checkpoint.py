@@ -60,7 +60,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _model_sd(chunks, name: str) -> dict:
-    return {f"{name}.chunk{i}": c.sharded_state_dict(prefix="") for i, c in enumerate(chunks)}
+    """Each chunk's sharded state dict with tensor keys under `name.` (several models per checkpoint)."""
+    return {f"{name}.chunk{i}": c.sharded_state_dict(prefix=f"{name}.") for i, c in enumerate(chunks)}
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
 @torch.no_grad()
@@ -152,12 +157,16 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
     return final
 
 
-def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | None = None) -> dict:
+def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | None = None,
+                skip: tuple[str, ...] = ()) -> dict:
     """Load the named models (and optimizers, when given) in place; returns meta.json.
 
     models: name -> (chunks, optimizer or None). `name` may be given as "dst=src" to load the
     checkpoint's model `src` into `dst` (e.g. value model from the reward model).
     Optimizer states need the layout they were saved at (`strict_layout`).
+    skip: partial load of weights only. Parameters whose name contains one of these strings are
+    left as they are (e.g. `skip=("output_layer",)` loads an SFT trunk into a scalar-head model);
+    every other parameter must be in the checkpoint, as in a full load.
     """
     from megatron.core import dist_checkpointing
 
@@ -172,6 +181,10 @@ def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | Non
         if len(chunks) != int(meta["layout"].get("vpp") or 1):
             raise ConfigError(f"{path}: saved with another virtual-pipeline split; set parallel.vpp as when saved")
         msd = _model_sd(chunks, src)
+        if skip:
+            if optimizer is not None:
+                raise ValueError("load_models: skip= loads weights only; pass no optimizer with it")
+            msd = {k: {key: v for key, v in sd.items() if not _skipped(key, skip)} for k, sd in msd.items()}
         sharded.update(msd)
         wanted[spec] = (chunks, optimizer, src, msd)
         if optimizer is not None:
@@ -184,12 +197,27 @@ def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | Non
     with torch.no_grad():
         for spec, (chunks, optimizer, src, _) in wanted.items():
             for i, chunk in enumerate(chunks):
-                chunk.load_state_dict(loaded[f"{src}.chunk{i}"], strict=True)
+                _load_chunk(chunk, _strip(loaded[f"{src}.chunk{i}"], f"{src}."), skip)
             if optimizer is not None:
                 optimizer.load_state_dict(loaded[f"{src}.optimizer"])
                 if meta.get("adam_steps", {}).get(src) is not None:
                     _set_adam_step(optimizer, meta["adam_steps"][src])
     return meta
+
+
+def _skipped(key: str, skip: tuple[str, ...]) -> bool:
+    return any(s in key for s in skip)
+
+
+def _load_chunk(chunk, state_dict: dict, skip: tuple[str, ...]) -> None:
+    """load_state_dict, strict except for the parameters named by `skip` (kept as they are)."""
+    if not skip:
+        chunk.load_state_dict(state_dict, strict=True)
+        return
+    missing, unexpected = chunk.load_state_dict(state_dict, strict=False)
+    wrong = [k for k in missing if not _skipped(k, skip)] + list(unexpected)
+    if wrong:
+        raise RuntimeError(f"partial load (skip={skip}): unexpected or missing keys {wrong}")
 
 
 def load_rng(ckpt_dir: Path, rank: int) -> bool:

@@ -360,6 +360,19 @@ def _collect(reduce, rows, output, non_loss_data=True):
     return reduce(output, rows)
 
 
+def response_logprobs(logits: torch.Tensor, targets: torch.Tensor, prompt_len: int, runtime, vocab_size: int):
+    """(logprobs, entropy), each (b, T) float32, of the response tokens `targets` (b, T) from this
+    rank's vocab-parallel logits (b, P + T, V/tp); differentiable. Logits at P-1+t predict token t;
+    padded-vocabulary ids (>= vocab_size) get probability 0."""
+    seq = logits.shape[1]
+    shard = logits[:, prompt_len - 1:seq - 1]  # (b, T, Vs)
+    start = runtime.tp_rank * shard.shape[-1]
+    if start + shard.shape[-1] > vocab_size:
+        padded = torch.arange(start, start + shard.shape[-1], device=shard.device) >= vocab_size  # (Vs,)
+        shard = shard.masked_fill(padded, PADDED_VOCAB_LOGIT)
+    return vocab_parallel_logprobs_and_entropy(shard, targets, runtime.tp_group, start)
+
+
 def sequence_logprobs(chunks, runtime, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                       *, vocab_size: int, micro_batch_size: int | None = None):
     """log p(response token t) and the entropy of the distribution it was drawn from: (B, T) each.
@@ -370,15 +383,9 @@ def sequence_logprobs(chunks, runtime, sequences: torch.Tensor, attention_mask: 
     """
     batch, seq = sequences.shape
     targets_all = sequences.to(runtime.device)[:, prompt_len:]  # (B, T)
-    tp_group = runtime.tp_group
 
     def reduce(logits, rows):  # logits (b, L, V/tp)
-        shard = logits[:, prompt_len - 1:seq - 1]  # (b, T, Vs)
-        start = runtime.tp_rank * shard.shape[-1]
-        if start + shard.shape[-1] > vocab_size:
-            padded = torch.arange(start, start + shard.shape[-1], device=shard.device) >= vocab_size  # (Vs,)
-            shard = shard.masked_fill(padded, PADDED_VOCAB_LOGIT)
-        logprobs, entropy = vocab_parallel_logprobs_and_entropy(shard, targets_all[rows], tp_group, start)
+        logprobs, entropy = response_logprobs(logits, targets_all[rows], prompt_len, runtime, vocab_size)
         return torch.stack([logprobs, entropy], dim=-1)  # (b, T, 2)
 
     out = _score(chunks, runtime, sequences, attention_mask, reduce, (batch, seq - prompt_len, 2), micro_batch_size)

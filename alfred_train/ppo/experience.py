@@ -1,0 +1,92 @@
+"""One PPO iteration's experience: generate rollouts, score them, estimate advantages.
+
+    prompts (this DP rank's share) --generate (policy, KV cache)--> Rollout(prompt, response)
+      --score--> old_logprobs, entropy [policy], ref_logprobs [reference], values [value model],
+                 scores [reward model at the last response token, EOD]
+      --advantages--> rewards = -beta * kl + score at the last token; GAE; whitening over DP
+
+Every function here is collective over the model-parallel group of the models it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alfred_train.ppo import math as ppo_math
+from alfred_train.ppo.generation import SamplingParams, generate, score_at_eod, sequence_logprobs, sequence_values
+from alfred_train.ppo.rollout import Rollout
+
+
+@dataclass(frozen=True)
+class Models:
+    """The four PPO models on this rank (unwrapped megatron chunks)."""
+
+    policy: list
+    value: list
+    reference: list
+    reward: list
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> (ids (B, P), mask (B, P)) left-padded to P = width or the longest."""
+    width = width or max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, P)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[b, width - len(p):] = 1
+    return ids, mask
+
+
+def _pad_right(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def generate_rollouts(policy, runtime, prompts: list[list[int]], params: SamplingParams, *, micro_batch: int,
+                      eod_id: int, pad_id: int, vocab_size: int, seed: int) -> Rollout:
+    """Sample one response per prompt, `micro_batch` prompts at a time; a (B, P) x (B, T) Rollout
+    with P the longest prompt and T = max_new_tokens (shapes fixed for the pipeline schedule)."""
+    width = max(len(p) for p in prompts)
+    parts = []
+    for i in range(0, len(prompts), micro_batch):
+        ids, mask = left_pad(prompts[i:i + micro_batch], pad_id, width)
+        resp, resp_mask = generate(policy, runtime, ids, mask, params, eod_id=eod_id, vocab_size=vocab_size,
+                                   seed=seed * 100_003 + i, pad_id=pad_id)
+        parts.append((ids, mask, _pad_right(resp.cpu(), params.max_new_tokens, pad_id),
+                      _pad_right(resp_mask.cpu(), params.max_new_tokens, 0)))
+    return Rollout(prompt_ids=torch.cat([p[0] for p in parts]), prompt_mask=torch.cat([p[1] for p in parts]),
+                   response_ids=torch.cat([p[2] for p in parts]), response_mask=torch.cat([p[3] for p in parts]))
+
+
+@torch.no_grad()
+def score_rollouts(models: Models, runtime, rollout: Rollout, *, micro_batch: int, vocab_size: int):
+    """Fill old_logprobs, ref_logprobs, values, scores; also return the policy's entropy (B, T)."""
+    seqs, mask, p = rollout.sequences(), rollout.attention_mask(), rollout.prompt_len
+    old_logprobs, entropy = sequence_logprobs(models.policy, runtime, seqs, mask, p, vocab_size=vocab_size,
+                                              micro_batch_size=micro_batch)
+    ref_logprobs, _ = sequence_logprobs(models.reference, runtime, seqs, mask, p, vocab_size=vocab_size,
+                                        micro_batch_size=micro_batch)
+    values = sequence_values(models.value, runtime, seqs, mask, p, micro_batch_size=micro_batch)
+    scores = score_at_eod(models.reward, runtime, seqs, mask, rollout.last_token_positions(),
+                          micro_batch_size=micro_batch)
+    cpu = torch.device("cpu")
+    rollout = rollout.replace(old_logprobs=old_logprobs.to(cpu), ref_logprobs=ref_logprobs.to(cpu),
+                              values=values.to(cpu), scores=scores.to(cpu))
+    return rollout, entropy.to(cpu)
+
+
+def compute_advantages(rollout: Rollout, *, kl_estimator, beta: float, gamma: float, lam: float,
+                       whiten_rewards: bool, whiten_advantages: bool, dp_group) -> tuple[Rollout, torch.Tensor]:
+    """Per-token rewards, GAE and (global) whitening, as in notes/rlhf-recipes.md. Returns the
+    rollout with advantages/returns and the per-token KL estimate (B, T) used in the reward."""
+    mask = rollout.response_mask.float()  # (B, T)
+    kl = kl_estimator(rollout.old_logprobs, rollout.ref_logprobs) * mask  # (B, T)
+    rewards = ppo_math.token_rewards(kl, rollout.scores, mask, beta)  # (B, T)
+    if whiten_rewards:
+        rewards = ppo_math.whiten(rewards, mask, group=dp_group, shift_mean=False)
+    advantages, returns = ppo_math.gae(rewards, rollout.values * mask, mask, gamma, lam)  # (B, T) each
+    if whiten_advantages:
+        advantages = ppo_math.whiten(advantages, mask, group=dp_group) * mask
+    return rollout.replace(advantages=advantages, returns=returns), kl

@@ -1,0 +1,293 @@
+"""PPO with a policy and a separate value network initialized from the reward model.
+
+Four models on the same ranks and TP/PP layout: policy (trainable, from the SFT checkpoint),
+value (trainable, from the RM checkpoint, sharing no parameter with the policy), reference
+(frozen SFT weights) and reward model (frozen). One iteration (DESIGN.md's data flow):
+generate -> score -> advantages -> policy_epochs x policy_steps_per_epoch policy steps ->
+value_epochs x value_steps_per_epoch value steps -> metrics / samples / checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from alfred_train import checkpoint
+from alfred_train.config import Config
+from alfred_train.data import synthetic
+from alfred_train.data.datasets import encode_prompt, read_prompt_jsonl
+from alfred_train.data.records import parse_prompt
+from alfred_train.data.sampler import iterate_batches
+from alfred_train.data.templates import get_template
+from alfred_train.errors import AlfredError, ConfigError
+from alfred_train.metrics import MetricsLogger, plot_metrics
+from alfred_train.ppo import math as ppo_math
+from alfred_train.ppo.experience import Models, compute_advantages, generate_rollouts, score_rollouts
+from alfred_train.ppo.generation import SamplingParams
+from alfred_train.ppo.update import policy_forward_step, value_forward_step
+from alfred_train.stages import common
+from alfred_train.training import Trainable, build_optimizer, build_scheduler, restore_scheduler, wrap_ddp
+
+log = logging.getLogger("alfred_train")
+MAX_PROMPT_TOKENS = 512
+
+
+class TooManyBadSteps(AlfredError):
+    exit_code = 1
+
+
+def load_prompts(cfg: Config, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """(train prompt ids, held-out prompt ids): the first ppo.eval_prompts records are held out."""
+    d, o = cfg.data, cfg.ppo
+    if d.prompts:
+        records = read_prompt_jsonl(d.prompts)
+    elif d.synthetic:
+        records = [parse_prompt(r, f"synthetic:{i}") for i, r in
+                   enumerate(synthetic.make_prompts(d.synthetic_size + o.eval_prompts, cfg.train.seed))]
+    else:
+        raise ConfigError("data.prompts: PPO needs a JSONL prompt set (or data.synthetic: true)")
+    template = get_template(d.template)
+    n_eval = min(o.eval_prompts, len(records) // 2)
+    held, train = records[:n_eval], records[n_eval:]
+    encode = lambda r: encode_prompt(tokenizer, template, r.context, MAX_PROMPT_TOKENS)  # noqa: E731
+    return [encode(r) for r in train], [encode(r) for r in held]
+
+
+def _frozen(chunks):
+    for c in chunks:
+        c.eval()
+        for p in c.parameters():
+            p.requires_grad_(False)
+    return chunks
+
+
+def _offload(chunks, device):
+    for c in chunks:
+        c.to(device)
+
+
+def run(cfg: Config, runtime) -> int:
+    o, t = cfg.ppo, cfg.train
+    if not o.policy_init or not o.reward_init:
+        raise ConfigError("ppo.policy_init and ppo.reward_init: PPO starts from an SFT and an RM checkpoint; set both")
+    run_dir = common.prepare_run_dir(cfg, runtime)
+    tokenizer = common.tokenizer_for(cfg)
+    shape = common.shape_for(cfg, tokenizer)
+    backend = common.attention_backend(cfg, runtime)
+    bf16 = common.use_bf16(cfg, runtime)
+
+    def build(kind):
+        return common.make_model(cfg, runtime, shape, kind=kind, backend=backend, seed=t.seed)
+
+    policy_chunks, value_chunks = wrap_ddp(build("lm"), zero=cfg.parallel.zero), wrap_ddp(build("scalar"), zero=cfg.parallel.zero)
+    reference, reward = _frozen(build("lm")), _frozen(build("scalar"))
+    steps_policy = t.max_steps * o.policy_epochs * o.policy_steps_per_epoch
+    steps_value = t.max_steps * o.value_epochs * o.value_steps_per_epoch
+    policy_opt = build_optimizer(policy_chunks, cfg.optim, bf16=bf16, zero=cfg.parallel.zero)
+    value_opt = build_optimizer(value_chunks, cfg.optim, lr=o.value_lr, bf16=bf16, zero=cfg.parallel.zero)
+    policy = Trainable(policy_chunks, policy_opt, build_scheduler(policy_opt, cfg.optim, steps_policy), runtime)
+    value = Trainable(value_chunks, value_opt, build_scheduler(value_opt, cfg.optim, steps_value, lr=o.value_lr), runtime)
+    models = Models(policy=[common.unwrap(c) for c in policy_chunks], value=[common.unwrap(c) for c in value_chunks],
+                    reference=reference, reward=reward)
+
+    checkpoint.load_models(o.policy_init, {"policy": (reference, None)})
+    checkpoint.load_models(o.reward_init, {"reward": (reward, None)})
+    kl_ctl = ppo_math.AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.adaptive_kl \
+        else ppo_math.FixedKLController(o.kl_coef)
+    saved = {"policy": (models.policy, policy.optimizer), "value": (models.value, value.optimizer)}
+    step, consumed, bad_steps = 0, 0, 0
+    resume = common.resume_dir(cfg)
+    if resume is not None:
+        meta = checkpoint.load_models(resume, saved, strict_layout=common.layout(cfg))
+        s = meta["state"]
+        restore_scheduler(policy.scheduler, s["policy_scheduler"])
+        restore_scheduler(value.scheduler, s["value_scheduler"])
+        kl_ctl.load_state_dict(s["kl_controller"])
+        step, consumed, bad_steps = meta["step"], s["consumed_prompts"], s["bad_steps"]
+        policy.steps, value.steps = s["policy_steps"], s["value_steps"]
+        checkpoint.load_rng(resume, runtime.rank)
+        log.info("resumed from %s at iteration %d", resume, step)
+    else:
+        checkpoint.load_models(o.policy_init, {"policy": (models.policy, None)})
+        checkpoint.load_models(o.reward_init, {"value=reward": (models.value, None)})
+
+    train_prompts, eval_prompts = load_prompts(cfg, tokenizer)
+    batches = iterate_batches(len(train_prompts), o.rollouts_per_iter, runtime.dp_rank, cfg.parallel.dp,
+                              t.seed, consumed)
+    params = SamplingParams.from_ppo(o)
+    kl_fn = ppo_math.kl_estimator(o.kl_estimator)
+    common_args = dict(eod_id=tokenizer.eod_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
+
+    def save(at_step):
+        state = {"policy_scheduler": policy.scheduler.state_dict(), "value_scheduler": value.scheduler.state_dict(),
+                 "kl_controller": kl_ctl.state_dict(), "consumed_prompts": consumed, "bad_steps": bad_steps,
+                 "policy_steps": policy.steps, "value_steps": value.steps, "stage": "ppo",
+                 "model": _shape_dict(shape), "tokenizer": common.tokenizer_path(cfg)}
+        checkpoint.save_checkpoint(run_dir / "checkpoints", at_step, saved, state, runtime, cfg.checkpoint.keep,
+                                   common.layout(cfg))
+
+    def evaluate(tag_step):
+        return evaluate_policy(models, runtime, eval_prompts, params, o, tokenizer, t.seed, common_args,
+                               ground_truth=cfg.data.synthetic and not cfg.data.prompts)
+
+    metrics = MetricsLogger(run_dir, enabled=runtime.is_main, total_steps=t.max_steps, start_step=step,
+                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="ppo")
+    if step == 0 and eval_prompts:
+        metrics.log(0, evaluate(0))
+    preemption = common.Preemption()
+    code = 0
+    while step < t.max_steps:
+        t0 = time.perf_counter()
+        position = next(batches)
+        prompts = [train_prompts[i] for i in position.indices]
+        # -- generate
+        if o.offload_frozen:
+            _offload(reference + reward, "cpu")
+        rollout = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=o.rollout_micro_batch,
+                                    seed=t.seed * 1000 + step, **common_args)
+        t1 = time.perf_counter()
+        # -- score
+        if o.offload_frozen:
+            _offload(reference + reward, runtime.device)
+        rollout, entropy = score_rollouts(models, runtime, rollout, micro_batch=o.train_micro_batch,
+                                          vocab_size=tokenizer.vocab_size)
+        rollout, kl = compute_advantages(rollout, kl_estimator=kl_fn, beta=kl_ctl.kl_coef, gamma=o.gamma, lam=o.lam,
+                                         whiten_rewards=o.whiten_rewards, whiten_advantages=o.whiten_advantages,
+                                         dp_group=runtime.dp_group)
+        t2 = time.perf_counter()
+        # -- train
+        policy_reports = _update(policy, rollout, o.policy_epochs, o.policy_steps_per_epoch, o.train_micro_batch,
+                                 policy_forward_step(runtime, clip=o.clip_policy, vocab_size=tokenizer.vocab_size),
+                                 seed=t.seed + step)
+        value_reports = _update(value, rollout, o.value_epochs, o.value_steps_per_epoch, o.train_micro_batch,
+                                value_forward_step(runtime, clip=o.clip_value), seed=t.seed + 7919 * (step + 1))
+        t3 = time.perf_counter()
+        step, consumed = step + 1, position.consumed_samples
+        stats = rollout_stats(rollout, kl, entropy, runtime.dp_group, tokenizer.eod_id)
+        beta = kl_ctl.kl_coef
+        kl_ctl.update(stats["kl"], o.rollouts_per_iter)
+        bad = policy_reports["skipped"] + value_reports["skipped"]
+        bad_steps = bad_steps + 1 if bad else 0
+        gen_tokens = stats.pop("_response_tokens")
+        row = {**stats, "kl_coef": beta,
+               "policy_loss": policy_reports["loss"], "value_loss": value_reports["loss"],
+               "clipfrac": policy_reports["clipfrac"], "approx_kl": policy_reports["approx_kl"],
+               "value_clipfrac": value_reports["clipfrac"], "skipped_updates": bad,
+               "lr": policy_reports["lr"], "value_lr": value_reports["lr"],
+               "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2,
+               "tokens_per_s": gen_tokens / (t3 - t0)}
+        if eval_prompts and ((t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps):
+            row.update(evaluate(step))
+        metrics.log(step, row)
+        _write_samples(run_dir, step, rollout, tokenizer, runtime, o.samples_per_iter)
+        if bad_steps >= o.max_bad_steps:
+            raise TooManyBadSteps(f"{bad_steps} PPO iterations in a row had a non-finite loss or gradient "
+                                  f"(ppo.max_bad_steps={o.max_bad_steps}); lower optim.lr or check the reward scale")
+        last = step == t.max_steps
+        periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+        if periodic or (last and cfg.checkpoint.save_final):
+            save(step)
+        if not last and preemption.requested(runtime.device):
+            if not periodic:
+                save(step)
+            metrics.write(f"preempted at iteration {step}: checkpoint saved, exiting with code "
+                          f"{common.PREEMPTED_EXIT_CODE}")
+            code = common.PREEMPTED_EXIT_CODE
+            break
+    metrics.close()
+    if runtime.is_main:
+        if cfg.logging.plots:
+            plot_metrics(run_dir, ["score", "eval_score", "kl", "entropy", "value_loss", "response_len",
+                                   "clipfrac", "explained_var", "eval_property"], "ppo.png")
+        print(f"ppo: {step} iterations done; run directory: {run_dir} (metrics.jsonl, samples.jsonl, ppo.png, "
+              f"checkpoints/)", flush=True)
+    return code
+
+
+def _update(trainable: Trainable, rollout, epochs: int, steps_per_epoch: int, micro_batch: int, forward_step,
+            seed: int) -> dict:
+    """epochs x steps_per_epoch optimizer steps over shuffled mini-batches of this rank's rollouts;
+    returns the token-weighted mean of each report and the number of skipped (non-finite) steps."""
+    totals, weight, skipped, lr = {}, 0.0, 0, 0.0
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(rollout.batch_size, generator=gen)
+        for mini in rollout.select(order).split(steps_per_epoch):
+            micro = mini.split(max(1, mini.batch_size // micro_batch))
+            result = trainable.step(micro, forward_step, seq_len=mini.prompt_len + mini.response_len,
+                                    micro_batch_size=micro[0].batch_size)
+            skipped += int(not result.ok)
+            lr = result.lr
+            for k, v in {"loss": result.loss, **result.reports}.items():
+                totals[k] = totals.get(k, 0.0) + v * result.tokens
+            weight += result.tokens
+    out = {k: v / max(weight, 1.0) for k, v in totals.items()}
+    return {**out, "skipped": skipped, "lr": lr}
+
+
+def rollout_stats(rollout, kl, entropy, dp_group, eod_id: int) -> dict:
+    """Iteration metrics averaged over every rollout of every DP rank."""
+    mask = rollout.response_mask.float()  # (B, T)
+    lengths = mask.sum(1)  # (B,)
+    last = ppo_math.last_token_index(rollout.response_mask)  # (B,)
+    ends_eod = (rollout.response_ids.gather(1, last[:, None])[:, 0] == eod_id).float() * (lengths > 0).float()
+    sums = torch.stack([
+        rollout.scores.float().sum(), (kl * mask).sum(), (entropy * mask).sum(), mask.sum(),
+        lengths.sum(), ends_eod.sum(), torch.tensor(float(rollout.batch_size)),
+    ]).double()
+    if dist.get_world_size(dp_group) > 1:
+        sums = sums.to(_group_device(dp_group))
+        dist.all_reduce(sums, group=dp_group)
+        sums = sums.cpu()
+    score, kl_sum, ent, tokens, length, eod, n = sums.tolist()
+    ev = ppo_math.explained_variance(rollout.values, rollout.returns, mask, group=dp_group)
+    return {"score": score / n, "kl": kl_sum / n, "entropy": ent / max(tokens, 1.0),
+            "response_len": length / n, "eod_rate": eod / n, "explained_var": float(ev),
+            "_response_tokens": tokens}
+
+
+def _group_device(group):
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate_policy(models: Models, runtime, prompts, params, o, tokenizer, seed, common_args, *,
+                    ground_truth: bool) -> dict:
+    """Mean RM score (and, for the synthetic task, the ground-truth property) on held-out prompts,
+    sampled with the training sampling parameters and a fixed seed, averaged over every rank."""
+    rollout = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=o.rollout_micro_batch,
+                                seed=seed + 99991, **common_args)
+    rollout, _ = score_rollouts(models, runtime, rollout, micro_batch=min(o.train_micro_batch, len(prompts)),
+                                vocab_size=tokenizer.vocab_size)
+    kl = (rollout.old_logprobs - rollout.ref_logprobs) * rollout.response_mask  # (B, T)
+    out = {"eval_score": float(rollout.scores.mean()), "eval_kl": float(kl.sum(1).mean())}
+    if ground_truth:  # the synthetic task's checkable property, next to what the RM believes
+        responses = [tokenizer.decode(_response_tokens(rollout, b, tokenizer.eod_id)) for b in range(rollout.batch_size)]
+        out["eval_property"] = sum(synthetic.property_score(r) for r in responses) / len(responses)
+    return out
+
+
+def _response_tokens(rollout, b: int, eod_id: int) -> list[int]:
+    ids = rollout.response_ids[b][rollout.response_mask[b].bool()].tolist()
+    return [i for i in ids if i != eod_id]
+
+
+def _write_samples(run_dir, step, rollout, tokenizer, runtime, n: int) -> None:
+    if not runtime.is_main or n <= 0:
+        return
+    with open(run_dir / "samples.jsonl", "a") as f:
+        for b in range(min(n, rollout.batch_size)):
+            prompt = rollout.prompt_ids[b][rollout.prompt_mask[b].bool()].tolist()
+            f.write(json.dumps({"step": step, "prompt": tokenizer.decode(prompt),
+                                "response": tokenizer.decode(_response_tokens(rollout, b, tokenizer.eod_id)),
+                                "score": float(rollout.scores[b])}) + "\n")
+
+
+def _shape_dict(shape) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(shape)
