@@ -18,10 +18,12 @@ optimizer; `meta.json["state"]` carries the JSON-able trainer state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +138,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
         sharded.update(msd)
         if optimizer is not None:
             sharded[f"{name}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=False)
-    dist_checkpointing.save(sharded, str(tmp))
+    with _preemption_signals_blocked():
+        dist_checkpointing.save(sharded, str(tmp))
     adam_steps = {name: _adam_step(opt) for name, (_, opt) in models.items() if opt is not None}
     rng_dir = tmp / "rng"
     if runtime.is_main:
@@ -247,6 +250,19 @@ def set_rng_state(state: dict) -> None:
 
         torch.cuda.set_rng_state(state["cuda"])
         tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+@contextlib.contextmanager
+def _preemption_signals_blocked():
+    """Hold SIGTERM/SIGUSR1 while dist_checkpointing writes: its writer and Manager processes inherit
+    the blocked mask, so a scheduler's TERM to the whole job step (Slurm requeue, scancel) cannot
+    kill them mid-save; the parent gets the signal when the save is done and checkpoints/exits."""
+    sigs = {signal.SIGTERM, signal.SIGUSR1}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _write_atomic(path: Path, text: str) -> None:

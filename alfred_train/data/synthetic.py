@@ -54,6 +54,10 @@ PROMPT = "Write a word list about {topic}."
 # SFT quality mix: relative frequency of 0, 1, ..., LIST_LEN cheerful words in a response.
 SFT_CHEERFUL_WEIGHTS = (3, 3, 3, 2, 1, 1, 1)
 
+# Share of preference pairs whose rejected list is cut short (1..LIST_LEN-1 words): without them
+# the reward model never sees a short answer and PPO finds that a lone cheerful word scores well.
+SHORT_REJECTED_SHARE = 0.3
+
 _CHEERFUL = frozenset(CHEERFUL_WORDS)
 
 
@@ -85,7 +89,8 @@ def make_sft_records(n: int, seed: int) -> list[dict]:
 
 
 def make_preference_pairs(n: int, seed: int) -> list[dict]:
-    """n {"prompt", "chosen", "rejected"} records; chosen has strictly more cheerful words.
+    """n {"prompt", "chosen", "rejected"} records; chosen has strictly more cheerful words, and
+    SHORT_REJECTED_SHARE of the rejected lists are cut to fewer than LIST_LEN words.
 
     The two cheerful counts are two distinct values drawn uniformly from 0..LIST_LEN, so
     property_score(chosen) > property_score(rejected) on every pair.
@@ -95,11 +100,14 @@ def make_preference_pairs(n: int, seed: int) -> list[dict]:
     for _ in range(n):
         topic = _topic(rng)
         low, high = sorted(rng.sample(range(LIST_LEN + 1), 2))
+        rejected = _word_list(rng, topic, low)
+        if rng.random() < SHORT_REJECTED_SHARE:  # a list cut short scores lower, so the RM learns it
+            rejected = " ".join(rejected.split()[: rng.randint(1, LIST_LEN - 1)])
         records.append(
             {
                 "prompt": PROMPT.format(topic=topic),
                 "chosen": _word_list(rng, topic, high),
-                "rejected": _word_list(rng, topic, low),
+                "rejected": rejected,
             }
         )
     return records

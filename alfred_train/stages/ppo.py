@@ -70,6 +70,29 @@ def _offload(chunks, device):
         c.to(device)
 
 
+def build_models(cfg: Config, runtime, shape, backend, bf16: bool):
+    """(policy Trainable, value Trainable, Models): four separate networks, seeded, not yet loaded.
+    The value model is its own network with its own optimizer and schedule (DESIGN.md decision 4)."""
+    o, t = cfg.ppo, cfg.train
+
+    def build(kind):
+        return common.make_model(cfg, runtime, shape, kind=kind, backend=backend, seed=t.seed)
+
+    policy_chunks = wrap_ddp(build("lm"), zero=cfg.parallel.zero)
+    value_chunks = wrap_ddp(build("scalar"), zero=cfg.parallel.zero)
+    reference, reward = _frozen(build("lm")), _frozen(build("scalar"))
+    steps_policy = t.max_steps * o.policy_epochs * o.policy_steps_per_epoch
+    steps_value = t.max_steps * o.value_epochs * o.value_steps_per_epoch
+    policy_opt = build_optimizer(policy_chunks, cfg.optim, bf16=bf16, zero=cfg.parallel.zero)
+    value_opt = build_optimizer(value_chunks, cfg.optim, lr=o.value_lr, bf16=bf16, zero=cfg.parallel.zero)
+    policy = Trainable(policy_chunks, policy_opt, build_scheduler(policy_opt, cfg.optim, steps_policy), runtime)
+    value = Trainable(value_chunks, value_opt, build_scheduler(value_opt, cfg.optim, steps_value, lr=o.value_lr),
+                      runtime)
+    models = Models(policy=[common.unwrap(c) for c in policy_chunks], value=[common.unwrap(c) for c in value_chunks],
+                    reference=reference, reward=reward)
+    return policy, value, models
+
+
 def run(cfg: Config, runtime) -> int:
     o, t = cfg.ppo, cfg.train
     if not o.policy_init or not o.reward_init:
@@ -80,22 +103,9 @@ def run(cfg: Config, runtime) -> int:
     backend = common.attention_backend(cfg, runtime)
     bf16 = common.use_bf16(cfg, runtime)
 
-    def build(kind):
-        return common.make_model(cfg, runtime, shape, kind=kind, backend=backend, seed=t.seed)
-
-    policy_chunks, value_chunks = wrap_ddp(build("lm"), zero=cfg.parallel.zero), wrap_ddp(build("scalar"), zero=cfg.parallel.zero)
-    reference, reward = _frozen(build("lm")), _frozen(build("scalar"))
-    steps_policy = t.max_steps * o.policy_epochs * o.policy_steps_per_epoch
-    steps_value = t.max_steps * o.value_epochs * o.value_steps_per_epoch
-    policy_opt = build_optimizer(policy_chunks, cfg.optim, bf16=bf16, zero=cfg.parallel.zero)
-    value_opt = build_optimizer(value_chunks, cfg.optim, lr=o.value_lr, bf16=bf16, zero=cfg.parallel.zero)
-    policy = Trainable(policy_chunks, policy_opt, build_scheduler(policy_opt, cfg.optim, steps_policy), runtime)
-    value = Trainable(value_chunks, value_opt, build_scheduler(value_opt, cfg.optim, steps_value, lr=o.value_lr), runtime)
-    models = Models(policy=[common.unwrap(c) for c in policy_chunks], value=[common.unwrap(c) for c in value_chunks],
-                    reference=reference, reward=reward)
-
-    checkpoint.load_models(o.policy_init, {"policy": (reference, None)})
-    checkpoint.load_models(o.reward_init, {"reward": (reward, None)})
+    policy, value, models = build_models(cfg, runtime, shape, backend, bf16)
+    checkpoint.load_models(o.policy_init, {"policy": (models.reference, None)})
+    checkpoint.load_models(o.reward_init, {"reward": (models.reward, None)})
     kl_ctl = ppo_math.AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.adaptive_kl \
         else ppo_math.FixedKLController(o.kl_coef)
     saved = {"policy": (models.policy, policy.optimizer), "value": (models.value, value.optimizer)}
