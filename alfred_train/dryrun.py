@@ -1,0 +1,299 @@
+"""`alfred-train sft|rm|ppo CONFIG --dry-run`: validate, then print the layout, parameter counts
+and a per-GPU memory estimate. Pure arithmetic on the resolved shape: no GPU, no processes, no
+torch.distributed, no weights.
+
+Parameter counts (global, i.e. unsharded; h = hidden, d = h / heads, g = kv groups, f = ffn,
+V = padded vocabulary; no linear biases in either family):
+
+    embedding            V * h                                   sharded over TP (vocab rows)
+    attention per layer  h * (heads + 2 g) * d   (fused q, k, v)  sharded over TP
+                       + heads * d * h           (output proj)    sharded over TP
+    MLP per layer        llama:  3 * h * f  (gate, up, down)      sharded over TP
+                         falcon: 2 * h * f  (up, down, GELU)      sharded over TP
+    norms per layer      llama:  2 RMSNorms x h                   replicated on TP ranks
+                         falcon: parallel_layernorms LayerNorms x 2h (weight + bias)
+    final norm           h (RMSNorm) or 2h (LayerNorm)            replicated
+    output layer         lm: V * h, sharded over TP;  scalar head: h + 1, replicated
+
+Pipeline stage r of pp (with vpp chunks v) holds layers v*L/vpp + r*L/(pp*vpp) ... (+L/(pp*vpp)),
+megatron's interleaved order; the embedding lives on stage 0, the final norm and output layer on
+stage pp-1.
+
+Memory per GPU (bytes per parameter held by that GPU):
+
+    trainable, bf16: 2 (bf16 weights) + 4 (fp32 grads, DDP grad_reduce_in_fp32)
+                     + 12 (fp32 main params + Adam m, v), the 12 divided by dp with parallel.zero
+    trainable, fp32: 4 (weights, also the main params) + 4 (grads) + 8 (Adam), the 8 / dp with zero
+    frozen:          2 (bf16) or 4 (fp32) weights only
+    KV cache (PPO rollouts): 2 (k, v) * L * g * d * max_seq_len * rollout_micro_batch * bytes / tp / pp
+                     (prompt + response <= model.max_seq_len)
+Activations, temporary buffers and the CUDA context are not included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from alfred_train.config import Config, validate
+from alfred_train.errors import ConfigError
+from alfred_train.models.build import ModelShape, resolve_shape
+
+GIB = 1024 ** 3
+
+# (model name, kind, trainable) per stage, in the order PPO holds them.
+STAGE_MODELS = {
+    "sft": (("policy", "lm", True),),
+    "rm": (("reward", "scalar", True),),
+    "ppo": (("policy", "lm", True), ("value", "scalar", True),
+            ("reference", "lm", False), ("reward", "scalar", False)),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Global parameter counts of one model, by where they live and whether TP shards them."""
+
+    embedding: int  # V * h, stage 0, sharded over TP
+    attention: int  # per layer, sharded over TP
+    mlp: int  # per layer, sharded over TP
+    norms: int  # per layer, replicated over TP
+    num_layers: int
+    final_norm: int  # last stage, replicated
+    head: int  # last stage: lm output layer or scalar head
+    head_sharded: bool  # lm output layer: sharded over TP; scalar head: replicated
+
+    @property
+    def per_layer(self) -> int:
+        return self.attention + self.mlp + self.norms
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.num_layers * self.per_layer + self.final_norm + self.head
+
+
+def model_params(shape: ModelShape, kind: str) -> ModelParams:
+    """Analytic parameter counts of the megatron model `build_model(shape, kind=kind)` builds."""
+    h, heads, groups = shape.hidden_size, shape.num_attention_heads, shape.num_query_groups
+    head_dim = h // heads
+    llama = shape.arch == "llama"
+    norm = h if llama else 2 * h  # RMSNorm: weight; LayerNorm: weight + bias
+    norms_per_layer = 2 if llama else shape.parallel_layernorms
+    vocab_h = shape.padded_vocab_size * h
+    return ModelParams(
+        embedding=vocab_h,
+        attention=h * (heads + 2 * groups) * head_dim + heads * head_dim * h,
+        mlp=(3 if llama else 2) * h * shape.ffn_hidden_size,
+        norms=norms_per_layer * norm,
+        num_layers=shape.num_layers,
+        final_norm=norm,
+        head=vocab_h if kind == "lm" else h + 1,
+        head_sharded=kind == "lm",
+    )
+
+
+def stage_layers(num_layers: int, pp: int, vpp: int | None) -> list[list[range]]:
+    """Layer indices held by each pipeline rank: one range per virtual chunk (megatron's order)."""
+    chunks = vpp or 1
+    per_chunk = num_layers // (pp * chunks)
+    return [[range(v * num_layers // chunks + r * per_chunk, v * num_layers // chunks + (r + 1) * per_chunk)
+             for v in range(chunks)] for r in range(pp)]
+
+
+def params_per_gpu(params: ModelParams, tp: int, pp: int) -> list[int]:
+    """Parameters held by one GPU of each pipeline stage (every TP rank of a stage holds as many)."""
+    layer = (params.attention + params.mlp) // tp + params.norms
+    counts = []
+    for rank in range(pp):
+        n = params.num_layers // pp * layer
+        if rank == 0:
+            n += params.embedding // tp
+        if rank == pp - 1:
+            n += params.final_norm + (params.head // tp if params.head_sharded else params.head)
+        counts.append(n)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+@dataclass(frozen=True)
+class BytesPerParam:
+    weights: float
+    grads: float
+    optimizer: float  # fp32 main params (bf16 only) + Adam moments, after ZeRO sharding
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+
+def bytes_per_param(*, trainable: bool, bf16: bool, zero: bool, dp: int) -> BytesPerParam:
+    """Bytes one GPU spends per parameter it holds (see the module docstring)."""
+    if not trainable:
+        return BytesPerParam(2.0 if bf16 else 4.0, 0.0, 0.0)
+    optimizer = 12.0 if bf16 else 8.0  # (fp32 main params +) Adam m and v
+    return BytesPerParam(2.0 if bf16 else 4.0, 4.0, optimizer / dp if zero else optimizer)
+
+
+def kv_cache_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, tp: int, pp: int, bf16: bool) -> int:
+    """KV cache of one GPU for `micro_batch` sequences of `seq_len` tokens."""
+    head_dim = shape.hidden_size // shape.num_attention_heads
+    dtype_bytes = 2 if bf16 else 4
+    return 2 * shape.num_layers * shape.num_query_groups * head_dim * seq_len * micro_batch * dtype_bytes // (tp * pp)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _billions(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
+def _size(n: float) -> str:
+    """Bytes as GiB, or MiB / KiB for the tiny models ("-" for nothing)."""
+    if n == 0:
+        return "-"
+    for unit, scale in (("GiB", GIB), ("MiB", 1024 ** 2)):
+        if n >= 0.01 * scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1024:.2f} KiB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Aligned text table: first column left-aligned, the numbers right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        return "  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return [fmt(header), "  " + "-" * (sum(widths) + 2 * (len(widths) - 1)), *(fmt(r) for r in rows)]
+
+
+def _vocab_size(cfg: Config) -> int:
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    from alfred_train.stages.common import tokenizer_for
+
+    return tokenizer_for(cfg).vocab_size
+
+
+def _check_shards(shape: ModelShape, tp: int) -> None:
+    if shape.ffn_hidden_size % tp:
+        raise ConfigError(f"model.ffn_hidden_size: {shape.ffn_hidden_size} is not divisible by parallel.tp ({tp})")
+    if shape.padded_vocab_size % tp:
+        raise ConfigError(f"parallel.tp: {tp} does not divide the padded vocabulary ({shape.padded_vocab_size})")
+
+
+def _check_launch(cfg: Config) -> None:
+    launch = cfg.launch
+    if launch.backend == "local":
+        return
+    procs = launch.nodes * launch.workers_per_node
+    if procs != cfg.world_size:
+        raise ConfigError(f"launch.nodes: {launch.nodes} x {launch.workers_per_node} processes per node = {procs} "
+                          f"!= tp*pp*dp ({cfg.world_size}); change launch.nodes or parallel.dp")
+
+
+def _layout_lines(cfg: Config, shape: ModelShape) -> list[str]:
+    p, launch = cfg.parallel, cfg.launch
+    lines = [f"Layout: TP={p.tp} PP={p.pp} DP={p.dp} = {cfg.world_size} GPUs"
+             f"  (vpp {p.vpp or 'off'}, zero {'on: optimizer state sharded over DP' if p.zero else 'off'},"
+             f" sequence_parallel {'on' if p.sequence_parallel else 'off'})"]
+    if launch.backend != "local" and launch.gpus_per_node:
+        lines.append(f"  nodes: {launch.nodes} x {launch.gpus_per_node} GPUs ({launch.backend}"
+                     + (f", {launch.sagemaker.instance_type}" if launch.backend == "sagemaker" else "") + ")")
+    for rank, chunks in enumerate(stage_layers(shape.num_layers, p.pp, p.vpp)):
+        held = ", ".join(f"{c.start}-{c.stop - 1}" if len(c) > 1 else f"{c.start}" for c in chunks)
+        extra = (["embedding"] if rank == 0 else []) + (["final norm + output layer"] if rank == p.pp - 1 else [])
+        lines.append(f"  pipeline stage {rank}: layers {held}" + (f" (+ {', '.join(extra)})" if extra else ""))
+    return lines
+
+
+def _shape_line(cfg: Config, shape: ModelShape) -> str:
+    head_dim = shape.hidden_size // shape.num_attention_heads
+    name = cfg.model.preset or "custom shape"
+    return (f"Model: {name} ({shape.arch}, {shape.num_layers} layers, hidden {shape.hidden_size}, "
+            f"{shape.num_attention_heads} heads x {head_dim}, {shape.num_query_groups} kv groups, "
+            f"ffn {shape.ffn_hidden_size}, vocab {shape.vocab_size} padded to {shape.padded_vocab_size}, "
+            f"max_seq_len {shape.max_seq_len})")
+
+
+def _use_bf16(cfg: Config) -> bool:
+    return cfg.train.precision != "fp32"  # auto: bf16 on the GPUs a real run uses
+
+
+def describe(cfg: Config, stage: str) -> str:
+    """The dry-run report for `alfred-train <stage> CONFIG --dry-run` (raises ConfigError if invalid)."""
+    if stage not in STAGE_MODELS:
+        raise ConfigError(f"stage {stage!r}: expected one of {', '.join(STAGE_MODELS)}")
+    validate(cfg, world_size=cfg.world_size)
+    _check_launch(cfg)
+    p = cfg.parallel
+    shape = resolve_shape(cfg.model, _vocab_size(cfg))
+    _check_shards(shape, p.tp)
+    bf16 = _use_bf16(cfg)
+    lines = [f"alfred-train {stage} --dry-run: the configuration is valid; nothing was started.",
+             _shape_line(cfg, shape), *_layout_lines(cfg, shape), ""]
+
+    models = [(name, trainable, model_params(shape, kind)) for name, kind, trainable in STAGE_MODELS[stage]]
+    per_stage = {name: params_per_gpu(mp, p.tp, p.pp) for name, _, mp in models}
+    lines.append("Parameters")
+    lines += _table(["model", "total", "exact", "per GPU (fullest stage)", "per GPU by stage"],
+                    [[name, _billions(mp.total), f"{mp.total:,}", f"{max(per_stage[name]):,}",
+                      " / ".join(_billions(n) for n in per_stage[name])] for name, _, mp in models])
+    lines.append("")
+
+    # Memory of every pipeline stage; the fullest one is what has to fit.
+    kv = 0
+    if stage == "ppo":
+        kv = kv_cache_bytes(shape, seq_len=shape.max_seq_len, micro_batch=cfg.ppo.rollout_micro_batch,
+                            tp=p.tp, pp=p.pp, bf16=bf16)
+    stage_bytes = [sum(per_stage[name][r] * bytes_per_param(trainable=t, bf16=bf16, zero=p.zero, dp=p.dp).total
+                       for name, t, _ in models) + kv for r in range(p.pp)]
+    fullest = max(range(p.pp), key=lambda r: stage_bytes[r])
+    rows = []
+    for name, trainable, _ in models:
+        bpp = bytes_per_param(trainable=trainable, bf16=bf16, zero=p.zero, dp=p.dp)
+        n = per_stage[name][fullest]
+        rows.append([name, "trainable" if trainable else "frozen", f"{n:,}", _size(n * bpp.weights),
+                     _size(n * bpp.grads), _size(n * bpp.optimizer), _size(n * bpp.total)])
+    if stage == "ppo":
+        rows.append(["KV cache", f"{cfg.ppo.rollout_micro_batch} x {shape.max_seq_len} tok", "", "", "", "",
+                     _size(kv)])
+    rows.append(["total", "", "", "", "", "", _size(stage_bytes[fullest])])
+    dtype = "bf16" if bf16 else "fp32"
+    lines.append(f"Memory per GPU (pipeline stage {fullest}, the fullest; {dtype}"
+                 + (f", zero over dp={p.dp}" if p.zero else "") + ")")
+    lines += _table(["model", "role", "params", "weights", "grads", "optimizer", "total"], rows)
+    trainable_b = bytes_per_param(trainable=True, bf16=bf16, zero=p.zero, dp=p.dp)
+    lines.append(f"  trainable: {trainable_b.weights:g} B weights + {trainable_b.grads:g} B fp32 grads + "
+                 f"{trainable_b.optimizer:g} B main params/Adam per parameter; frozen: weights only")
+    if stage == "ppo":
+        lines.append(f"  KV cache: 2 x {shape.num_layers} layers x {shape.num_query_groups} kv groups x "
+                     f"{shape.hidden_size // shape.num_attention_heads} x {shape.max_seq_len} tokens "
+                     f"(prompt + max_new_tokens {cfg.ppo.max_new_tokens}) x {cfg.ppo.rollout_micro_batch} "
+                     f"rollouts / tp {p.tp} / pp {p.pp}")
+        if cfg.ppo.offload_frozen:
+            lines.append("  ppo.offload_frozen: reference and reward weights leave the GPU between phases")
+    lines.append("  Activations, temporary buffers and the CUDA context are not included.")
+    if stage == "ppo":
+        lines += ["", _ppo_line(cfg)]
+    return "\n".join(lines)
+
+
+def _ppo_line(cfg: Config) -> str:
+    o, opt = cfg.ppo, cfg.optim
+    per_rank = o.rollouts_per_iter // cfg.parallel.dp
+    return (f"PPO: {cfg.train.max_steps} iterations x {o.rollouts_per_iter} rollouts ({per_rank} per DP rank, "
+            f"{math.ceil(per_rank / o.rollout_micro_batch)} generation batches of {o.rollout_micro_batch}); "
+            f"policy {o.policy_epochs} epoch(s) x {o.policy_steps_per_epoch} step(s), "
+            f"value {o.value_epochs} epoch(s) x {o.value_steps_per_epoch} step(s); "
+            f"lr {opt.lr:g} (value {o.value_lr or opt.lr:g}) -> {opt.min_lr:g}, {opt.schedule} over "
+            f"{opt.decay_steps or cfg.train.max_steps} steps after {opt.warmup_steps} warm-up")
