@@ -1,0 +1,59 @@
+"""One PPO iteration's time split (generate / score / train) on the tiny PPO recipe, CPU.
+
+    python bench/bench_ppo.py [--iters 4] [parallel.tp=2 ...]
+
+Runs the real stages: a short SFT and RM to initialize from, then `alfred-train ppo` for a few
+iterations, and prints a table from metrics.jsonl (the first iteration is warm-up and left out
+of the medians). Rollout tokens/s with the KV cache vs full re-forward is bench_generation.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "alfred_train", *args, "logging.tensorboard=false",
+                    "logging.plots=false", "checkpoint.interval=0"], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--iters", type=int, default=4)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        cli("sft", "configs/tiny-sft.yaml", f"run.dir={out / 'sft'}", "train.max_steps=10", "parallel.tp=1")
+        cli("rm", "configs/tiny-rm.yaml", f"run.dir={out / 'rm'}", f"rm.init={out / 'sft'}", "train.max_steps=5",
+            "parallel.tp=1")
+        cli("ppo", "configs/tiny-ppo.yaml", f"run.dir={out / 'ppo'}", f"ppo.policy_init={out / 'sft'}",
+            f"ppo.reward_init={out / 'rm'}", f"train.max_steps={args.iters}", "train.eval_interval=0",
+            "ppo.eval_prompts=0", *args.overrides)
+        rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "time_generate" in r][1:]
+    med = {k: statistics.median(r[k] for r in rows) for k in ("time_generate", "time_score", "time_train",
+                                                               "tokens_per_s", "response_len")}
+    total = med["time_generate"] + med["time_score"] + med["time_train"]
+    print(f"PPO iteration on the tiny recipe ({' '.join(args.overrides) or 'tiny-ppo.yaml as is'}), "
+          f"median of {len(rows)} iterations")
+    print(f"{'phase':<10}{'seconds':>10}{'share':>8}")
+    for phase in ("generate", "score", "train"):
+        t = med[f"time_{phase}"]
+        print(f"{phase:<10}{t:>10.3f}{t / total:>8.0%}")
+    print(f"{'total':<10}{total:>10.3f}   rollout tokens/s {med['tokens_per_s']:.0f}, "
+          f"mean response {med['response_len']:.1f} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
