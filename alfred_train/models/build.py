@@ -64,7 +64,9 @@ def resolve_shape(model_cfg, vocab_size: int) -> ModelShape:
         init_std=m.init_std)
 
 
-def transformer_config(shape: ModelShape, parallel_cfg, bf16: bool):
+def transformer_config(shape: ModelShape, parallel_cfg, bf16: bool, fused: bool = False):
+    """megatron-core's TransformerConfig for `shape`. fused (GPU): megatron's torch.jit fusions that
+    need neither TE nor apex (SwiGLU, native vocab-parallel cross-entropy); off on CPU."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -85,8 +87,8 @@ def transformer_config(shape: ModelShape, parallel_cfg, bf16: bool):
         perform_initialization=True,  # also tags TP-sharded weights (tensor_model_parallel attrs)
         calculate_per_token_loss=True,  # token-mean over the global batch (see stages/sft.py)
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
-        bias_activation_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        deallocate_pipeline_outputs=False, cross_entropy_loss_fusion=False,
+        bias_activation_fusion=fused and llama, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=False, cross_entropy_loss_fusion=fused, cross_entropy_fusion_impl="native",
     )
 
 
@@ -125,7 +127,7 @@ def build_model(shape: ModelShape, parallel_cfg, *, kind: str, bf16: bool, backe
     if shape.padded_vocab_size % parallel_cfg.tp:
         raise ConfigError(f"parallel.tp: {parallel_cfg.tp} does not divide the padded vocabulary "
                           f"({shape.padded_vocab_size})")
-    config = transformer_config(shape, parallel_cfg, bf16)
+    config = transformer_config(shape, parallel_cfg, bf16, fused=torch.device(device).type == "cuda")
     spec = layer_spec(shape, backend)
     chunks = []
     for vp_stage in range(parallel_cfg.vpp or 1):
