@@ -124,6 +124,8 @@ def run(cfg: Config, runtime) -> int:
     else:
         checkpoint.load_models(o.policy_init, {"policy": (models.policy, None)})
         checkpoint.load_models(o.reward_init, {"value=reward": (models.value, None)})
+        for trainable in (policy, value):  # bf16: refresh the fp32 main copies from the loaded weights
+            trainable.optimizer.reload_model_params()
 
     train_prompts, eval_prompts = load_prompts(cfg, tokenizer)
     batches = iterate_batches(len(train_prompts), o.rollouts_per_iter, runtime.dp_rank, cfg.parallel.dp,

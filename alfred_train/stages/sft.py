@@ -93,7 +93,8 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
         checkpoint.load_rng(resume, runtime.rank)
         log.info("resumed from %s at step %d", resume, step)
     elif cfg.checkpoint.init:
-        checkpoint.load_models(cfg.checkpoint.init, {f"{MODEL_NAME}": (models[MODEL_NAME][0], None)})
+        checkpoint.load_models(cfg.checkpoint.init, {MODEL_NAME: (models[MODEL_NAME][0], None)})
+        optimizer.reload_model_params()  # bf16: refresh the fp32 main copies from the loaded weights
 
     def save(at_step, consumed_samples):
         state = {"scheduler": trainable.scheduler.state_dict(), "consumed_samples": consumed_samples,

@@ -1,0 +1,246 @@
+"""Reward modelling: a scalar-head model trained on preference pairs with the Bradley-Terry loss.
+
+For a pair (chosen c, rejected r) of responses to one prompt, the model scores each sequence
+[BOS] prompt response EOD at its EOD token: r_c, r_r. The loss is the negative log-likelihood of
+"c is preferred" under Bradley-Terry,
+
+    loss = -log sigmoid(r_c - r_r),
+
+averaged over the pairs of the global batch (pair count = the "tokens" of `training.Trainable`).
+Reported with it: accuracy = mean [r_c > r_r] and margin = mean (r_c - r_r).
+
+The trunk (embedding, decoder layers, final norm) starts from an SFT checkpoint's policy
+(`rm.init`); the scalar head starts from the seeded init (weight ~ N(0, init_std), bias 0). The
+checkpoint's model is named "reward"; PPO builds its frozen reward model and its trainable value
+model from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from alfred_train import checkpoint
+from alfred_train.config import Config
+from alfred_train.data import synthetic
+from alfred_train.data.datasets import encode_preference, read_preference_jsonl
+from alfred_train.data.packing import PaddedBatch, collate_pairs
+from alfred_train.data.records import parse_preference
+from alfred_train.data.sampler import iterate_batches
+from alfred_train.data.templates import get_template
+from alfred_train.errors import ConfigError
+from alfred_train.metrics import MetricsLogger, plot_metrics
+from alfred_train.models.from_checkpoint import load_meta
+from alfred_train.parallel.init import ParallelRuntime
+from alfred_train.stages import common
+from alfred_train.training import (Trainable, build_optimizer, build_scheduler, reduce_reports,
+                                   restore_scheduler, run_schedule, wrap_ddp)
+
+log = logging.getLogger("alfred_train")
+MODEL_NAME = "reward"
+TRUNK_SOURCE = "policy"  # the SFT checkpoint's language model
+HEAD = "output_layer"  # the LM's vocabulary projection; the scalar head here, not loaded from SFT
+
+EncodedPair = tuple[list[int], list[int]]  # (chosen_ids, rejected_ids), each ending at EOD
+
+
+# ---------------------------------------------------------------------------------------------
+# The math (pure).
+
+def bradley_terry_sums(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums over B pairs of the pairwise loss, the correct-order count and the margin.
+
+    scores: (2B,) float, rows 0..B-1 score the chosen responses r_c, rows B..2B-1 the rejected r_r.
+    margin_i = r_c,i - r_r,i                                      (B,)
+    loss_sum = sum_i -log sigmoid(margin_i)   (= softplus(-margin_i), stable for any margin)
+    correct  = sum_i [margin_i > 0]           (a tie counts as wrong)
+    margin_sum = sum_i margin_i
+    """
+    chosen, rejected = scores.float().chunk(2)  # (B,), (B,)
+    margin = chosen - rejected  # (B,)
+    return -F.logsigmoid(margin).sum(), (margin > 0).sum().float(), margin.sum()
+
+
+def scores_at_eod(scores: torch.Tensor, eod_index: torch.Tensor) -> torch.Tensor:
+    """scores (b, S, 1) from the scalar head, eod_index (b,) -> each row's score at its EOD: (b,)."""
+    return scores[..., 0].float().gather(1, eod_index[:, None])[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+def load_preference_pairs(cfg: Config):
+    """(train, valid) PreferencePair lists from JSONL files or the synthetic task."""
+    d = cfg.data
+    if d.synthetic:
+        records = [parse_preference(r, f"synthetic:{i}") for i, r in enumerate(
+            synthetic.make_preference_pairs(d.synthetic_size, cfg.train.seed))]
+    else:
+        records = read_preference_jsonl(d.train)
+    if d.valid:
+        return records, read_preference_jsonl(d.valid)
+    n_valid = int(len(records) * d.valid_fraction)
+    order = list(range(len(records)))
+    random.Random(cfg.train.seed).shuffle(order)
+    return [records[i] for i in order[n_valid:]], [records[i] for i in order[:n_valid]]
+
+
+def micro_batches(pairs: list[EncodedPair], indices: list[int], micro_batch_size: int, tokenizer,
+                  seq_len: int) -> list[PaddedBatch]:
+    """Consecutive groups of `micro_batch_size` pairs, each a (2b, seq_len) PaddedBatch."""
+    return [collate_pairs([pairs[i] for i in indices[k:k + micro_batch_size]], tokenizer.pad_id,
+                          tokenizer.eod_id, seq_len=seq_len)
+            for k in range(0, len(indices), micro_batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward step (megatron-core schedule contract).
+
+def rm_forward_step(data_iterator, model):
+    """Scores (2b, S, 1) of one micro-batch of b pairs; the loss function reduces them at EOD."""
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    ids = batch.ids.to(device)  # (2b, S)
+    position_ids = torch.arange(ids.shape[1], device=device).expand_as(ids)  # (2b, S)
+    scores = model(ids, position_ids, None)  # (2b, S, 1) on the last stage
+    return scores, partial(_pair_loss, batch.eod_index.to(device))
+
+
+def _pair_loss(eod_index, scores):
+    loss_sum, correct, margin_sum = bradley_terry_sums(scores_at_eod(scores, eod_index))
+    pairs = torch.tensor(eod_index.shape[0] // 2, dtype=torch.int, device=eod_index.device)
+    return loss_sum, pairs, {"loss": loss_sum.detach(), "tokens": pairs.float(),
+                             "correct": correct.detach(), "margin": margin_sum.detach()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+def init_from(cfg: Config, chunks, shape) -> None:
+    """Load the trunk of `rm.init` (or `checkpoint.init`): an SFT policy (head skipped) or an RM."""
+    path, meta = load_meta(cfg.rm.init or cfg.checkpoint.init)
+    saved = meta["state"].get("model")
+    if saved is not None and saved != dataclasses.asdict(shape):
+        raise ConfigError(f"rm.init: {path} holds a model of shape {saved}, this config builds "
+                          f"{dataclasses.asdict(shape)}; set model.* (and model.tokenizer) as in that run")
+    if TRUNK_SOURCE in meta["models"]:
+        checkpoint.load_models(path, {f"{MODEL_NAME}={TRUNK_SOURCE}": (chunks, None)}, skip=(HEAD,))
+    else:
+        checkpoint.load_models(path, {MODEL_NAME: (chunks, None)})
+    log.info("reward model initialized from %s", path)
+
+
+def run(cfg: Config, runtime: ParallelRuntime) -> int:
+    t = cfg.train
+    run_dir = common.prepare_run_dir(cfg, runtime)
+    tokenizer = common.tokenizer_for(cfg)
+    shape = common.shape_for(cfg, tokenizer)
+    backend = common.attention_backend(cfg, runtime)
+    bf16 = common.use_bf16(cfg, runtime)
+    chunks = common.make_model(cfg, runtime, shape, kind="scalar", backend=backend, seed=t.seed)
+    chunks = wrap_ddp(chunks, zero=cfg.parallel.zero)
+    optimizer = build_optimizer(chunks, cfg.optim, bf16=bf16, zero=cfg.parallel.zero)
+    trainable = Trainable(chunks, optimizer, build_scheduler(optimizer, cfg.optim, t.max_steps), runtime)
+    models = {MODEL_NAME: ([common.unwrap(c) for c in chunks], optimizer)}
+
+    template = get_template(cfg.data.template)
+    train_pairs, valid_pairs = load_preference_pairs(cfg)
+    encode = partial(encode_preference, tokenizer, template, max_len=cfg.data.seq_len)
+    train_set = [encode(p) for p in train_pairs]
+    valid_set = [encode(p) for p in valid_pairs]
+
+    step, consumed = 0, 0
+    resume = common.resume_dir(cfg)
+    if resume is not None:
+        meta = checkpoint.load_models(resume, models, strict_layout=common.layout(cfg))
+        restore_scheduler(trainable.scheduler, meta["state"]["scheduler"])
+        step, consumed = meta["step"], meta["state"]["consumed_samples"]
+        trainable.steps = step
+        checkpoint.load_rng(resume, runtime.rank)
+        log.info("resumed from %s at step %d", resume, step)
+    elif cfg.rm.init or cfg.checkpoint.init:
+        init_from(cfg, models[MODEL_NAME][0], shape)
+        optimizer.reload_model_params()  # bf16 / ZeRO keep fp32 main copies of the weights: refresh them
+
+    def save(at_step, consumed_samples):
+        state = {"scheduler": trainable.scheduler.state_dict(), "consumed_samples": consumed_samples,
+                 "stage": "rm", "model": dataclasses.asdict(shape), "tokenizer": common.tokenizer_path(cfg)}
+        return checkpoint.save_checkpoint(run_dir / "checkpoints", at_step, models, state, runtime,
+                                          cfg.checkpoint.keep, common.layout(cfg))
+
+    valid_batches = micro_batches(valid_set, eval_indices(len(valid_set), cfg, runtime.dp_rank),
+                                  t.micro_batch_size, tokenizer, cfg.data.seq_len) if valid_set else []
+
+    def evaluate_now() -> dict:
+        return evaluate(trainable, valid_batches, cfg, runtime)
+
+    metrics = MetricsLogger(run_dir, enabled=runtime.is_main, total_steps=t.max_steps, start_step=step,
+                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="rm")
+    preemption = common.Preemption()
+    batches = iterate_batches(len(train_set), t.global_batch_size, runtime.dp_rank, cfg.parallel.dp,
+                              t.seed, consumed)
+    code = 0
+    while step < t.max_steps:
+        t0 = time.perf_counter()
+        position = next(batches)
+        mbs = micro_batches(train_set, position.indices, t.micro_batch_size, tokenizer, cfg.data.seq_len)
+        result = trainable.step(mbs, rm_forward_step, seq_len=cfg.data.seq_len,
+                                micro_batch_size=2 * t.micro_batch_size)
+        step, consumed = step + 1, position.consumed_samples
+        dt = time.perf_counter() - t0
+        row = {"loss": result.loss, "accuracy": result.reports["correct"], "margin": result.reports["margin"],
+               "lr": result.lr, "grad_norm": result.grad_norm, "pairs_per_s": t.global_batch_size / dt,
+               "step_time": dt, "skipped": int(not result.ok)}
+        if valid_set and t.eval_interval and step % t.eval_interval == 0:
+            row.update(evaluate_now())
+        metrics.log(step, row)
+        last = step == t.max_steps
+        if last and valid_set and "valid_loss" not in row:
+            metrics.log(step, evaluate_now())
+        periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+        if periodic or (last and cfg.checkpoint.save_final):
+            save(step, consumed)
+        if not last and preemption.requested(runtime.device):
+            if not periodic:
+                save(step, consumed)
+            metrics.write(f"preempted at step {step}: checkpoint saved, exiting with code "
+                          f"{common.PREEMPTED_EXIT_CODE} so the job can be requeued")
+            code = common.PREEMPTED_EXIT_CODE
+            break
+    metrics.close()
+    if runtime.is_main:
+        if cfg.logging.plots:
+            plot_metrics(run_dir, ["loss", "valid_loss", "accuracy", "valid_accuracy", "margin", "lr"])
+        print(f"rm: {step} steps done; run directory: {run_dir} "
+              f"(metrics.jsonl, tb/, checkpoints/{checkpoint.iter_name(step)})", flush=True)
+    return code
+
+
+def eval_indices(num_pairs: int, cfg: Config, dp_rank: int) -> list[int]:
+    """This DP rank's held-out pairs: up to `train.eval_batches` full micro-batches of its contiguous
+    share (full ones only: pipeline stages exchange fixed-shape activations)."""
+    t = cfg.train
+    per_rank = num_pairs // cfg.parallel.dp
+    count = min(per_rank, t.eval_batches * t.micro_batch_size) // t.micro_batch_size * t.micro_batch_size
+    if count == 0:
+        raise ConfigError(f"the held-out split has {num_pairs} pairs, fewer than train.micro_batch_size "
+                          f"({t.micro_batch_size}) x parallel.dp ({cfg.parallel.dp}); raise data.valid_fraction")
+    return list(range(dp_rank * per_rank, dp_rank * per_rank + count))
+
+
+@torch.no_grad()
+def evaluate(trainable: Trainable, batches: list[PaddedBatch], cfg: Config, runtime: ParallelRuntime) -> dict:
+    """valid_loss, valid_accuracy, valid_margin: means over the held-out pairs of `batches` (all DP ranks)."""
+    trainable.eval()
+    reports = run_schedule(trainable.chunks, batches, rm_forward_step, seq_len=cfg.data.seq_len,
+                           micro_batch_size=2 * cfg.train.micro_batch_size, forward_only=True)
+    sums = reduce_reports(reports, runtime)
+    n = max(sums["tokens"], 1.0)
+    return {"valid_loss": sums["loss"] / n, "valid_accuracy": sums["correct"] / n,
+            "valid_margin": sums["margin"] / n}
