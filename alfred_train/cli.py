@@ -41,8 +41,11 @@ def _setup_logging() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alfred-train", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="alfred-train", description="RLHF trainer for Llama/Falcon models on megatron-core: SFT -> RM -> PPO.",
+        epilog="exit codes: 0 done, 2 bad configuration or input, 3 preempted after a checkpoint, 1 anything else")
+    parser.add_argument("--version", action="version", version=f"alfred-train {package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage.upper()} stage")
         p.add_argument("config", nargs="?", help="run YAML (default: the embedded tiny recipe)")
@@ -57,6 +60,31 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         mod.add_commands(sub)
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (setup.cfg `version`), or "unknown" when run from a bare tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("alfred-train")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, but `key=value` words after an option (`CONFIG --dry-run a.b=1`) join overrides.
+
+    argparse stops filling a positional list once an option interrupts it; this collects the rest
+    for every subcommand that has an `overrides` list (sft, rm, ppo, launch, generate).
+    """
+    args, extra = parser.parse_known_args(argv)
+    stray = [word for word in extra if word.startswith("-") or "=" not in word]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def _split_config_arg(args) -> tuple[str | None, list[str]]:
@@ -109,7 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_third_party()
     _setup_logging()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        args = parse_with_overrides(parser, argv)
+    except SystemExit as done:  # --help / --version (0) or a usage error (2): argparse has printed it
+        return int(done.code or 0)
     try:
         code = args.func(args)
     except AlfredError as err:

@@ -251,7 +251,8 @@ def apply_override(data: dict, override: str) -> None:
         hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
         if part not in hints:
             where = ".".join(parts[: i + 1])
-            raise ConfigError(f"{where}: unknown key in override {override!r}")
+            valid = f" (valid keys here: {', '.join(sorted(hints))})" if hints else ""
+            raise ConfigError(f"{where}: unknown key in override {override!r}{valid}")
         if i == len(parts) - 1:
             node[part] = yaml.safe_load(raw) if raw.strip() else None
         else:

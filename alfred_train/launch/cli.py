@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from alfred_train.cli import parse_with_overrides
 from alfred_train.errors import AlfredError
 from alfred_train.launch import job as job_files
 from alfred_train.launch import local, sagemaker, slurm
@@ -145,20 +146,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         sagemaker.stop(sm_client, args.job)
         print(f"stop requested for SageMaker training job {args.job}")
     return 0
-
-
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """parse_args, but `key=value` words after an option (`CONFIG --dry-run a.b=1`) join overrides.
-
-    argparse stops filling a positional list once an option interrupts it; this collects the rest.
-    """
-    args, extra = parser.parse_known_args(argv)
-    stray = [word for word in extra if word.startswith("-") or "=" not in word]
-    if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,224 @@
+"""Config errors: every one exits with code 2 and a one-line message naming the key and the fix.
+
+Most tests call `alfred_train.cli.main([...])` in-process: every error here is raised while the
+config is loaded, before any process starts. The WORLD_SIZE check runs under a torchrun-style
+environment and must fire before a process group exists. One subprocess test feeds a malformed
+JSONL file to a real `python -m alfred_train sft` run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from alfred_train.cli import main
+from alfred_train.config import Config, dump_yaml, load_config
+from alfred_train.errors import ConfigError
+from tests.helpers import TINY_SFT, free_port, run_cli
+
+ERROR_PREFIX = "alfred-train: error: "
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Run the CLI in-process; assert exit code 2 and ONE stderr line; return the message."""
+    capsys.readouterr()  # drop anything printed before
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 2, f"exit code {code}, stderr: {err!r}"
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {lines}"
+    assert lines[0].startswith(ERROR_PREFIX), lines[0]
+    return lines[0][len(ERROR_PREFIX):]
+
+
+def write_yaml(tmp_path: Path, text: str, name: str = "run.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def tiny_plus(tmp_path: Path, extra: str) -> str:
+    """The tiny SFT recipe with `extra` (new top-level YAML keys) appended."""
+    return write_yaml(tmp_path, TINY_SFT.read_text() + extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and types, in the YAML file and in overrides.
+
+def test_unknown_top_level_key_in_yaml(tmp_path, capsys):
+    msg = cli_error(capsys, "sft", tiny_plus(tmp_path, "traning:\n  max_steps: 3\n"))
+    assert msg.startswith("traning: unknown key")
+    assert "valid keys here:" in msg and "train" in msg  # what to write instead
+
+
+def test_unknown_nested_key_in_yaml(tmp_path, capsys):
+    msg = cli_error(capsys, "sft", write_yaml(tmp_path, "model:\n  hiden_size: 64\n"))
+    assert msg.startswith("model.hiden_size: unknown key")
+    assert "hidden_size" in msg.split("valid keys here:")[1]
+
+
+def test_wrong_scalar_type(tmp_path, capsys):
+    msg = cli_error(capsys, "sft", write_yaml(tmp_path, 'train:\n  max_steps: "ten"\n'))
+    assert msg == "train.max_steps: expected int, got 'ten'"
+    # a bool is not an int, a float is not an int
+    assert cli_error(capsys, "sft", str(TINY_SFT), "train.max_steps=true").startswith("train.max_steps: expected int")
+    assert cli_error(capsys, "sft", str(TINY_SFT), "train.max_steps=4.5").startswith("train.max_steps: expected int")
+
+
+def test_list_where_a_mapping_is_expected(tmp_path, capsys):
+    msg = cli_error(capsys, "sft", write_yaml(tmp_path, "model:\n  - arch: llama\n"))
+    assert msg.startswith("model: expected a mapping")
+    assert cli_error(capsys, "sft", str(TINY_SFT), "optim=[1,2]").startswith("optim: expected a mapping")
+
+
+def test_bad_literal_lists_the_choices(capsys):
+    msg = cli_error(capsys, "sft", str(TINY_SFT), "model.arch=gpt")
+    assert msg == "model.arch: 'gpt' is not one of llama, falcon"
+
+
+def test_override_of_an_unknown_key(capsys):
+    msg = cli_error(capsys, "sft", str(TINY_SFT), "optim.lrr=1")
+    assert msg.startswith("optim.lrr: unknown key")
+    assert "optim.lrr=1" in msg
+    msg = cli_error(capsys, "sft", str(TINY_SFT), "model.hiden_size=3")
+    assert msg.startswith("model.hiden_size: unknown key")
+
+
+def test_override_unknown_key_names_the_valid_ones(capsys):
+    """What to change: the valid keys of that section, as the YAML loader already says."""
+    msg = cli_error(capsys, "sft", str(TINY_SFT), "optim.lrr=1")
+    assert "valid keys here:" in msg and " lr," in msg
+
+
+def test_malformed_override(capsys):
+    msg = cli_error(capsys, "sft", str(TINY_SFT), "optim.lr")
+    assert msg == "override 'optim.lr': expected KEY.PATH=VALUE, e.g. optim.lr=1e-5"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks across fields.
+
+@pytest.mark.parametrize("overrides, key, numbers", [
+    (["parallel.tp=3"], "parallel.tp", ["num_attention_heads (4)", "tp (3)"]),
+    (["model.num_query_groups=1"], "parallel.tp", ["num_query_groups (1)", "tp (2)"]),
+    (["parallel.tp=1", "parallel.pp=3"], "parallel.pp", ["num_layers (4)", "pp (3)"]),
+    (["train.global_batch_size=12"], "train.global_batch_size", ["12", "micro_batch_size (8)", "dp (1)"]),
+    (["parallel.dp=3", "train.global_batch_size=16"], "train.global_batch_size", ["16", "dp (3)"]),
+])
+def test_impossible_layouts(capsys, overrides, key, numbers):
+    msg = cli_error(capsys, "sft", str(TINY_SFT), *overrides)
+    assert msg.startswith(f"{key}: "), msg
+    for text in numbers:
+        assert text in msg, (text, msg)
+
+
+def test_layout_errors_name_what_to_change(capsys):
+    assert "pick a tp that divides" in cli_error(capsys, "sft", str(TINY_SFT), "parallel.tp=3")
+    assert "pick a pp that divides" in cli_error(capsys, "sft", str(TINY_SFT), "parallel.tp=1", "parallel.pp=3")
+
+
+def test_world_size_mismatch_fails_before_any_process_group(capsys, monkeypatch):
+    """Under torchrun with 3 processes, tp=2 (product 2) is refused before init_process_group."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    msg = cli_error(capsys, "sft", str(TINY_SFT))  # tiny-sft: tp=2 pp=1 dp=1
+    assert msg.startswith("parallel: dp(1) * tp(2) * pp(1) = 2 != WORLD_SIZE(3)"), msg
+    assert "change parallel.dp/tp/pp" in msg
+    assert not dist.is_initialized()  # nobody waited for 2 peers that will never come
+    assert not parallel_state.model_parallel_is_initialized()
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and presets.
+
+def test_missing_config_file(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    msg = cli_error(capsys, "sft", str(missing))
+    assert str(missing) in msg and "cannot read" in msg
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path, capsys):
+    path = write_yaml(tmp_path, "model:\n  arch: llama\n  hidden_size: 64: 3\ntrain:\n  max_steps: 2\n")
+    msg = cli_error(capsys, "sft", path)
+    assert msg.startswith(f"{path}:3: not valid YAML"), msg
+
+
+def test_unknown_preset_lists_the_known_ones(capsys):
+    msg = cli_error(capsys, "sft", str(TINY_SFT), "model.preset=llama2-700b")
+    assert msg.startswith("model.preset: no preset 'llama2-700b' (known:"), msg
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides parse as YAML; the resolved config round-trips.
+
+def test_override_values_are_parsed_as_yaml():
+    cfg = load_config(TINY_SFT, ["optim.lr=1e-5", "data.valid=null", "train.max_steps=4",
+                                 "logging.tensorboard=false", "data.template=tulu", "optim.min_lr=0",
+                                 "data.train=data/x.jsonl"])
+    assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.min_lr == 0.0 and isinstance(cfg.optim.min_lr, float)  # int widened to float
+    assert cfg.data.valid is None
+    assert cfg.train.max_steps == 4 and cfg.logging.tensorboard is False
+    assert cfg.data.template == "tulu" and cfg.data.train == "data/x.jsonl"
+    assert cfg.parallel.tp == 2 and cfg.train.global_batch_size == 16  # the file's values stay
+    # a later override of the same key wins, and overrides reach keys the file does not set
+    cfg = load_config(TINY_SFT, ["optim.lr=1e-5", "optim.lr=4e-3", "ppo.top_k=5"])
+    assert cfg.optim.lr == 4e-3 and cfg.ppo.top_k == 5
+
+
+def test_load_config_raises_config_error_with_key_path():
+    with pytest.raises(ConfigError, match=r"^data\.seq_len: must be >= 1, got 0$"):
+        load_config(TINY_SFT, ["data.seq_len=0"])
+
+
+def test_resolved_config_in_run_dir_round_trips(tmp_path):
+    """What `prepare_run_dir` writes to run.dir/config.yaml loads back to an equal Config."""
+    from alfred_train.parallel.dims import ParallelDims
+    from alfred_train.parallel.init import init_runtime, shutdown
+    from alfred_train.stages.common import prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(TINY_SFT, ["optim.lr=1e-5", "optim.min_lr=1e-6", "data.valid=null", "parallel.tp=1",
+                                 f"run.dir={run_dir}",
+                                 "model.num_query_groups=4", "data.template=vicuna", "ppo.kl_estimator=k3"])
+    runtime = init_runtime(ParallelDims(1, 1, 1))
+    try:
+        assert prepare_run_dir(cfg, runtime) == run_dir
+    finally:
+        shutdown()
+    written = run_dir / "config.yaml"
+    assert written.read_text() == dump_yaml(cfg)
+    again = load_config(written)
+    assert isinstance(again, Config) and again == cfg
+    assert again.optim.lr == 1e-5 and again.model.num_query_groups == 4 and again.ppo.kl_estimator == "k3"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml"]  # no temp file left
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed data in a real run.
+
+@pytest.mark.slow
+def test_malformed_jsonl_exits_2_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": "d"}\n'
+                   '{"prompt": "e", "response": \n{"prompt": "f", "response": "g"}\n')
+    run_dir = tmp_path / "run"
+    done = run_cli("sft", str(TINY_SFT), f"data.train={bad}", "data.synthetic=false", "parallel.tp=1",
+                   f"run.dir={run_dir}", "train.max_steps=2", check=False, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    mentions = [line for line in done.stderr.splitlines() if "bad.jsonl" in line]
+    assert len(mentions) == 1, done.stderr
+    assert re.fullmatch(rf"{ERROR_PREFIX}{re.escape(str(bad))}:4: invalid JSON \(.+\)", mentions[0]), mentions[0]
+    # nothing half-written: no checkpoint, no `latest`, no metrics, no temporary files
+    if run_dir.exists():
+        left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+        assert set(left) <= {"config.yaml", "checkpoints"}, left
+        assert load_config(run_dir / "config.yaml").data.train == str(bad)
