@@ -181,8 +181,11 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Loading: dict -> dataclass, strict.
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return _TYPE_WORDS.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
@@ -206,6 +209,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         _, vt = typing.get_args(tp)
+        if vt is str:  # environment-style mappings: YAML scalars (1, true) are their text
+            value = {k: str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, (int, float)) else v
+                     for k, v in value.items()}
         return {str(k): _convert(vt, v, f"{path}.{k}") for k, v in value.items()}
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):

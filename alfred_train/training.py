@@ -105,7 +105,6 @@ class Trainable:
              micro_batch_size: int) -> StepResult:
         """One optimizer step over `micro_batches` (this DP rank's share of the global batch)."""
         from megatron.core.distributed import finalize_model_grads
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         cfg = self.config
         cfg.finalize_model_grads_func = finalize_model_grads

@@ -99,4 +99,4 @@ def test_override_after_an_option_reaches_the_config(capsys):
     assert main(["sft", str(TINY_SFT), "--dry-run", "model.arch=gpt"]) == 2
     assert capsys.readouterr().err.strip() == "alfred-train: error: model.arch: 'gpt' is not one of llama, falcon"
     assert main(["sft", "--dry-run", "train.max_steps=ten"]) == 2  # no CONFIG: the embedded recipe
-    assert "train.max_steps: expected int, got 'ten'" in capsys.readouterr().err
+    assert "train.max_steps: expected an integer, got 'ten'" in capsys.readouterr().err

@@ -62,10 +62,10 @@ def test_unknown_nested_key_in_yaml(tmp_path, capsys):
 
 def test_wrong_scalar_type(tmp_path, capsys):
     msg = cli_error(capsys, "sft", write_yaml(tmp_path, 'train:\n  max_steps: "ten"\n'))
-    assert msg == "train.max_steps: expected int, got 'ten'"
+    assert msg == "train.max_steps: expected an integer, got 'ten'"
     # a bool is not an int, a float is not an int
-    assert cli_error(capsys, "sft", str(TINY_SFT), "train.max_steps=true").startswith("train.max_steps: expected int")
-    assert cli_error(capsys, "sft", str(TINY_SFT), "train.max_steps=4.5").startswith("train.max_steps: expected int")
+    assert cli_error(capsys, "sft", str(TINY_SFT), "train.max_steps=true").startswith("train.max_steps: expected an integer")
+    assert cli_error(capsys, "sft", str(TINY_SFT), "train.max_steps=4.5").startswith("train.max_steps: expected an integer")
 
 
 def test_list_where_a_mapping_is_expected(tmp_path, capsys):

@@ -44,8 +44,9 @@ def test_tp2_step_equals_tp1_and_resume_is_exact(inits, tmp_path):
     for key in COMPARED:
         assert metrics(tmp_path / "tp2", key) == pytest.approx(metrics(tmp_path / "tp1", key), rel=1e-4, abs=1e-6), key
     # stop after 2 iterations, resume for the 3rd: identical to the uninterrupted run, bit for bit
-    _ppo(inits, tmp_path / "resumed", "parallel.tp=1", "train.max_steps=2")
-    proc = _ppo(inits, tmp_path / "resumed", "parallel.tp=1", "train.max_steps=3")
+    # (with the frozen models offloaded between phases: a no-op move on CPU, but the code path runs)
+    _ppo(inits, tmp_path / "resumed", "parallel.tp=1", "train.max_steps=2", "ppo.offload_frozen=true")
+    proc = _ppo(inits, tmp_path / "resumed", "parallel.tp=1", "train.max_steps=3", "ppo.offload_frozen=true")
     assert "resumed from" in proc.stderr
     for key in COMPARED + ["kl_coef", "lr", "value_lr"]:
         assert metrics(tmp_path / "resumed", key) == metrics(tmp_path / "tp1", key), key

@@ -20,10 +20,7 @@ Example::
 from __future__ import annotations
 
 import re
-import types
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from alfred_train.errors import ConfigError
 
@@ -93,54 +90,9 @@ class LaunchConfig:
     @classmethod
     def from_dict(cls, tree: dict | None, key: str = "launch") -> "LaunchConfig":
         """Build from the `launch:` mapping of a run YAML; unknown keys and wrong types raise."""
-        return _build(cls, tree or {}, key)
+        from alfred_train.config import from_dict  # the run config's strict loader (imports this module)
 
-
-# ---------------------------------------------------------------------------------------------
-# Strict dict -> dataclass (the lead's loader may replace this)
-
-
-def _check_value(value: Any, hint: Any, key: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _build(hint, value, key)
-    if origin is dict:
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in value.items()
-        ):
-            raise ConfigError(f"{key}: expected a mapping of names to strings")
-        return {k: str(v) for k, v in value.items()}
-    if origin is tuple:
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
-        if not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
-        return tuple(value)
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"{key}: unions are not supported in launch config")
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if hint is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if hint is str and not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return float(value) if hint is float else value
-
-
-def _build(cls: type, tree: dict, key: str) -> Any:
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {type(tree).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(tree) - names)
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
-    values = {name: _check_value(v, hints[name], f"{key}.{name}") for name, v in tree.items()}
-    return cls(**values)
+        return from_dict(cls, tree or {}, key)
 
 
 # ---------------------------------------------------------------------------------------------

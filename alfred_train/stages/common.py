@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,6 +83,38 @@ def unwrap(chunk):
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
+
+
+def load_records(cfg: Config, synthetic_records, parse, read_jsonl):
+    """(train, valid) records: JSONL files or the synthetic task; without data.valid a seeded
+    `data.valid_fraction` of the training records is held out."""
+    d = cfg.data
+    if d.synthetic:
+        records = [parse(r, f"synthetic:{i}") for i, r in enumerate(synthetic_records(d.synthetic_size, cfg.train.seed))]
+    else:
+        records = read_jsonl(d.train)
+    if d.valid:
+        return records, read_jsonl(d.valid)
+    n_valid = int(len(records) * d.valid_fraction)
+    order = list(range(len(records)))
+    random.Random(cfg.train.seed).shuffle(order)
+    return [records[i] for i in order[n_valid:]], [records[i] for i in order[:n_valid]]
+
+
+def checkpoint_or_stop(cfg: Config, step: int, save, preemption: "Preemption", runtime, metrics) -> bool:
+    """After an optimizer step (or PPO iteration): save when due; on a preemption signal save and
+    return True so the loop exits with PREEMPTED_EXIT_CODE."""
+    last = step == cfg.train.max_steps
+    periodic = bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0
+    if periodic or (last and cfg.checkpoint.save_final):
+        save(step)
+    if last or not preemption.requested(runtime.device):
+        return False
+    if not periodic:
+        save(step)
+    metrics.write(f"preempted at step {step}: checkpoint saved, exiting with code {PREEMPTED_EXIT_CODE} "
+                  "so the job can be requeued")
+    return True
 
 
 class Preemption:

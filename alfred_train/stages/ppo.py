@@ -158,13 +158,13 @@ def run(cfg: Config, runtime) -> int:
         prompts = [train_prompts[i] for i in position.indices]
         # -- generate
         if o.offload_frozen:
-            _offload(reference + reward, "cpu")
+            _offload(models.reference + models.reward, "cpu")
         rollout = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=o.rollout_micro_batch,
                                     seed=t.seed * 1000 + step, **common_args)
         t1 = time.perf_counter()
         # -- score
         if o.offload_frozen:
-            _offload(reference + reward, runtime.device)
+            _offload(models.reference + models.reward, runtime.device)
         rollout, entropy = score_rollouts(models, runtime, rollout, micro_batch=o.train_micro_batch,
                                           vocab_size=tokenizer.vocab_size)
         rollout, kl = compute_advantages(rollout, kl_estimator=kl_fn, beta=kl_ctl.kl_coef, gamma=o.gamma, lam=o.lam,
@@ -199,15 +199,7 @@ def run(cfg: Config, runtime) -> int:
         if bad_steps >= o.max_bad_steps:
             raise TooManyBadSteps(f"{bad_steps} PPO iterations in a row had a non-finite loss or gradient "
                                   f"(ppo.max_bad_steps={o.max_bad_steps}); lower optim.lr or check the reward scale")
-        last = step == t.max_steps
-        periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-        if periodic or (last and cfg.checkpoint.save_final):
-            save(step)
-        if not last and preemption.requested(runtime.device):
-            if not periodic:
-                save(step)
-            metrics.write(f"preempted at iteration {step}: checkpoint saved, exiting with code "
-                          f"{common.PREEMPTED_EXIT_CODE}")
+        if common.checkpoint_or_stop(cfg, step, save, preemption, runtime, metrics):
             code = common.PREEMPTED_EXIT_CODE
             break
     metrics.close()

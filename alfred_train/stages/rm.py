@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
 from functools import partial
 
@@ -77,18 +76,7 @@ def scores_at_eod(scores: torch.Tensor, eod_index: torch.Tensor) -> torch.Tensor
 
 def load_preference_pairs(cfg: Config):
     """(train, valid) PreferencePair lists from JSONL files or the synthetic task."""
-    d = cfg.data
-    if d.synthetic:
-        records = [parse_preference(r, f"synthetic:{i}") for i, r in enumerate(
-            synthetic.make_preference_pairs(d.synthetic_size, cfg.train.seed))]
-    else:
-        records = read_preference_jsonl(d.train)
-    if d.valid:
-        return records, read_preference_jsonl(d.valid)
-    n_valid = int(len(records) * d.valid_fraction)
-    order = list(range(len(records)))
-    random.Random(cfg.train.seed).shuffle(order)
-    return [records[i] for i in order[n_valid:]], [records[i] for i in order[:n_valid]]
+    return common.load_records(cfg, synthetic.make_preference_pairs, parse_preference, read_preference_jsonl)
 
 
 def micro_batches(pairs: list[EncodedPair], indices: list[int], micro_batch_size: int, tokenizer,
@@ -203,14 +191,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
         last = step == t.max_steps
         if last and valid_set and "valid_loss" not in row:
             metrics.log(step, evaluate_now())
-        periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-        if periodic or (last and cfg.checkpoint.save_final):
-            save(step, consumed)
-        if not last and preemption.requested(runtime.device):
-            if not periodic:
-                save(step, consumed)
-            metrics.write(f"preempted at step {step}: checkpoint saved, exiting with code "
-                          f"{common.PREEMPTED_EXIT_CODE} so the job can be requeued")
+        if common.checkpoint_or_stop(cfg, step, lambda at: save(at, consumed), preemption, runtime, metrics):
             code = common.PREEMPTED_EXIT_CODE
             break
     metrics.close()

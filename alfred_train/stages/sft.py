@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
 from functools import partial
 
@@ -27,21 +26,8 @@ MODEL_NAME = "policy"  # SFT checkpoints hold the policy that PPO starts from
 
 
 def load_sft_examples(cfg: Config):
-    """(train, valid) example lists from JSONL files or the synthetic task."""
-    d = cfg.data
-    if d.synthetic:
-        records = [parse_sft(r, f"synthetic:{i}") for i, r in enumerate(
-            synthetic.make_sft_records(d.synthetic_size, cfg.train.seed))]
-    else:
-        records = read_sft_jsonl(d.train)
-    if d.valid:
-        return records, read_sft_jsonl(d.valid)
-    n_valid = int(len(records) * d.valid_fraction)
-    order = list(range(len(records)))
-    random.Random(cfg.train.seed).shuffle(order)
-    valid = [records[i] for i in order[:n_valid]]
-    train = [records[i] for i in order[n_valid:]]
-    return train, valid
+    """(train, valid) SFT example lists from JSONL files or the synthetic task."""
+    return common.load_records(cfg, synthetic.make_sft_records, parse_sft, read_sft_jsonl)
 
 
 def lm_forward_step(data_iterator, model):
@@ -123,14 +109,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
         last = step == t.max_steps
         if last and valid_set is not None and "valid_loss" not in row:
             metrics.log(step, {"valid_loss": evaluate(trainable, valid_set, cfg, runtime)})
-        periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-        if periodic or (last and cfg.checkpoint.save_final):
-            save(step, consumed)
-        if not last and preemption.requested(runtime.device):
-            if not periodic:
-                save(step, consumed)
-            metrics.write(f"preempted at step {step}: checkpoint saved, exiting with code "
-                          f"{common.PREEMPTED_EXIT_CODE} so the job can be requeued")
+        if common.checkpoint_or_stop(cfg, step, lambda at: save(at, consumed), preemption, runtime, metrics):
             code = common.PREEMPTED_EXIT_CODE
             break
     metrics.close()
