@@ -142,6 +142,19 @@ def gae(
 
 # --------------------------------------------------------------------------- global statistics
 
+def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum `t` over `group` (no-op for None). NCCL reduces only CUDA tensors, so a CPU tensor makes
+    the round trip through the current GPU; gloo reduces it in place."""
+    if group is None:
+        return t
+    if not t.is_cuda and dist.get_backend(group) == "nccl":
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM, group=group)
+        return on_gpu.to(t.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
 def _masked_moments(
     x: torch.Tensor, mask: torch.Tensor, group: dist.ProcessGroup | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,9 +164,7 @@ def _masked_moments(
     """
     m = mask.to(torch.float64)  # (B, T)
     xd = x.detach().to(torch.float64) * m  # (B, T)
-    moments = torch.stack([xd.sum(), xd.square().sum(), m.sum()])  # (3,)
-    if group is not None:
-        dist.all_reduce(moments, op=dist.ReduceOp.SUM, group=group)
+    moments = all_reduce_sum(torch.stack([xd.sum(), xd.square().sum(), m.sum()]), group)  # (3,)
     total, total_sq, count = moments.unbind()
     mean = total / count
     var = (total_sq / count - mean.square()).clamp_min(0.0)
@@ -166,10 +177,7 @@ def global_token_count(mask: torch.Tensor, group: dist.ProcessGroup | None = Non
     mask: (B, T) -> scalar float tensor. Call it on the mask of the whole local mini-batch (all
     its micro-batches), with the data-parallel group.
     """
-    count = mask.detach().to(torch.float64).sum()
-    if group is not None:
-        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
-    return count
+    return all_reduce_sum(mask.detach().to(torch.float64).sum(), group)
 
 
 def masked_mean(

@@ -14,7 +14,6 @@ import logging
 import time
 
 import torch
-import torch.distributed as dist
 
 from alfred_train import checkpoint
 from alfred_train.config import Config
@@ -243,19 +242,11 @@ def rollout_stats(rollout, kl, entropy, dp_group, eod_id: int) -> dict:
         rollout.scores.float().sum(), (kl * mask).sum(), (entropy * mask).sum(), mask.sum(),
         lengths.sum(), ends_eod.sum(), torch.tensor(float(rollout.batch_size)),
     ]).double()
-    if dist.get_world_size(dp_group) > 1:
-        sums = sums.to(_group_device(dp_group))
-        dist.all_reduce(sums, group=dp_group)
-        sums = sums.cpu()
-    score, kl_sum, ent, tokens, length, eod, n = sums.tolist()
+    score, kl_sum, ent, tokens, length, eod, n = ppo_math.all_reduce_sum(sums, dp_group).tolist()
     ev = ppo_math.explained_variance(rollout.values, rollout.returns, mask, group=dp_group)
     return {"score": score / n, "kl": kl_sum / n, "entropy": ent / max(tokens, 1.0),
             "response_len": length / n, "eod_rate": eod / n, "explained_var": float(ev),
             "_response_tokens": tokens}
-
-
-def _group_device(group):
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
 @torch.no_grad()
