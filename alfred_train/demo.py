@@ -22,7 +22,7 @@ from alfred_train.config import default_config_path
 QUICK = {
     "sft": ["train.max_steps=40", "checkpoint.interval=0", "train.eval_interval=0"],
     "rm": ["train.max_steps=30", "checkpoint.interval=0", "train.eval_interval=0"],
-    "ppo": ["train.max_steps=8", "checkpoint.interval=0", "ppo.eval_prompts=32"],
+    "ppo": ["train.max_steps=12", "checkpoint.interval=0", "ppo.eval_prompts=32", "train.eval_interval=0"],
 }
 
 
