@@ -92,7 +92,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     eval_interval: int = 0  # evaluate every N steps (0: only at the end when there is a valid set)
     eval_batches: int = 4  # micro-batches per evaluation
-    log_interval: int = 1  # print a line every N steps (metrics.jsonl gets every step)
+    log_interval: int = 10  # without a terminal, print a progress line every N steps (metrics.jsonl: every step)
 
 
 @dataclass(frozen=True)

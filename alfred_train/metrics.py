@@ -14,11 +14,13 @@ from pathlib import Path
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True, desc: str = "train"):
+                 tensorboard: bool = True, progress: bool = True, desc: str = "train", log_interval: int = 10):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self._tb = None
         self._bar = None
+        self._lines = None  # (t0, first step, total, interval): plain progress lines when stderr is no TTY
+        self._desc = desc
         if not enabled:
             return
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
@@ -26,7 +28,9 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run_dir / "tb"))
-        if progress:
+        if progress and not sys.stderr.isatty():  # log files (Slurm, CI): a line every log_interval steps
+            self._lines = (time.time(), start_step, total_steps, max(1, log_interval))
+        elif progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
@@ -41,11 +45,18 @@ class MetricsLogger:
             for k, v in record.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+        shown = {k: f"{v:.4g}" for k, v in record.items()
+                 if k in ("loss", "lr", "score", "kl", "accuracy", "tokens_per_s") and isinstance(v, float)}
         if self._bar is not None:
-            self._bar.update(1)
-            shown = {k: f"{v:.4g}" for k, v in record.items()
-                     if k in ("loss", "lr", "score", "kl", "accuracy", "tokens_per_s") and isinstance(v, float)}
+            self._bar.update(max(0, step - self._bar.n))  # one advance per step, however many rows it logs
             self._bar.set_postfix(shown, refresh=False)
+        elif self._lines is not None and shown:
+            t0, first, total, every = self._lines
+            done = step - first
+            if done > 0 and (step % every == 0 or step == total):
+                eta = (time.time() - t0) / done * (total - step)
+                fields = " ".join(f"{k}={v}" for k, v in shown.items())
+                print(f"{self._desc} {step}/{total} {fields} eta {eta:.0f}s", file=sys.stderr, flush=True)
 
     def write(self, text: str) -> None:
         """A line of text that does not break the progress bar."""

@@ -146,7 +146,8 @@ def run(cfg: Config, runtime) -> int:
                                ground_truth=cfg.data.synthetic and not cfg.data.prompts)
 
     metrics = MetricsLogger(run_dir, enabled=runtime.is_main, total_steps=t.max_steps, start_step=step,
-                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="ppo")
+                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="ppo",
+                            log_interval=t.log_interval)
     if step == 0 and eval_prompts:
         metrics.log(0, evaluate(0))
     preemption = common.Preemption()

@@ -169,7 +169,8 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
         return evaluate(trainable, valid_batches, cfg, runtime)
 
     metrics = MetricsLogger(run_dir, enabled=runtime.is_main, total_steps=t.max_steps, start_step=step,
-                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="rm")
+                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="rm",
+                            log_interval=t.log_interval)
     preemption = common.Preemption()
     batches = iterate_batches(len(train_set), t.global_batch_size, runtime.dp_rank, cfg.parallel.dp,
                               t.seed, consumed)

@@ -89,7 +89,8 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
                                           cfg.checkpoint.keep, common.layout(cfg))
 
     metrics = MetricsLogger(run_dir, enabled=runtime.is_main, total_steps=t.max_steps, start_step=step,
-                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="sft")
+                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="sft",
+                            log_interval=t.log_interval)
     preemption = common.Preemption()
     batches = train_set.batches(t.global_batch_size, runtime.dp_rank, cfg.parallel.dp, t.seed, consumed)
     code = 0
