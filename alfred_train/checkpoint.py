@@ -110,9 +110,7 @@ def _set_adam_step(optimizer, step: float) -> None:
 
 
 def _optimizer_sd(optimizer, model_sd: dict, is_loading: bool) -> dict:
-    merged = {}
-    for v in model_sd.values():
-        merged.update(v)
+    merged = {f"{chunk}/{k}": v for chunk, sd in model_sd.items() for k, v in sd.items()}  # vpp chunks share local names
     # The distributed optimizer (ZeRO) is saved per DP shard ("dp_reshardable"): megatron-core
     # 0.16.1's default fully-sharded format rejects fp32 params (flattened_range unsupported).
     metadata = {"distrib_optim_sharding_type": "dp_reshardable"}

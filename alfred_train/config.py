@@ -350,6 +350,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"parallel.pp: model.num_layers ({m.num_layers}) is not divisible by pp ({p.pp})"
            + (f" x vpp ({p.vpp})" if p.vpp else "") + "; pick a pp that divides the layer count")
     _check(p.vpp is None or p.pp > 1, "parallel.vpp: virtual pipeline stages need parallel.pp > 1")
+    micro_per_step = t.global_batch_size // max(t.micro_batch_size * p.dp, 1)
+    _check(p.vpp is None or micro_per_step % p.pp == 0,
+           f"parallel.vpp: the interleaved schedule needs the micro-batches per step ({micro_per_step} = "
+           f"global_batch_size / (micro_batch_size x dp)) to be a multiple of pp ({p.pp})")
     _check(t.global_batch_size % (t.micro_batch_size * p.dp) == 0,
            f"train.global_batch_size: {t.global_batch_size} is not divisible by "
            f"micro_batch_size ({t.micro_batch_size}) x dp ({p.dp})")

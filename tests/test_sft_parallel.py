@@ -14,17 +14,19 @@ from tests.helpers import ROOT, TINY_SFT, metrics, run_cli, run_workers
 pytestmark = pytest.mark.slow
 STEPS = 4
 COMMON = [f"train.max_steps={STEPS}", f"optim.decay_steps={STEPS}", "optim.warmup_steps=2",
-          "data.synthetic_size=400", "train.eval_interval=0", "logging.tensorboard=false",
+          "data.synthetic_size=400", "data.valid_fraction=0.2", "train.eval_interval=0", "logging.tensorboard=false",
           "logging.plots=false", "checkpoint.interval=2", "checkpoint.keep=3"]
-LAYOUTS = {  # name -> (tp, pp, dp, zero)
-    "tp1": (1, 1, 1, False), "tp2": (2, 1, 1, False), "pp2": (1, 2, 1, False),
-    "tp2pp2": (2, 2, 1, False), "dp2": (1, 1, 2, False), "dp2zero": (1, 1, 2, True),
+LAYOUTS = {  # name -> (tp, pp, dp, zero, vpp)
+    "tp1": (1, 1, 1, False, None), "tp2": (2, 1, 1, False, None), "pp2": (1, 2, 1, False, None),
+    "pp2vpp2": (1, 2, 1, False, 2), "tp2pp2": (2, 2, 1, False, None), "dp2": (1, 1, 2, False, None),
+    "dp2zero": (1, 1, 2, True, None),
 }
 
 
-def _overrides(run_dir, tp, pp, dp, zero, *extra):
+def _overrides(run_dir, tp, pp, dp, zero, vpp, *extra):
     return [str(TINY_SFT), f"run.dir={run_dir}", f"parallel.tp={tp}", f"parallel.pp={pp}",
-            f"parallel.dp={dp}", f"parallel.zero={str(zero).lower()}", *COMMON, *extra]
+            f"parallel.dp={dp}", f"parallel.zero={str(zero).lower()}", f"parallel.vpp={vpp or 'null'}",
+            *COMMON, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def test_layout_matches_single_process(runs, name):
     assert reference[-1] < reference[0]  # it learns
 
 
-@pytest.mark.parametrize("name", ["tp2", "dp2zero"])
+@pytest.mark.parametrize("name", ["tp2", "dp2zero", "pp2vpp2"])
 def test_resume_is_bit_exact(runs, tmp_path, name):
     run_dir = tmp_path / name
     layout = LAYOUTS[name]

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from alfred_train import checkpoint
 from alfred_train.config import Config, dump_yaml
 from alfred_train.data.tokenizer import load_tokenizer
+from alfred_train.errors import ConfigError
 from alfred_train.models.build import ModelShape, build_model, resolve_shape
 from alfred_train.parallel.init import ParallelRuntime
 
@@ -99,6 +100,22 @@ def load_records(cfg: Config, synthetic_records, parse, read_jsonl):
     order = list(range(len(records)))
     random.Random(cfg.train.seed).shuffle(order)
     return [records[i] for i in order[n_valid:]], [records[i] for i in order[:n_valid]]
+
+
+def eval_indices(num_samples: int, cfg: Config, dp_rank: int) -> list[int]:
+    """This DP rank's held-out samples: up to `train.eval_batches` *full* micro-batches of its
+    contiguous share (pipeline stages exchange fixed shapes; the interleaved vpp schedule also
+    needs a multiple of pp micro-batches)."""
+    t, p = cfg.train, cfg.parallel
+    per_rank = num_samples // p.dp
+    batches = min(per_rank // t.micro_batch_size, t.eval_batches)
+    if p.vpp:
+        batches -= batches % p.pp
+    if batches <= 0:
+        raise ConfigError(f"the held-out split has {num_samples} samples, too few for one evaluation of "
+                          f"train.micro_batch_size ({t.micro_batch_size}) x parallel.dp ({p.dp})"
+                          + (f" x pp ({p.pp}) micro-batches" if p.vpp else "") + "; raise data.valid_fraction")
+    return list(range(dp_rank * per_rank, dp_rank * per_rank + batches * t.micro_batch_size))
 
 
 def checkpoint_or_stop(cfg: Config, step: int, save, preemption: "Preemption", runtime, metrics) -> bool:

@@ -162,7 +162,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
         return checkpoint.save_checkpoint(run_dir / "checkpoints", at_step, models, state, runtime,
                                           cfg.checkpoint.keep, common.layout(cfg))
 
-    valid_batches = micro_batches(valid_set, eval_indices(len(valid_set), cfg, runtime.dp_rank),
+    valid_batches = micro_batches(valid_set, common.eval_indices(len(valid_set), cfg, runtime.dp_rank),
                                   t.micro_batch_size, tokenizer, cfg.data.seq_len) if valid_set else []
 
     def evaluate_now() -> dict:
@@ -202,18 +202,6 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
         print(f"rm: {step} steps done; run directory: {run_dir} "
               f"(metrics.jsonl, tb/, checkpoints/{checkpoint.iter_name(step)})", flush=True)
     return code
-
-
-def eval_indices(num_pairs: int, cfg: Config, dp_rank: int) -> list[int]:
-    """This DP rank's held-out pairs: up to `train.eval_batches` full micro-batches of its contiguous
-    share (full ones only: pipeline stages exchange fixed-shape activations)."""
-    t = cfg.train
-    per_rank = num_pairs // cfg.parallel.dp
-    count = min(per_rank, t.eval_batches * t.micro_batch_size) // t.micro_batch_size * t.micro_batch_size
-    if count == 0:
-        raise ConfigError(f"the held-out split has {num_pairs} pairs, fewer than train.micro_batch_size "
-                          f"({t.micro_batch_size}) x parallel.dp ({cfg.parallel.dp}); raise data.valid_fraction")
-    return list(range(dp_rank * per_rank, dp_rank * per_rank + count))
 
 
 @torch.no_grad()

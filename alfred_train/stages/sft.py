@@ -15,6 +15,7 @@ from alfred_train.data.datasets import read_sft_jsonl
 from alfred_train.data.records import parse_sft
 from alfred_train.data.sft_dataset import SFTDataset
 from alfred_train.data.templates import get_template
+from alfred_train.errors import ConfigError
 from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.stages import common
@@ -68,6 +69,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     train_set = SFTDataset.build(train_ex, tokenizer, template, cfg.data.seq_len, cfg.data.pack, t.seed)
     valid_set = SFTDataset.build(valid_ex, tokenizer, template, cfg.data.seq_len, cfg.data.pack, t.seed) \
         if len(valid_ex) else None
+    valid_rows = _valid_rows(valid_set, cfg, runtime)
 
     step, consumed = 0, 0
     resume = common.resume_dir(cfg)
@@ -104,12 +106,12 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
         row = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                "tokens_per_s": t.global_batch_size * cfg.data.seq_len / dt, "step_time": dt,
                "skipped": int(not result.ok)}
-        if valid_set is not None and t.eval_interval and step % t.eval_interval == 0:
-            row["valid_loss"] = evaluate(trainable, valid_set, cfg, runtime)
+        if valid_rows is not None and t.eval_interval and step % t.eval_interval == 0:
+            row["valid_loss"] = evaluate(trainable, valid_rows, cfg, runtime)
         metrics.log(step, row)
         last = step == t.max_steps
-        if last and valid_set is not None and "valid_loss" not in row:
-            metrics.log(step, {"valid_loss": evaluate(trainable, valid_set, cfg, runtime)})
+        if last and valid_rows is not None and "valid_loss" not in row:
+            metrics.log(step, {"valid_loss": evaluate(trainable, valid_rows, cfg, runtime)})
         if common.checkpoint_or_stop(cfg, step, lambda at: save(at, consumed), preemption, runtime, metrics):
             code = common.PREEMPTED_EXIT_CODE
             break
@@ -122,14 +124,22 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     return code
 
 
+def _valid_rows(valid_set, cfg: Config, runtime: ParallelRuntime):
+    """The held-out rows this rank evaluates, chosen before any step; None (with a warning) when the
+    split cannot fill one evaluation: SFT still trains, only valid_loss is missing."""
+    if valid_set is None:
+        return None
+    try:
+        return valid_set.blocks.select(common.eval_indices(len(valid_set), cfg, runtime.dp_rank))
+    except ConfigError as err:
+        log.warning("no valid_loss: %s", err)
+        return None
+
+
 @torch.no_grad()
-def evaluate(trainable: Trainable, dataset: SFTDataset, cfg: Config, runtime: ParallelRuntime) -> float:
-    """Token-mean loss over the first `train.eval_batches` micro-batches of each DP rank's share."""
+def evaluate(trainable: Trainable, rows, cfg: Config, runtime: ParallelRuntime) -> float:
+    """Token-mean loss over this rank's held-out rows (`common.eval_indices`), all DP ranks."""
     t = cfg.train
-    per_rank = max(1, len(dataset) // cfg.parallel.dp)
-    start = runtime.dp_rank * per_rank
-    idx = list(range(start, start + min(per_rank, t.eval_batches * t.micro_batch_size)))
-    rows = dataset.blocks.select(idx)
     trainable.eval()
     reports = run_schedule(trainable.chunks, micro_batches(rows, t.micro_batch_size), lm_forward_step,
                            seq_len=cfg.data.seq_len, micro_batch_size=t.micro_batch_size, forward_only=True)
