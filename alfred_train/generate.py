@@ -175,27 +175,21 @@ def run_template(ckpt: Path) -> str:
 
 
 def _load_policy(args, ckpt: Path, parallel, runtime):
-    from alfred_train.checkpoint import load_models
     from alfred_train.data.tokenizer import load_tokenizer
-    from alfred_train.kernels.backends import choose_backend
-    from alfred_train.models.build import ModelShape, build_model
-    from alfred_train.stages.common import TINY_TOKENIZER, unwrap
+    from alfred_train.models.build import unwrap
+    from alfred_train.models.from_checkpoint import (build_from_checkpoint, checkpoint_shape,
+                                                     checkpoint_tokenizer, load_meta)
 
-    state = json.loads((ckpt / "meta.json").read_text()).get("state", {})
-    if "model" not in state:
-        raise ConfigError(f"{ckpt}: meta.json has no state.model (model shape); use a checkpoint written "
-                          "by an alfred-train stage or convert")
-    shape = ModelShape(**state["model"])
-    tokenizer = load_tokenizer(args.tokenizer or state.get("tokenizer") or TINY_TOKENIZER)
-    if tokenizer.vocab_size != shape.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, the checkpoint's model {shape.vocab_size}: "
+    path, meta = load_meta(ckpt)
+    tokenizer = load_tokenizer(args.tokenizer or checkpoint_tokenizer(meta))
+    vocab = checkpoint_shape(path, meta).vocab_size
+    if tokenizer.vocab_size != vocab:  # checked before any weight is read
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, the checkpoint's model {vocab}: "
                           "pass the training tokenizer with --tokenizer")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and not runtime.cpu)
-    chunks = build_model(shape, parallel, kind="lm", bf16=bf16, backend=choose_backend(args.attention_backend),
-                         device=runtime.device)
-    models = [unwrap(c) for c in chunks]
-    load_models(ckpt, {args.model: (models, None)})
-    return models, shape, tokenizer
+    chunks, shape, _ = build_from_checkpoint(path, parallel, runtime, name=args.model, kind="lm",
+                                             backend_name=args.attention_backend, bf16=bf16)
+    return [unwrap(c) for c in chunks], shape, tokenizer
 
 
 def _run_worker(args, parallel) -> int:

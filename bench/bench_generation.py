@@ -59,7 +59,8 @@ def timed(fn) -> float:
 def measure(name, shape, runtime, *, batch, prompt_len, new_tokens, bf16, seed, repeats=3):
     from alfred_train.kernels.backends import choose_backend
     from alfred_train.models.build import build_model
-    from alfred_train.ppo.generation import SamplingParams, generate, generate_full_reforward, unwrap
+    from alfred_train.models.build import unwrap
+    from alfred_train.ppo.generation import SamplingParams, generate, generate_full_reforward
 
     chunks = [unwrap(c) for c in build_model(shape, Layout(), kind="lm", bf16=bf16, backend=choose_backend("sdpa"),
                                              device=runtime.device, seed=seed)]

@@ -81,15 +81,11 @@ def export_tokenizer(state: dict, out_dir: Path):
 
 def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: str | None = None,
                 dtype: str = "auto", max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    from alfred_train import checkpoint
+    from alfred_train.models.from_checkpoint import checkpoint_shape, load_meta
 
-    ckpt = checkpoint.resolve_checkpoint(ckpt_dir)
-    meta = json.loads((ckpt / "meta.json").read_text())
+    ckpt, meta = load_meta(ckpt_dir)
     state = meta.get("state") or {}
-    if "model" not in state:
-        raise ConfigError(f"{ckpt}: meta.json has no state.model (the model shape); "
-                          "re-save it with a stage that records it")
-    shape = ModelShape(**state["model"])
+    shape = checkpoint_shape(ckpt, meta)
     name = pick_model(meta, model)
     kind = "scalar" if name in SCALAR_MODELS else "lm"
     dtype = {"auto": state.get("dtype", "float32"), "fp32": "float32", "bf16": "bfloat16",

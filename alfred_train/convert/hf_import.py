@@ -119,7 +119,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, runtime, *, tp: int, pp
     from alfred_train.config import ParallelConfig
     from alfred_train.kernels.backends import choose_backend
     from alfred_train.models.build import build_model
-    from alfred_train.stages.common import unwrap
+    from alfred_train.models.build import unwrap
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     plan = plan_import(hf_dir, kind, dtype)

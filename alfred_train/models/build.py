@@ -150,6 +150,13 @@ def build_model(shape: ModelShape, parallel_cfg, *, kind: str, bf16: bool, backe
     return chunks
 
 
+def unwrap(chunk):
+    """The innermost GPTModel of a DDP / Float16Module wrapped chunk."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 # ---------------------------------------------------------------------------------------------
 # Deterministic, layout-independent initialization.
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from alfred_train import checkpoint
+from alfred_train.errors import ConfigError
 from alfred_train.models.build import ModelShape, build_model
 
-TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "assets" / "tiny_sp.model"
 
 
 def load_meta(ckpt: str | Path) -> tuple[Path, dict]:
@@ -17,22 +17,29 @@ def load_meta(ckpt: str | Path) -> tuple[Path, dict]:
     return path, json.loads((path / "meta.json").read_text())
 
 
-def checkpoint_shape(meta: dict) -> ModelShape:
-    return ModelShape(**meta["state"]["model"])
+def checkpoint_shape(path: Path, meta: dict) -> ModelShape:
+    state = meta.get("state") or {}
+    if "model" not in state:
+        raise ConfigError(f"{path}: meta.json has no state.model (the model shape); use a checkpoint written "
+                          "by an alfred-train stage or convert")
+    return ModelShape(**state["model"])
 
 
 def checkpoint_tokenizer(meta: dict) -> str:
-    return meta["state"].get("tokenizer") or str(TINY_TOKENIZER)
+    from alfred_train.data.corpus import TINY_SP_MODEL_PATH
+
+    return (meta.get("state") or {}).get("tokenizer") or str(TINY_SP_MODEL_PATH)
 
 
 def build_from_checkpoint(ckpt: str | Path, parallel_cfg, runtime, *, name: str = "policy",
-                          backend_name: str = "auto", bf16: bool = False):
-    """(chunks, shape, meta): model `name` of the checkpoint, built at `parallel_cfg`, weights loaded."""
+                          kind: str | None = None, backend_name: str = "auto", bf16: bool = False):
+    """(chunks, shape, meta): model `name` of the checkpoint, built at `parallel_cfg`, weights loaded.
+    kind: "lm" or "scalar"; by default "lm" for the policy and "scalar" for any other model."""
     from alfred_train.kernels.backends import choose_backend
 
     path, meta = load_meta(ckpt)
-    shape = checkpoint_shape(meta)
-    kind = "lm" if name == "policy" else "scalar"
+    shape = checkpoint_shape(path, meta)
+    kind = kind or ("lm" if name == "policy" else "scalar")
     chunks = build_model(shape, parallel_cfg, kind=kind, bf16=bf16, backend=choose_backend(backend_name),
                          device=runtime.device, seed=None)
     checkpoint.load_models(path, {name: (chunks, None)})

@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from alfred_train.errors import ConfigError
 from alfred_train.kernels.logprobs import vocab_parallel_logprobs_and_entropy
+from alfred_train.models.build import unwrap
 
 PADDED_VOCAB_LOGIT = -1e9  # finite "minus infinity" for the log-prob kernel (exp -> 0, no NaN)
 
@@ -142,13 +143,6 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, *, step: int, voca
 
 
 # --------------------------------------------------------------------------- pipeline stage I/O
-
-def unwrap(chunk) -> torch.nn.Module:
-    """The innermost GPTModel of a DDP / Float16Module wrapped chunk."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
 
 def _single_chunk(chunks) -> torch.nn.Module:
     if len(chunks) != 1:

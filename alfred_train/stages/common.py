@@ -13,12 +13,12 @@ import torch.distributed as dist
 
 from alfred_train import checkpoint
 from alfred_train.config import Config, dump_yaml
+from alfred_train.data.corpus import TINY_SP_MODEL_PATH as TINY_TOKENIZER
 from alfred_train.data.tokenizer import load_tokenizer
 from alfred_train.errors import ConfigError
 from alfred_train.models.build import ModelShape, build_model, resolve_shape
 from alfred_train.parallel.init import ParallelRuntime
 
-TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "assets" / "tiny_sp.model"
 PREEMPTED_EXIT_CODE = 3  # a checkpoint was written on SIGUSR1/SIGTERM: requeue and resume
 
 
@@ -77,13 +77,6 @@ def resume_dir(cfg: Config) -> Path | None:
     if mode == "auto":
         return checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints")
     return checkpoint.resolve_checkpoint(mode)
-
-
-def unwrap(chunk):
-    """The innermost GPTModel of a DDP / Float16Module wrapped chunk."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def load_records(cfg: Config, synthetic_records, parse, read_jsonl):

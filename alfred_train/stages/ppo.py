@@ -28,6 +28,7 @@ from alfred_train.ppo import math as ppo_math
 from alfred_train.ppo.experience import Models, compute_advantages, generate_rollouts, score_rollouts
 from alfred_train.ppo.generation import SamplingParams
 from alfred_train.ppo.update import policy_forward_step, value_forward_step
+from alfred_train.models.build import unwrap
 from alfred_train.stages import common
 from alfred_train.training import Trainable, build_optimizer, build_scheduler, restore_scheduler, wrap_ddp
 
@@ -87,7 +88,7 @@ def build_models(cfg: Config, runtime, shape, backend, bf16: bool):
     policy = Trainable(policy_chunks, policy_opt, build_scheduler(policy_opt, cfg.optim, steps_policy), runtime)
     value = Trainable(value_chunks, value_opt, build_scheduler(value_opt, cfg.optim, steps_value, lr=o.value_lr),
                       runtime)
-    models = Models(policy=[common.unwrap(c) for c in policy_chunks], value=[common.unwrap(c) for c in value_chunks],
+    models = Models(policy=[unwrap(c) for c in policy_chunks], value=[unwrap(c) for c in value_chunks],
                     reference=reference, reward=reward)
     return policy, value, models
 

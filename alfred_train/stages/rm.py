@@ -37,6 +37,7 @@ from alfred_train.errors import ConfigError
 from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.models.from_checkpoint import load_meta
 from alfred_train.parallel.init import ParallelRuntime
+from alfred_train.models.build import unwrap
 from alfred_train.stages import common
 from alfred_train.training import (Trainable, build_optimizer, build_scheduler, reduce_reports,
                                    restore_scheduler, run_schedule, wrap_ddp)
@@ -135,7 +136,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     chunks = wrap_ddp(chunks, zero=cfg.parallel.zero)
     optimizer = build_optimizer(chunks, cfg.optim, bf16=bf16, zero=cfg.parallel.zero)
     trainable = Trainable(chunks, optimizer, build_scheduler(optimizer, cfg.optim, t.max_steps), runtime)
-    models = {MODEL_NAME: ([common.unwrap(c) for c in chunks], optimizer)}
+    models = {MODEL_NAME: ([unwrap(c) for c in chunks], optimizer)}
 
     template = get_template(cfg.data.template)
     train_pairs, valid_pairs = load_preference_pairs(cfg)

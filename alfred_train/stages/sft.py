@@ -18,6 +18,7 @@ from alfred_train.data.templates import get_template
 from alfred_train.errors import ConfigError
 from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.parallel.init import ParallelRuntime
+from alfred_train.models.build import unwrap
 from alfred_train.stages import common
 from alfred_train.training import (Trainable, build_optimizer, build_scheduler, reduce_reports,
                                    restore_scheduler, run_schedule, wrap_ddp)
@@ -62,7 +63,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     chunks = wrap_ddp(chunks, zero=cfg.parallel.zero)
     optimizer = build_optimizer(chunks, cfg.optim, bf16=bf16, zero=cfg.parallel.zero)
     trainable = Trainable(chunks, optimizer, build_scheduler(optimizer, cfg.optim, t.max_steps), runtime)
-    models = {MODEL_NAME: ([common.unwrap(c) for c in chunks], optimizer)}
+    models = {MODEL_NAME: ([unwrap(c) for c in chunks], optimizer)}
 
     train_ex, valid_ex = load_sft_examples(cfg)
     template = get_template(cfg.data.template)
