@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import random
 import signal
@@ -16,9 +18,10 @@ from alfred_train.config import Config, dump_yaml
 from alfred_train.data.corpus import TINY_SP_MODEL_PATH as TINY_TOKENIZER
 from alfred_train.data.tokenizer import load_tokenizer
 from alfred_train.errors import ConfigError
-from alfred_train.models.build import ModelShape, build_model, resolve_shape
+from alfred_train.models.build import ModelShape, build_model, resolve_shape, unwrap
 from alfred_train.parallel.init import ParallelRuntime
 
+log = logging.getLogger("alfred_train")
 PREEMPTED_EXIT_CODE = 3  # a checkpoint was written on SIGUSR1/SIGTERM: requeue and resume
 
 
@@ -67,6 +70,51 @@ def make_model(cfg: Config, runtime: ParallelRuntime, shape: ModelShape, *, kind
 
 def shape_for(cfg: Config, tokenizer) -> ModelShape:
     return resolve_shape(cfg.model, tokenizer.vocab_size)
+
+
+def build_trainable(cfg: Config, runtime: ParallelRuntime, shape: ModelShape, backend, *, kind: str,
+                    total_steps: int, lr: float | None = None):
+    """A seeded model (`kind` "lm" or "scalar") wrapped in megatron DDP, with its own optimizer and
+    LR schedule over `total_steps` optimizer steps (peak `lr`, default optim.lr)."""
+    from alfred_train.training import Trainable, build_optimizer, build_scheduler, wrap_ddp
+
+    chunks = wrap_ddp(make_model(cfg, runtime, shape, kind=kind, backend=backend, seed=cfg.train.seed),
+                      zero=cfg.parallel.zero)
+    optimizer = build_optimizer(chunks, cfg.optim, lr=lr, bf16=use_bf16(cfg, runtime), zero=cfg.parallel.zero)
+    return Trainable(chunks, optimizer, build_scheduler(optimizer, cfg.optim, total_steps, lr=lr), runtime)
+
+
+def _saved(trainables: dict) -> dict:
+    return {name: ([unwrap(c) for c in t.chunks], t.optimizer) for name, t in trainables.items()}
+
+
+def save(cfg: Config, runtime: ParallelRuntime, step: int, trainables: dict, shape: ModelShape, stage: str,
+         **state) -> None:
+    """Checkpoint the named trainables (weights, optimizers, `<name>_scheduler`, `<name>_steps`) with
+    the stage's own `state`, the model shape and the tokenizer (enough to rebuild from it alone)."""
+    for name, t in trainables.items():
+        state[f"{name}_scheduler"], state[f"{name}_steps"] = t.scheduler.state_dict(), t.steps
+    state.update(stage=stage, model=dataclasses.asdict(shape), tokenizer=tokenizer_path(cfg))
+    checkpoint.save_checkpoint(Path(cfg.run.dir) / "checkpoints", step, _saved(trainables), state, runtime,
+                               cfg.checkpoint.keep, layout(cfg))
+
+
+def resume(cfg: Config, runtime: ParallelRuntime, trainables: dict) -> tuple[int, dict] | None:
+    """Per `checkpoint.resume`: restore the named trainables exactly as `save` wrote them, and this
+    rank's RNG states; returns (step, the stage's saved state), or None when starting fresh."""
+    from alfred_train.training import restore_scheduler
+
+    path = resume_dir(cfg)
+    if path is None:
+        return None
+    meta = checkpoint.load_models(path, _saved(trainables), strict_layout=layout(cfg))
+    state = meta["state"]
+    for name, t in trainables.items():
+        restore_scheduler(t.scheduler, state[f"{name}_scheduler"])
+        t.steps = state[f"{name}_steps"]
+    checkpoint.load_rng(path, runtime.rank)
+    log.info("resumed from %s at step %d", path, meta["step"])
+    return meta["step"], state
 
 
 def resume_dir(cfg: Config) -> Path | None:

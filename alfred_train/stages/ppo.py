@@ -30,7 +30,7 @@ from alfred_train.ppo.generation import SamplingParams
 from alfred_train.ppo.update import policy_forward_step, value_forward_step
 from alfred_train.models.build import unwrap
 from alfred_train.stages import common
-from alfred_train.training import Trainable, build_optimizer, build_scheduler, restore_scheduler, wrap_ddp
+from alfred_train.training import Trainable
 
 log = logging.getLogger("alfred_train")
 MAX_PROMPT_TOKENS = 512
@@ -70,25 +70,17 @@ def _offload(chunks, device):
         c.to(device)
 
 
-def build_models(cfg: Config, runtime, shape, backend, bf16: bool):
+def build_models(cfg: Config, runtime, shape, backend):
     """(policy Trainable, value Trainable, Models): four separate networks, seeded, not yet loaded.
     The value model is its own network with its own optimizer and schedule (DESIGN.md decision 4)."""
     o, t = cfg.ppo, cfg.train
-
-    def build(kind):
-        return common.make_model(cfg, runtime, shape, kind=kind, backend=backend, seed=t.seed)
-
-    policy_chunks = wrap_ddp(build("lm"), zero=cfg.parallel.zero)
-    value_chunks = wrap_ddp(build("scalar"), zero=cfg.parallel.zero)
-    reference, reward = _frozen(build("lm")), _frozen(build("scalar"))
-    steps_policy = t.max_steps * o.policy_epochs * o.policy_steps_per_epoch
-    steps_value = t.max_steps * o.value_epochs * o.value_steps_per_epoch
-    policy_opt = build_optimizer(policy_chunks, cfg.optim, bf16=bf16, zero=cfg.parallel.zero)
-    value_opt = build_optimizer(value_chunks, cfg.optim, lr=o.value_lr, bf16=bf16, zero=cfg.parallel.zero)
-    policy = Trainable(policy_chunks, policy_opt, build_scheduler(policy_opt, cfg.optim, steps_policy), runtime)
-    value = Trainable(value_chunks, value_opt, build_scheduler(value_opt, cfg.optim, steps_value, lr=o.value_lr),
-                      runtime)
-    models = Models(policy=[unwrap(c) for c in policy_chunks], value=[unwrap(c) for c in value_chunks],
+    policy = common.build_trainable(cfg, runtime, shape, backend, kind="lm",
+                                    total_steps=t.max_steps * o.policy_epochs * o.policy_steps_per_epoch)
+    value = common.build_trainable(cfg, runtime, shape, backend, kind="scalar", lr=o.value_lr,
+                                   total_steps=t.max_steps * o.value_epochs * o.value_steps_per_epoch)
+    reference = _frozen(common.make_model(cfg, runtime, shape, kind="lm", backend=backend, seed=t.seed))
+    reward = _frozen(common.make_model(cfg, runtime, shape, kind="scalar", backend=backend, seed=t.seed))
+    models = Models(policy=[unwrap(c) for c in policy.chunks], value=[unwrap(c) for c in value.chunks],
                     reference=reference, reward=reward)
     return policy, value, models
 
@@ -101,26 +93,18 @@ def run(cfg: Config, runtime) -> int:
     tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
     backend = common.attention_backend(cfg, runtime)
-    bf16 = common.use_bf16(cfg, runtime)
-
-    policy, value, models = build_models(cfg, runtime, shape, backend, bf16)
+    policy, value, models = build_models(cfg, runtime, shape, backend)
     checkpoint.load_models(o.policy_init, {"policy": (models.reference, None)})
     checkpoint.load_models(o.reward_init, {"reward": (models.reward, None)})
     kl_ctl = ppo_math.AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.adaptive_kl \
         else ppo_math.FixedKLController(o.kl_coef)
-    saved = {"policy": (models.policy, policy.optimizer), "value": (models.value, value.optimizer)}
+    trainables = {"policy": policy, "value": value}
     step, consumed, bad_steps = 0, 0, 0
-    resume = common.resume_dir(cfg)
-    if resume is not None:
-        meta = checkpoint.load_models(resume, saved, strict_layout=common.layout(cfg))
-        s = meta["state"]
-        restore_scheduler(policy.scheduler, s["policy_scheduler"])
-        restore_scheduler(value.scheduler, s["value_scheduler"])
-        kl_ctl.load_state_dict(s["kl_controller"])
-        step, consumed, bad_steps = meta["step"], s["consumed_prompts"], s["bad_steps"]
-        policy.steps, value.steps = s["policy_steps"], s["value_steps"]
-        checkpoint.load_rng(resume, runtime.rank)
-        log.info("resumed from %s at iteration %d", resume, step)
+    resumed = common.resume(cfg, runtime, trainables)
+    if resumed is not None:
+        step, state = resumed
+        kl_ctl.load_state_dict(state["kl_controller"])
+        consumed, bad_steps = state["consumed_prompts"], state["bad_steps"]
     else:
         checkpoint.load_models(o.policy_init, {"policy": (models.policy, None)})
         checkpoint.load_models(o.reward_init, {"value=reward": (models.value, None)})
@@ -135,12 +119,8 @@ def run(cfg: Config, runtime) -> int:
     common_args = dict(eod_id=tokenizer.eod_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
 
     def save(at_step):
-        state = {"policy_scheduler": policy.scheduler.state_dict(), "value_scheduler": value.scheduler.state_dict(),
-                 "kl_controller": kl_ctl.state_dict(), "consumed_prompts": consumed, "bad_steps": bad_steps,
-                 "policy_steps": policy.steps, "value_steps": value.steps, "stage": "ppo",
-                 "model": _shape_dict(shape), "tokenizer": common.tokenizer_path(cfg)}
-        checkpoint.save_checkpoint(run_dir / "checkpoints", at_step, saved, state, runtime, cfg.checkpoint.keep,
-                                   common.layout(cfg))
+        common.save(cfg, runtime, at_step, trainables, shape, "ppo", kl_controller=kl_ctl.state_dict(),
+                    consumed_prompts=consumed, bad_steps=bad_steps)
 
     def evaluate(tag_step):
         return evaluate_policy(models, runtime, eval_prompts, params, o, tokenizer, t.seed, common_args,
@@ -283,8 +263,3 @@ def _write_samples(run_dir, step, rollout, tokenizer, runtime, n: int) -> None:
                                 "response": tokenizer.decode(_response_tokens(rollout, b, tokenizer.eod_id)),
                                 "score": float(rollout.scores[b])}) + "\n")
 
-
-def _shape_dict(shape) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(shape)

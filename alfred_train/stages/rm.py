@@ -39,8 +39,7 @@ from alfred_train.models.from_checkpoint import load_meta
 from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.models.build import unwrap
 from alfred_train.stages import common
-from alfred_train.training import (Trainable, build_optimizer, build_scheduler, reduce_reports,
-                                   restore_scheduler, run_schedule, wrap_ddp)
+from alfred_train.training import Trainable, reduce_reports, run_schedule
 
 log = logging.getLogger("alfred_train")
 MODEL_NAME = "reward"
@@ -131,12 +130,8 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
     backend = common.attention_backend(cfg, runtime)
-    bf16 = common.use_bf16(cfg, runtime)
-    chunks = common.make_model(cfg, runtime, shape, kind="scalar", backend=backend, seed=t.seed)
-    chunks = wrap_ddp(chunks, zero=cfg.parallel.zero)
-    optimizer = build_optimizer(chunks, cfg.optim, bf16=bf16, zero=cfg.parallel.zero)
-    trainable = Trainable(chunks, optimizer, build_scheduler(optimizer, cfg.optim, t.max_steps), runtime)
-    models = {MODEL_NAME: ([unwrap(c) for c in chunks], optimizer)}
+    trainable = common.build_trainable(cfg, runtime, shape, backend, kind="scalar", total_steps=t.max_steps)
+    trainables = {MODEL_NAME: trainable}
 
     template = get_template(cfg.data.template)
     train_pairs, valid_pairs = load_preference_pairs(cfg)
@@ -145,23 +140,16 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     valid_set = [encode(p) for p in valid_pairs]
 
     step, consumed = 0, 0
-    resume = common.resume_dir(cfg)
-    if resume is not None:
-        meta = checkpoint.load_models(resume, models, strict_layout=common.layout(cfg))
-        restore_scheduler(trainable.scheduler, meta["state"]["scheduler"])
-        step, consumed = meta["step"], meta["state"]["consumed_samples"]
-        trainable.steps = step
-        checkpoint.load_rng(resume, runtime.rank)
-        log.info("resumed from %s at step %d", resume, step)
+    resumed = common.resume(cfg, runtime, trainables)
+    if resumed is not None:
+        step, state = resumed
+        consumed = state["consumed_samples"]
     elif cfg.rm.init or cfg.checkpoint.init:
-        init_from(cfg, models[MODEL_NAME][0], shape)
-        optimizer.reload_model_params()  # bf16 / ZeRO keep fp32 main copies of the weights: refresh them
+        init_from(cfg, [unwrap(c) for c in trainable.chunks], shape)
+        trainable.optimizer.reload_model_params()  # bf16 / ZeRO keep fp32 main copies of the weights: refresh them
 
     def save(at_step, consumed_samples):
-        state = {"scheduler": trainable.scheduler.state_dict(), "consumed_samples": consumed_samples,
-                 "stage": "rm", "model": dataclasses.asdict(shape), "tokenizer": common.tokenizer_path(cfg)}
-        return checkpoint.save_checkpoint(run_dir / "checkpoints", at_step, models, state, runtime,
-                                          cfg.checkpoint.keep, common.layout(cfg))
+        common.save(cfg, runtime, at_step, trainables, shape, "rm", consumed_samples=consumed_samples)
 
     valid_batches = micro_batches(valid_set, common.eval_indices(len(valid_set), cfg, runtime.dp_rank),
                                   t.micro_batch_size, tokenizer, cfg.data.seq_len) if valid_set else []

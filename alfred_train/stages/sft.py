@@ -20,8 +20,7 @@ from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.models.build import unwrap
 from alfred_train.stages import common
-from alfred_train.training import (Trainable, build_optimizer, build_scheduler, reduce_reports,
-                                   restore_scheduler, run_schedule, wrap_ddp)
+from alfred_train.training import Trainable, reduce_reports, run_schedule
 
 log = logging.getLogger("alfred_train")
 MODEL_NAME = "policy"  # SFT checkpoints hold the policy that PPO starts from
@@ -58,12 +57,8 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
     backend = common.attention_backend(cfg, runtime)
-    bf16 = common.use_bf16(cfg, runtime)
-    chunks = common.make_model(cfg, runtime, shape, kind="lm", backend=backend, seed=t.seed)
-    chunks = wrap_ddp(chunks, zero=cfg.parallel.zero)
-    optimizer = build_optimizer(chunks, cfg.optim, bf16=bf16, zero=cfg.parallel.zero)
-    trainable = Trainable(chunks, optimizer, build_scheduler(optimizer, cfg.optim, t.max_steps), runtime)
-    models = {MODEL_NAME: ([unwrap(c) for c in chunks], optimizer)}
+    trainable = common.build_trainable(cfg, runtime, shape, backend, kind="lm", total_steps=t.max_steps)
+    trainables = {MODEL_NAME: trainable}
 
     train_ex, valid_ex = load_sft_examples(cfg)
     template = get_template(cfg.data.template)
@@ -73,23 +68,16 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     valid_rows = _valid_rows(valid_set, cfg, runtime)
 
     step, consumed = 0, 0
-    resume = common.resume_dir(cfg)
-    if resume is not None:
-        meta = checkpoint.load_models(resume, models, strict_layout=common.layout(cfg))
-        restore_scheduler(trainable.scheduler, meta["state"]["scheduler"])
-        step, consumed = meta["step"], meta["state"]["consumed_samples"]
-        trainable.steps = step
-        checkpoint.load_rng(resume, runtime.rank)
-        log.info("resumed from %s at step %d", resume, step)
+    resumed = common.resume(cfg, runtime, trainables)
+    if resumed is not None:
+        step, state = resumed
+        consumed = state["consumed_samples"]
     elif cfg.checkpoint.init:
-        checkpoint.load_models(cfg.checkpoint.init, {MODEL_NAME: (models[MODEL_NAME][0], None)})
-        optimizer.reload_model_params()  # bf16: refresh the fp32 main copies from the loaded weights
+        checkpoint.load_models(cfg.checkpoint.init, {MODEL_NAME: ([unwrap(c) for c in trainable.chunks], None)})
+        trainable.optimizer.reload_model_params()  # bf16: refresh the fp32 main copies from the loaded weights
 
     def save(at_step, consumed_samples):
-        state = {"scheduler": trainable.scheduler.state_dict(), "consumed_samples": consumed_samples,
-                 "stage": "sft", "model": _shape_dict(shape), "tokenizer": common.tokenizer_path(cfg)}
-        return checkpoint.save_checkpoint(run_dir / "checkpoints", at_step, models, state, runtime,
-                                          cfg.checkpoint.keep, common.layout(cfg))
+        common.save(cfg, runtime, at_step, trainables, shape, "sft", consumed_samples=consumed_samples)
 
     metrics = MetricsLogger(run_dir, enabled=runtime.is_main, total_steps=t.max_steps, start_step=step,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="sft",
@@ -147,8 +135,3 @@ def evaluate(trainable: Trainable, rows, cfg: Config, runtime: ParallelRuntime) 
     sums = reduce_reports(reports, runtime)
     return sums["loss"] / max(sums["tokens"], 1.0)
 
-
-def _shape_dict(shape) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(shape)

@@ -39,7 +39,7 @@ def main():
     checkpoint.save_checkpoint(out / "sft" / "checkpoints", 1, {"policy": (lm, None)}, state, runtime, 1, common.layout(cfg))
     checkpoint.save_checkpoint(out / "rm" / "checkpoints", 1, {"reward": (scalar, None)}, state, runtime, 1, common.layout(cfg))
 
-    policy, value, models = ppo.build_models(cfg, runtime, shape, backend, bf16=False)
+    policy, value, models = ppo.build_models(cfg, runtime, shape, backend)
     checkpoint.load_models(out / "sft", {"policy": (models.policy, None)})
     checkpoint.load_models(out / "sft", {"policy": (models.reference, None)})
     checkpoint.load_models(out / "rm", {"reward": (models.reward, None)})
