@@ -15,17 +15,8 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
-
-
-@dataclass(frozen=True)
-class Layout:  # the fields build_model reads from ParallelConfig
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None
-    sequence_parallel: bool = False
 
 
 def tiny_shape(max_seq_len: int):
@@ -57,12 +48,12 @@ def timed(fn) -> float:
 
 
 def measure(name, shape, runtime, *, batch, prompt_len, new_tokens, bf16, seed, repeats=3):
+    from alfred_train.config import ParallelConfig
     from alfred_train.kernels.backends import choose_backend
-    from alfred_train.models.build import build_model
-    from alfred_train.models.build import unwrap
+    from alfred_train.models.build import build_model, unwrap
     from alfred_train.ppo.generation import SamplingParams, generate, generate_full_reforward
 
-    chunks = [unwrap(c) for c in build_model(shape, Layout(), kind="lm", bf16=bf16, backend=choose_backend("sdpa"),
+    chunks = [unwrap(c) for c in build_model(shape, ParallelConfig(), kind="lm", bf16=bf16, backend=choose_backend("sdpa"),
                                              device=runtime.device, seed=seed)]
     params = [p.numel() for c in chunks for p in c.parameters()]
     gen = torch.Generator().manual_seed(0)

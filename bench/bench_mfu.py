@@ -23,19 +23,10 @@ import argparse
 import gc
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 
 H100_BF16_PEAK = 989e12  # FLOP/s, dense (the datasheet's 1979 counts 2:4 sparsity)
-
-
-@dataclass(frozen=True)
-class Layout:  # the fields build_model reads from ParallelConfig
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None
-    sequence_parallel: bool = False
 
 
 def tinyllama_shape(seq_len: int):
@@ -84,12 +75,12 @@ def sync(runtime) -> None:
 
 
 def build_trainable(shape, backend, runtime, bf16: bool, steps: int):
-    from alfred_train.config import OptimConfig
+    from alfred_train.config import OptimConfig, ParallelConfig
     from alfred_train.models.build import build_model
     from alfred_train.training import Trainable, build_optimizer, build_scheduler, wrap_ddp
 
     optim_cfg = OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=2)
-    chunks = build_model(shape, Layout(), kind="lm", bf16=bf16, backend=backend, device=runtime.device, seed=None)
+    chunks = build_model(shape, ParallelConfig(), kind="lm", bf16=bf16, backend=backend, device=runtime.device, seed=None)
     n_matmul = matmul_param_count(chunks, shape)
     chunks = wrap_ddp(chunks, zero=False)
     optimizer = build_optimizer(chunks, optim_cfg, bf16=bf16, zero=False)
