@@ -112,6 +112,11 @@ def run_stage(args) -> int:
     if launch.launcher == "single" and cfg.world_size > 1:
         from alfred_train.parallel.spawn import spawn_local
 
+        if args.command == "ppo":  # its config errors before any worker starts (each worker checks again)
+            from alfred_train.ppo.checks import preflight
+
+            preflight(cfg, dry_run=False)
+
         argv = [args.command, config, *overrides]
         return spawn_local(argv, cfg.world_size)
     return _run_worker(cfg, args.command)

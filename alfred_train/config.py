@@ -71,10 +71,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    # Schedule unit: optimizer steps for SFT and RM; PPO *iterations* for PPO, for the policy and the
+    # value model alike (the value model's 8 steps per iteration share one rate; with ppo.value_lr
+    # unset its rate at iteration k equals the policy's), as the Alfred recipe counts them.
     lr: float = 1e-3  # peak learning rate after warm-up
     min_lr: float = 1e-4  # floor reached at the end of the decay
-    warmup_steps: int = 10
-    decay_steps: Optional[int] = None  # None: train.max_steps
+    warmup_steps: int = 10  # steps (SFT/RM) or PPO iterations from 0 to lr
+    decay_steps: Optional[int] = None  # steps or PPO iterations from 0 to the floor; None: train.max_steps
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -146,9 +149,21 @@ class PPOConfig:
     clip_value: float = 0.2
     whiten_advantages: bool = True
     whiten_rewards: bool = False
-    score_on_eod: bool = True  # no EOD in the response: score read at the last token anyway
+    # score_on_eod: the RM reads its score at the response's EOD; a response cut at max_new_tokens
+    # without one gets an EOD appended for scoring (the input the RM was trained on). False: the
+    # score is read at the last response token, whatever it is.
+    score_on_eod: bool = True
+    missing_eod_penalty: Optional[float] = None  # subtracted from the score of a response without EOD (TRL's missing_eos_penalty)
     max_new_tokens: int = 16  # continuation max length
     min_new_tokens: int = 0
+    # max_prompt_tokens: a longer prompt keeps BOS and its last tokens (the template's answer cue) and
+    # is counted in the `prompts_cut` metric. None: model.max_seq_len - max_new_tokens (- 1 for the
+    # EOD appended with score_on_eod). prompt + response (+ EOD) must fit model.max_seq_len.
+    max_prompt_tokens: Optional[int] = None
+    # Sampling. The old/new/reference log-probs of the PPO ratio and KL use logits / temperature, the
+    # distribution the rollouts were drawn from (as TRL, OpenRLHF, verl). top_k / top_p truncate the
+    # sampler only: the log-probs are of the full tempered softmax, so with them on the sampled
+    # tokens' probabilities are slightly understated (the same approximation those trainers make).
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off

@@ -235,6 +235,11 @@ def describe(cfg: Config, stage: str) -> str:
         raise ConfigError(f"stage {stage!r}: expected one of {', '.join(STAGE_MODELS)}")
     validate(cfg, world_size=cfg.world_size)
     _check_launch(cfg)
+    unchecked = []
+    if stage == "ppo":  # the same checks `alfred-train ppo` runs before it builds a model
+        from alfred_train.ppo.checks import preflight
+
+        unchecked = preflight(cfg, dry_run=True)[2]
     p = cfg.parallel
     shape = resolve_shape(cfg.model, _vocab_size(cfg))
     _check_shards(shape, p.tp)
@@ -284,7 +289,7 @@ def describe(cfg: Config, stage: str) -> str:
             lines.append("  ppo.offload_frozen: reference and reward weights leave the GPU between phases")
     lines.append("  Activations, temporary buffers and the CUDA context are not included.")
     if stage == "ppo":
-        lines += ["", _ppo_line(cfg)]
+        lines += ["", _ppo_line(cfg)] + [f"  not checked here: {note}" for note in unchecked]
     return "\n".join(lines)
 
 
@@ -296,4 +301,4 @@ def _ppo_line(cfg: Config) -> str:
             f"policy {o.policy_epochs} epoch(s) x {o.policy_steps_per_epoch} step(s), "
             f"value {o.value_epochs} epoch(s) x {o.value_steps_per_epoch} step(s); "
             f"lr {opt.lr:g} (value {o.value_lr or opt.lr:g}) -> {opt.min_lr:g}, {opt.schedule} over "
-            f"{opt.decay_steps or cfg.train.max_steps} steps after {opt.warmup_steps} warm-up")
+            f"{opt.decay_steps or cfg.train.max_steps} iterations after {opt.warmup_steps} warm-up (both models)")

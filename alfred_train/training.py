@@ -81,13 +81,18 @@ def wrap_ddp(chunks, *, zero: bool):
 
 @dataclass
 class Trainable:
-    """Model chunks (DDP-wrapped), their optimizer and LR schedule, and the step count."""
+    """Model chunks (DDP-wrapped), their optimizer and LR schedule, and the step count.
+
+    schedule_per_step: the LR schedule advances after each successful optimizer step (SFT, RM);
+    False: the caller advances it (`advance_schedule`), PPO once per iteration for both models.
+    """
 
     chunks: list
     optimizer: object
     scheduler: object
     runtime: ParallelRuntime
     steps: int = 0
+    schedule_per_step: bool = True
 
     @property
     def config(self):
@@ -127,11 +132,17 @@ class Trainable:
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             ok = bool(ok) and bool(torch.isfinite(torch.tensor(grad_norm)))
         if ok:
-            self.scheduler.step(increment=1)
+            if self.schedule_per_step:
+                self.scheduler.step(increment=1)
             self.steps += 1
         return StepResult(loss=loss, tokens=int(tokens), grad_norm=grad_norm,
                           lr=lr, ok=ok,
                           reports={k: v / tokens for k, v in sums.items()})
+
+
+    def advance_schedule(self) -> None:
+        """One unit of the LR schedule (a PPO iteration) done: the next uses lr(unit + 1)."""
+        self.scheduler.step(increment=1)
 
 
 def run_schedule(chunks, micro_batches: list, forward_step: Callable, *, seq_len: int,

@@ -6,12 +6,18 @@
     sdpa                      kernels.attention.SDPAAttention            local spec
     eager                     megatron DotProductAttention               local spec
     auto                      te if `transformer_engine.pytorch` imports, else flash if
-                              `flash_attn` imports and CUDA is available, else sdpa
+                              `flash_attn` imports and CUDA is available, else sdpa;
+                              with needs_padding_mask (PPO): sdpa
 
 A backend that was asked for by name and cannot run is a `ConfigError` naming the extra to
 install; nothing falls back silently. The model builder reads `backend.core_attention` into a
 layer spec's `self_attention.submodules.core_attention` slot, or uses the TE spec when
 `backend.uses_te_spec`.
+
+Padding masks: te (megatron's TE spec builds its layers with the causal mask type) and flash
+(`flash_attn_func`, causal only) ignore the (B, 1, sq, sk) padding mask; sdpa and eager apply it.
+PPO's rollouts are left-padded, so PPO asks for `needs_padding_mask=True`: `auto` then never picks
+te or flash, and PPO's config check (ppo.checks) refuses them by name before anything is built.
 """
 
 from __future__ import annotations
@@ -102,12 +108,19 @@ _PROBES = {
 }
 
 
-def choose_backend(requested: str) -> AttentionBackend:
-    """Resolve `model.attention_backend` (auto|te|flash|sdpa|eager) to one backend and log it."""
+PADDING_MASK_BACKENDS = ("sdpa", "eager")  # the backends that apply a padding attention_mask
+
+
+def choose_backend(requested: str, *, needs_padding_mask: bool = False) -> AttentionBackend:
+    """Resolve `model.attention_backend` (auto|te|flash|sdpa|eager) to one backend and log it.
+    needs_padding_mask: the caller passes padding masks (PPO's left-padded rollouts)."""
     if requested not in BACKEND_NAMES:
         raise ConfigError(
             f"model.attention_backend={requested!r} is unknown: use one of {', '.join(BACKEND_NAMES)}"
         )
+    if needs_padding_mask and requested not in PADDING_MASK_BACKENDS + ("auto",):
+        raise ConfigError(f"model.attention_backend: {requested} ignores padding masks, which this stage "
+                          "needs; set model.attention_backend=sdpa or eager")
     if requested != "auto":
         probe = _PROBES[requested]
         reason = probe.unavailable()
@@ -120,8 +133,8 @@ def choose_backend(requested: str) -> AttentionBackend:
         logger.info("attention backend: %s (requested)", backend.name)
         return backend
 
-    skipped = []
-    for name in ("te", "flash"):
+    skipped = ["te, flash: no padding mask"] if needs_padding_mask else []
+    for name in () if needs_padding_mask else ("te", "flash"):
         reason = _PROBES[name].unavailable()
         if reason is None:
             backend = _PROBES[name].build()

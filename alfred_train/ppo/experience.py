@@ -1,8 +1,9 @@
 """One PPO iteration's experience: generate rollouts, score them, estimate advantages.
 
     prompts (this DP rank's share) --generate (policy, KV cache)--> Rollout(prompt, response)
-      --score--> old_logprobs, entropy [policy], ref_logprobs [reference], values [value model],
-                 scores [reward model at the last response token, EOD]
+      --score--> old_logprobs, entropy [policy], ref_logprobs [reference] (logits / temperature),
+                 values [value model], scores [reward model at the response's EOD; with
+                 score_on_eod an EOD is appended for scoring to a response cut without one]
       --advantages--> rewards = -beta * kl + score at the last token; GAE; whitening over DP
 
 Every function here is collective over the model-parallel group of the models it runs.
@@ -60,20 +61,47 @@ def generate_rollouts(policy, runtime, prompts: list[list[int]], params: Samplin
                    response_ids=torch.cat([p[2] for p in parts]), response_mask=torch.cat([p[3] for p in parts]))
 
 
+def scoring_input(rollout: Rollout, *, eod_id: int, pad_id: int, score_on_eod: bool):
+    """(sequences (B, L'), attention mask (B, L'), score positions (B,), ends_with_eod (B,) bool): what
+    the reward model reads. A row whose response ends at EOD is scored there. A row cut at
+    max_new_tokens without EOD is scored at its last token, or, with `score_on_eod`, at an EOD
+    appended for scoring (the input the RM was trained on): then L' = P + T + 1, else L' = P + T."""
+    seqs, mask = rollout.sequences(), rollout.attention_mask()  # (B, P + T) each
+    last = rollout.last_token_positions()  # (B,)
+    ends_with_eod = (seqs.gather(1, last[:, None])[:, 0] == eod_id) & rollout.response_mask.bool().any(1)  # (B,)
+    if not score_on_eod or bool(ends_with_eod.all()):
+        return seqs, mask, last, ends_with_eod
+    seqs = torch.nn.functional.pad(seqs, (0, 1), value=pad_id)  # (B, P + T + 1)
+    mask = torch.nn.functional.pad(mask, (0, 1), value=0)
+    append = ~ends_with_eod  # (B,)
+    at = torch.where(append, last + 1, last)  # (B,)
+    rows = append.nonzero()[:, 0]
+    seqs[rows, at[rows]] = eod_id
+    mask[rows, at[rows]] = 1
+    return seqs, mask, at, ends_with_eod
+
+
 @torch.no_grad()
-def score_rollouts(models: Models, runtime, rollout: Rollout, *, micro_batch: int, vocab_size: int):
-    """Fill old_logprobs, ref_logprobs, values, scores; also return the policy's entropy (B, T)."""
+def score_rollouts(models: Models, runtime, rollout: Rollout, *, micro_batch: int, vocab_size: int, eod_id: int,
+                   pad_id: int, temperature: float = 1.0, score_on_eod: bool = True,
+                   missing_eod_penalty: float | None = None):
+    """Fill old_logprobs, ref_logprobs (both under logits / temperature, the sampling distribution),
+    values, scores (the RM's, minus `missing_eod_penalty` for a response without EOD); also return
+    the policy's entropy (B, T)."""
     seqs, mask, p = rollout.sequences(), rollout.attention_mask(), rollout.prompt_len
     old_logprobs, entropy = sequence_logprobs(models.policy, runtime, seqs, mask, p, vocab_size=vocab_size,
-                                              micro_batch_size=micro_batch)
+                                              micro_batch_size=micro_batch, temperature=temperature)
     ref_logprobs, _ = sequence_logprobs(models.reference, runtime, seqs, mask, p, vocab_size=vocab_size,
-                                        micro_batch_size=micro_batch)
+                                        micro_batch_size=micro_batch, temperature=temperature)
     values = sequence_values(models.value, runtime, seqs, mask, p, micro_batch_size=micro_batch)
-    scores = score_at_eod(models.reward, runtime, seqs, mask, rollout.last_token_positions(),
-                          micro_batch_size=micro_batch)
+    rm_seqs, rm_mask, at, ends_with_eod = scoring_input(rollout, eod_id=eod_id, pad_id=pad_id,
+                                                        score_on_eod=score_on_eod)
+    scores = score_at_eod(models.reward, runtime, rm_seqs, rm_mask, at, micro_batch_size=micro_batch).cpu()
+    if missing_eod_penalty:
+        scores = scores - missing_eod_penalty * (~ends_with_eod).float()  # (B,)
     cpu = torch.device("cpu")
     rollout = rollout.replace(old_logprobs=old_logprobs.to(cpu), ref_logprobs=ref_logprobs.to(cpu),
-                              values=values.to(cpu), scores=scores.to(cpu))
+                              values=values.to(cpu), scores=scores)
     return rollout, entropy.to(cpu)
 
 

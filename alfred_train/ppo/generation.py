@@ -354,12 +354,16 @@ def _collect(reduce, rows, output, non_loss_data=True):
     return reduce(output, rows)
 
 
-def response_logprobs(logits: torch.Tensor, targets: torch.Tensor, prompt_len: int, runtime, vocab_size: int):
-    """(logprobs, entropy), each (b, T) float32, of the response tokens `targets` (b, T) from this
-    rank's vocab-parallel logits (b, P + T, V/tp); differentiable. Logits at P-1+t predict token t;
+def response_logprobs(logits: torch.Tensor, targets: torch.Tensor, prompt_len: int, runtime, vocab_size: int,
+                      temperature: float = 1.0):
+    """(logprobs, entropy), each (b, T) float32, of the response tokens `targets` (b, T) under
+    softmax(logits / temperature) (the sampling distribution before top-k / top-p) from this rank's
+    vocab-parallel logits (b, P + T, V/tp); differentiable. Logits at P-1+t predict token t;
     padded-vocabulary ids (>= vocab_size) get probability 0."""
     seq = logits.shape[1]
     shard = logits[:, prompt_len - 1:seq - 1]  # (b, T, Vs)
+    if temperature != 1.0:
+        shard = shard / temperature
     start = runtime.tp_rank * shard.shape[-1]
     if start + shard.shape[-1] > vocab_size:
         padded = torch.arange(start, start + shard.shape[-1], device=shard.device) >= vocab_size  # (Vs,)
@@ -368,18 +372,20 @@ def response_logprobs(logits: torch.Tensor, targets: torch.Tensor, prompt_len: i
 
 
 def sequence_logprobs(chunks, runtime, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                      *, vocab_size: int, micro_batch_size: int | None = None):
+                      *, vocab_size: int, micro_batch_size: int | None = None, temperature: float = 1.0):
     """log p(response token t) and the entropy of the distribution it was drawn from: (B, T) each.
 
     sequences (B, L) = cat(prompt_ids, response_ids), attention_mask (B, L) 1 on real tokens,
     T = L - prompt_len. Uses the vocab-parallel logits at positions P-1 .. L-2 (no full-vocabulary
-    gather); ids >= vocab_size (vocabulary padding) get probability 0, as in sampling. float32.
+    gather); ids >= vocab_size (vocabulary padding) get probability 0, as in sampling; logits are
+    divided by `temperature` (the sampling temperature: PPO's ratio and KL use that distribution). float32.
     """
     batch, seq = sequences.shape
     targets_all = sequences.to(runtime.device)[:, prompt_len:]  # (B, T)
 
     def reduce(logits, rows):  # logits (b, L, V/tp)
-        logprobs, entropy = response_logprobs(logits, targets_all[rows], prompt_len, runtime, vocab_size)
+        logprobs, entropy = response_logprobs(logits, targets_all[rows], prompt_len, runtime, vocab_size,
+                                              temperature)
         return torch.stack([logprobs, entropy], dim=-1)  # (b, T, 2)
 
     out = _score(chunks, runtime, sequences, attention_mask, reduce, (batch, seq - prompt_len, 2), micro_batch_size)

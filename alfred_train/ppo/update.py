@@ -22,7 +22,8 @@ def _inputs(rollout, device):
     return seqs, position_ids_from_mask(real), attention_mask_for(real, seqs.shape[1])
 
 
-def policy_forward_step(runtime, *, clip: float, vocab_size: int):
+def policy_forward_step(runtime, *, clip: float, vocab_size: int, temperature: float = 1.0):
+    """New log-probs under logits / temperature: the distribution old_logprobs were scored with."""
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         seqs, positions, mask = _inputs(mb, runtime.device)
@@ -30,7 +31,8 @@ def policy_forward_step(runtime, *, clip: float, vocab_size: int):
         return logits, partial(_policy_loss, mb.to(runtime.device))
 
     def _policy_loss(mb, logits):
-        logprobs, entropy = response_logprobs(logits, mb.response_ids, mb.prompt_len, runtime, vocab_size)
+        logprobs, entropy = response_logprobs(logits, mb.response_ids, mb.prompt_len, runtime, vocab_size,
+                                              temperature)
         mask = mb.response_mask.float()  # (b, T)
         loss, stats = ppo_math.policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, clip, num_tokens=1.0)
         tokens = mask.sum()
@@ -56,3 +58,23 @@ def value_forward_step(runtime, *, clip: float):
         return loss, tokens.to(torch.int), {"loss": loss.detach(), "tokens": tokens, "clipfrac": stats.clipfrac}
 
     return forward_step
+
+
+def minibatch_rows(batch: int, num_minibatches: int, *, first_row: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """This rank's row indices of each of the epoch's `num_minibatches` mini-batches: (batch / k,) each.
+
+    The rank holds global rows first_row .. first_row + batch - 1 of the iteration (DP ranks hold
+    contiguous shares of the global batch). Global rows are dealt in aligned groups of
+    k = num_minibatches consecutive rows (k divides every rank's share, so no group spans two ranks):
+    each group gives one row to each mini-batch, by a permutation drawn from (seed, epoch, group).
+    Mini-batch j, united over the DP ranks, is thus the same set of global rows at any DP size, and
+    its token-mean update equals the one-process run's.
+    """
+    k = num_minibatches
+    rows: list[list[int]] = [[] for _ in range(k)]
+    for g in range(batch // k):
+        group = first_row // k + g
+        key = ((seed * 1_000_003 + epoch) * 1_000_003 + group) % (2 ** 63)
+        for j, mini in enumerate(torch.randperm(k, generator=torch.Generator().manual_seed(key)).tolist()):
+            rows[mini].append(g * k + j)
+    return [torch.tensor(r, dtype=torch.long) for r in rows]

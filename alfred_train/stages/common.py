@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import random
@@ -41,6 +42,15 @@ def tokenizer_path(cfg: Config) -> str:
     return str(Path(cfg.model.tokenizer).resolve()) if cfg.model.tokenizer else str(TINY_TOKENIZER)
 
 
+def tokenizer_digest(path: str | Path) -> str:
+    """sha256 of the tokenizer file `load_tokenizer(path)` reads (a directory's tokenizer.model, else
+    its tokenizer.json): recorded in checkpoints so PPO can refuse a different tokenizer."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else path / "tokenizer.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def tokenizer_for(cfg: Config):
     return load_tokenizer(tokenizer_path(cfg))
 
@@ -73,15 +83,17 @@ def shape_for(cfg: Config, tokenizer) -> ModelShape:
 
 
 def build_trainable(cfg: Config, runtime: ParallelRuntime, shape: ModelShape, backend, *, kind: str,
-                    total_steps: int, lr: float | None = None):
+                    total_steps: int, lr: float | None = None, schedule_per_step: bool = True):
     """A seeded model (`kind` "lm" or "scalar") wrapped in megatron DDP, with its own optimizer and
-    LR schedule over `total_steps` optimizer steps (peak `lr`, default optim.lr)."""
+    LR schedule over `total_steps` units (peak `lr`, default optim.lr): optimizer steps, or with
+    schedule_per_step=False units the caller counts (PPO iterations, `Trainable.advance_schedule`)."""
     from alfred_train.training import Trainable, build_optimizer, build_scheduler, wrap_ddp
 
     chunks = wrap_ddp(make_model(cfg, runtime, shape, kind=kind, backend=backend, seed=cfg.train.seed),
                       zero=cfg.parallel.zero)
     optimizer = build_optimizer(chunks, cfg.optim, lr=lr, bf16=use_bf16(cfg, runtime), zero=cfg.parallel.zero)
-    return Trainable(chunks, optimizer, build_scheduler(optimizer, cfg.optim, total_steps, lr=lr), runtime)
+    return Trainable(chunks, optimizer, build_scheduler(optimizer, cfg.optim, total_steps, lr=lr), runtime,
+                     schedule_per_step=schedule_per_step)
 
 
 def _saved(trainables: dict) -> dict:
@@ -94,7 +106,8 @@ def save(cfg: Config, runtime: ParallelRuntime, step: int, trainables: dict, sha
     the stage's own `state`, the model shape and the tokenizer (enough to rebuild from it alone)."""
     for name, t in trainables.items():
         state[f"{name}_scheduler"], state[f"{name}_steps"] = t.scheduler.state_dict(), t.steps
-    state.update(stage=stage, model=dataclasses.asdict(shape), tokenizer=tokenizer_path(cfg))
+    state.update(stage=stage, model=dataclasses.asdict(shape), tokenizer=tokenizer_path(cfg),
+                 tokenizer_sha256=tokenizer_digest(tokenizer_path(cfg)), template=cfg.data.template)
     checkpoint.save_checkpoint(Path(cfg.run.dir) / "checkpoints", step, _saved(trainables), state, runtime,
                                cfg.checkpoint.keep, layout(cfg))
 

@@ -18,43 +18,24 @@ import torch
 from alfred_train import checkpoint
 from alfred_train.config import Config
 from alfred_train.data import synthetic
-from alfred_train.data.datasets import encode_prompt, read_prompt_jsonl
-from alfred_train.data.records import parse_prompt
 from alfred_train.data.sampler import iterate_batches
-from alfred_train.data.templates import get_template
-from alfred_train.errors import AlfredError, ConfigError
+from alfred_train.errors import AlfredError
+from alfred_train.kernels.backends import choose_backend
 from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.ppo import math as ppo_math
+from alfred_train.ppo.checks import preflight
 from alfred_train.ppo.experience import Models, compute_advantages, generate_rollouts, score_rollouts
 from alfred_train.ppo.generation import SamplingParams
-from alfred_train.ppo.update import policy_forward_step, value_forward_step
+from alfred_train.ppo.update import minibatch_rows, policy_forward_step, value_forward_step
 from alfred_train.models.build import unwrap
 from alfred_train.stages import common
 from alfred_train.training import Trainable
 
 log = logging.getLogger("alfred_train")
-MAX_PROMPT_TOKENS = 512
 
 
 class TooManyBadSteps(AlfredError):
     exit_code = 1
-
-
-def load_prompts(cfg: Config, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
-    """(train prompt ids, held-out prompt ids): the first ppo.eval_prompts records are held out."""
-    d, o = cfg.data, cfg.ppo
-    if d.prompts:
-        records = read_prompt_jsonl(d.prompts)
-    elif d.synthetic:
-        records = [parse_prompt(r, f"synthetic:{i}") for i, r in
-                   enumerate(synthetic.make_prompts(d.synthetic_size + o.eval_prompts, cfg.train.seed))]
-    else:
-        raise ConfigError("data.prompts: PPO needs a JSONL prompt set (or data.synthetic: true)")
-    template = get_template(d.template)
-    n_eval = min(o.eval_prompts, len(records) // 2)
-    held, train = records[:n_eval], records[n_eval:]
-    encode = lambda r: encode_prompt(tokenizer, template, r.context, MAX_PROMPT_TOKENS)  # noqa: E731
-    return [encode(r) for r in train], [encode(r) for r in held]
 
 
 def _frozen(chunks):
@@ -72,12 +53,14 @@ def _offload(chunks, device):
 
 def build_models(cfg: Config, runtime, shape, backend):
     """(policy Trainable, value Trainable, Models): four separate networks, seeded, not yet loaded.
-    The value model is its own network with its own optimizer and schedule (DESIGN.md decision 4)."""
+    The value model is its own network with its own optimizer and schedule (DESIGN.md decision 4).
+    Both schedules count PPO iterations (notes/rlhf-recipes.md): `run` advances them once per
+    iteration, so with ppo.value_lr unset the value rate at iteration k is the policy's."""
     o, t = cfg.ppo, cfg.train
-    policy = common.build_trainable(cfg, runtime, shape, backend, kind="lm",
-                                    total_steps=t.max_steps * o.policy_epochs * o.policy_steps_per_epoch)
+    policy = common.build_trainable(cfg, runtime, shape, backend, kind="lm", total_steps=t.max_steps,
+                                    schedule_per_step=False)
     value = common.build_trainable(cfg, runtime, shape, backend, kind="scalar", lr=o.value_lr,
-                                   total_steps=t.max_steps * o.value_epochs * o.value_steps_per_epoch)
+                                   total_steps=t.max_steps, schedule_per_step=False)
     reference = _frozen(common.make_model(cfg, runtime, shape, kind="lm", backend=backend, seed=t.seed))
     reward = _frozen(common.make_model(cfg, runtime, shape, kind="scalar", backend=backend, seed=t.seed))
     models = Models(policy=[unwrap(c) for c in policy.chunks], value=[unwrap(c) for c in value.chunks],
@@ -87,12 +70,10 @@ def build_models(cfg: Config, runtime, shape, backend):
 
 def run(cfg: Config, runtime) -> int:
     o, t = cfg.ppo, cfg.train
-    if not o.policy_init or not o.reward_init:
-        raise ConfigError("ppo.policy_init and ppo.reward_init: PPO starts from an SFT and an RM checkpoint; set both")
+    tokenizer, prompts, _ = preflight(cfg, dry_run=False)  # every config error before a model is built
     run_dir = common.prepare_run_dir(cfg, runtime)
-    tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
-    backend = common.attention_backend(cfg, runtime)
+    backend = choose_backend(cfg.model.attention_backend, needs_padding_mask=True)  # left-padded rollouts
     policy, value, models = build_models(cfg, runtime, shape, backend)
     checkpoint.load_models(o.policy_init, {"policy": (models.reference, None)})
     checkpoint.load_models(o.reward_init, {"reward": (models.reward, None)})
@@ -111,19 +92,22 @@ def run(cfg: Config, runtime) -> int:
         for trainable in (policy, value):  # bf16: refresh the fp32 main copies from the loaded weights
             trainable.optimizer.reload_model_params()
 
-    train_prompts, eval_prompts = load_prompts(cfg, tokenizer)
+    train_prompts = prompts.train
+    eval_prompts = _dp_slice(prompts.held_out, runtime.dp_rank, cfg.parallel.dp)
     batches = iterate_batches(len(train_prompts), o.rollouts_per_iter, runtime.dp_rank, cfg.parallel.dp,
                               t.seed, consumed)
     params = SamplingParams.from_ppo(o)
     kl_fn = ppo_math.kl_estimator(o.kl_estimator)
     common_args = dict(eod_id=tokenizer.eod_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
+    scoring = dict(vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod_id, pad_id=tokenizer.pad_id,
+                   temperature=o.temperature, score_on_eod=o.score_on_eod, missing_eod_penalty=o.missing_eod_penalty)
 
     def save(at_step):
         common.save(cfg, runtime, at_step, trainables, shape, "ppo", kl_controller=kl_ctl.state_dict(),
                     consumed_prompts=consumed, bad_steps=bad_steps)
 
     def evaluate(tag_step):
-        return evaluate_policy(models, runtime, eval_prompts, params, o, tokenizer, t.seed, common_args,
+        return evaluate_policy(models, runtime, eval_prompts, params, o, tokenizer, t.seed, common_args, scoring,
                                ground_truth=cfg.data.synthetic and not cfg.data.prompts)
 
     metrics = MetricsLogger(run_dir, enabled=runtime.is_main, total_steps=t.max_steps, start_step=step,
@@ -146,21 +130,26 @@ def run(cfg: Config, runtime) -> int:
         # -- score
         if o.offload_frozen:
             _offload(models.reference + models.reward, runtime.device)
-        rollout, entropy = score_rollouts(models, runtime, rollout, micro_batch=o.train_micro_batch,
-                                          vocab_size=tokenizer.vocab_size)
+        rollout, entropy = score_rollouts(models, runtime, rollout, micro_batch=o.train_micro_batch, **scoring)
         rollout, kl = compute_advantages(rollout, kl_estimator=kl_fn, beta=kl_ctl.kl_coef, gamma=o.gamma, lam=o.lam,
                                          whiten_rewards=o.whiten_rewards, whiten_advantages=o.whiten_advantages,
                                          dp_group=runtime.dp_group)
         t2 = time.perf_counter()
         # -- train
+        first_row = runtime.dp_rank * rollout.batch_size  # this rank's rows in the iteration's global batch
         policy_reports = _update(policy, rollout, o.policy_epochs, o.policy_steps_per_epoch, o.train_micro_batch,
-                                 policy_forward_step(runtime, clip=o.clip_policy, vocab_size=tokenizer.vocab_size),
-                                 seed=t.seed + step)
+                                 policy_forward_step(runtime, clip=o.clip_policy, vocab_size=tokenizer.vocab_size,
+                                                     temperature=o.temperature),
+                                 seed=t.seed + step, first_row=first_row)
         value_reports = _update(value, rollout, o.value_epochs, o.value_steps_per_epoch, o.train_micro_batch,
-                                value_forward_step(runtime, clip=o.clip_value), seed=t.seed + 7919 * (step + 1))
+                                value_forward_step(runtime, clip=o.clip_value), seed=t.seed + 7919 * (step + 1),
+                                first_row=first_row)
+        for trainable in (policy, value):  # both schedules count PPO iterations
+            trainable.advance_schedule()
         t3 = time.perf_counter()
         step, consumed = step + 1, position.consumed_samples
         stats = rollout_stats(rollout, kl, entropy, runtime.dp_group, tokenizer.eod_id)
+        stats["prompts_cut"] = _count_cut(position.indices, prompts.cut, runtime.dp_group)
         beta = kl_ctl.kl_coef
         kl_ctl.update(stats["kl"], o.rollouts_per_iter)
         bad = policy_reports["skipped"] + value_reports["skipped"]
@@ -194,15 +183,15 @@ def run(cfg: Config, runtime) -> int:
 
 
 def _update(trainable: Trainable, rollout, epochs: int, steps_per_epoch: int, micro_batch: int, forward_step,
-            seed: int) -> dict:
-    """epochs x steps_per_epoch optimizer steps over shuffled mini-batches of this rank's rollouts;
-    returns the token-weighted mean of each report and the number of skipped (non-finite) steps."""
+            seed: int, first_row: int) -> dict:
+    """epochs x steps_per_epoch optimizer steps over random mini-batches of this rank's rollouts, the
+    same global mini-batches at any DP size (`minibatch_rows`); returns the token-weighted mean of
+    each report and the number of skipped (non-finite) steps."""
     totals, weight, skipped, lr = {}, 0.0, 0, 0.0
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(rollout.batch_size, generator=gen)
-        for mini in rollout.select(order).split(steps_per_epoch):
-            micro = mini.split(max(1, mini.batch_size // micro_batch))
+    for epoch in range(epochs):
+        for rows in minibatch_rows(rollout.batch_size, steps_per_epoch, first_row=first_row, seed=seed, epoch=epoch):
+            mini = rollout.select(rows)
+            micro = mini.split(mini.batch_size // micro_batch)  # ppo.checks: a whole number of micro-batches
             result = trainable.step(micro, forward_step, seq_len=mini.prompt_len + mini.response_len,
                                     micro_batch_size=micro[0].batch_size)
             skipped += int(not result.ok)
@@ -231,20 +220,37 @@ def rollout_stats(rollout, kl, entropy, dp_group, eod_id: int) -> dict:
             "_response_tokens": tokens}
 
 
+def _dp_slice(items: list, dp_rank: int, dp: int) -> list:
+    """DP rank `dp_rank`'s contiguous share of `items` (ppo.checks: len(items) % dp == 0)."""
+    share = len(items) // dp
+    return items[dp_rank * share:(dp_rank + 1) * share]
+
+
+def _count_cut(indices, cut: frozenset, dp_group) -> float:
+    """Prompts of this iteration's global batch that were cut at ppo.max_prompt_tokens."""
+    local = torch.tensor([float(sum(i in cut for i in indices))], dtype=torch.float64)
+    return float(ppo_math.all_reduce_sum(local, dp_group)[0])
+
+
 @torch.no_grad()
-def evaluate_policy(models: Models, runtime, prompts, params, o, tokenizer, seed, common_args, *,
+def evaluate_policy(models: Models, runtime, prompts, params, o, tokenizer, seed, common_args, scoring, *,
                     ground_truth: bool) -> dict:
-    """Mean RM score (and, for the synthetic task, the ground-truth property) on held-out prompts,
-    sampled with the training sampling parameters and a fixed seed, averaged over every rank."""
+    """Mean RM score, KL (and, for the synthetic task, the ground-truth property) on held-out prompts:
+    each DP rank samples and scores its own share (training sampling parameters, a fixed seed), and
+    the means are over every held-out prompt of every rank."""
     rollout = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=o.rollout_micro_batch,
                                 seed=seed + 99991, **common_args)
     rollout, _ = score_rollouts(models, runtime, rollout, micro_batch=min(o.train_micro_batch, len(prompts)),
-                                vocab_size=tokenizer.vocab_size)
+                                **scoring)
     kl = (rollout.old_logprobs - rollout.ref_logprobs) * rollout.response_mask  # (B, T)
-    out = {"eval_score": float(rollout.scores.mean()), "eval_kl": float(kl.sum(1).mean())}
+    sums = [rollout.scores.sum(), kl.sum(), torch.tensor(0.0), torch.tensor(float(rollout.batch_size))]
     if ground_truth:  # the synthetic task's checkable property, next to what the RM believes
         responses = [tokenizer.decode(_response_tokens(rollout, b, tokenizer.eod_id)) for b in range(rollout.batch_size)]
-        out["eval_property"] = sum(synthetic.property_score(r) for r in responses) / len(responses)
+        sums[2] = torch.tensor(float(sum(synthetic.property_score(r) for r in responses)))
+    score, kl_sum, prop, n = ppo_math.all_reduce_sum(torch.stack(sums).double(), runtime.dp_group).tolist()
+    out = {"eval_score": score / n, "eval_kl": kl_sum / n}
+    if ground_truth:
+        out["eval_property"] = prop / n
     return out
 
 

@@ -1,0 +1,192 @@
+"""Everything PPO can check before a model is built: one `preflight` for `--dry-run` and the real run.
+
+A config `--dry-run` calls valid must not fail later for a reason the config holds, so the dry run
+and `stages.ppo.run` call the same function. It raises a one-line `ConfigError` (exit 2) naming the
+key to change:
+
+  * layout: one model chunk per rank (no parallel.vpp) and no sequence parallelism in rollout
+    generation; an attention backend that honours the left-padding mask (sdpa, eager);
+  * batches: the rollouts of one DP rank (rollouts_per_iter / dp) split into generation batches
+    (rollout_micro_batch), scoring/update micro-batches (train_micro_batch) and policy / value
+    mini-batches (steps_per_epoch), each mini-batch a whole number of micro-batches; the held-out
+    prompts split over DP ranks into whole micro-batches;
+  * lengths: prompt (max_prompt_tokens) + response (max_new_tokens) + the EOD appended for scoring
+    fit model.max_seq_len;
+  * files (read, never a model): enough prompts for one iteration after the held-out ones; the
+    tokenizer and the template recorded in the SFT and RM checkpoints equal the run's.
+
+The dry run checks the files it can reach and says which it could not (placeholders such as
+/fsx/... on a laptop); the real run requires them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from alfred_train.config import Config
+from alfred_train.errors import ConfigError
+from alfred_train.kernels.backends import PADDING_MASK_BACKENDS
+
+log = logging.getLogger("alfred_train")
+
+
+
+def prompt_token_limit(cfg: Config) -> int:
+    """ppo.max_prompt_tokens, or what model.max_seq_len leaves after the response (and its EOD)."""
+    o = cfg.ppo
+    if o.max_prompt_tokens is not None:
+        return o.max_prompt_tokens
+    return cfg.model.max_seq_len - o.max_new_tokens - int(o.score_on_eod)
+
+
+def _fail(msg: str) -> None:
+    raise ConfigError(msg)
+
+
+def check_config(cfg: Config) -> None:
+    """The checks that need nothing but the config (see the module docstring)."""
+    o, p, m = cfg.ppo, cfg.parallel, cfg.model
+    if p.vpp:
+        _fail(f"parallel.vpp: PPO generates rollouts with one model chunk per rank; set parallel.vpp=null "
+              f"(got {p.vpp})")
+    if p.sequence_parallel:
+        _fail("parallel.sequence_parallel: PPO rollout generation does not support sequence parallelism; "
+              "set parallel.sequence_parallel=false")
+    # te (megatron's TE spec, causal mask type) and flash (causal only) ignore the padding mask:
+    # left-padded rows would attend to padding, and log-probs, values and scores would be wrong.
+    if m.attention_backend not in PADDING_MASK_BACKENDS + ("auto",):
+        _fail(f"model.attention_backend: {m.attention_backend} ignores the padding mask PPO's left-padded "
+              f"rollouts need (padded rows would attend to padding); set model.attention_backend=sdpa "
+              f"(PyTorch's fused kernels with the mask) or eager")
+    per_rank = o.rollouts_per_iter // p.dp  # config.validate: rollouts_per_iter % dp == 0
+    for key, size in [("ppo.rollout_micro_batch", o.rollout_micro_batch),
+                      ("ppo.train_micro_batch", o.train_micro_batch)]:
+        if size < 1 or per_rank % size:
+            _fail(f"{key}: the {per_rank} rollouts per DP rank (ppo.rollouts_per_iter {o.rollouts_per_iter} / "
+                  f"dp {p.dp}) do not split into batches of {size}; pick a divisor of {per_rank}")
+    for key, steps in [("ppo.policy_steps_per_epoch", o.policy_steps_per_epoch),
+                       ("ppo.value_steps_per_epoch", o.value_steps_per_epoch)]:
+        if per_rank % steps or (per_rank // steps) % o.train_micro_batch:
+            _fail(f"{key}: the {per_rank} rollouts per DP rank do not split into {steps} mini-batches of whole "
+                  f"micro-batches (ppo.train_micro_batch {o.train_micro_batch}); make rollouts_per_iter / dp a "
+                  f"multiple of {steps} x {o.train_micro_batch}")
+    if o.eval_prompts:
+        eval_per_rank = o.eval_prompts // p.dp
+        if o.eval_prompts % p.dp or eval_per_rank % min(o.train_micro_batch, eval_per_rank):
+            _fail(f"ppo.eval_prompts: {o.eval_prompts} held-out prompts do not split over dp ({p.dp}) into whole "
+                  f"micro-batches of ppo.train_micro_batch ({o.train_micro_batch}); use a multiple of "
+                  f"{p.dp * o.train_micro_batch} (or 0 to turn held-out evaluation off)")
+    if o.missing_eod_penalty is not None and o.missing_eod_penalty < 0:
+        _fail(f"ppo.missing_eod_penalty: is subtracted from the score, so it must be >= 0 (got {o.missing_eod_penalty})")
+    limit = prompt_token_limit(cfg)
+    eod = int(o.score_on_eod)
+    if limit < 2 or limit + o.max_new_tokens + eod > m.max_seq_len:
+        _fail(f"ppo.max_prompt_tokens: {limit} prompt + {o.max_new_tokens} response tokens"
+              + (" + 1 EOD for scoring" if eod else "") + f" exceed model.max_seq_len ({m.max_seq_len}) "
+              f"or leave no room for a prompt; lower ppo.max_prompt_tokens or ppo.max_new_tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: prompts and the SFT / RM checkpoints
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Encoded prompts: `train` for the iterations, `held_out` for evaluation; `cut` holds the
+    indices into `train` of prompts longer than ppo.max_prompt_tokens (kept: BOS + last tokens)."""
+
+    train: list[list[int]]
+    held_out: list[list[int]]
+    cut: frozenset[int]
+
+
+def load_prompts(cfg: Config, tokenizer) -> Prompts:
+    """The first ppo.eval_prompts records are held out; the rest must fill one iteration."""
+    from alfred_train.data import synthetic
+    from alfred_train.data.datasets import encode_prompt, read_prompt_jsonl
+    from alfred_train.data.records import parse_prompt
+    from alfred_train.data.templates import get_template
+
+    d, o = cfg.data, cfg.ppo
+    if d.prompts:
+        records = read_prompt_jsonl(d.prompts)
+    elif d.synthetic:
+        records = [parse_prompt(r, f"synthetic:{i}") for i, r in
+                   enumerate(synthetic.make_prompts(d.synthetic_size + o.eval_prompts, cfg.train.seed))]
+    else:
+        raise ConfigError("data.prompts: PPO needs a JSONL prompt set (or data.synthetic: true)")
+    source = d.prompts or "the synthetic prompts"
+    if len(records) - o.eval_prompts < o.rollouts_per_iter:
+        _fail(f"ppo.rollouts_per_iter: {source} holds {len(records)} prompts; after ppo.eval_prompts "
+              f"({o.eval_prompts}) held out, {len(records) - o.eval_prompts} are left, fewer than one iteration's "
+              f"{o.rollouts_per_iter}; add prompts or lower ppo.rollouts_per_iter / ppo.eval_prompts")
+    template, limit = get_template(d.template), prompt_token_limit(cfg)
+    encoded, cut = [], set()
+    for i, r in enumerate(records):
+        full = encode_prompt(tokenizer, template, r.context, 2 ** 62)  # BOS + every prompt token
+        if len(full) > limit:
+            full = encode_prompt(tokenizer, template, r.context, limit)  # BOS + the last tokens
+            if i >= o.eval_prompts:
+                cut.add(i - o.eval_prompts)
+        encoded.append(full)
+    if cut:
+        log.warning("%d of %d training prompts are longer than ppo.max_prompt_tokens (%d): each keeps BOS and "
+                    "its last tokens (metric prompts_cut counts them per iteration)", len(cut),
+                    len(records) - o.eval_prompts, limit)
+    return Prompts(encoded[o.eval_prompts:], encoded[:o.eval_prompts], frozenset(cut))
+
+
+def check_checkpoints(cfg: Config, tokenizer_path: str, *, required: bool) -> list[str]:
+    """ppo.policy_init and ppo.reward_init record the tokenizer and template this run uses.
+    Returns what could not be checked (only when not `required`, i.e. the dry run)."""
+    from alfred_train import checkpoint
+    from alfred_train.models.from_checkpoint import load_meta
+    from alfred_train.stages.common import tokenizer_digest
+
+    o, notes = cfg.ppo, []
+    if not o.policy_init or not o.reward_init:
+        _fail("ppo.policy_init and ppo.reward_init: PPO starts from an SFT and an RM checkpoint; set both")
+    digest = tokenizer_digest(tokenizer_path) if Path(tokenizer_path).exists() else None
+    for key, where in [("ppo.policy_init", o.policy_init), ("ppo.reward_init", o.reward_init)]:
+        try:
+            checkpoint.resolve_checkpoint(where)
+        except ConfigError:
+            if required:
+                raise ConfigError(f"{key}: {where}: no checkpoint found (expected meta.json, or a 'latest' "
+                                  "file); train the SFT / RM stage first or fix the path") from None
+            notes.append(f"{key}: {where} is not reachable here: its tokenizer and template are checked "
+                         "when the run starts, before any model is built")
+            continue
+        path, meta = load_meta(where)
+        state = meta.get("state") or {}
+        recorded = state.get("template")
+        if recorded is not None and recorded != cfg.data.template:
+            _fail(f"data.template: {cfg.data.template!r}, but {key} ({path}) was trained with {recorded!r}; "
+                  f"set data.template={recorded}")
+        theirs = state.get("tokenizer_sha256")
+        if theirs is None and state.get("tokenizer") and Path(state["tokenizer"]).exists():
+            theirs = tokenizer_digest(state["tokenizer"])
+        if theirs is not None and digest is not None and theirs != digest:
+            _fail(f"model.tokenizer: {tokenizer_path} is not the tokenizer {key} ({path}) was trained with "
+                  f"({state.get('tokenizer')}); set model.tokenizer to that one")
+    return notes
+
+
+def preflight(cfg: Config, *, dry_run: bool):
+    """All of PPO's checks, in the order a run meets them; nothing is built. Returns (tokenizer,
+    Prompts, notes on what the dry run could not reach)."""
+    from alfred_train.stages.common import tokenizer_for, tokenizer_path
+
+    check_config(cfg)
+    path = tokenizer_path(cfg)
+    if dry_run and not Path(path).exists():
+        return None, None, [f"model.tokenizer: {path} is not reachable here: the prompts and the checkpoints' "
+                            "tokenizer are checked when the run starts, before any model is built"]
+    tokenizer = tokenizer_for(cfg)
+    notes = check_checkpoints(cfg, path, required=not dry_run)
+    if dry_run and cfg.data.prompts and not Path(cfg.data.prompts).exists():
+        return tokenizer, None, notes + [f"data.prompts: {cfg.data.prompts} is not reachable here: its size and "
+                                         "prompt lengths are checked when the run starts"]
+    return tokenizer, load_prompts(cfg, tokenizer), notes
