@@ -70,7 +70,7 @@ def build_models(cfg: Config, runtime, shape, backend):
 
 def run(cfg: Config, runtime) -> int:
     o, t = cfg.ppo, cfg.train
-    tokenizer, prompts, _ = preflight(cfg, dry_run=False)  # every config error before a model is built
+    tokenizer, prompt_set, _ = preflight(cfg, dry_run=False)  # every config error before a model is built
     run_dir = common.prepare_run_dir(cfg, runtime)
     shape = common.shape_for(cfg, tokenizer)
     backend = choose_backend(cfg.model.attention_backend, needs_padding_mask=True)  # left-padded rollouts
@@ -92,8 +92,8 @@ def run(cfg: Config, runtime) -> int:
         for trainable in (policy, value):  # bf16: refresh the fp32 main copies from the loaded weights
             trainable.optimizer.reload_model_params()
 
-    train_prompts = prompts.train
-    eval_prompts = _dp_slice(prompts.held_out, runtime.dp_rank, cfg.parallel.dp)
+    train_prompts = prompt_set.train
+    eval_prompts = _dp_slice(prompt_set.held_out, runtime.dp_rank, cfg.parallel.dp)
     batches = iterate_batches(len(train_prompts), o.rollouts_per_iter, runtime.dp_rank, cfg.parallel.dp,
                               t.seed, consumed)
     params = SamplingParams.from_ppo(o)
@@ -149,7 +149,7 @@ def run(cfg: Config, runtime) -> int:
         t3 = time.perf_counter()
         step, consumed = step + 1, position.consumed_samples
         stats = rollout_stats(rollout, kl, entropy, runtime.dp_group, tokenizer.eod_id)
-        stats["prompts_cut"] = _count_cut(position.indices, prompts.cut, runtime.dp_group)
+        stats["prompts_cut"] = _count_cut(position.indices, prompt_set.cut, runtime.dp_group)
         beta = kl_ctl.kl_coef
         kl_ctl.update(stats["kl"], o.rollouts_per_iter)
         bad = policy_reports["skipped"] + value_reports["skipped"]
