@@ -1,9 +1,11 @@
-"""The PPO stage end to end on CPU: model initialization, TP=2 parity, exact resume, the
-non-finite guard, and the whole synthetic pipeline learning (shortened)."""
+"""The PPO stage end to end on CPU: model initialization, TP=2, PP=2 and DP=2 parity, learning
+rates per PPO iteration, exact resume, the non-finite guard, and the whole synthetic pipeline
+learning (shortened)."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -57,6 +59,35 @@ def test_tp2_step_equals_tp1_and_resume_is_exact(inits, tmp_path):
     assert expected <= set(rows[1]), expected - set(rows[1])
     samples = (tmp_path / "tp1" / "samples.jsonl").read_text().splitlines()
     assert {"step", "prompt", "response", "score"} <= set(json.loads(samples[0]))
+
+
+def _lr(k: int, peak: float = 5e-4, floor: float = 5e-5, warmup: int = 2, decay: int = 10) -> float:
+    """The tiny recipe's cosine schedule at PPO iteration k (megatron's formula, written out)."""
+    if k <= warmup:
+        return peak * k / warmup
+    return floor + (peak - floor) * 0.5 * (math.cos(math.pi * (k - warmup) / (decay - warmup)) + 1)
+
+
+def test_pp2_and_dp2_equal_one_process_with_schedules_in_iterations(inits, tmp_path):
+    """PP=2 and DP=2 reproduce the one-process iterations (1e-5 relative). Sampling is made
+    layout-independent with top_k=1 (the sampler's generator is per DP rank); the policy and value
+    mini-batches are the same global rows at any DP size (update.minibatch_rows)."""
+    same = ["ppo.top_k=1", "ppo.temperature=0.7", "ppo.train_micro_batch=2", "train.max_steps=3", "parallel.tp=1"]
+    _ppo(inits, tmp_path / "one", *same)
+    _ppo(inits, tmp_path / "pp2", *same, "parallel.pp=2")
+    _ppo(inits, tmp_path / "dp2", *same, "parallel.dp=2")
+    one = tmp_path / "one"
+    for layout in ("pp2", "dp2"):
+        for key in COMPARED + ["eval_score", "eval_kl", "approx_kl", "lr", "value_lr"]:
+            assert metrics(tmp_path / layout, key) == pytest.approx(metrics(one, key), rel=1e-5, abs=1e-7), \
+                (layout, key)
+    # both schedules count PPO iterations (4 value steps per iteration): the value rate equals the policy's
+    assert metrics(one, "lr") == pytest.approx([_lr(k) for k in (1, 2, 3)], rel=1e-6)
+    assert metrics(one, "value_lr") == metrics(one, "lr")
+    # the update's first step scores the log-probs the rollouts were scored with (temperature 0.7 in both)
+    assert max(abs(x) for x in metrics(one, "approx_kl")) < 1e-6 and set(metrics(one, "clipfrac")) == {0.0}
+    assert all(rate < 1 for rate in metrics(one, "eod_rate"))  # responses cut at max length: EOD appended to score
+    assert len(metrics(one, "eval_score")) == 2 and metrics(one, "prompts_cut") == [0.0] * 3
 
 
 def test_non_finite_updates_stop_the_run(tmp_path):
