@@ -123,6 +123,10 @@ def check_world_size(run: ResolvedRun) -> None:
 
     validate_common(run.launch)
     validate(run.config, world_size=run.launch.nodes * run.launch.workers_per_node)
+    if run.launch.stage == "ppo":  # PPO's config-only checks, before a job is submitted
+        from alfred_train.ppo.checks import check_config
+
+        check_config(run.config)
 
 
 def job_dir_for(run: ResolvedRun, now: _dt.datetime | None = None) -> Path:
