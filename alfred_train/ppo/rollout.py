@@ -7,10 +7,12 @@ Layout of one row (P prompt positions, T response positions):
     logits[:, i] predict sequence[:, i + 1], so the logits of response token t (and its value
     V_t, the value of the state before it) sit at sequence position P - 1 + t:
     `response_logits(logits)` = logits[:, P-1 : P-1+T]. The reward model's score is read at the
-    EOD token itself: `last_token_positions()`.
+    EOD token itself: `last_token_positions()`; a response cut at T without EOD is scored at an
+    EOD appended for scoring (ppo.score_on_eod, `experience.scoring_input`).
 
 Scoring fills old_logprobs, ref_logprobs, values and scores; advantage estimation fills
-advantages and returns. `split(n)` gives the equal-size mini-batches of one PPO iteration.
+advantages and returns. `select(rows)` takes one mini-batch (`update.minibatch_rows`), and
+`split(n)` its equal-size micro-batches.
 """
 
 from __future__ import annotations
