@@ -72,8 +72,10 @@ def _forward(chunks, ids, real):
     """Direct forward of (B, S) ids with real-token mask `real`: (B, S, ...) float64."""
     from alfred_train.ppo.generation import attention_mask_for, position_ids_from_mask
 
+    device = next(chunks[0].parameters()).device
+    ids, real = ids.to(device), real.to(device)
     with torch.no_grad():
-        return chunks[0](ids, position_ids_from_mask(real), attention_mask_for(real, ids.shape[1])).double()
+        return chunks[0](ids, position_ids_from_mask(real), attention_mask_for(real, ids.shape[1])).double().cpu()
 
 
 def _score(models, runtime, rollout, **kw):
@@ -160,6 +162,7 @@ def _sp_head_worker(rank, port):
         dist.destroy_process_group()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="two gloo processes on the CPU")
 def test_scalar_head_under_sequence_parallelism_gathers_in_eval_too():
     import torch.multiprocessing as mp
 
@@ -179,7 +182,7 @@ INSTALLED = ["sdpa", "eager"] + [name for name, module in [("te", "transformer_e
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", INSTALLED)
 def test_left_padded_row_equals_the_row_alone_for_every_installed_backend(runtime, backend):
-    """bf16 on the GPU: PPO's backends give a left-padded row the logits and scores of the row alone;
+    """On the GPU: PPO's backends give a left-padded row the logits and scores of the row alone;
     te and flash (causal masks only) are refused by PPO's config check and by the backend choice."""
     from alfred_train.config import load_config
     from alfred_train.errors import ConfigError
@@ -196,11 +199,11 @@ def test_left_padded_row_equals_the_row_alone_for_every_installed_backend(runtim
         return
     check_config(cfg)
     rollout = _rollout()
-    seqs, real = rollout.sequences().to(runtime.device), rollout.attention_mask().to(runtime.device)
+    seqs, real = rollout.sequences(), rollout.attention_mask()  # (2, 9): row 1 has 2 padding positions
     for kind in ("lm", "scalar"):
-        chunks = _build(runtime, kind, 3, backend=backend, bf16=True)
+        chunks = _build(runtime, kind, 3, backend=backend)
         batch = _forward(chunks, seqs, real)  # (2, 9, ...)
         for row in range(2):
             keep = real[row].bool()
             alone = _forward(chunks, seqs[row:row + 1, keep], real[row:row + 1, keep])[0]  # (n, ...)
-            torch.testing.assert_close(batch[row, keep], alone, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(batch[row, keep], alone, atol=1e-3, rtol=1e-3)
