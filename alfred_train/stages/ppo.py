@@ -17,8 +17,8 @@ import torch
 
 from alfred_train import checkpoint
 from alfred_train.config import Config
-from alfred_train.data import synthetic
-from alfred_train.data.datasets import encode_prompt, read_prompt_jsonl
+from alfred_train.data import mixture, synthetic
+from alfred_train.data.datasets import encode_prompt
 from alfred_train.data.records import parse_prompt
 from alfred_train.data.sampler import iterate_batches
 from alfred_train.data.templates import get_template
@@ -43,13 +43,13 @@ class TooManyBadSteps(AlfredError):
 def load_prompts(cfg: Config, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
     """(train prompt ids, held-out prompt ids): the first ppo.eval_prompts records are held out."""
     d, o = cfg.data, cfg.ppo
-    if d.prompts:
-        records = read_prompt_jsonl(d.prompts)
+    if d.prompts or (d.train and not d.synthetic):  # data.prompts, else the contexts of data.train
+        records = mixture.load_prompts(d, cfg.train.seed)
     elif d.synthetic:
         records = [parse_prompt(r, f"synthetic:{i}") for i, r in
                    enumerate(synthetic.make_prompts(d.synthetic_size + o.eval_prompts, cfg.train.seed))]
     else:
-        raise ConfigError("data.prompts: PPO needs a JSONL prompt set (or data.synthetic: true)")
+        raise ConfigError("data.prompts: PPO needs a prompt set (a file, a mixture, data.train or data.synthetic: true)")
     template = get_template(d.template)
     n_eval = min(o.eval_prompts, len(records) // 2)
     held, train = records[:n_eval], records[n_eval:]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from alfred_train import checkpoint
 from alfred_train.config import Config
 from alfred_train.data import synthetic
-from alfred_train.data.datasets import encode_preference, read_preference_jsonl
+from alfred_train.data.datasets import encode_preference
 from alfred_train.data.packing import PaddedBatch, collate_pairs
 from alfred_train.data.records import parse_preference
 from alfred_train.data.sampler import iterate_batches
@@ -75,8 +75,8 @@ def scores_at_eod(scores: torch.Tensor, eod_index: torch.Tensor) -> torch.Tensor
 # Data.
 
 def load_preference_pairs(cfg: Config):
-    """(train, valid) PreferencePair lists from JSONL files or the synthetic task."""
-    return common.load_records(cfg, synthetic.make_preference_pairs, parse_preference, read_preference_jsonl)
+    """(train, valid) PreferencePair lists from data files or the synthetic task."""
+    return common.load_records(cfg, synthetic.make_preference_pairs, parse_preference, "preference")
 
 
 def micro_batches(pairs: list[EncodedPair], indices: list[int], micro_batch_size: int, tokenizer,

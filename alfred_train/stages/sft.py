@@ -11,7 +11,6 @@ import torch
 from alfred_train import checkpoint
 from alfred_train.config import Config
 from alfred_train.data import synthetic
-from alfred_train.data.datasets import read_sft_jsonl
 from alfred_train.data.records import parse_sft
 from alfred_train.data.sft_dataset import SFTDataset
 from alfred_train.data.templates import get_template
@@ -27,8 +26,8 @@ MODEL_NAME = "policy"  # SFT checkpoints hold the policy that PPO starts from
 
 
 def load_sft_examples(cfg: Config):
-    """(train, valid) SFT example lists from JSONL files or the synthetic task."""
-    return common.load_records(cfg, synthetic.make_sft_records, parse_sft, read_sft_jsonl)
+    """(train, valid) SFT example lists from data files or the synthetic task."""
+    return common.load_records(cfg, synthetic.make_sft_records, parse_sft, "sft")
 
 
 def lm_forward_step(data_iterator, model):
