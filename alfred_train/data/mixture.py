@@ -78,12 +78,12 @@ def weighted(records: list, weight: float, rng: random.Random) -> list:
 def _mix(parts: list[tuple[SourceRecords, list]], seed: int, what: str) -> list:
     """Weight each part and, for several files, shuffle them together; logs the shares."""
     rng = random.Random(seed)
-    mixed = [(part, weighted(records, part.source.weight, rng)) for part, records in parts]
-    total = sum(len(records) for _, records in mixed)
-    for part, records in mixed:
+    mixed = [(part, len(records), weighted(records, part.source.weight, rng)) for part, records in parts]
+    total = sum(len(records) for _, _, records in mixed)
+    for part, n_read, records in mixed:
         log.info("%s: %s (%s, weight %g): %d records -> %d (%.0f%%)", what, part.source.path, part.format,
-                 part.source.weight, len(part.records), len(records), 100 * len(records) / max(total, 1))
-    out = [r for _, records in mixed for r in records]
+                 part.source.weight, n_read, len(records), 100 * len(records) / max(total, 1))
+    out = [r for _, _, records in mixed for r in records]
     if not out:
         raise ConfigError(f"{what}: the weights leave no records; raise the weights")
     if len(mixed) > 1:
