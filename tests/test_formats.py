@@ -145,7 +145,7 @@ def test_detection_by_keys_and_records_as_every_kind(tmp_path):
     with pytest.raises(ConfigError, match=r"odd.jsonl:1: cannot tell the data format from the keys \['text'\]; "
                                           r"set data.format to one of records, hh-rlhf"):
         formats.detect(fx.write(tmp_path / "odd.jsonl", [{"text": "x"}]))
-    with pytest.raises(ConfigError, match=r"unknown file type '.csv'; use .jsonl or .parquet"):
+    with pytest.raises(ConfigError, match=r"unknown file type '.csv'; use .jsonl, .jsonl.gz or .parquet"):
         formats.detect(fx.write(tmp_path / "data.csv", [{"text": "x"}]))
 
 
@@ -172,6 +172,20 @@ def test_mixture_config_weights_and_held_out_split(tmp_path, caplog):
                               ("data.train=[]", "data.train: an empty mixture")]:
         with pytest.raises(ConfigError, match=message):
             load_config(TINY_SFT, ["data.synthetic=false", override])
+
+
+def test_gzip_jsonl_and_globbed_shards_as_the_hubs_ship_them(tmp_path):
+    import gzip
+
+    rows = fx.hh_rlhf_rows(6)
+    for part in ("helpful-base", "harmless-base"):  # Anthropic/hh-rlhf: <subset>/train.jsonl.gz
+        (tmp_path / part).mkdir()
+        with gzip.open(tmp_path / part / "train.jsonl.gz", "wt", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={tmp_path}/*/train.jsonl.gz"])
+    assert len(mixture.load(cfg.data.train, "preference", cfg.data, 0, "data.train")) == 6
+    with pytest.raises(ConfigError, match=r"nowhere/\*.parquet matches no file"):
+        mixture.load(f"{tmp_path}/nowhere/*.parquet", "sft", cfg.data, 0, "data.train")
 
 
 def test_ppo_prompts_default_to_the_contexts_of_train(tmp_path):

@@ -2,6 +2,7 @@
 
     rows(path) -> iterator of Row(where, value)
         .jsonl / .json   one JSON value per non-blank line; where = "path:LINE" (from 1)
+        .jsonl.gz        the same, gzip-compressed (hh-rlhf and oasst1 ship so)
         .parquet         one mapping per table row (pyarrow); where = "path:row ROW" (from 1)
 A line that is not valid JSON comes back as a Row whose `error` says so (the caller decides whether
 that stops the run or is skipped and counted, see `records.BadRecords`). `column_names(path)` is the
@@ -10,6 +11,7 @@ first row's keys (JSONL) or the Parquet schema's names, for telling a file's for
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any, Iterator, Optional
 
 from alfred_train.errors import ConfigError
 
-JSONL_SUFFIXES = (".jsonl", ".json")
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
 PARQUET_BATCH_ROWS = 4096  # rows decoded at a time: memory stays flat on 100k-row hub shards
 
@@ -32,12 +34,13 @@ class Row:
 def _check_file(path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist; check the data.* paths in the config")
-    if path.suffix not in JSONL_SUFFIXES + PARQUET_SUFFIXES:
-        raise ConfigError(f"data file {path}: unknown file type {path.suffix!r}; use .jsonl or .parquet")
+    if not path.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
+        raise ConfigError(f"data file {path}: unknown file type {path.suffix!r}; use .jsonl, .jsonl.gz or .parquet")
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue

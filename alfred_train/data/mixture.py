@@ -7,6 +7,7 @@
         - {path: hh-rlhf/train.jsonl, weight: 0.5}     # format: data.format
         - {path: dolly-15k.jsonl, weight: 2.0}
 
+A path may be a glob (`train-*.parquet`): its files, sorted, form one entry.
 Weight = copies of a file's records per pass: 2 puts every record in twice, 0.5 a seeded half
 (floor(w) whole copies plus a seeded round((w - floor(w)) * n) of the records). The held-out split
 (`data.valid_fraction`, without data.valid) is drawn before weighting, so an up-weighted record
@@ -16,6 +17,7 @@ file keeps its order (the stages shuffle on their own). Each file's counts are l
 
 from __future__ import annotations
 
+import glob
 import logging
 import math
 import random
@@ -55,9 +57,23 @@ def check_formats(d: DataConfig, kind: Kind) -> None:
             formats.check_kind(source.format, kind, where)
 
 
+def paths(pattern: str) -> list[str]:
+    """A path, or the sorted files a glob matches (hub datasets ship shards: train-0000*-of-00010.parquet)."""
+    if not any(c in pattern for c in "*?["):
+        return [pattern]
+    found = sorted(glob.glob(pattern))
+    if not found:
+        raise ConfigError(f"data file pattern {pattern} matches no file; check the data.* paths in the config")
+    return found
+
+
 def read_source(source: DataSource, kind: Kind, d: DataConfig) -> SourceRecords:
+    """Every record of one mixture entry (all files of a glob, each read in its format)."""
     bad = BadRecords(skip=d.skip_bad_records)
-    fmt, records = formats.read(source.path, source.format or d.format, kind, bad, d.languages)
+    fmt, records = None, []
+    for path in paths(source.path):
+        fmt, found = formats.read(path, source.format or d.format, kind, bad, d.languages)
+        records += found
     if bad.found:
         log.warning("%s: skipped %d bad record(s) (data.skip_bad_records), first: %s",
                     source.path, len(bad.found), bad.found[0])
