@@ -7,6 +7,7 @@ seed recipe has something learnable. Parquet files are written with pyarrow, as 
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -17,10 +18,13 @@ from alfred_train.data.synthetic import make_preference_pairs, make_sft_records
 
 
 def write(path: Path, rows: list[dict]) -> Path:
-    """.parquet through pyarrow, anything else as JSONL."""
+    """.parquet through pyarrow, .gz as gzipped JSONL, anything else as JSONL."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
         pq.write_table(pa.Table.from_pylist(rows), path)
+    elif path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
     else:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -48,7 +48,11 @@ def sources(files: DataFiles, default_format: str) -> tuple[DataSource, ...]:
 
 
 def check_formats(d: DataConfig, kind: Kind) -> None:
-    """Explicit formats that cannot give `kind` fail at config load (before any file is read)."""
+    """What the config says about a stage's data, checked before any file is read (and by --dry-run):
+    a stage that trains on data.train has one, and explicit formats can give `kind`."""
+    if kind != "prompt" and d.train is None and not d.synthetic:
+        raise ConfigError(f"data.train: the {formats.KIND_WORDS[kind]} this stage trains on come from data.train, "
+                          "which is not set; set it to a file or a mixture (or data.synthetic: true)")
     for key, files in (("data.train", d.train), ("data.valid", d.valid), ("data.prompts", d.prompts)):
         if files is None or (key == "data.prompts") != (kind == "prompt"):
             continue
