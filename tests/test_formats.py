@@ -237,3 +237,19 @@ def test_synthetic_stages_still_read_as_before(tmp_path):
     random.Random(1234).shuffle(order)
     records = read(path, "sft")[1]
     assert valid == [records[i] for i in order[:10]] and train == [records[i] for i in order[10:]]
+
+
+def test_a_bad_record_stops_a_stage_with_one_line_and_exit_2(tmp_path):
+    from tests.helpers import run_cli
+
+    rows = fx.stack_exchange_rows(8)
+    rows[2] = {k: v for k, v in rows[2].items() if k != "response_k"}
+    path = fx.write(tmp_path / "se.parquet", rows)
+    proc = run_cli("rm", TINY_SFT, "parallel.tp=1", "data.synthetic=false", f"data.train={path}",
+                   f"run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"alfred-train: error: {path}:row 3: missing 'response_k' (stack-exchange-paired needs "
+                      "'question', 'response_j' and 'response_k' strings); fix the record or set "
+                      "data.skip_bad_records: true to skip such records"]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()  # nothing built, nothing written

@@ -126,6 +126,7 @@ def init_from(cfg: Config, chunks, shape) -> None:
 
 def run(cfg: Config, runtime: ParallelRuntime) -> int:
     t = cfg.train
+    train_pairs, valid_pairs = load_preference_pairs(cfg)  # a bad record stops the run before any model is built
     run_dir = common.prepare_run_dir(cfg, runtime)
     tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
@@ -134,7 +135,6 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     trainables = {MODEL_NAME: trainable}
 
     template = get_template(cfg.data.template)
-    train_pairs, valid_pairs = load_preference_pairs(cfg)
     encode = partial(encode_preference, tokenizer, template, max_len=cfg.data.seq_len)
     train_set = [encode(p) for p in train_pairs]
     valid_set = [encode(p) for p in valid_pairs]

@@ -52,6 +52,7 @@ def micro_batches(rows, micro_batch_size: int) -> list:
 
 def run(cfg: Config, runtime: ParallelRuntime) -> int:
     t = cfg.train
+    train_ex, valid_ex = load_sft_examples(cfg)  # a bad record stops the run before any model is built
     run_dir = common.prepare_run_dir(cfg, runtime)
     tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
@@ -59,7 +60,6 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind="lm", total_steps=t.max_steps)
     trainables = {MODEL_NAME: trainable}
 
-    train_ex, valid_ex = load_sft_examples(cfg)
     template = get_template(cfg.data.template)
     train_set = SFTDataset.build(train_ex, tokenizer, template, cfg.data.seq_len, cfg.data.pack, t.seed)
     valid_set = SFTDataset.build(valid_ex, tokenizer, template, cfg.data.seq_len, cfg.data.pack, t.seed) \
