@@ -250,6 +250,6 @@ def test_a_bad_record_stops_a_stage_with_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert errors == [f"alfred-train: error: {path}:row 3: missing 'response_k' (stack-exchange-paired needs "
-                      "'question', 'response_j' and 'response_k' strings); fix the record or set "
-                      "data.skip_bad_records: true to skip such records"]
+                      "'question', 'response_j' and 'response_k' strings) (fix it, or set "
+                      "data.skip_bad_records: true to skip such records)"]
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()  # nothing built, nothing written

@@ -57,7 +57,7 @@ class BadRecords:
 
     def add(self, message: str) -> None:
         if not self.skip:
-            raise ConfigError(f"{message}; fix the record or set data.skip_bad_records: true to skip such records")
+            raise ConfigError(f"{message} (fix it, or set data.skip_bad_records: true to skip such records)")
         self.found.append(message)
 
     def convert(self, rows: Iterable[files.Row], parse: Callable[[Any, str], Any]) -> list:
