@@ -96,6 +96,7 @@ def report(path: str, fmt: str, kind: str, template_name: str, tokenizer, langua
     if told:
         fmt = formats.detect(path)
     kind = kind or _default_kind(path, fmt)
+    formats.check_kind(fmt, kind, key=f"{path} ({fmt})")
     bad = formats.BadRecords(skip=True)
     _, records = formats.read(path, fmt, kind, bad, tuple(languages))
     template = get_template(template_name)
