@@ -5,6 +5,7 @@
     alfred-train jobs status|logs|cancel JOB --backend slurm|sagemaker
     alfred-train convert hf-to-mcore|mcore-to-hf|apply-delta ...
     alfred-train generate CKPT_DIR --prompts FILE.jsonl --output OUT.jsonl
+    alfred-train data inspect FILE [--format F] [--template T]
 
 Exit codes: 0 done, 2 bad configuration or input, 3 preempted after a checkpoint, 1 anything else.
 Without CONFIG a stage runs its embedded tiny recipe.
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true",
                        help="validate, print the layout, parameter counts and memory estimate, stop")
         p.set_defaults(func=run_stage)
-    for module in ("alfred_train.launch.cli", "alfred_train.convert.cli", "alfred_train.generate"):
+    for module in ("alfred_train.launch.cli", "alfred_train.convert.cli", "alfred_train.generate",
+                   "alfred_train.data.inspect"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ImportError:
@@ -97,12 +99,15 @@ def _split_config_arg(args) -> tuple[str | None, list[str]]:
 
 def run_stage(args) -> int:
     from alfred_train.config import default_config_path, load_config
+    from alfred_train.data.formats import STAGE_KINDS
+    from alfred_train.data.mixture import check_formats
     from alfred_train.parallel.init import detect_launch_env
 
     config, overrides = _split_config_arg(args)
     if config is None:
         config = str(default_config_path().with_name(f"tiny-{args.command}.yaml"))
     cfg = load_config(config, overrides)
+    check_formats(cfg.data, STAGE_KINDS[args.command])  # dolly cannot feed the RM: say so before any work
     if args.dry_run:
         from alfred_train.dryrun import describe
 

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -56,17 +56,35 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, gloo without
 
 
+DataFormat = Literal["auto", "records", "hh-rlhf", "oasst1", "dolly", "stack-exchange-paired"]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One file of a data mixture (`data.train: [{path: ..., format: ..., weight: ...}, ...]`)."""
+
+    path: str  # .jsonl / .json (one object per line) or .parquet, as the hubs ship them
+    format: Optional[DataFormat] = None  # None: data.format
+    weight: float = 1.0  # copies of this file per pass: 2 = every record twice, 0.5 = a seeded half
+
+
+DataFiles = Union[str, tuple[DataSource, ...]]  # one path (the form of data.format), or a mixture
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    train: Optional[str] = None  # JSONL file; None with `synthetic: true` generates the demo task
-    valid: Optional[str] = None  # JSONL file; None = hold out `valid_fraction` of train
+    train: Optional[DataFiles] = None  # file or mixture; None with `synthetic: true` generates the demo task
+    valid: Optional[DataFiles] = None  # file or mixture; None = hold out `valid_fraction` of train
     valid_fraction: float = 0.05
-    template: Literal["stackllama", "tulu", "vicuna", "plain"] = "stackllama"
+    format: DataFormat = "auto"  # auto: told by each file's keys (alfred_train/data/formats.py)
+    languages: tuple[str, ...] = ()  # oasst1: keep messages in these languages (Alfred: en fr de es it); () = all
+    skip_bad_records: bool = False  # false: a bad record stops the run (file:line, exit 2); true: skip and count
+    template: Literal["stackllama", "tulu", "vicuna", "stable-vicuna", "plain"] = "stackllama"
     seq_len: int = 64  # tokens per packed SFT sample / max tokens per RM pair member
     pack: bool = True  # SFT: concatenate examples into seq_len blocks (StackLLaMA); False pads each
     synthetic: bool = False  # generate the built-in synthetic task instead of reading files
     synthetic_size: int = 2000  # number of generated records when synthetic
-    prompts: Optional[str] = None  # PPO: JSONL prompt set (None with synthetic: generated prompts)
+    prompts: Optional[DataFiles] = None  # PPO prompt set, file or mixture (None: the contexts of data.train)
 
 
 @dataclass(frozen=True)
@@ -214,6 +232,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # e.g. data.train: a path or a list of sources; the value's shape picks
+            is_list = isinstance(value, (list, tuple))
+            inner = [a for a in inner if (typing.get_origin(a) in (tuple, list)) == is_list] or inner
         return _convert(inner[0], value, path)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -377,7 +398,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr ({cfg.optim.lr})")
     _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep: must be >= 1, got {cfg.checkpoint.keep}")
     _check(cfg.data.synthetic or cfg.data.train is not None or cfg.data.prompts is not None,
-           "data.train: no training data; set data.train to a JSONL file or data.synthetic: true")
+           "data.train: no training data; set data.train to a JSONL or Parquet file, a mixture, or data.synthetic: true")
+    for key, files in [("data.train", cfg.data.train), ("data.valid", cfg.data.valid), ("data.prompts", cfg.data.prompts)]:
+        if isinstance(files, tuple):
+            _check(len(files) > 0, f"{key}: an empty mixture; list at least one {{path: ..., weight: ...}}")
+            for i, source in enumerate(files):
+                _check(source.weight > 0, f"{key}[{i}].weight: must be > 0, got {source.weight}")
     _check(not (p.sequence_parallel and p.tp == 1), "parallel.sequence_parallel: needs parallel.tp > 1")
     o = cfg.ppo
     _check(o.rollouts_per_iter % p.dp == 0,

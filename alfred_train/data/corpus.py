@@ -22,6 +22,9 @@ from alfred_train.data.tokenizer import train_sentencepiece
 ASSETS_DIR = Path(__file__).parent / "assets"
 TINY_CORPUS_PATH = ASSETS_DIR / "tiny_corpus.txt"
 TINY_SP_MODEL_PATH = ASSETS_DIR / "tiny_sp.model"
+# The templates the shipped corpus was built with; templates added later (stable-vicuna) stay out so
+# the shipped tokenizer does not change (their text still encodes, through byte fallback if need be).
+CORPUS_TEMPLATES = ("plain", "stackllama", "tulu", "vicuna")
 TINY_VOCAB_SIZE = 512  # 4 special ids + 256 byte-fallback pieces + 252 learned pieces
 
 HAND_WRITTEN = (
@@ -95,7 +98,7 @@ def _task_examples() -> list[str]:
     lines = []
     records = make_sft_records(24, seed=11)
     for i, record in enumerate(records):
-        template = TEMPLATES[sorted(TEMPLATES)[i % len(TEMPLATES)]]
+        template = TEMPLATES[CORPUS_TEMPLATES[i % len(CORPUS_TEMPLATES)]]
         text = render_prompt(template, record)
         lines.append((text.prompt + text.response).replace("\n", " ").strip())
     for pair in make_preference_pairs(16, seed=12):

@@ -1,4 +1,5 @@
-"""JSONL readers with file:line errors, and the token encodings each stage trains on.
+"""Readers of our records form (JSONL or Parquet) with file:line errors, and the token encodings each
+stage trains on.
 
 Readers return typed records (`records.py`); a malformed line raises `ConfigError` naming the file
 and line, e.g. "data/train.jsonl:17: missing key 'response' (each line needs 'prompt' and
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
+from alfred_train.data import files
 from alfred_train.data.records import (
     Context,
     PreferencePair,
@@ -35,23 +37,14 @@ from alfred_train.errors import ConfigError
 T = TypeVar("T")
 
 
-def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, parsed object) for every non-blank line; where = "path:line"."""
-    if not path.is_file():
-        raise ConfigError(f"data file {path} does not exist; check the data.* paths in the config")
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-
-
 def _read(path: str | Path, parse: Callable[[Any, str], T]) -> list[T]:
-    records = [parse(obj, where) for where, obj in _json_lines(Path(path))]
+    """Every record of a file in our records form; the first bad one raises (see formats.py for the
+    public formats, mixtures and data.skip_bad_records)."""
+    records = []
+    for row in files.rows(path):
+        if row.error:
+            raise ConfigError(f"{row.where}: {row.error}")
+        records.append(parse(row.value, row.where))
     if not records:
         raise ConfigError(f"data file {path} has no records; add JSON lines or point the config elsewhere")
     return records

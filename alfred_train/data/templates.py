@@ -8,6 +8,7 @@ Single-turn renderings (prompt P, response R; the model is trained on R after th
     stackllama  "Question: P\n\nAnswer: "                                 (StackLLaMA, TRL)
     tulu        "<|user|>\nP\n<|assistant|>\n"   the trailing newline matters (Tulu 2 / 2.5)
     vicuna      "<VICUNA_SYSTEM> USER: P ASSISTANT:"                      (FastChat vicuna_v1.1)
+    stable-vicuna "### Human: P\n### Assistant:"                          (StableVicuna-13B, CarperAI)
     plain       "P"
 Multi-turn contexts render every earlier turn in the same style and end with the assistant cue.
 Templates are text-only and tokenizer-independent: earlier assistant turns are NOT followed by an
@@ -66,6 +67,12 @@ def _vicuna(context: Context) -> str:
     return system + " " + "".join(f"{role_names[m.role]}: {m.content} " for m in turns) + "ASSISTANT:"
 
 
+def _stable_vicuna(context: Context) -> str:
+    """StableVicuna's card: "### Human: your prompt here\n### Assistant:"; earlier replies end their line."""
+    style = {"system": "{}\n", "user": "### Human: {}\n", "assistant": "### Assistant: {}\n"}
+    return "".join(style[m.role].format(m.content) for m in context) + "### Assistant:"
+
+
 def _plain(context: Context) -> str:
     return "\n".join(m.content for m in context)
 
@@ -76,6 +83,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
         PromptTemplate("stackllama", _stackllama),
         PromptTemplate("tulu", _tulu),
         PromptTemplate("vicuna", _vicuna),
+        PromptTemplate("stable-vicuna", _stable_vicuna),
         PromptTemplate("plain", _plain),
     )
 }

@@ -104,20 +104,21 @@ class Prompts:
 
 def load_prompts(cfg: Config, tokenizer) -> Prompts:
     """The first ppo.eval_prompts records are held out; the rest must fill one iteration."""
-    from alfred_train.data import synthetic
-    from alfred_train.data.datasets import encode_prompt, read_prompt_jsonl
+    from alfred_train.data import mixture, synthetic
+    from alfred_train.data.datasets import encode_prompt
     from alfred_train.data.records import parse_prompt
     from alfred_train.data.templates import get_template
 
     d, o = cfg.data, cfg.ppo
-    if d.prompts:
-        records = read_prompt_jsonl(d.prompts)
+    if d.prompts or (d.train and not d.synthetic):  # data.prompts, else the contexts of data.train
+        records = mixture.load_prompts(d, cfg.train.seed)
+        source = "data.prompts" if d.prompts else "data.train"
     elif d.synthetic:
         records = [parse_prompt(r, f"synthetic:{i}") for i, r in
                    enumerate(synthetic.make_prompts(d.synthetic_size + o.eval_prompts, cfg.train.seed))]
+        source = "the synthetic prompts"
     else:
-        raise ConfigError("data.prompts: PPO needs a JSONL prompt set (or data.synthetic: true)")
-    source = d.prompts or "the synthetic prompts"
+        raise ConfigError("data.prompts: PPO needs a prompt set (a file, a mixture, data.train or data.synthetic: true)")
     if len(records) - o.eval_prompts < o.rollouts_per_iter:
         _fail(f"ppo.rollouts_per_iter: {source} holds {len(records)} prompts; after ppo.eval_prompts "
               f"({o.eval_prompts}) held out, {len(records) - o.eval_prompts} are left, fewer than one iteration's "

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from alfred_train import checkpoint
 from alfred_train.config import Config, dump_yaml
+from alfred_train.data import mixture
 from alfred_train.data.corpus import TINY_SP_MODEL_PATH as TINY_TOKENIZER
 from alfred_train.data.tokenizer import load_tokenizer
 from alfred_train.errors import ConfigError
@@ -140,16 +141,16 @@ def resume_dir(cfg: Config) -> Path | None:
     return checkpoint.resolve_checkpoint(mode)
 
 
-def load_records(cfg: Config, synthetic_records, parse, read_jsonl):
-    """(train, valid) records: JSONL files or the synthetic task; without data.valid a seeded
-    `data.valid_fraction` of the training records is held out."""
+def load_records(cfg: Config, synthetic_records, parse, kind):
+    """(train, valid) records of `kind` ("sft" | "preference"): data.train / data.valid (files or
+    mixtures in any data.format, see data/mixture.py) or the synthetic task; without data.valid a
+    seeded `data.valid_fraction` of the training records is held out."""
     d = cfg.data
-    if d.synthetic:
-        records = [parse(r, f"synthetic:{i}") for i, r in enumerate(synthetic_records(d.synthetic_size, cfg.train.seed))]
-    else:
-        records = read_jsonl(d.train)
+    if not d.synthetic:
+        return mixture.load_train_valid(d, kind, cfg.train.seed)
+    records = [parse(r, f"synthetic:{i}") for i, r in enumerate(synthetic_records(d.synthetic_size, cfg.train.seed))]
     if d.valid:
-        return records, read_jsonl(d.valid)
+        return records, mixture.load(d.valid, kind, d, cfg.train.seed, "data.valid")
     n_valid = int(len(records) * d.valid_fraction)
     order = list(range(len(records)))
     random.Random(cfg.train.seed).shuffle(order)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from alfred_train import checkpoint
 from alfred_train.config import Config
 from alfred_train.data import synthetic
-from alfred_train.data.datasets import encode_preference, read_preference_jsonl
+from alfred_train.data.datasets import encode_preference
 from alfred_train.data.packing import PaddedBatch, collate_pairs
 from alfred_train.data.records import parse_preference
 from alfred_train.data.sampler import iterate_batches
@@ -75,8 +75,8 @@ def scores_at_eod(scores: torch.Tensor, eod_index: torch.Tensor) -> torch.Tensor
 # Data.
 
 def load_preference_pairs(cfg: Config):
-    """(train, valid) PreferencePair lists from JSONL files or the synthetic task."""
-    return common.load_records(cfg, synthetic.make_preference_pairs, parse_preference, read_preference_jsonl)
+    """(train, valid) PreferencePair lists from data files or the synthetic task."""
+    return common.load_records(cfg, synthetic.make_preference_pairs, parse_preference, "preference")
 
 
 def micro_batches(pairs: list[EncodedPair], indices: list[int], micro_batch_size: int, tokenizer,
@@ -126,6 +126,7 @@ def init_from(cfg: Config, chunks, shape) -> None:
 
 def run(cfg: Config, runtime: ParallelRuntime) -> int:
     t = cfg.train
+    train_pairs, valid_pairs = load_preference_pairs(cfg)  # a bad record stops the run before any model is built
     run_dir = common.prepare_run_dir(cfg, runtime)
     tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
@@ -134,7 +135,6 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     trainables = {MODEL_NAME: trainable}
 
     template = get_template(cfg.data.template)
-    train_pairs, valid_pairs = load_preference_pairs(cfg)
     encode = partial(encode_preference, tokenizer, template, max_len=cfg.data.seq_len)
     train_set = [encode(p) for p in train_pairs]
     valid_set = [encode(p) for p in valid_pairs]

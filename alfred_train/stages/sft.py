@@ -11,7 +11,6 @@ import torch
 from alfred_train import checkpoint
 from alfred_train.config import Config
 from alfred_train.data import synthetic
-from alfred_train.data.datasets import read_sft_jsonl
 from alfred_train.data.records import parse_sft
 from alfred_train.data.sft_dataset import SFTDataset
 from alfred_train.data.templates import get_template
@@ -27,8 +26,8 @@ MODEL_NAME = "policy"  # SFT checkpoints hold the policy that PPO starts from
 
 
 def load_sft_examples(cfg: Config):
-    """(train, valid) SFT example lists from JSONL files or the synthetic task."""
-    return common.load_records(cfg, synthetic.make_sft_records, parse_sft, read_sft_jsonl)
+    """(train, valid) SFT example lists from data files or the synthetic task."""
+    return common.load_records(cfg, synthetic.make_sft_records, parse_sft, "sft")
 
 
 def lm_forward_step(data_iterator, model):
@@ -53,6 +52,7 @@ def micro_batches(rows, micro_batch_size: int) -> list:
 
 def run(cfg: Config, runtime: ParallelRuntime) -> int:
     t = cfg.train
+    train_ex, valid_ex = load_sft_examples(cfg)  # a bad record stops the run before any model is built
     run_dir = common.prepare_run_dir(cfg, runtime)
     tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
@@ -60,7 +60,6 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind="lm", total_steps=t.max_steps)
     trainables = {MODEL_NAME: trainable}
 
-    train_ex, valid_ex = load_sft_examples(cfg)
     template = get_template(cfg.data.template)
     train_set = SFTDataset.build(train_ex, tokenizer, template, cfg.data.seq_len, cfg.data.pack, t.seed)
     valid_set = SFTDataset.build(valid_ex, tokenizer, template, cfg.data.seq_len, cfg.data.pack, t.seed) \

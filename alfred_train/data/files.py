@@ -1,0 +1,88 @@
+"""Rows of a data file, JSONL or Parquet, each with the place a user finds it again.
+
+    rows(path) -> iterator of Row(where, value)
+        .jsonl / .json   one JSON value per non-blank line; where = "path:LINE" (from 1)
+        .jsonl.gz        the same, gzip-compressed (hh-rlhf and oasst1 ship so)
+        .parquet         one mapping per table row (pyarrow); where = "path:row ROW" (from 1)
+A line that is not valid JSON comes back as a Row whose `error` says so (the caller decides whether
+that stops the run or is skipped and counted, see `records.BadRecords`). `column_names(path)` is the
+first row's keys (JSONL) or the Parquet schema's names, for telling a file's format.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from alfred_train.errors import ConfigError
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+PARQUET_SUFFIXES = (".parquet",)
+PARQUET_BATCH_ROWS = 4096  # rows decoded at a time: memory stays flat on 100k-row hub shards
+
+
+@dataclass(frozen=True)
+class Row:
+    where: str  # "path:LINE" or "path:row ROW"
+    value: Any  # the parsed JSON value / the row as a dict; None when `error` is set
+    error: Optional[str] = None  # e.g. "invalid JSON (Expecting value at column 1)"
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"data file {path} does not exist; check the data.* paths in the config")
+    if not path.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
+        raise ConfigError(f"data file {path}: unknown file type {path.suffix!r}; use .jsonl, .jsonl.gz or .parquet")
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                yield Row(where, json.loads(line))
+            except json.JSONDecodeError as err:
+                yield Row(where, None, f"invalid JSON ({err.msg} at column {err.colno})")
+
+
+def _parquet_file(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:  # a dependency of alfred-train: only a broken install lacks it
+        raise ConfigError(f"reading {path} needs pyarrow; pip install pyarrow==26.0.1") from err
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError for a damaged file
+        raise ConfigError(f"data file {path} is not a readable Parquet file ({err})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[Row]:
+    row_no = 0
+    for batch in _parquet_file(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        for value in batch.to_pylist():
+            row_no += 1
+            yield Row(f"{path}:row {row_no}", value)
+
+
+def rows(path: str | Path) -> Iterator[Row]:
+    path = Path(path)
+    _check_file(path)
+    return _parquet_rows(path) if path.suffix in PARQUET_SUFFIXES else _jsonl_rows(path)
+
+
+def column_names(path: str | Path) -> list[str]:
+    """The keys a format is told by: Parquet schema names, or the first JSON object's keys."""
+    path = Path(path)
+    _check_file(path)
+    if path.suffix in PARQUET_SUFFIXES:
+        return list(_parquet_file(path).schema_arrow.names)
+    for row in _jsonl_rows(path):
+        if isinstance(row.value, dict):
+            return list(row.value)
+    return []

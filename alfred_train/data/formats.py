@@ -1,0 +1,271 @@
+"""Public dataset formats, read as published, turned into the typed records of `records.py`.
+
+Every format gives each kind of record a stage asks for (kind: "sft" | "preference" | "prompt"):
+
+    format                 keys it is told by                        sft             preference        prompt
+    records                prompt/messages/chosen+rejected (ours)    see records.py  see records.py    the context
+    hh-rlhf                chosen, rejected: "\n\nHuman: .. \n\nAssistant: .." transcripts
+                                                                      chosen          shared context,   the shared
+                                                                                      last turns        context
+    oasst1                 message_id, parent_id, role, text (+ lang, rank, message_tree_id: the flat
+                           message table; see oasst1.py)              best-ranked     ranked sibling    every prompter
+                                                                      thread, each    replies           message's thread
+                                                                      assistant turn
+    dolly                  instruction, context, response, category   "instruction\n\ncontext" -> response;  prompt: same
+    stack-exchange-paired  question, response_j (preferred), response_k
+                                                                      question ->     (question, j, k)  question
+                                                                      response_j
+A kind a format cannot give (dolly has no preference pairs) is a `ConfigError` naming data.format.
+`detect(path)` tells the format from the first object's keys (data.format: auto).
+
+Bad records: each conversion raises `ConfigError("<path:line>: <what the record lacks>")`; a
+`BadRecords` collector stops at the first one (exit 2) or, with data.skip_bad_records, keeps
+counting and reading.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+from alfred_train.data import files
+from alfred_train.data.records import (
+    Context,
+    Message,
+    PreferencePair,
+    PromptExample,
+    SFTExample,
+    parse_preference,
+    parse_prompt,
+    parse_sft,
+)
+from alfred_train.errors import ConfigError
+
+Kind = Literal["sft", "preference", "prompt"]
+FORMATS = ("records", "hh-rlhf", "oasst1", "dolly", "stack-exchange-paired")
+STAGE_KINDS: dict[str, Kind] = {"sft": "sft", "rm": "preference", "ppo": "prompt"}
+
+
+@dataclass
+class BadRecords:
+    """Where bad records go: raised at once (skip=False) or kept as "path:line: problem" lines."""
+
+    skip: bool
+    found: list[str] = field(default_factory=list)
+
+    def add(self, message: str) -> None:
+        if not self.skip:
+            raise ConfigError(f"{message} (fix it, or set data.skip_bad_records: true to skip such records)")
+        self.found.append(message)
+
+    def convert(self, rows: Iterable[files.Row], parse: Callable[[Any, str], Any]) -> list:
+        """parse(value, where) of every row; the rows that fail go to `add`."""
+        out = []
+        for row in rows:
+            if row.error:
+                self.add(f"{row.where}: {row.error}")
+                continue
+            try:
+                out.append(parse(row.value, row.where))
+            except ConfigError as err:
+                self.add(str(err))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Field checks shared by the row-wise formats.
+
+def _object(value: Any, where: str, form: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(value).__name__} ({form})")
+    return value
+
+
+def _text(obj: Mapping[str, Any], key: str, where: str, form: str, optional: bool = False) -> str:
+    value = obj.get(key)
+    if value is None and optional:
+        return ""
+    if key not in obj or value is None:
+        raise ConfigError(f"{where}: missing '{key}' ({form})")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: '{key}' must be a string, got {type(value).__name__} ({form})")
+    return value
+
+
+def _user(text: str) -> Context:
+    return (Message("user", text),)
+
+
+# ---------------------------------------------------------------------------------------------
+# hh-rlhf (Anthropic/hh-rlhf): two transcripts that differ only in the last assistant turn.
+
+HH_FORM = "hh-rlhf needs 'chosen' and 'rejected' transcripts of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def parse_transcript(text: str, key: str, where: str) -> tuple[Context, str]:
+    """'\\n\\nHuman: q\\n\\nAssistant: a ...' -> (context ending with a user turn, last assistant reply)."""
+    parts = _HH_TURN.split(text)  # [before, role, body, role, body, ...]
+    if parts[0].strip() or len(parts) < 5:
+        raise ConfigError(f"{where}: '{key}' is not a Human/Assistant transcript ({HH_FORM})")
+    turns = [Message("user" if role == "Human" else "assistant", body) for role, body in zip(parts[1::2], parts[2::2])]
+    for i, turn in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn.role != expected:
+            name = "Human" if expected == "user" else "Assistant"
+            raise ConfigError(f"{where}: '{key}' turn {i + 1} should be '{name}:' (turns alternate, Human first)")
+    if turns[-1].role != "assistant":
+        raise ConfigError(f"{where}: '{key}' does not end with an Assistant turn ({HH_FORM})")
+    return tuple(turns[:-1]), turns[-1].content
+
+
+def _hh_pair(value: Any, where: str) -> PreferencePair:
+    obj = _object(value, where, HH_FORM)
+    (context, chosen), (rejected_context, rejected) = (
+        parse_transcript(_text(obj, key, where, HH_FORM), key, where) for key in ("chosen", "rejected"))
+    if context != rejected_context:
+        raise ConfigError(f"{where}: 'chosen' and 'rejected' differ before their last Assistant turn ({HH_FORM})")
+    return PreferencePair(context, chosen, rejected)
+
+
+# ---------------------------------------------------------------------------------------------
+# dolly (databricks-dolly-15k): instruction, optional context passage, response.
+
+DOLLY_FORM = "dolly needs 'instruction' and 'response' strings ('context' optional)"
+
+
+def dolly_prompt(obj: Mapping[str, Any], where: str) -> str:
+    """The instruction, then the context passage after a blank line when there is one."""
+    instruction = _text(obj, "instruction", where, DOLLY_FORM)
+    context = _text(obj, "context", where, DOLLY_FORM, optional=True)
+    return f"{instruction}\n\n{context}" if context.strip() else instruction
+
+
+def _dolly_sft(value: Any, where: str) -> SFTExample:
+    obj = _object(value, where, DOLLY_FORM)
+    return SFTExample(_user(dolly_prompt(obj, where)), _text(obj, "response", where, DOLLY_FORM))
+
+
+def _dolly_prompt(value: Any, where: str) -> PromptExample:
+    return PromptExample(_user(dolly_prompt(_object(value, where, DOLLY_FORM), where)))
+
+
+# ---------------------------------------------------------------------------------------------
+# stack-exchange-paired (lvwerra/stack-exchange-paired): response_j is preferred to response_k.
+
+SE_FORM = "stack-exchange-paired needs 'question', 'response_j' and 'response_k' strings"
+
+
+def _se_pair(value: Any, where: str) -> PreferencePair:
+    obj = _object(value, where, SE_FORM)
+    question, j, k = (_text(obj, key, where, SE_FORM) for key in ("question", "response_j", "response_k"))
+    return PreferencePair(_user(question), j, k)
+
+
+def _se_sft(value: Any, where: str) -> SFTExample:
+    obj = _object(value, where, SE_FORM)
+    return SFTExample(_user(_text(obj, "question", where, SE_FORM)), _text(obj, "response_j", where, SE_FORM))
+
+
+def _se_prompt(value: Any, where: str) -> PromptExample:
+    return PromptExample(_user(_text(_object(value, where, SE_FORM), "question", where, SE_FORM)))
+
+
+# ---------------------------------------------------------------------------------------------
+# records (ours): a preference record also gives an SFT example (chosen) and a prompt (context).
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, dict) and "chosen" in value and "response" not in value
+
+
+def _records_sft(value: Any, where: str) -> SFTExample:
+    if _is_pair(value):
+        pair = parse_preference(value, where)
+        return SFTExample(pair.context, pair.chosen)
+    return parse_sft(value, where)
+
+
+def _records_prompt(value: Any, where: str) -> PromptExample:
+    if _is_pair(value):
+        return PromptExample(parse_preference(value, where).context)
+    messages = value.get("messages") if isinstance(value, dict) else None
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        return PromptExample(parse_sft(value, where).context)
+    return parse_prompt(value, where)
+
+
+def _sft_of(parse_pair):
+    """SFT example of a pair format: the context and the chosen reply."""
+    def parse(value: Any, where: str) -> SFTExample:
+        pair = parse_pair(value, where)
+        return SFTExample(pair.context, pair.chosen)
+    return parse
+
+
+def _prompt_of(parse_pair):
+    """Prompt of a pair format: the shared context."""
+    def parse(value: Any, where: str) -> PromptExample:
+        return PromptExample(parse_pair(value, where).context)
+    return parse
+
+
+ROW_PARSERS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
+    "records": {"sft": _records_sft, "preference": parse_preference, "prompt": _records_prompt},
+    "hh-rlhf": {"sft": _sft_of(_hh_pair), "preference": _hh_pair, "prompt": _prompt_of(_hh_pair)},
+    "dolly": {"sft": _dolly_sft, "prompt": _dolly_prompt},
+    "stack-exchange-paired": {"sft": _se_sft, "preference": _se_pair, "prompt": _se_prompt},
+}
+KIND_WORDS = {"sft": "SFT examples", "preference": "preference pairs", "prompt": "prompts"}
+
+
+def check_kind(fmt: str, kind: Kind, key: str = "data.format") -> None:
+    """A format that cannot give `kind` (dolly -> preference pairs) is a config error."""
+    if fmt in ROW_PARSERS and kind not in ROW_PARSERS[fmt]:
+        able = [f for f in FORMATS if f not in ROW_PARSERS or kind in ROW_PARSERS[f]]
+        raise ConfigError(f"{key}: {fmt} has no {KIND_WORDS[kind]}; use a file in one of {', '.join(able)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Telling the format, and reading a file.
+
+def format_of_keys(obj: Mapping[str, Any]) -> str | None:
+    keys = set(obj)
+    if {"message_id", "parent_id", "role", "text"} <= keys:
+        return "oasst1"
+    if {"question", "response_j", "response_k"} <= keys:
+        return "stack-exchange-paired"
+    if {"instruction", "response"} <= keys:
+        return "dolly"
+    if {"chosen", "rejected"} <= keys and not keys & {"prompt", "messages"} and isinstance(obj["chosen"], str):
+        return "hh-rlhf"
+    if keys & {"prompt", "messages", "chosen"}:
+        return "records"
+    return None
+
+
+def detect(path: str | Path) -> str:
+    """The format of `path`, told by the keys of its first object (data.format: auto)."""
+    for row in files.rows(path):
+        if isinstance(row.value, dict):
+            fmt = format_of_keys(row.value)
+            if fmt is None:
+                raise ConfigError(f"{row.where}: cannot tell the data format from the keys "
+                                  f"{sorted(row.value)}; set data.format to one of {', '.join(FORMATS)}")
+            return fmt
+    raise ConfigError(f"data file {path} has no JSON object to tell its format by; set data.format")
+
+
+def read(path: str | Path, fmt: str, kind: Kind, bad: BadRecords, languages: tuple[str, ...] = ()) -> tuple[str, list]:
+    """(format, records of `kind`) of one file; fmt "auto" is detected first."""
+    if fmt == "auto":
+        fmt = detect(path)
+        check_kind(fmt, kind, f"{path} (told by its keys)")
+    check_kind(fmt, kind)
+    if fmt == "oasst1":
+        from alfred_train.data import oasst1
+
+        return fmt, oasst1.records(files.rows(path), kind, bad, languages)
+    return fmt, bad.convert(files.rows(path), ROW_PARSERS[fmt][kind])

@@ -1,0 +1,255 @@
+"""Public dataset formats (hh-rlhf, oasst1, dolly, stack-exchange-paired) in JSONL and Parquet,
+format detection, bad records, weighted mixtures, and `alfred-train data inspect`. In-process, fast."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from alfred_train import cli
+from alfred_train.config import DataSource, load_config
+from alfred_train.data import formats, mixture
+from alfred_train.data.formats import BadRecords
+from alfred_train.data.records import Message, PreferencePair, PromptExample, SFTExample
+from alfred_train.data.templates import get_template, render_prompt
+from alfred_train.errors import ConfigError
+from tests import format_fixtures as fx
+from tests.helpers import ROOT
+
+TINY_SFT = str(ROOT / "configs" / "tiny-sft.yaml")
+U, A = "user", "assistant"
+
+
+def read(path, kind, fmt="auto", skip=False, languages=()):
+    bad = BadRecords(skip=skip)
+    found_fmt, records = formats.read(path, fmt, kind, bad, languages)
+    return found_fmt, records, bad.found
+
+
+def test_hh_rlhf_pairs_sft_and_prompts_from_jsonl_and_parquet(tmp_path):
+    row = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: A colour?\n\nAssistant: Blue.",
+           "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: A colour?\n\nAssistant: No."}
+    context = (Message(U, "Hi"), Message(A, "Hello!"), Message(U, "A colour?"))
+    for name in ("hh.jsonl", "hh.parquet"):
+        path = fx.write(tmp_path / name, [row])
+        assert read(path, "preference") == ("hh-rlhf", [PreferencePair(context, "Blue.", "No.")], [])
+        assert read(path, "sft")[1] == [SFTExample(context, "Blue.")]
+        assert read(path, "prompt")[1] == [PromptExample(context)]
+    # the reply after the last "Assistant:" keeps its inner blank lines
+    row = {"chosen": "\n\nHuman: List two.\n\nAssistant: one\n\ntwo", "rejected": "\n\nHuman: List two.\n\nAssistant: "}
+    pair = read(fx.write(tmp_path / "multi.jsonl", [row]), "preference")[1][0]
+    assert (pair.chosen, pair.rejected) == ("one\n\ntwo", "")
+
+
+def test_hh_rlhf_bad_records_name_file_line_and_can_be_skipped(tmp_path):
+    good = fx.hh_rlhf_rows(2)
+    differ = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"}
+    path = fx.write(tmp_path / "hh.jsonl", [good[0], differ, {"chosen": good[1]["chosen"]}, good[1]])
+    with pytest.raises(ConfigError) as err:
+        read(path, "preference")
+    assert str(err.value).startswith(f"{path}:2: 'chosen' and 'rejected' differ before their last Assistant turn")
+    assert "data.skip_bad_records: true" in str(err.value) and "\n" not in str(err.value)
+    fmt, records, found = read(path, "preference", skip=True)
+    assert len(records) == 2 and [f.split(": ")[0] for f in found] == [f"{path}:2", f"{path}:3"]
+    assert "missing 'rejected'" in found[1]
+    not_a_transcript = fx.write(tmp_path / "x.parquet", [{"chosen": "hello", "rejected": "there"}])
+    with pytest.raises(ConfigError, match=r"x.parquet:row 1: 'chosen' is not a Human/Assistant transcript"):
+        read(not_a_transcript, "preference", fmt="hh-rlhf")
+    two_humans = {"chosen": "\n\nHuman: a\n\nHuman: b\n\nAssistant: c", "rejected": "\n\nHuman: a\n\nAssistant: d"}
+    with pytest.raises(ConfigError, match=r"'chosen' turn 2 should be 'Assistant:'"):
+        read(fx.write(tmp_path / "y.jsonl", [two_humans]), "preference")
+
+
+def test_oasst1_best_path_threads_ranked_pairs_prompts_and_languages(tmp_path):
+    rows = fx.oasst1_rows(2)  # tree 0 in en, tree 1 in fr
+    rows.append({**rows[0], "message_id": "t0-gone", "parent_id": "t0-p", "rank": None, "text": "deleted reply",
+                 "role": "assistant", "deleted": True})
+    rows.append({**rows[0], "message_id": "t0-r2", "parent_id": "t0-p", "role": "assistant", "text": "third",
+                 "rank": 2})
+    path = fx.write(tmp_path / "oasst1.parquet", rows)
+    by_id = {r["message_id"]: r["text"] for r in rows}
+    p0, a0, b0, q0, c0 = (by_id[f"t0-{k}"] for k in "pabqc")
+    fmt, sft, _ = read(path, "sft")
+    assert fmt == "oasst1" and len(sft) == 4  # two assistant turns on each tree's best path
+    assert sft[0] == SFTExample((Message(U, p0),), a0)  # rank 0 although second in the file
+    assert sft[1] == SFTExample((Message(U, p0), Message(A, a0), Message(U, q0)), c0)
+    pairs = read(path, "preference")[1]
+    assert pairs[:3] == [PreferencePair((Message(U, p0),), a0, b0), PreferencePair((Message(U, p0),), a0, "third"),
+                         PreferencePair((Message(U, p0),), b0, "third")]  # 3 ranked replies: 3 pairs
+    assert len(pairs) == 4 and all("deleted reply" not in (p.chosen, p.rejected) for p in pairs)
+    prompts = read(path, "prompt")[1]
+    assert prompts[:2] == [PromptExample((Message(U, p0),)), PromptExample((Message(U, p0), Message(A, a0), Message(U, q0)))]
+    french = read(path, "sft", languages=("fr",))[1]
+    assert len(french) == 2 and french[0].context[0].content == by_id["t1-p"]
+
+
+def test_oasst1_bad_rows(tmp_path):
+    rows = fx.oasst1_rows(1)
+    orphan = {**rows[1], "message_id": "x", "parent_id": "nowhere"}
+    no_text = {k: v for k, v in rows[2].items() if k != "text"}
+    reply_to_reply = {**rows[1], "message_id": "y", "parent_id": rows[1]["message_id"]}
+    path = fx.write(tmp_path / "oasst1.jsonl", [*rows, orphan, no_text, reply_to_reply])
+    _, records, found = read(path, "sft", skip=True)
+    assert found == [f"{path}:7: 'text' missing (oasst1 rows need 'message_id', 'parent_id', 'role' (prompter|assistant) and 'text')",
+                     f"{path}:6: parent_id 'nowhere' is not in the file",
+                     f"{path}:8: a assistant message replies to a assistant message (roles must alternate)"]
+    assert len(records) == 2
+
+
+def test_dolly_folds_context_into_the_prompt_and_has_no_pairs(tmp_path):
+    path = fx.write(tmp_path / "dolly.jsonl", [
+        {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"},
+        {"instruction": "Say hi.", "context": "", "response": "Hi.", "category": "open_qa"}])
+    fmt, sft, _ = read(path, "sft")
+    assert fmt == "dolly" and sft == [SFTExample((Message(U, "Summarise.\n\nA long text."),), "Short."),
+                                      SFTExample((Message(U, "Say hi."),), "Hi.")]
+    assert read(path, "prompt")[1][0] == PromptExample((Message(U, "Summarise.\n\nA long text."),))
+    with pytest.raises(ConfigError, match=r"dolly.jsonl \(told by its keys\): dolly has no preference pairs; "
+                                          r"use a file in one of records, hh-rlhf, oasst1, stack-exchange-paired"):
+        read(path, "preference")
+
+
+def test_stack_exchange_paired_and_the_stackllama_template(tmp_path):
+    path = fx.write(tmp_path / "se.parquet", fx.stack_exchange_rows(3))
+    row = fx.stack_exchange_rows(3)[0]
+    fmt, pairs, _ = read(path, "preference")
+    assert fmt == "stack-exchange-paired" and pairs[0] == PreferencePair((Message(U, row["question"]),),
+                                                                         row["response_j"], row["response_k"])
+    sft = read(path, "sft")[1][0]
+    text = render_prompt(get_template("stackllama"), sft)
+    # TRL's prepare_sample_text: f"Question: {question}\n\nAnswer: {response_j}"
+    assert text.prompt + text.response == f"Question: {row['question']}\n\nAnswer: {row['response_j']}"
+    assert read(path, "prompt")[1][1] == PromptExample((Message(U, fx.stack_exchange_rows(3)[1]["question"]),))
+
+
+def test_stable_vicuna_template():
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                           {"role": "user", "content": "Bye?"}, {"role": "assistant", "content": "Bye."}]}
+    text = render_prompt(get_template("stable-vicuna"), record)
+    assert text.prompt == "### Human: Hi\n### Assistant: Hello\n### Human: Bye?\n### Assistant:"
+
+
+def test_detection_by_keys_and_records_as_every_kind(tmp_path):
+    built = {"hh-rlhf": fx.hh_rlhf_rows(2), "oasst1": fx.oasst1_rows(1), "dolly": fx.dolly_rows(2),
+             "stack-exchange-paired": fx.stack_exchange_rows(2),
+             "records": [{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                          "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}]}
+    for fmt, rows in built.items():
+        assert formats.detect(fx.write(tmp_path / f"{fmt}.parquet", rows)) == fmt
+        assert formats.detect(fx.write(tmp_path / f"{fmt}.jsonl", rows)) == fmt
+    # a chat-form pair gives an SFT example (chosen) and a prompt (context), as hh-rlhf does
+    assert read(tmp_path / "records.jsonl", "sft")[1] == [SFTExample((Message(U, "q"),), "a")]
+    assert read(tmp_path / "records.jsonl", "prompt")[1] == [PromptExample((Message(U, "q"),))]
+    with pytest.raises(ConfigError, match=r"odd.jsonl:1: cannot tell the data format from the keys \['text'\]; "
+                                          r"set data.format to one of records, hh-rlhf"):
+        formats.detect(fx.write(tmp_path / "odd.jsonl", [{"text": "x"}]))
+    with pytest.raises(ConfigError, match=r"unknown file type '.csv'; use .jsonl, .jsonl.gz or .parquet"):
+        formats.detect(fx.write(tmp_path / "data.csv", [{"text": "x"}]))
+
+
+def test_mixture_config_weights_and_held_out_split(tmp_path, caplog):
+    se = fx.write(tmp_path / "se.parquet", fx.stack_exchange_rows(40))
+    hh = fx.write(tmp_path / "hh.jsonl", fx.hh_rlhf_rows(20))
+    dolly = fx.write(tmp_path / "dolly.jsonl", fx.dolly_rows(10))
+    cfg = load_config(TINY_SFT, ["data.synthetic=false", "data.valid_fraction=0.1",
+                                 f"data.train=[{{path: {se}, weight: 0.5}}, {{path: {hh}, format: hh-rlhf, weight: 2}},"
+                                 f" {{path: {dolly}}}]"])
+    assert cfg.data.train[1] == DataSource(str(hh), "hh-rlhf", 2.0)
+    with caplog.at_level(logging.INFO, logger="alfred_train"):
+        train, valid = mixture.load_train_valid(cfg.data, "sft", seed=3)
+    # held out first (4 + 2 + 1), then weighted: 36 * 0.5 + 18 * 2 + 9 * 1
+    assert (len(train), len(valid)) == (18 + 36 + 9, 7)
+    assert not {id(r) for r in valid} & {id(r) for r in train}  # an up-weighted record never on both sides
+    assert "hh.jsonl (hh-rlhf, weight 2): 18 records -> 36 (57%)" in caplog.text
+    again, _ = mixture.load_train_valid(cfg.data, "sft", seed=3)
+    assert again == train  # seeded
+    single = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={hh}"])
+    assert single.data.train == str(hh) and len(mixture.load(single.data.train, "preference", single.data, 0, "t")) == 20
+    for override, message in [(f"data.train=[{{path: {se}, weight: 0}}]", r"data.train\[0\].weight: must be > 0"),
+                              (f"data.train=[{{path: {se}, wieght: 1}}]", r"data.train\[0\].wieght: unknown key"),
+                              ("data.train=[]", "data.train: an empty mixture")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(TINY_SFT, ["data.synthetic=false", override])
+
+
+def test_gzip_jsonl_and_globbed_shards_as_the_hubs_ship_them(tmp_path):
+    import gzip
+
+    rows = fx.hh_rlhf_rows(6)
+    for part in ("helpful-base", "harmless-base"):  # Anthropic/hh-rlhf: <subset>/train.jsonl.gz
+        (tmp_path / part).mkdir()
+        with gzip.open(tmp_path / part / "train.jsonl.gz", "wt", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={tmp_path}/*/train.jsonl.gz"])
+    assert len(mixture.load(cfg.data.train, "preference", cfg.data, 0, "data.train")) == 6
+    with pytest.raises(ConfigError, match=r"nowhere/\*.parquet matches no file"):
+        mixture.load(f"{tmp_path}/nowhere/*.parquet", "sft", cfg.data, 0, "data.train")
+
+
+def test_ppo_prompts_default_to_the_contexts_of_train(tmp_path):
+    hh = fx.write(tmp_path / "hh.parquet", fx.hh_rlhf_rows(6))
+    cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={hh}"])
+    prompts = mixture.load_prompts(cfg.data, seed=0)
+    assert len(prompts) == 6 and prompts[0].context[-1].content.startswith("Write a word list")
+
+
+def test_rm_on_dolly_is_refused_at_config_time(tmp_path, capsys):
+    dolly = fx.write(tmp_path / "dolly.jsonl", fx.dolly_rows(4))
+    code = cli.main(["rm", TINY_SFT, "data.synthetic=false", f"data.train=[{{path: {dolly}, format: dolly}}]",
+                     "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.train[0].format: dolly has no preference pairs" in err and "Traceback" not in err
+    assert cli.main(["sft", TINY_SFT, "data.synthetic=false", f"data.train={dolly}", "data.format=dolly",
+                     "--dry-run"]) == 0
+
+
+def test_data_inspect_counts_histogram_examples_and_bad_records(tmp_path, capsys):
+    rows = fx.hh_rlhf_rows(12)
+    rows[4] = {"chosen": rows[4]["chosen"]}
+    path = fx.write(tmp_path / "hh.parquet", rows)
+    code = cli.main(["data", "inspect", str(path), "--template", "tulu"])
+    out = capsys.readouterr().out
+    assert code == 2
+    assert f"{path}: format hh-rlhf (told by its keys), preference pairs, template tulu" in out
+    assert "records: 11 (1 bad, listed below)" in out
+    assert out.count("--- example") == 3 and "<|user|>\nHello.\n<|assistant|>\nHello, how can I help?\n" in out
+    assert out.count(" | ") == 10 and "median" in out
+    assert f"{path}:row 5: missing 'rejected'" in out
+    good = fx.write(tmp_path / "dolly.jsonl", fx.dolly_rows(5))
+    assert cli.main(["data", "inspect", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "format dolly (told by its keys), SFT examples" in out and "records: 5\n" in out
+    assert "Question: Write a word list" in out  # the stackllama default template
+
+
+def test_synthetic_stages_still_read_as_before(tmp_path):
+    # the single-file path keeps the old split: same seed, same held-out records
+    from alfred_train.data.synthetic import make_sft_records
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_sft_records(40, 0)))
+    cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={path}", "data.valid_fraction=0.25"])
+    train, valid = mixture.load_train_valid(cfg.data, "sft", seed=1234)
+    import random
+    order = list(range(40))
+    random.Random(1234).shuffle(order)
+    records = read(path, "sft")[1]
+    assert valid == [records[i] for i in order[:10]] and train == [records[i] for i in order[10:]]
+
+
+def test_a_bad_record_stops_a_stage_with_one_line_and_exit_2(tmp_path):
+    from tests.helpers import run_cli
+
+    rows = fx.stack_exchange_rows(8)
+    rows[2] = {k: v for k, v in rows[2].items() if k != "response_k"}
+    path = fx.write(tmp_path / "se.parquet", rows)
+    proc = run_cli("rm", TINY_SFT, "parallel.tp=1", "data.synthetic=false", f"data.train={path}",
+                   f"run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"alfred-train: error: {path}:row 3: missing 'response_k' (stack-exchange-paired needs "
+                      "'question', 'response_j' and 'response_k' strings) (fix it, or set "
+                      "data.skip_bad_records: true to skip such records)"]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()  # nothing built, nothing written
