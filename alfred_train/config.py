@@ -106,10 +106,19 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    project: str = "alfred-train"
+    name: Optional[str] = None  # the W&B run's display name (default: run.name, else the run dir's name)
+    entity: Optional[str] = None  # team or user (default: the logged-in user's)
+    mode: Literal["online", "offline"] = "online"  # offline: files under run.dir/wandb, `wandb sync` later
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     tensorboard: bool = True
     progress: bool = True  # progress bar with ETA on rank 0
     plots: bool = True  # write metrics.png at the end of the run
+    wandb: Optional[WandbConfig] = None  # also send metrics.jsonl rows and the config to Weights & Biases
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,8 @@ class PPOConfig:
     value_lr: Optional[float] = None  # None: optim.lr
     eval_prompts: int = 32  # held-out prompts scored at the start and end of the run
     samples_per_iter: int = 4  # prompt/response pairs written to samples.jsonl each iteration
+    eval_tasks: tuple[str, ...] = ()  # lm-eval task names or task YAML files run on the final policy
+    eval_limit: Optional[int] = None  # at most this many examples per eval task (None: all)
 
 
 @dataclass(frozen=True)
@@ -375,6 +386,23 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(o.temperature > 0, f"ppo.temperature: must be > 0, got {o.temperature}")
     _check(o.min_new_tokens <= o.max_new_tokens,
            f"ppo.min_new_tokens: {o.min_new_tokens} is above ppo.max_new_tokens ({o.max_new_tokens})")
+    _validate_extras(cfg)
+
+
+def _validate_extras(cfg: Config) -> None:
+    """Optional packages and files the run will need, checked before any model is built."""
+    import importlib.util
+
+    if cfg.logging.wandb is not None:
+        _check(importlib.util.find_spec("wandb") is not None,
+               "logging.wandb: the wandb package is not installed; pip install 'alfred-train[wandb]' "
+               "or remove logging.wandb")
+    if cfg.ppo.eval_tasks:
+        from alfred_train.evaluation import check_tasks
+
+        check_tasks(cfg.ppo.eval_tasks, "ppo.eval_tasks")
+        _check(cfg.checkpoint.save_final, "ppo.eval_tasks: evaluates the final checkpoint; set "
+               "checkpoint.save_final: true")
 
 
 def dump_yaml(cfg: Config) -> str:
