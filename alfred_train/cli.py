@@ -5,6 +5,7 @@
     alfred-train jobs status|logs|cancel JOB --backend slurm|sagemaker
     alfred-train convert hf-to-mcore|mcore-to-hf|apply-delta ...
     alfred-train generate CKPT_DIR --prompts FILE.jsonl --output OUT.jsonl
+    alfred-train eval CKPT --tasks NAMES_OR_YAML_FILES [--limit N] [--output FILE]
 
 Exit codes: 0 done, 2 bad configuration or input, 3 preempted after a checkpoint, 1 anything else.
 Without CONFIG a stage runs its embedded tiny recipe.
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true",
                        help="validate, print the layout, parameter counts and memory estimate, stop")
         p.set_defaults(func=run_stage)
-    for module in ("alfred_train.launch.cli", "alfred_train.convert.cli", "alfred_train.generate"):
+    for module in ("alfred_train.launch.cli", "alfred_train.convert.cli", "alfred_train.generate",
+                   "alfred_train.evaluation"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ImportError:
