@@ -10,6 +10,7 @@ shared-memory all-reduce op (see the worker).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -27,7 +28,15 @@ WORKERS = ROOT / "tests" / "workers"
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepspeed")
-    run_workers(WORKERS / "deepspeed_zero3.py", [str(root / "checkpoint-2"), str(TINY_SP)], 2, timeout=600)
+    saved = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(root / "torch_extensions")  # where a JIT-built op would go
+    try:
+        run_workers(WORKERS / "deepspeed_zero3.py", [str(root / "checkpoint-2"), str(TINY_SP)], 2, timeout=600)
+    finally:
+        os.environ.pop("TORCH_EXTENSIONS_DIR")
+        if saved is not None:
+            os.environ["TORCH_EXTENSIONS_DIR"] = saved
+    assert not (root / "torch_extensions").exists()  # no DeepSpeed op was compiled (minutes on a fresh machine)
     return root
 
 

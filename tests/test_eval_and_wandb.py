@@ -64,8 +64,8 @@ metric_list:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-wandb")
-    env = {"HF_HOME": str(root / "hf"), "HF_DATASETS_CACHE": str(root / "hf" / "datasets")}
-    os.environ.update(env)  # for the eval CLI below too (run_cli passes os.environ on)
+    saved = dict(os.environ)
+    os.environ.update(HF_HOME=str(root / "hf"), HF_DATASETS_CACHE=str(root / "hf" / "datasets"))  # to the CLIs
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "ppo_models.py"), str(root / "init")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -76,7 +76,9 @@ def work(tmp_path_factory):
               "logging.wandb={project: alfred-tests, mode: offline}", "launch.slurm.env={HF_TOKEN: hf_s3cr3t}"]
     first = run_cli(*common, "train.max_steps=1")
     second = run_cli(*common, "train.max_steps=2", f"ppo.eval_tasks=[{task}]", "ppo.eval_limit=3")
-    return {"root": root, "run_dir": run_dir, "task": task, "first": first, "second": second}
+    yield {"root": root, "run_dir": run_dir, "task": task, "first": first, "second": second}
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +199,21 @@ def test_eval_cli_scores_every_choice_and_writes_json(work, tmp_path):
     ("missing.yaml", "task file missing.yaml does not exist"),
     ("no-name.yaml", "has no `task:` name"),
 ])
-def test_eval_task_errors_are_one_line(work, tmp_path, task, message):
+def test_eval_task_errors_are_one_line(tmp_path, capsys, monkeypatch, task, message):
+    from alfred_train.cli import main
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "no-name.yaml").write_text("dataset_path: json\n")
-    done = run_cli("eval", str(work["run_dir"]), "--tasks", str(tmp_path / task) if task != "missing.yaml" else task,
-                   check=False)
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert main(["eval", str(tmp_path), "--tasks", task]) == 2  # before the checkpoint is even looked for
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_ppo_eval_tasks_are_checked_at_config_load(tmp_path):
+    from alfred_train.config import load_config
+    from alfred_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ppo.eval_tasks: task file .*nope.yaml does not exist"):
+        load_config(TINY_PPO, [f"ppo.eval_tasks=[{tmp_path / 'nope.yaml'}]"])
+    with pytest.raises(ConfigError, match="checkpoint.save_final: true"):
+        load_config(TINY_PPO, [f"ppo.eval_tasks=[{write_task(tmp_path)}]", "checkpoint.save_final=false"])
