@@ -257,6 +257,15 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _optional_inner(tp: Any) -> Any:
+    """Optional[X] -> X; anything else unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0]
+    return tp
+
+
 def apply_override(data: dict, override: str) -> None:
     """Set `a.b.c=value` in nested dict `data`; the value is parsed as YAML."""
     if "=" not in override:
@@ -273,7 +282,7 @@ def apply_override(data: dict, override: str) -> None:
         if i == len(parts) - 1:
             node[part] = yaml.safe_load(raw) if raw.strip() else None
         else:
-            cls = hints[part]
+            cls = _optional_inner(hints[part])  # logging.wandb.project=x reaches into Optional[WandbConfig]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a mapping")
@@ -397,6 +406,11 @@ def _validate_extras(cfg: Config) -> None:
         _check(importlib.util.find_spec("wandb") is not None,
                "logging.wandb: the wandb package is not installed; pip install 'alfred-train[wandb]' "
                "or remove logging.wandb")
+        from alfred_train.tracking import has_credentials
+
+        _check(cfg.logging.wandb.mode == "offline" or has_credentials(),
+               "logging.wandb.mode: online needs W&B credentials (WANDB_API_KEY or `wandb login`); "
+               "or set logging.wandb.mode: offline and `wandb sync` later")
     if cfg.ppo.eval_tasks:
         from alfred_train.evaluation import check_tasks
 

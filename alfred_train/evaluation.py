@@ -1,7 +1,7 @@
 """`alfred-train eval`: one of our checkpoints on lm-evaluation-harness tasks, as the Alfred card did.
 
     alfred-train eval CKPT --tasks NAME_OR_YAML [NAME_OR_YAML ...] [--limit N] [--output FILE]
-                      [--model policy|reward|value] [--num-fewshot K] [--batch-size B] [--device D]
+                      [--num-fewshot K] [--batch-size B] [--device D]
                       [--hf-dir DIR] [--samples]
 
 How: the checkpoint (saved at any TP/PP) is exported to a Hugging Face directory by `convert
@@ -45,7 +45,6 @@ def add_commands(subparsers) -> None:
                    help="lm-eval task names and/or task YAML files (comma-separated lists work too)")
     p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
     p.add_argument("--output", default=None, help="results JSON (default: RUN_DIR/eval/<iter>.json)")
-    p.add_argument("--model", default=None, help="policy | reward | value (default: policy)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
@@ -139,6 +138,15 @@ def default_output(ckpt: Path) -> Path:
     return root / "eval" / f"{ckpt.name}.json"
 
 
+def check_language_model(ckpt: Path) -> None:
+    from alfred_train.models.from_checkpoint import load_meta
+
+    models = load_meta(ckpt)[1].get("models", [])
+    if "policy" not in models:
+        raise ConfigError(f"{ckpt}: holds {models}; lm-eval scores a language model (the 'policy' of an SFT "
+                          "or PPO run, or of a converted LM checkpoint)")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from alfred_train import checkpoint
     from alfred_train.parallel.init import detect_launch_env
@@ -149,6 +157,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit {args.limit}: must be >= 1")
     check_tasks(args.tasks)
     ckpt = checkpoint.resolve_checkpoint(args.ckpt)
+    check_language_model(ckpt)
     output = Path(args.output) if args.output else default_output(ckpt)
     names, folders = resolve_tasks(args.tasks)
     offline = all(is_task_file(t) for t in split_tasks(args.tasks))
@@ -160,13 +169,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.hf_dir:
         hf_dir = Path(args.hf_dir)
         if not (hf_dir / "config.json").exists():
-            export_hf(ckpt, hf_dir, args.model)
+            export_hf(ckpt, hf_dir)
         results = run_harness(hf_dir, names, manager, args)
     else:
         with tempfile.TemporaryDirectory(prefix=".hf-export-", dir=output.parent) as tmp:
-            export_hf(ckpt, Path(tmp), args.model)
+            export_hf(ckpt, Path(tmp))
             results = run_harness(Path(tmp), names, manager, args)
-    results["alfred_train"] = {"checkpoint": str(ckpt.resolve()), "model": args.model or "policy",
+    results["alfred_train"] = {"checkpoint": str(ckpt.resolve()), "model": "policy",
                                "tasks": split_tasks(args.tasks), "limit": args.limit, "offline": offline}
     write_json(results, output)
     from lm_eval.utils import make_table
@@ -178,7 +187,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def export_hf(ckpt: Path, hf_dir: Path, model: str | None) -> None:
+def export_hf(ckpt: Path, hf_dir: Path) -> None:
     """`convert mcore-to-hf` in this process (TP=1/PP=1, resharded on load), then free the runtime."""
     from alfred_train.convert.hf_export import mcore_to_hf
     from alfred_train.parallel.dims import ParallelDims
@@ -186,7 +195,7 @@ def export_hf(ckpt: Path, hf_dir: Path, model: str | None) -> None:
 
     runtime = init_runtime(ParallelDims(1, 1, 1))
     try:
-        mcore_to_hf(ckpt, hf_dir, runtime, model=model)
+        mcore_to_hf(ckpt, hf_dir, runtime, model="policy")
     finally:
         shutdown()
 

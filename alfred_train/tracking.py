@@ -28,6 +28,22 @@ SECRET_KEY = re.compile(r"secret|token|passw|api[_-]?key|access[_-]?key|credenti
 MASK = "***"
 
 
+def has_credentials(env=os.environ) -> bool:
+    """Whether an online W&B run can log in without a prompt: WANDB_API_KEY, an identity token file,
+    or a netrc entry for the W&B host (what `wandb login` writes)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(env.get("NETRC") or Path.home() / ".netrc").expanduser()
+    try:
+        return path.is_file() and netrc.netrc(str(path)).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
 def mask_secrets(node):
     """A copy of a config tree with the value of every secret-looking key (at any depth) masked."""
     if isinstance(node, dict):

@@ -148,6 +148,23 @@ def test_wandb_offline_gets_every_metric_and_resumes_the_same_run(work):
     assert "hf_s3cr3t" not in "".join(p.read_text(errors="ignore") for d in offline for p in d.rglob("*") if p.is_file())
 
 
+def test_online_wandb_without_credentials_is_a_config_error(tmp_path, monkeypatch):
+    from alfred_train.config import load_config
+    from alfred_train.errors import ConfigError
+
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(ConfigError, match="logging.wandb.mode: online needs W&B credentials"):
+        load_config(TINY_PPO, ["logging.wandb={project: p}"])
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    assert load_config(TINY_PPO, ["logging.wandb={project: p}"]).logging.wandb.mode == "online"
+    wandb = load_config(TINY_PPO, ["logging.wandb.project=q", "logging.wandb.mode=offline"]).logging.wandb
+    assert (wandb.project, wandb.mode) == ("q", "offline")
+    with pytest.raises(ConfigError, match="logging.wandb.projekt: unknown key"):
+        load_config(TINY_PPO, ["logging.wandb.projekt=q"])
+
+
 def test_mask_secrets_at_any_depth():
     from alfred_train.tracking import mask_argv, mask_secrets
 
