@@ -6,6 +6,7 @@
     alfred-train convert hf-to-mcore|mcore-to-hf|apply-delta ...
     alfred-train generate CKPT_DIR --prompts FILE.jsonl --output OUT.jsonl
     alfred-train data inspect FILE [--format F] [--template T]
+    alfred-train eval CKPT --tasks NAMES_OR_YAML_FILES [--limit N] [--output FILE]
 
 Exit codes: 0 done, 2 bad configuration or input, 3 preempted after a checkpoint, 1 anything else.
 Without CONFIG a stage runs its embedded tiny recipe.
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validate, print the layout, parameter counts and memory estimate, stop")
         p.set_defaults(func=run_stage)
     for module in ("alfred_train.launch.cli", "alfred_train.convert.cli", "alfred_train.generate",
-                   "alfred_train.data.inspect"):
+                   "alfred_train.data.inspect", "alfred_train.evaluation"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ImportError:

@@ -127,10 +127,19 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    project: str = "alfred-train"
+    name: Optional[str] = None  # the W&B run's display name (default: run.name, else the run dir's name)
+    entity: Optional[str] = None  # team or user (default: the logged-in user's)
+    mode: Literal["online", "offline"] = "online"  # offline: files under run.dir/wandb, `wandb sync` later
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     tensorboard: bool = True
     progress: bool = True  # progress bar with ETA on rank 0
     plots: bool = True  # write metrics.png at the end of the run
+    wandb: Optional[WandbConfig] = None  # also send metrics.jsonl rows and the config to Weights & Biases
 
 
 @dataclass(frozen=True)
@@ -190,6 +199,8 @@ class PPOConfig:
     value_lr: Optional[float] = None  # None: optim.lr
     eval_prompts: int = 32  # held-out prompts scored at the start and end of the run
     samples_per_iter: int = 4  # prompt/response pairs written to samples.jsonl each iteration
+    eval_tasks: tuple[str, ...] = ()  # lm-eval task names or task YAML files run on the final policy
+    eval_limit: Optional[int] = None  # at most this many examples per eval task (None: all)
 
 
 @dataclass(frozen=True)
@@ -282,6 +293,15 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _optional_inner(tp: Any) -> Any:
+    """Optional[X] -> X; anything else unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0]
+    return tp
+
+
 def apply_override(data: dict, override: str) -> None:
     """Set `a.b.c=value` in nested dict `data`; the value is parsed as YAML."""
     if "=" not in override:
@@ -298,7 +318,7 @@ def apply_override(data: dict, override: str) -> None:
         if i == len(parts) - 1:
             node[part] = yaml.safe_load(raw) if raw.strip() else None
         else:
-            cls = hints[part]
+            cls = _optional_inner(hints[part])  # logging.wandb.project=x reaches into Optional[WandbConfig]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a mapping")
@@ -416,6 +436,28 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(o.temperature > 0, f"ppo.temperature: must be > 0, got {o.temperature}")
     _check(o.min_new_tokens <= o.max_new_tokens,
            f"ppo.min_new_tokens: {o.min_new_tokens} is above ppo.max_new_tokens ({o.max_new_tokens})")
+    _validate_extras(cfg)
+
+
+def _validate_extras(cfg: Config) -> None:
+    """Optional packages and files the run will need, checked before any model is built."""
+    import importlib.util
+
+    if cfg.logging.wandb is not None:
+        _check(importlib.util.find_spec("wandb") is not None,
+               "logging.wandb: the wandb package is not installed; pip install 'alfred-train[wandb]' "
+               "or remove logging.wandb")
+        from alfred_train.tracking import has_credentials
+
+        _check(cfg.logging.wandb.mode == "offline" or has_credentials(),
+               "logging.wandb.mode: online needs W&B credentials (WANDB_API_KEY or `wandb login`); "
+               "or set logging.wandb.mode: offline and `wandb sync` later")
+    if cfg.ppo.eval_tasks:
+        from alfred_train.evaluation import check_tasks
+
+        check_tasks(cfg.ppo.eval_tasks, "ppo.eval_tasks")
+        _check(cfg.checkpoint.save_final, "ppo.eval_tasks: evaluates the final checkpoint; set "
+               "checkpoint.save_final: true")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -18,6 +18,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self._tb = None
+        self._wandb = None  # a tracking.WandbRun when logging.wandb is set
         self._bar = None
         self._lines = None  # (t0, first step, total, interval): plain progress lines when stderr is no TTY
         self._desc = desc
@@ -28,6 +29,9 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run_dir / "tb"))
+        from alfred_train import tracking
+
+        self._wandb = tracking.start(self.run_dir)  # logging.wandb in run_dir/config.yaml, else None
         if progress and not sys.stderr.isatty():  # log files (Slurm, CI): a line every log_interval steps
             self._lines = (time.time(), start_step, total_steps, max(1, log_interval))
         elif progress:
@@ -45,6 +49,8 @@ class MetricsLogger:
             for k, v in record.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(step, record)
         shown = {k: f"{v:.4g}" for k, v in record.items()
                  if k in ("loss", "lr", "score", "kl", "accuracy", "tokens_per_s") and isinstance(v, float)}
         if self._bar is not None:
@@ -74,6 +80,8 @@ class MetricsLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         self._jsonl.close()
 
 

@@ -1,6 +1,7 @@
 """`alfred-train convert`: move weights between Hugging Face directories and our checkpoints.
 
     alfred-train convert hf-to-mcore HF_DIR OUT_DIR [--tp N --pp N] [--kind auto|lm|reward] [--dtype ...]
+                                     (HF_DIR may be an HF Trainer DeepSpeed ZeRO checkpoint: global_step*/)
     alfred-train convert mcore-to-hf CKPT_DIR OUT_DIR [--model policy|reward|value] [--dtype ...]
                                      [--max-shard-size 5GB]
     alfred-train convert apply-delta BASE_DIR DELTA_DIR OUT_DIR [--max-shard-size 5GB]
@@ -32,7 +33,8 @@ def add_commands(subparsers) -> None:
     sub = conv.add_subparsers(dest="convert_command", required=True)
 
     p = sub.add_parser("hf-to-mcore", help="Hugging Face Llama/Falcon directory -> our checkpoint")
-    p.add_argument("hf_dir")
+    p.add_argument("hf_dir", help="config.json + safetensors, or an HF Trainer checkpoint with DeepSpeed "
+                                  "ZeRO global_step*/ shards (needs the [deepspeed] extra)")
     p.add_argument("out_dir")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to save at")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to save at")
@@ -66,6 +68,7 @@ def _single_process_runtime(tp: int = 1, pp: int = 1):
 
 
 def run_hf_to_mcore(args) -> int:
+    from alfred_train.convert.deepspeed_zero import is_zero_checkpoint, require_deepspeed
     from alfred_train.convert.hf_import import check_hf_tensors, hf_to_mcore, plan_import
     from alfred_train.convert.safetensors_io import SafetensorsDir
     from alfred_train.parallel.init import detect_launch_env, shutdown
@@ -73,7 +76,10 @@ def run_hf_to_mcore(args) -> int:
     if args.tp < 1 or args.pp < 1:
         raise ConfigError(f"--tp {args.tp} --pp {args.pp}: both must be >= 1")
     plan = plan_import(args.hf_dir, KINDS[args.kind], args.dtype)  # config errors before any weight
-    check_hf_tensors(plan, SafetensorsDir(args.hf_dir))
+    if is_zero_checkpoint(args.hf_dir):  # assembled (and its tensors checked) once, in the workers
+        require_deepspeed(args.hf_dir)
+    else:
+        check_hf_tensors(plan, SafetensorsDir(args.hf_dir))
     world = args.tp * args.pp
     if world > 1 and detect_launch_env().launcher == "single":
         from alfred_train.parallel.spawn import spawn_local

@@ -51,6 +51,16 @@ def plan_import(hf_dir: str | Path, kind: str | None = None, dtype: str = "auto"
     return ImportPlan(config, shape, kind, tied=kind == "lm" and hf_config.is_tied(config), bf16=bf16)
 
 
+def open_weights(hf_dir: str | Path):
+    """The HF directory's tensors: a DeepSpeed ZeRO checkpoint's fp32 masters when it holds
+    `global_step*/` shards (the HF Trainer under DeepSpeed), else its safetensors."""
+    from alfred_train.convert import deepspeed_zero
+
+    if deepspeed_zero.is_zero_checkpoint(hf_dir):
+        return deepspeed_zero.ZeroCheckpoint(hf_dir)
+    return SafetensorsDir(hf_dir)
+
+
 def check_hf_tensors(plan: ImportPlan, weights: SafetensorsDir) -> list[hf.Rule]:
     """Every tensor the rules need is there, and nothing we would silently drop (header reads only)."""
     rules = hf.rules_for(plan.shape, plan.kind, tied=plan.tied)
@@ -123,7 +133,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, runtime, *, tp: int, pp
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     plan = plan_import(hf_dir, kind, dtype)
-    weights = SafetensorsDir(hf_dir)
+    weights = open_weights(hf_dir)
     rules = check_hf_tensors(plan, weights)
     tokenizer = [None]
     if runtime.is_main:

@@ -21,6 +21,7 @@ from alfred_train.data import synthetic
 from alfred_train.data.sampler import iterate_batches
 from alfred_train.errors import AlfredError
 from alfred_train.kernels.backends import choose_backend
+from alfred_train.evaluation import evaluate_after_training
 from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.ppo import math as ppo_math
 from alfred_train.ppo.checks import preflight
@@ -179,6 +180,8 @@ def run(cfg: Config, runtime) -> int:
                                    "clipfrac", "explained_var", "eval_property"], "ppo.png")
         print(f"ppo: {step} iterations done; run directory: {run_dir} (metrics.jsonl, samples.jsonl, ppo.png, "
               f"checkpoints/)", flush=True)
+    if code == 0:
+        evaluate_after_training(cfg, run_dir, runtime)  # ppo.eval_tasks: lm-eval on the final checkpoint
     return code
 
 

@@ -1,0 +1,251 @@
+"""`alfred-train eval`: one of our checkpoints on lm-evaluation-harness tasks, as the Alfred card did.
+
+    alfred-train eval CKPT --tasks NAME_OR_YAML [NAME_OR_YAML ...] [--limit N] [--output FILE]
+                      [--num-fewshot K] [--batch-size B] [--device D]
+                      [--hf-dir DIR] [--samples]
+
+How: the checkpoint (saved at any TP/PP) is exported to a Hugging Face directory by `convert
+mcore-to-hf` (a temporary one beside the output, or --hf-dir to keep it), and lm-eval's own
+Hugging Face model class (HFLM) runs the tasks on it. The harness's tokenization, batching and
+metrics are used unchanged, so the numbers compare with published lm-eval numbers.
+
+A task is a name from lm-eval's registry or a task YAML file (its `task:` name is registered from
+the file's folder). When every task is a YAML file the run is offline (HF_DATASETS_OFFLINE,
+HF_HUB_OFFLINE, ...): the file must point at local data, e.g. `dataset_path: json` with
+`dataset_kwargs: {data_files: {test: /path/data.jsonl}}`, and nothing is downloaded.
+
+Output: lm-eval's results table on stdout, and JSON (results, versions, n-shot, task configs, the
+checkpoint it came from; per-example samples with --samples) at --output, by default
+RUN_DIR/eval/<iter_N>.json. `ppo.eval_tasks` runs this on the final PPO checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from alfred_train.errors import ConfigError
+
+log = logging.getLogger("alfred_train")
+OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_EVALUATE_OFFLINE": "1"}
+INSTALL_HINT = "pip install 'alfred-train[eval]'"
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a checkpoint with lm-evaluation-harness tasks")
+    p.add_argument("ckpt", help="a checkpoint dir, a checkpoints/ root or a run dir (uses latest)")
+    p.add_argument("--tasks", nargs="+", required=True, metavar="NAME_OR_YAML",
+                   help="lm-eval task names and/or task YAML files (comma-separated lists work too)")
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    p.add_argument("--output", default=None, help="results JSON (default: RUN_DIR/eval/<iter>.json)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--hf-dir", default=None, help="keep the Hugging Face export here (reused if it exists)")
+    p.add_argument("--samples", action="store_true", help="also write every example's inputs and scores")
+    p.set_defaults(func=run_eval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: names and YAML files, checked before any weight is read.
+
+def split_tasks(tasks) -> list[str]:
+    return [t.strip() for entry in tasks for t in str(entry).split(",") if t.strip()]
+
+
+def is_task_file(task: str) -> bool:
+    return task.endswith((".yaml", ".yml"))
+
+
+def check_tasks(tasks, key: str = "--tasks") -> None:
+    """lm-eval is installed and every task file exists and names a task (no model, no index)."""
+    import importlib.util
+
+    for package in ("lm_eval", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{key}: evaluation needs lm-evaluation-harness; {INSTALL_HINT}")
+    for task in split_tasks(tasks):
+        if is_task_file(task):
+            task_name(Path(task), key)
+
+
+def task_name(path: Path, key: str = "--tasks") -> str:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if not path.is_file():
+        raise ConfigError(f"{key}: task file {path} does not exist")
+    try:
+        config = load_yaml(str(path), resolve_func=False, recursive=True)
+    except Exception as err:  # yaml errors, a missing `include:` ...: one line naming the file
+        raise ConfigError(f"{key}: {path} is not a readable lm-eval task file: {err}") from None
+    name = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(name, str):
+        raise ConfigError(f"{key}: {path} has no `task:` name (lm-eval task YAML files start with one)")
+    return name
+
+
+def resolve_tasks(tasks) -> tuple[list[str], list[str]]:
+    """(task names, folders of the YAML files to register with lm-eval's TaskManager)."""
+    names, folders = [], []
+    for task in split_tasks(tasks):
+        if is_task_file(task):
+            names.append(task_name(Path(task)))
+            folder = str(Path(task).resolve().parent)
+            if folder not in folders:
+                folders.append(folder)
+        else:
+            names.append(task)
+    return names, folders
+
+
+def task_manager(names: list[str], folders: list[str]):
+    """lm-eval's TaskManager over our YAML folders (plus its own registry when a name needs it)."""
+    from lm_eval.tasks import TaskManager
+
+    builtin = any(n not in _names_in(folders) for n in names)
+    manager = TaskManager(include_path=folders or None, include_defaults=builtin)
+    missing = [n for n in names if n not in manager.all_tasks]
+    if missing:
+        raise ConfigError(f"--tasks: lm-eval knows no task {', '.join(missing)}; give a task YAML file or a "
+                          "name from `lm-eval ls tasks`")
+    return manager
+
+
+def _names_in(folders: list[str]) -> set[str]:
+    found = set()
+    for folder in folders:
+        for path in Path(folder).glob("*.y*ml"):
+            try:
+                found.add(task_name(path))
+            except ConfigError:
+                pass
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# The command.
+
+def default_output(ckpt: Path) -> Path:
+    """RUN_DIR/eval/<iter_N>.json: RUN_DIR/checkpoints/iter_N -> RUN_DIR, OUT/iter_N (convert) -> OUT."""
+    root = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return root / "eval" / f"{ckpt.name}.json"
+
+
+def check_language_model(ckpt: Path) -> None:
+    from alfred_train.models.from_checkpoint import load_meta
+
+    models = load_meta(ckpt)[1].get("models", [])
+    if "policy" not in models:
+        raise ConfigError(f"{ckpt}: holds {models}; lm-eval scores a language model (the 'policy' of an SFT "
+                          "or PPO run, or of a converted LM checkpoint)")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from alfred_train import checkpoint
+    from alfred_train.parallel.init import detect_launch_env
+
+    if detect_launch_env().world_size != 1:
+        raise ConfigError("eval runs as one process; start it without torchrun/srun")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be >= 1")
+    check_tasks(args.tasks)
+    ckpt = checkpoint.resolve_checkpoint(args.ckpt)
+    check_language_model(ckpt)
+    output = Path(args.output) if args.output else default_output(ckpt)
+    names, folders = resolve_tasks(args.tasks)
+    offline = all(is_task_file(t) for t in split_tasks(args.tasks))
+    if offline:
+        os.environ.update(OFFLINE_ENV)  # before lm-eval/datasets read them
+    manager = task_manager(names, folders)  # unknown task names fail here, before the export
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if args.hf_dir:
+        hf_dir = Path(args.hf_dir)
+        if not (hf_dir / "config.json").exists():
+            export_hf(ckpt, hf_dir)
+        results = run_harness(hf_dir, names, manager, args)
+    else:
+        with tempfile.TemporaryDirectory(prefix=".hf-export-", dir=output.parent) as tmp:
+            export_hf(ckpt, Path(tmp))
+            results = run_harness(Path(tmp), names, manager, args)
+    results["alfred_train"] = {"checkpoint": str(ckpt.resolve()), "model": "policy",
+                               "tasks": split_tasks(args.tasks), "limit": args.limit, "offline": offline}
+    write_json(results, output)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    print(f"eval: {ckpt} on {', '.join(names)} -> {output}", flush=True)
+    return 0
+
+
+def export_hf(ckpt: Path, hf_dir: Path) -> None:
+    """`convert mcore-to-hf` in this process (TP=1/PP=1, resharded on load), then free the runtime."""
+    from alfred_train.convert.hf_export import mcore_to_hf
+    from alfred_train.parallel.dims import ParallelDims
+    from alfred_train.parallel.init import init_runtime, shutdown
+
+    runtime = init_runtime(ParallelDims(1, 1, 1))
+    try:
+        mcore_to_hf(ckpt, hf_dir, runtime, model="policy")
+    finally:
+        shutdown()
+
+
+def run_harness(hf_dir: Path, names: list[str], manager, args) -> dict:
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm = HFLM(pretrained=str(hf_dir), device=device, batch_size=args.batch_size, dtype="auto")
+    results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=args.limit,
+                              num_fewshot=args.num_fewshot, log_samples=args.samples, bootstrap_iters=1000)
+    if results is None:  # lm-eval returns None on non-zero ranks only
+        raise RuntimeError("lm-eval returned no results")
+    for key in ("pretty_env_info",):  # bulky machine dump; lm-eval versions stay
+        results.pop(key, None)
+    return results
+
+
+def write_json(results: dict, output: Path) -> None:
+    """Atomically: a reader never sees half a file."""
+    from lm_eval.utils import handle_non_serializable
+
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+    os.replace(tmp, output)
+
+
+# ---------------------------------------------------------------------------------------------
+# At the end of a PPO run (ppo.eval_tasks).
+
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_STEP_ID")
+
+
+def evaluate_after_training(cfg, run_dir: Path, runtime) -> int:
+    """ppo.eval_tasks: rank 0 runs `alfred-train eval` on the run's final checkpoint in a fresh
+    process (one process, its own HF export); the other ranks return at once. A failed evaluation
+    is reported, never turned into a failed training run: the checkpoint is there to evaluate again.
+    Returns the eval command's exit code (0 on other ranks and without tasks)."""
+    tasks = cfg.ppo.eval_tasks
+    if not tasks or not runtime.is_main:
+        return 0
+    argv = [sys.executable, "-m", "alfred_train", "eval", str(Path(run_dir) / "checkpoints"), "--tasks", *tasks]
+    if cfg.ppo.eval_limit is not None:
+        argv += ["--limit", str(cfg.ppo.eval_limit)]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    log.info("ppo.eval_tasks: %s", " ".join(argv[2:]))
+    code = subprocess.run(argv, env=env).returncode
+    if code != 0:
+        log.error("ppo.eval_tasks: evaluation exited %d; the final checkpoint is saved, rerun it with: "
+                  "alfred-train %s", code, " ".join(argv[3:]))
+    return code
