@@ -87,7 +87,7 @@ SCALE = ["model.tokenizer=", "model.attention_backend=auto", "parallel.tp=1", "p
          "data.valid_fraction=0.1", "checkpoint.interval=0", "checkpoint.resume=none",
          "logging.tensorboard=false", "logging.plots=false"]
 PPO_SCALE = ["ppo.rollouts_per_iter=16", "ppo.rollout_micro_batch=8", "ppo.train_micro_batch=2",
-             "ppo.max_new_tokens=8", "ppo.max_prompt_tokens=64", "ppo.eval_prompts=0"]
+             "ppo.max_new_tokens=8", "ppo.max_prompt_tokens=112", "ppo.eval_prompts=0"]
 SCALE_KEYS = {"rollouts_per_iter", "rollout_micro_batch", "train_micro_batch", "max_new_tokens", "min_new_tokens",
               "max_prompt_tokens", "eval_prompts", "policy_init", "reward_init"}
 TEMPLATE_CUES = {"stackllama": "Question: ", "stable-vicuna": "### Human: ", "tulu": "<|user|>\n", "plain": ""}
