@@ -175,7 +175,7 @@ def test_crafted_pickles_are_refused(reference, tmp_path):
     from alfred_train.checkpointing import safety
 
     marker = tmp_path / "pwned"
-    payload = pickle.dumps(_Payload(marker))
+    payload = pickle.dumps(_Payload(marker), protocol=2)
     bad = copy_run(ckpt(reference, 5), tmp_path / "iter_0000005")
 
     (bad / "rng" / "rank_00000.safetensors").write_bytes(payload)  # RNG file: safetensors, never unpickled

@@ -127,10 +127,13 @@ def publish(tmp: Path, final: Path, manifest: dict, node: int) -> str | None:
     for folder in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
         fsync_dir(folder)
     fsync_dir(tmp)
+    replaced = final.with_name(f".old-{final.name}")  # a checkpoint of this step from before a resume
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)  # never half-deleted under its real name
     os.replace(tmp, final)
     fsync_dir(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
     return None
 
 
