@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from alfred_train import checkpoint
+from alfred_train.checkpointing.site import Site, check_run_dir
 from alfred_train.config import Config, dump_yaml
 from alfred_train.data import mixture
 from alfred_train.data.corpus import TINY_SP_MODEL_PATH as TINY_TOKENIZER
@@ -28,10 +29,16 @@ PREEMPTED_EXIT_CODE = 3  # a checkpoint was written on SIGUSR1/SIGTERM: requeue 
 
 
 def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
-    """Create run.dir (and checkpoints/) and write the resolved config atomically on rank 0."""
+    """Create run.dir (and checkpoints/) and write the resolved config atomically on rank 0 (with
+    `checkpoint.node_local`, on every node's local rank 0: each node has its own run.dir); a run.dir
+    that is not shared, or shared, against what `checkpoint.node_local` says is refused here."""
     run_dir = Path(cfg.run.dir)
-    if runtime.is_main:
+    site = Site.detect(runtime.rank, cfg.checkpoint.node_local)
+    if site.owner:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    check_run_dir(run_dir, site)
+    if site.owner:
         tmp = run_dir / ".config.yaml.tmp"
         tmp.write_text(dump_yaml(cfg))
         os.replace(tmp, run_dir / "config.yaml")
@@ -109,8 +116,9 @@ def save(cfg: Config, runtime: ParallelRuntime, step: int, trainables: dict, sha
         state[f"{name}_scheduler"], state[f"{name}_steps"] = t.scheduler.state_dict(), t.steps
     state.update(stage=stage, model=dataclasses.asdict(shape), tokenizer=tokenizer_path(cfg),
                  tokenizer_sha256=tokenizer_digest(tokenizer_path(cfg)), template=cfg.data.template)
+    c = cfg.checkpoint
     checkpoint.save_checkpoint(Path(cfg.run.dir) / "checkpoints", step, _saved(trainables), state, runtime,
-                               cfg.checkpoint.keep, layout(cfg))
+                               c.keep, layout(cfg), node_local=c.node_local, s3_uri=c.s3_uri)
 
 
 def resume(cfg: Config, runtime: ParallelRuntime, trainables: dict) -> tuple[int, dict] | None:
@@ -118,7 +126,7 @@ def resume(cfg: Config, runtime: ParallelRuntime, trainables: dict) -> tuple[int
     rank's RNG states; returns (step, the stage's saved state), or None when starting fresh."""
     from alfred_train.training import restore_scheduler
 
-    path = resume_dir(cfg)
+    path = resume_dir(cfg, runtime)
     if path is None:
         return None
     meta = checkpoint.load_models(path, _saved(trainables), strict_layout=layout(cfg))
@@ -131,14 +139,18 @@ def resume(cfg: Config, runtime: ParallelRuntime, trainables: dict) -> tuple[int
     return meta["step"], state
 
 
-def resume_dir(cfg: Config) -> Path | None:
-    """The checkpoint to resume from per `checkpoint.resume` (auto | none | a path)."""
-    mode = cfg.checkpoint.resume
-    if mode == "none":
+def resume_dir(cfg: Config, runtime: ParallelRuntime) -> Path | None:
+    """The checkpoint to resume from per `checkpoint.resume` (auto | none | a path). Collective:
+    `auto` verifies the candidates against their manifests (`checkpoint.find_resumable`)."""
+    c = cfg.checkpoint
+    if c.resume == "none":
         return None
-    if mode == "auto":
-        return checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints")
-    return checkpoint.resolve_checkpoint(mode)
+    if c.resume == "auto":
+        return checkpoint.find_resumable(Path(cfg.run.dir) / "checkpoints", runtime, node_local=c.node_local,
+                                         s3_uri=c.s3_uri)
+    path = checkpoint.resolve_checkpoint(c.resume)
+    checkpoint.verify_checkpoint(path, runtime)
+    return path
 
 
 def load_records(cfg: Config, synthetic_records, parse, kind):
