@@ -57,8 +57,8 @@ def padded_prompts():
 
 def layout_results(runtime) -> dict:
     """Everything the layout tests compare, computed at this rank's TP/PP layout."""
-    from alfred_train.ppo.generation import (SamplingParams, generate, generate_full_reforward, score_at_eod,
-                                             sequence_logprobs, sequence_values)
+    from alfred_train.ppo.generation import (MegatronKVCache, SamplingParams, generate, generate_full_reforward,
+                                             score_at_eod, sequence_logprobs, sequence_values)
 
     policy, scalar = build(runtime, "lm", seed=3), build(runtime, "scalar", seed=5)
     ids, mask = padded_prompts()
@@ -67,7 +67,8 @@ def layout_results(runtime) -> dict:
     kw = dict(eod_id=EOD, vocab_size=VOCAB, seed=11)
     out = {"greedy": generate(policy, runtime, ids, mask, greedy, **kw),
            "greedy_full": generate_full_reforward(policy, runtime, ids, mask, greedy, **kw),
-           "sampled": generate(policy, runtime, ids, mask, sampled, **kw)}
+           "greedy_megatron": generate(policy, runtime, ids, mask, greedy, decoder=MegatronKVCache, **kw),
+           "sampled": generate(policy, runtime, ids, mask, sampled, with_logprobs=True, **kw)}
     response, response_mask = out["greedy"]
     sequences, seq_mask = torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1)  # (B, L)
     eod_index = ids.shape[1] + response_mask.sum(1) - 1  # (B,)
@@ -96,7 +97,8 @@ def test_position_ids_and_attention_mask_hand_computed():
 
 
 def test_sampling_filters_hand_computed():
-    from alfred_train.ppo.generation import SamplingParams, filter_top_k, filter_top_p, mask_logits, sample_next
+    from alfred_train.ppo.generation import (SamplingParams, filter_top_k, filter_top_p, mask_logits, sample_next,
+                                             uniform_draws)
 
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     kept = lambda z: torch.isfinite(z)[0].tolist()  # noqa: E731
@@ -112,12 +114,26 @@ def test_sampling_filters_hand_computed():
     z = mask_logits(big, vocab_size=3, eod_id=2, block_eod=True)
     assert z[0].tolist()[:2] == [1.0, 2.0] and torch.isinf(z[0, 2:]).all()
     params = SamplingParams(max_new_tokens=4, min_new_tokens=2, greedy=True)
-    assert sample_next(big, params, step=0, vocab_size=3, eod_id=2, generator=None).item() == 1
-    assert sample_next(big, params, step=2, vocab_size=3, eod_id=2, generator=None).item() == 2
-    gen = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_next(big.expand(64, 5), SamplingParams(top_k=2), step=0, vocab_size=3,
-                                     eod_id=2, generator=gen) for _ in range(10)])
+    assert sample_next(big, params, step=0, vocab_size=3, eod_id=2)[0].item() == 1
+    token, logprob = sample_next(big, params, step=2, vocab_size=3, eod_id=2)
+    assert token.item() == 2  # the sampler's log-prob: over the real vocabulary, before filters
+    assert logprob.item() == pytest.approx(torch.tensor([1.0, 2.0, 3.0]).log_softmax(0)[2].item(), abs=1e-6)
+    draws = torch.stack([sample_next(big.expand(64, 5), SamplingParams(top_k=2), step=s, vocab_size=3,
+                                     eod_id=2, seed=0)[0] for s in range(10)])
     assert set(draws.unique().tolist()) == {1, 2}  # top-2 of the real vocabulary
+    # draws are keyed by (seed, row key, step): a row's token does not depend on where it sits
+    hot = SamplingParams(temperature=3.0)
+    wide = torch.randn(8, 40, generator=torch.Generator().manual_seed(1))
+    keys = torch.arange(100, 108)
+    a = sample_next(wide, hot, step=3, vocab_size=40, eod_id=2, seed=7, keys=keys)[0]
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(2))
+    b = sample_next(wide[perm], hot, step=3, vocab_size=40, eod_id=2, seed=7, keys=keys[perm])[0]
+    assert torch.equal(a[perm], b)
+    c = sample_next(wide, hot, step=3, vocab_size=40, eod_id=2, seed=8, keys=keys)[0]
+    assert not torch.equal(a, c)
+    # the draws are uniform: 4000 of them over 4 equal bins
+    u = uniform_draws(3, torch.arange(4000), 5)
+    assert 0 <= u.min() and u.max() < 1 and ((u * 4).long().bincount() - 1000).abs().max() < 120
 
 
 def test_sampling_params_are_checked():
@@ -166,6 +182,7 @@ def test_kv_cache_greedy_equals_full_reforward_and_each_prompt_alone(runtime, po
     response, response_mask = reference["greedy"]
     assert response.shape == (3, 12) and response_mask.bool().all()  # EOD never chosen by this model
     assert torch.equal(response, reference["greedy_full"][0])
+    assert torch.equal(response, reference["greedy_megatron"][0])  # the loop before issue 10
     assert ((response >= 3) & (response < VOCAB)).all()
     width = ids.shape[1]
     for row, n in enumerate(PROMPT_LENGTHS):
@@ -254,6 +271,50 @@ def test_generate_refuses_virtual_pipeline_chunks(runtime, policy):
         generate(policy * 2, runtime, ids, mask, SamplingParams(), eod_id=EOD, vocab_size=VOCAB, seed=0)
 
 
+def test_sampler_logprobs_equal_the_scoring_pass(runtime, policy):
+    """One set of log-probs: at temperature 1 the sampler's log-prob of each token is the scoring
+    pass's (same distribution, computed from the decode step's logits instead of a re-forward)."""
+    from alfred_train.ppo.generation import SamplingParams, generate, sequence_logprobs
+
+    ids, mask = padded_prompts()
+    ids_out, out_mask, sampler_lp = generate(policy, runtime, ids, mask, SamplingParams(max_new_tokens=12, top_k=40),
+                                             eod_id=EOD, vocab_size=VOCAB, seed=4, with_logprobs=True)
+    seq, seq_mask = torch.cat([ids, ids_out], 1), torch.cat([mask, out_mask], 1)
+    scored, _ = sequence_logprobs(policy, runtime, seq, seq_mask, ids.shape[1], vocab_size=VOCAB)
+    torch.testing.assert_close(sampler_lp * out_mask, scored * out_mask, atol=1e-4, rtol=0)
+    assert sampler_lp[out_mask.bool()].std() > 0.1  # real, varied log-probs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_equals_eager_and_is_released(runtime, policy, reference, caplog):
+    import logging
+
+    from alfred_train.models.build import unwrap
+    from alfred_train.ppo import decode
+    from alfred_train.ppo.generation import SamplingParams, generate
+
+    ids, mask = padded_prompts()
+    assert decode.choose_decoder(unwrap(policy[0]), runtime) is decode.CudaGraphDecode
+    params = SamplingParams(max_new_tokens=12, greedy=True)
+    kw = dict(eod_id=EOD, vocab_size=VOCAB, seed=0, with_logprobs=True)
+    with caplog.at_level(logging.WARNING, logger="alfred_train"):
+        graphed = generate(policy, runtime, ids, mask, params, **kw)
+    assert "CUDA-graph capture" not in caplog.text  # captured, not fallen back
+    eager = generate(policy, runtime, ids, mask, params, decoder=decode.KVCacheForward, **kw)
+    assert torch.equal(graphed[0], eager[0]) and torch.equal(graphed[0], reference["greedy"][0])
+    torch.testing.assert_close(graphed[2], eager[2], atol=1e-5, rtol=0)
+    # a sampled run with a graph reproduces itself, and the graph's pool is gone afterwards
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.3)
+    a, b = (generate(policy, runtime, ids, mask, sampled, **kw)[0] for _ in range(2))
+    assert torch.equal(a, b)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    generate(policy, runtime, ids, mask, sampled, **kw)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before  # nothing of the graph outlives the call
+
+
 # ----------------------------------------------------------------------------- TP / PP workers
 
 
@@ -287,15 +348,18 @@ def _launch_workers(out_dir: Path, tp: int, pp: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2pp2"])
 def test_tp_pp_layouts_match_tp1(tmp_path, reference, tp, pp):
     _launch_workers(tmp_path, tp, pp)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(tp * pp)]
     for got in ranks:
         where = f"tp_rank,pp_rank={got['coords']}"
-        for key in ("greedy", "greedy_full", "sampled"):  # ids and masks, every rank, token for token
+        for key in ("greedy", "greedy_full", "greedy_megatron"):  # ids and masks, every rank, token for token
             for mine, ref in zip(got[key], reference[key]):
                 assert torch.equal(mine, ref), f"{key} differs from TP=1 on {where}"
+        ids, ids_mask, sampler_logprobs = got["sampled"]
+        assert torch.equal(ids, reference["sampled"][0]) and torch.equal(ids_mask, reference["sampled"][1]), where
+        torch.testing.assert_close(sampler_logprobs, reference["sampled"][2], atol=1e-5, rtol=0)
         for mine, ref in zip(got["logprobs"], reference["logprobs"]):
             torch.testing.assert_close(mine, ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(got["values"], reference["values"], atol=1e-5, rtol=0)
