@@ -157,6 +157,12 @@ class PPOConfig:
     value_lr: Optional[float] = None  # None: optim.lr
     eval_prompts: int = 32  # held-out prompts scored at the start and end of the run
     samples_per_iter: int = 4  # prompt/response pairs written to samples.jsonl each iteration
+    # true: the scoring pass re-computes the policy's log-probs (and reports the largest difference to
+    # the sampler's as logprob_gap); false: PPO uses the sampler's own log-probs, one forward fewer
+    recompute_logprobs: bool = True
+    # a rollout row that reaches EOD takes the iteration's next prompt at once (rollout_micro_batch rows
+    # decoded together); false: static micro-batches, each held by its longest response. Same tokens.
+    continuous_batching: bool = True
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,8 @@ def padded_prompts():
 
 def layout_results(runtime) -> dict:
     """Everything the layout tests compare, computed at this rank's TP/PP layout."""
-    from alfred_train.ppo.generation import (MegatronKVCache, SamplingParams, generate, generate_full_reforward,
-                                             score_at_eod, sequence_logprobs, sequence_values)
+    from alfred_train.ppo.generation import (MegatronKVCache, SamplingParams, generate, generate_all,
+                                             generate_full_reforward, score_at_eod, sequence_logprobs, sequence_values)
 
     policy, scalar = build(runtime, "lm", seed=3), build(runtime, "scalar", seed=5)
     ids, mask = padded_prompts()
@@ -69,6 +69,15 @@ def layout_results(runtime) -> dict:
            "greedy_full": generate_full_reforward(policy, runtime, ids, mask, greedy, **kw),
            "greedy_megatron": generate(policy, runtime, ids, mask, greedy, decoder=MegatronKVCache, **kw),
            "sampled": generate(policy, runtime, ids, mask, sampled, with_logprobs=True, **kw)}
+    # continuous batching: 3 prompts through 2 rows; EOD := a token row 0 emits at step 2, so row 0
+    # frees its slot early and prompt 2 starts there while row 1 goes on
+    eod = int(out["greedy"][0][0, 2])
+    for name, params in (("greedy", greedy), ("sampled", sampled)):
+        for tag, extra in (("static", {}), ("cb", {"slots": 2}),
+                           ("cb_megatron", {"slots": 2, "decoder": MegatronKVCache})):
+            gen = generate_all(policy, runtime, ids, mask, params, eod_id=eod, vocab_size=VOCAB, seed=11, **extra)
+            out[f"{name}_{tag}"] = (gen.response_ids, gen.response_mask, gen.logprobs)
+            out[f"{name}_{tag}_utilisation"] = gen.slot_utilisation
     response, response_mask = out["greedy"]
     sequences, seq_mask = torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1)  # (B, L)
     eod_index = ids.shape[1] + response_mask.sum(1) - 1  # (B,)
@@ -190,6 +199,21 @@ def test_kv_cache_greedy_equals_full_reforward_and_each_prompt_alone(runtime, po
                             SamplingParams(max_new_tokens=12, greedy=True), eod_id=EOD, vocab_size=VOCAB, seed=0)
         assert alone[0].tolist() == response[row].tolist(), f"row {row} differs when generated alone"
     assert len({tuple(r) for r in response.tolist()}) == 3  # rows really differ: the test can fail
+
+
+def test_continuous_batching_gives_each_prompt_its_static_tokens(reference):
+    for name in ("greedy", "sampled"):
+        static = reference[f"{name}_static"]
+        for tag in ("cb", "cb_megatron"):  # the fast decoder refills rows; megatron's runs static batches
+            got = reference[f"{name}_{tag}"]
+            assert torch.equal(got[0], static[0]) and torch.equal(got[1], static[1]), (name, tag)
+            torch.testing.assert_close(got[2], static[2], atol=1e-5, rtol=0)
+    lengths = reference["greedy_static"][1].sum(1).tolist()
+    assert lengths[0] == 3 and max(lengths) > 3, lengths  # row 0 really ended early: the test can fail
+    # utilisation = useful tokens / slot-steps: the static batch idles row 0 after its EOD
+    assert reference["greedy_cb_utilisation"] > reference["greedy_static_utilisation"]
+    lengths = reference["greedy_static"][1].sum(1)
+    assert reference["greedy_static_utilisation"] == pytest.approx(float(lengths.sum()) / (3 * float(lengths.max())))
 
 
 def test_greedy_margins_are_decisive(runtime, policy, reference):
@@ -357,6 +381,10 @@ def test_tp_pp_layouts_match_tp1(tmp_path, reference, tp, pp):
         for key in ("greedy", "greedy_full", "greedy_megatron"):  # ids and masks, every rank, token for token
             for mine, ref in zip(got[key], reference[key]):
                 assert torch.equal(mine, ref), f"{key} differs from TP=1 on {where}"
+        for name in ("greedy", "sampled"):
+            for tag in ("static", "cb", "cb_megatron"):
+                mine, ref = got[f"{name}_{tag}"], reference[f"{name}_{tag}"]
+                assert torch.equal(mine[0], ref[0]) and torch.equal(mine[1], ref[1]), f"{name}_{tag} on {where}"
         ids, ids_mask, sampler_logprobs = got["sampled"]
         assert torch.equal(ids, reference["sampled"][0]) and torch.equal(ids_mask, reference["sampled"][1]), where
         torch.testing.assert_close(sampler_logprobs, reference["sampled"][2], atol=1e-5, rtol=0)

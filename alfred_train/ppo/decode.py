@@ -70,9 +70,10 @@ def unsupported_reason(model, tp: int) -> str | None:
 class StageDecoder:
     """This stage's layers + a KV cache for B rows of up to S = P + N slots.
 
-    `forward(x, start, mask)` runs s positions at slots [start, start + s): x is token ids (B, s) on
-    the first stage, the previous stage's hidden states (B, s, h) otherwise; returns hidden states
-    (B, s, h), or logits (B, s, V) (gathered over TP) on the last stage.
+    `forward` runs a prompt (prefill, slots 0 .. P-1, some or all rows) or one token per row (each
+    row at its own slot): x is token ids (B, s) on the first stage, the previous stage's hidden
+    states (B, s, h) otherwise; returns hidden states (B, s, h), or logits (B, s, V) (gathered
+    over TP) on the last stage.
     """
 
     def __init__(self, model, runtime, batch: int, max_len: int):
@@ -91,6 +92,7 @@ class StageDecoder:
         self.dtype, self.device = param.dtype, param.device
         layers = len(model.decoder.layers)
         cache_shape = (layers, batch, self.groups, max_len, self.head_dim)  # (L, B, ng, S, hn)
+        self.row_index = torch.arange(batch, device=self.device)  # (B,)
         self.keys = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
         emb = model.rotary_pos_emb.get_emb(max_len).to(self.device)[:, 0, 0, :]  # (S, rot) float32
@@ -122,31 +124,37 @@ class StageDecoder:
         r, rest = t[..., :self.rot_dim], t[..., self.rot_dim:]
         return torch.cat([r * cos + r.roll(self.rot_dim // 2, dims=-1) * sin, rest], dim=-1)
 
-    def _attention(self, index, att, x, start, slots, mask):
-        """x (B, s, h) normed -> this TP rank's attention output projected (B, s, h), not yet reduced."""
+    def _attention(self, index, att, x, slots, mask, rows):
+        """x (B, s, h) normed -> this TP rank's attention output projected (B, s, h), not yet reduced.
+
+        Prefill (mask bool (R, 1, P, P), True = attend): slots (P,) = 0 .. P-1 for every row; the
+        prompt attends to its own fresh keys; they are written to cache rows `rows` (None: all).
+        Decode (mask = additive bias (B, 1, 1, w)): slots (B,) each row's own cache slot.
+        """
         batch, seq, _ = x.shape
         per_group = self.heads // self.groups
         qkv = F.linear(x, att.linear_qkv.weight).view(batch, seq, self.groups, (per_group + 2) * self.head_dim)
         q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
         q = q.reshape(batch, seq, self.heads, self.head_dim)  # (B, s, np, hn)
-        cos, sin = self.cos[slots][None, :, None], self.sin_signed[slots][None, :, None]  # (1, s, 1, rot)
-        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)  # k (B, s, ng, hn)
         keys, values = self.keys[index], self.values[index]  # (B, ng, S, hn)
-        if isinstance(start, int):
-            keys[:, :, start:start + seq] = k.transpose(1, 2)
-            values[:, :, start:start + seq] = v.transpose(1, 2)
-        else:  # a device slot (1,): no host value needed (CUDA-graph friendly)
-            keys.index_copy_(2, start, k.transpose(1, 2))
-            values.index_copy_(2, start, v.transpose(1, 2))
-        if mask.dtype == torch.bool:  # prefill: (B, 1, s, w) True = attend
-            width = mask.shape[-1]
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, :width], values[:, :, :width],
-                                                 attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=self.heads != self.groups)  # (B, np, s, hn)
-            out = out.transpose(1, 2)  # (B, s, np, hn)
-        else:  # one decode token, mask = additive bias (B, 1, 1, S): a query head's group is head // (np/ng)
-            q = q.view(batch, self.groups, per_group, self.head_dim)  # (B, ng, np/ng, hn)
+        if mask.dtype == torch.bool:  # prefill
+            cos, sin = self.cos[slots][None, :, None], self.sin_signed[slots][None, :, None]  # (1, P, 1, rot)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)  # k (R, P, ng, hn)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (R, ng, P, hn)
+            if rows is None:
+                keys[:, :, :seq], values[:, :, :seq] = k, v
+            else:
+                keys[rows, :, :seq], values[rows, :, :seq] = k, v
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=self.heads != self.groups)  # (R, np, P, hn)
+            out = out.transpose(1, 2)  # (R, P, np, hn)
+        else:  # one token per row at its own slot; a query head's group is head // (np/ng)
+            cos, sin = self.cos[slots][:, None, None], self.sin_signed[slots][:, None, None]  # (B, 1, 1, rot)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)  # k (B, 1, ng, hn)
+            keys[self.row_index, :, slots] = k[:, 0]  # (B, ng, hn) at (row b, slot_b)
+            values[self.row_index, :, slots] = v[:, 0]
             width = mask.shape[-1]  # S, or on CPU the slots filled so far
+            q = q.view(batch, self.groups, per_group, self.head_dim)  # (B, ng, np/ng, hn)
             scores = torch.matmul(q, keys[:, :, :width].transpose(-1, -2)).mul_(self.scale).add_(mask)
             probs = scores.float().softmax(dim=-1).to(values.dtype)  # (B, ng, np/ng, w)
             out = torch.matmul(probs, values[:, :, :width])  # (B, ng, np/ng, hn) == (B, 1, np, hn) in head order
@@ -179,16 +187,16 @@ class StageDecoder:
 
     # ----------------------------------------------------------------- one forward
 
-    def forward(self, x, start, slots, mask):
-        """x: ids (B, s) on the first stage, hidden (B, s, h) after; start: first cache slot (int, or a
-        (1,) device tensor for s = 1); slots (s,) long: the cache slots of the s positions (RoPE);
-        mask: (B, 1, s, w) bool, True = attend over cache slots [0, w) (prefill, SDPA), or for one
-        decode token an additive float bias (B, 1, 1, w): 0 on visible slots, -inf elsewhere."""
+    def forward(self, x, slots, mask, rows=None):
+        """x: ids (B, s) on the first stage, hidden (B, s, h) after. Prefill: slots (P,) = 0 .. P-1,
+        mask (R, 1, P, P) bool (True = attend), rows (R,) the cache rows written (None: all B).
+        Decode (s = 1): slots (B,) each row's cache slot, mask an additive bias (B, 1, 1, w) over
+        cache slots [0, w): 0 where visible, -inf elsewhere."""
         if self.model.pre_process:
             x = self._embed(x)
         for i, layer in enumerate(self.model.decoder.layers):
             normed = self._norm(layer.input_layernorm, x)
-            att = self._attention(i, layer.self_attention, normed, start, slots, mask)
+            att = self._attention(i, layer.self_attention, normed, slots, mask, rows)
             if self.falcon[i]:  # out = x + Attention(LN_attn(x)) + MLP(LN_mlp(x)), one reduce
                 mlp_in = normed if type(layer.pre_mlp_layernorm).__name__ == "IdentityOp" \
                     else self._norm(layer.pre_mlp_layernorm, x)
@@ -260,52 +268,68 @@ def stage_forward(model, runtime, input_ids, position_ids, attention_mask, *, in
 
 
 class KVCacheForward:
-    """The fast path: prefill the prompt into this stage's own static KV cache (`decode.StageDecoder`),
-    then one (B, 1) token per step. RoPE tables and the key mask are built once per generation; a
-    step's cache slot lives on the device (no host value, the same kernels every step)."""
+    """The fast path: prompts prefilled into this stage's own static KV cache (`StageDecoder`), then
+    one (B, 1) token per step, each row at its own cache slot. RoPE tables and the key bias are
+    built once per generation; the slots live on the device (no host value in a step: the same
+    kernels every step). `refill` starts new prompts in some rows while the others go on
+    (continuous batching): those rows' slots, key bias and cache are reset and their prompt is
+    prefilled; a row's computation does not depend on the other rows."""
 
     def __init__(self, model, runtime, prompt_ids, prompt_mask, max_new_tokens: int):
         batch, prompt_len = prompt_ids.shape
         device = prompt_ids.device
-        self.model, self.runtime, self.prompt_ids = model, runtime, prompt_ids
-        self.decoder = StageDecoder(model, runtime, batch, prompt_len + max_new_tokens)
-        new = torch.zeros(batch, max_new_tokens, dtype=torch.bool, device=device)
-        self.visible = torch.cat([prompt_mask.bool(), new], dim=1)  # (B, S) keys a query may see
-        dtype = self.decoder.dtype
-        self.key_bias = torch.zeros(self.visible.shape, dtype=dtype, device=device).masked_fill_(
-            ~self.visible, float("-inf"))[:, None, None, :]  # (B, 1, 1, S) the same, additive
-        self.slot = torch.tensor([prompt_len], dtype=torch.long, device=device)  # (1,) next cache slot
+        self.model, self.runtime, self.prompt_ids, self.prompt_mask = model, runtime, prompt_ids, prompt_mask
+        self.max_len = prompt_len + max_new_tokens  # S
+        self.decoder = StageDecoder(model, runtime, batch, self.max_len)
+        self.key_bias = torch.empty(batch, 1, 1, self.max_len, dtype=self.decoder.dtype, device=device)  # (B,1,1,S)
+        self.slot = torch.empty(batch, dtype=torch.long, device=device)  # (B,) each row's next cache slot
         # on a GPU every step attends over all S slots (static shapes, one kernel sequence); on CPU a
         # step reads only the slots filled so far (its width, counted on the host, costs nothing there)
         self.width = None if device.type == "cuda" else prompt_len
         self.hidden_size = model.config.hidden_size
 
-    def _run(self, x, start, slots, mask):
+    def _run(self, x, slots, mask, rows=None):
         rt = self.runtime
         if not rt.is_first_stage:
             batch, seq = x.shape
             x = torch.empty(batch, seq, self.hidden_size, dtype=self.decoder.dtype, device=rt.device)
             dist.recv(x, src=_stage_rank(rt, rt.pp_rank - 1), group=rt.pp_group)  # (B, s, h)
-        out = self.decoder.forward(x, start, slots, mask)
+        out = self.decoder.forward(x, slots, mask, rows)
         if rt.is_last_stage:
             return out[:, -1]  # (B, V)
         dist.send(out.contiguous(), dst=_stage_rank(rt, rt.pp_rank + 1), group=rt.pp_group)
         return None
 
+    def _start(self, prompt_ids, prompt_mask, rows):
+        prompt_len = prompt_ids.shape[1]
+        real = prompt_mask.bool()  # (R, P)
+        bias = torch.full((real.shape[0], self.max_len), float("-inf"), dtype=self.key_bias.dtype,
+                          device=real.device)
+        bias[:, :prompt_len].masked_fill_(real, 0.0)  # (R, S): prompt tokens visible, the rest not yet
+        if rows is None:
+            self.key_bias[:, 0, 0] = bias
+            self.slot.fill_(prompt_len)
+        else:
+            self.key_bias[rows, 0, 0] = bias
+            self.slot[rows] = prompt_len
+        mask = ~attention_mask_for(real, prompt_len)  # (R, 1, P, P) True = attend
+        return self._run(prompt_ids, torch.arange(prompt_len, device=real.device), mask, rows)
+
     def prefill(self):
-        prompt_len = self.prompt_ids.shape[1]
-        mask = ~attention_mask_for(self.visible[:, :prompt_len], prompt_len)  # (B, 1, P, P) True = attend
-        slots = torch.arange(prompt_len, device=self.prompt_ids.device)
-        return self._run(self.prompt_ids, 0, slots, mask)
+        return self._start(self.prompt_ids, self.prompt_mask, None)
+
+    def refill(self, rows, prompt_ids, prompt_mask):
+        """Start prompts (R, P) (left-padded to the generation's P) in cache rows `rows` (R,): (R, V)."""
+        return self._start(prompt_ids, prompt_mask, rows)
 
     def step(self, tokens):
-        self.key_bias.index_fill_(-1, self.slot, 0.0)  # the new token sees itself
+        self.key_bias[self.decoder.row_index, 0, 0, self.slot] = 0.0  # each new token sees itself
         bias = self.key_bias
         if self.width is not None:
-            self.width += 1
+            self.width = min(self.width + 1, self.max_len)
             bias = bias[..., :self.width]  # (B, 1, 1, w)
-        out = self._run(tokens[:, None], self.slot, self.slot, bias)
-        self.slot += 1
+        out = self._run(tokens[:, None], self.slot, bias)
+        self.slot.add_(1).clamp_max_(self.max_len - 1)  # a finished row may idle on: keep its slot in range
         return out
 
 
@@ -392,6 +416,9 @@ class CudaGraphDecode:
 
     def prefill(self):
         return self.eager.prefill()
+
+    def refill(self, rows, prompt_ids, prompt_mask):  # eager, in place on the tensors the graph reads
+        return self.eager.refill(rows, prompt_ids, prompt_mask)
 
     def step(self, tokens):
         self.steps += 1

@@ -50,6 +50,8 @@ response_ids) of shape (B, L), L = P + T (the `Rollout` layout):
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -81,53 +83,112 @@ def _share(tensor, runtime, shape, dtype) -> torch.Tensor:
     return tensor
 
 
-# Rows finished? is asked of the device every step on CPU (free there) and every 16 steps on a GPU
-# (a host sync stalls the launch queue); the steps run past the end are dropped (pad, mask 0).
+# "Which rows finished?" is asked of the device every step on CPU (free there) and every 16 steps on
+# a GPU (a host sync stalls the launch queue); rows finished in between idle (their tokens dropped).
 FINISHED_CHECK_EVERY = {"cpu": 1, "cuda": 16}
 
 
+@dataclass
+class Generation:
+    """What one `generate_all` call produced, for Q prompts."""
+
+    response_ids: torch.Tensor  # (Q, T) long, pad_id after a row's end
+    response_mask: torch.Tensor  # (Q, T) 1 up to and including EOD
+    logprobs: torch.Tensor  # (Q, T) float32 the sampler's log-prob of each token, 0 after the end
+    slot_steps: int  # rows x decode steps: every token sampled, useful or not
+
+    @property
+    def slot_utilisation(self) -> float:
+        """Useful tokens / slot-steps: 1.0 when no row ever waits for the batch's longest response."""
+        return float(self.response_mask.sum()) / max(self.slot_steps, 1)
+
+
 @torch.no_grad()
-def _generate(decoder_cls, chunks, runtime, prompt_ids, prompt_mask, params: SamplingParams, *, eod_id: int,
-              vocab_size: int, seed: int, pad_id: int | None, keys: torch.Tensor | None):
+def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams, *,
+                 eod_id: int, vocab_size: int, seed: int, pad_id: int | None = None, keys: torch.Tensor | None = None,
+                 slots: int | None = None, decoder=None) -> Generation:
+    """Responses to Q prompts (Q, P), `slots` rows decoded together (default Q: one static batch).
+
+    With slots < Q and a decoder that can `refill` (the fast one), a row whose response ends takes
+    the next prompt of the queue at once (continuous batching); other decoders run the queue in
+    static batches of `slots`. Each prompt's tokens depend only on (seed, its key) (keys (Q,),
+    default 0 .. Q-1), not on its row, batch or layout. Collective over the TP and PP groups.
+    """
     model = _single_chunk(chunks)
     _check_attention_backend(model)
+    device = runtime.device
     pad_id = eod_id if pad_id is None else pad_id
-    prompt_ids = prompt_ids.to(runtime.device)  # (B, P)
-    prompt_mask = prompt_mask.to(runtime.device)  # (B, P)
-    batch = prompt_ids.shape[0]
-    keys = (torch.arange(batch) if keys is None else keys).to(runtime.device).long()  # (B,)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)  # (Q, P)
+    queue_len, n_new = prompt_ids.shape[0], params.max_new_tokens
+    keys = (torch.arange(queue_len) if keys is None else torch.as_tensor(keys)).to(device).long()  # (Q,)
+    rows = min(slots or queue_len, queue_len)
     source = runtime.is_last_stage and runtime.tp_rank == 0
-    check_every = FINISHED_CHECK_EVERY.get(torch.device(runtime.device).type, 1)
-    decoder_cls = choose_decoder(model, runtime) if decoder_cls is None else decoder_cls
+    check_every = FINISHED_CHECK_EVERY.get(torch.device(device).type, 1)
+    decoder_cls = choose_decoder(model, runtime) if decoder is None else decoder
+    # one spill column (index N) takes the writes of idle rows, so no step needs to know which rows idle
+    response = torch.full((queue_len, n_new + 1), pad_id, dtype=torch.long, device=device)  # (Q, N + 1)
+    response_mask = torch.zeros_like(response)
+    logprobs = torch.zeros(response.shape, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()  # megatron uses the inference context only in eval mode
-    decoder = None
+    dec, slot_steps, next_prompt = None, 0, rows
     try:
         with cpu_adapter.suspended():
-            decoder = decoder_cls(model, runtime, prompt_ids, prompt_mask, params.max_new_tokens)
-            response = torch.full((batch, params.max_new_tokens), pad_id, dtype=torch.long, device=runtime.device)
-            response_mask = torch.zeros_like(response)  # (B, N)
-            logprobs = torch.zeros(response.shape, dtype=torch.float32, device=runtime.device)  # (B, N)
-            done = torch.zeros(batch, dtype=torch.bool, device=runtime.device)  # (B,)
-            logits = decoder.prefill()
-            for step in range(params.max_new_tokens):
-                drawn = sample_next(logits, params, step=step, vocab_size=vocab_size, eod_id=eod_id, seed=seed,
-                                    keys=keys) if source else (None, None)
-                tokens = torch.where(done, pad_id, _share(drawn[0], runtime, (batch,), torch.long))  # (B,)
-                response[:, step] = tokens
-                response_mask[:, step] = (~done).long()
-                logprobs[:, step] = torch.where(done, 0.0, _share(drawn[1], runtime, (batch,), torch.float32))
-                done |= tokens == eod_id
-                if step == params.max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(done.all())):
-                    break
-                logits = decoder.step(tokens)
-            length = int(response_mask.any(dim=0).sum())  # columns are contiguous from 0
+            owner = torch.arange(rows, device=device)  # (B,) the prompt each row decodes
+            dec = decoder_cls(model, runtime, prompt_ids[:rows], prompt_mask[:rows], n_new)
+            logits = dec.prefill()
+            step_of = torch.zeros(rows, dtype=torch.long, device=device)  # (B,) token index within its response
+            active = torch.ones(rows, dtype=torch.bool, device=device)  # (B,)
+            for loop_step in itertools.count():
+                slot_steps += rows
+                drawn = sample_next(logits, params, step=step_of, vocab_size=vocab_size, eod_id=eod_id, seed=seed,
+                                    keys=keys[owner]) if source else (None, None)
+                tokens = torch.where(active, _share(drawn[0], runtime, (rows,), torch.long), pad_id)  # (B,)
+                lp = _share(drawn[1], runtime, (rows,), torch.float32)
+                column = torch.where(active, step_of, n_new)  # idle rows write to the spill column
+                response[owner, column] = tokens
+                response_mask[owner, column] = active.long()
+                logprobs[owner, column] = torch.where(active, lp, 0.0)
+                active &= (tokens != eod_id) & (step_of + 1 < n_new)
+                step_of += 1
+                refill = None
+                if (loop_step + 1) % check_every == 0 or loop_step + 1 == n_new:
+                    idle = (~active).nonzero()[:, 0]  # host sync: which rows finished
+                    if len(idle) == rows and next_prompt >= queue_len:
+                        break
+                    if next_prompt < queue_len and len(idle) and hasattr(dec, "refill"):
+                        refill = idle[:queue_len - next_prompt]
+                    elif next_prompt < queue_len and len(idle) == rows:  # static batches: the next one
+                        dec, owner, logits, step_of, active = _next_batch(
+                            decoder_cls, model, runtime, prompt_ids, prompt_mask, n_new, next_prompt, rows, dec)
+                        next_prompt += len(owner)
+                        rows = len(owner)
+                        continue
+                logits = dec.step(tokens)
+                if refill is not None:  # continuous batching: the next prompts start in the rows just freed
+                    new = torch.arange(next_prompt, next_prompt + len(refill), device=device)
+                    next_prompt += len(refill)
+                    fresh = dec.refill(refill, prompt_ids[new], prompt_mask[new])
+                    if fresh is not None:
+                        logits[refill] = fresh
+                    owner[refill], step_of[refill], active[refill] = new, 0, True
+        length = int(response_mask[:, :n_new].any(dim=0).sum())  # columns are contiguous from 0
     finally:
-        if hasattr(decoder, "close"):
-            decoder.close()  # a CUDA graph and its memory pool end with the generation
+        if hasattr(dec, "close"):
+            dec.close()  # a CUDA graph and its memory pool end with the generation
         model.set_input_tensor(None)
         model.train(was_training)
-    return response[:, :length], response_mask[:, :length], logprobs[:, :length]
+    return Generation(response[:, :length], response_mask[:, :length], logprobs[:, :length], slot_steps)
+
+
+def _next_batch(decoder_cls, model, runtime, prompt_ids, prompt_mask, n_new, start, rows, old):
+    if hasattr(old, "close"):
+        old.close()
+    index = torch.arange(start, min(start + rows, prompt_ids.shape[0]), device=prompt_ids.device)
+    dec = decoder_cls(model, runtime, prompt_ids[index], prompt_mask[index], n_new)
+    logits = dec.prefill()
+    zeros = torch.zeros(len(index), dtype=torch.long, device=prompt_ids.device)
+    return dec, index, logits, zeros, torch.ones(len(index), dtype=torch.bool, device=prompt_ids.device)
 
 
 def generate(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams, *,
@@ -143,9 +204,10 @@ def generate(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     the TP and PP groups; every rank of them returns the same tensors. Deterministic given
     (seed, keys), whatever the layout.
     """
-    out = _generate(decoder, chunks, runtime, prompt_ids, prompt_mask, params, eod_id=eod_id, vocab_size=vocab_size,
-                    seed=seed, pad_id=pad_id, keys=keys)
-    return out if with_logprobs else out[:2]
+    out = generate_all(chunks, runtime, prompt_ids, prompt_mask, params, eod_id=eod_id, vocab_size=vocab_size,
+                       seed=seed, pad_id=pad_id, keys=keys, decoder=decoder)
+    ids_mask = (out.response_ids, out.response_mask)
+    return (*ids_mask, out.logprobs) if with_logprobs else ids_mask
 
 
 def generate_full_reforward(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

@@ -89,21 +89,23 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
-def uniform_draws(seed: int, keys: torch.Tensor, step: int) -> torch.Tensor:
+def uniform_draws(seed: int, keys: torch.Tensor, step) -> torch.Tensor:
     """One uniform number in [0, 1) per row, float64 (B,), a pure function of (seed, key, step).
 
-    keys (B,) int64 name each row's prompt (e.g. its global index in the iteration): a row draws
-    the same numbers wherever it sits in the batch, on any layout, with continuous batching or not.
+    keys (B,) int64 name each row's prompt (e.g. its global index in the iteration); step: the token
+    index, an int or (B,) per row. A row draws the same numbers wherever it sits in the batch, on
+    any layout, with continuous batching or not.
     """
     base = _mix64(torch.tensor(seed % (2 ** 62), dtype=torch.long, device=keys.device) * 2 + 1)
-    step_offset = (step * 0x3C6EF372FE94F82B) % 2 ** 64  # a Weyl sequence per step, wrapped to int64
-    x = _mix64(_mix64(keys.long() ^ base) + (step_offset - 2 ** 64 if step_offset >= 2 ** 63 else step_offset))
+    steps = torch.as_tensor(step, dtype=torch.long, device=keys.device)
+    x = _mix64(_mix64(keys.long() ^ base) + steps * 0x3C6EF372FE94F82B)  # a Weyl sequence per step (wraps)
     return _shift_right(x, 11).double() / float(2 ** 53)  # 53 random bits -> [0, 1)
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, *, step: int, vocab_size: int, eod_id: int,
+def sample_next(logits: torch.Tensor, params: SamplingParams, *, step, vocab_size: int, eod_id: int,
                 seed: int = 0, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose token `step` of each row from its logits (B, V): (tokens (B,) long, log-probs (B,) float32).
+    """Choose token `step` (int, or (B,) per row) of each row from its logits (B, V):
+    (tokens (B,) long, log-probs (B,) float32).
 
     The log-prob is the sampling distribution's before top-k / top-p / min-length filtering:
     log softmax(logits / temperature) over the real vocabulary (what the scoring pass computes).
@@ -114,9 +116,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, *, step: int, voca
         z = z / params.temperature
     logp = z.log_softmax(dim=-1)  # (B, V') the sampling distribution, before filters
     allowed = z
-    if step < params.min_new_tokens:
+    if isinstance(step, int) and step < params.min_new_tokens:
         allowed = z.clone()
         allowed[:, eod_id] = float("-inf")
+    elif not isinstance(step, int) and params.min_new_tokens > 0:  # (B,) per-row token indices
+        allowed = z.clone()
+        allowed[:, eod_id] = allowed[:, eod_id].masked_fill(step < params.min_new_tokens, float("-inf"))
     if params.greedy:
         tokens = allowed.argmax(dim=-1)
     else:

@@ -140,14 +140,17 @@ def run(cfg: Config, runtime) -> int:
         # -- generate
         if o.offload_frozen:
             _offload(models.reference + models.reward, "cpu")
-        rollout = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=o.rollout_micro_batch,
-                                    seed=t.seed * 1000 + step, **common_args)
+        rollout, utilisation = generate_rollouts(models.policy, runtime, prompts, params,
+                                                 micro_batch=o.rollout_micro_batch, seed=t.seed * 1000 + step,
+                                                 keys=list(position.indices), continuous=o.continuous_batching,
+                                                 **common_args)
         t1 = time.perf_counter()
         # -- score
         if o.offload_frozen:
             _offload(models.reference + models.reward, runtime.device)
+        sampler_logprobs = rollout.old_logprobs
         rollout, entropy = score_rollouts(models, runtime, rollout, micro_batch=o.train_micro_batch,
-                                          vocab_size=tokenizer.vocab_size)
+                                          vocab_size=tokenizer.vocab_size, recompute_logprobs=o.recompute_logprobs)
         rollout, kl = compute_advantages(rollout, kl_estimator=kl_fn, beta=kl_ctl.kl_coef, gamma=o.gamma, lam=o.lam,
                                          whiten_rewards=o.whiten_rewards, whiten_advantages=o.whiten_advantages,
                                          dp_group=runtime.dp_group)
@@ -166,11 +169,14 @@ def run(cfg: Config, runtime) -> int:
         bad = policy_reports["skipped"] + value_reports["skipped"]
         bad_steps = bad_steps + 1 if bad else 0
         gen_tokens = stats.pop("_response_tokens")
+        if o.recompute_logprobs:  # largest |scoring - sampler| log-prob over this iteration's tokens
+            stats["logprob_gap"] = logprob_gap(rollout, sampler_logprobs, runtime.dp_group)
         row = {**stats, "kl_coef": beta,
                "policy_loss": policy_reports["loss"], "value_loss": value_reports["loss"],
                "clipfrac": policy_reports["clipfrac"], "approx_kl": policy_reports["approx_kl"],
                "value_clipfrac": value_reports["clipfrac"], "skipped_updates": bad,
                "lr": policy_reports["lr"], "value_lr": value_reports["lr"],
+               "policy_ratio_first": policy_reports["ratio_first"], "slot_utilisation": utilisation,
                "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2,
                "tokens_per_s": gen_tokens / (t3 - t0)}
         if eval_prompts and ((t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps):
@@ -197,7 +203,7 @@ def _update(trainable: Trainable, rollout, epochs: int, steps_per_epoch: int, mi
             seed: int) -> dict:
     """epochs x steps_per_epoch optimizer steps over shuffled mini-batches of this rank's rollouts;
     returns the token-weighted mean of each report and the number of skipped (non-finite) steps."""
-    totals, weight, skipped, lr = {}, 0.0, 0, 0.0
+    totals, weight, skipped, lr, first = {}, 0.0, 0, 0.0, {}
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(rollout.batch_size, generator=gen)
@@ -207,11 +213,23 @@ def _update(trainable: Trainable, rollout, epochs: int, steps_per_epoch: int, mi
                                     micro_batch_size=micro[0].batch_size)
             skipped += int(not result.ok)
             lr = result.lr
+            first = first or result.reports
             for k, v in {"loss": result.loss, **result.reports}.items():
                 totals[k] = totals.get(k, 0.0) + v * result.tokens
             weight += result.tokens
     out = {k: v / max(weight, 1.0) for k, v in totals.items()}
-    return {**out, "skipped": skipped, "lr": lr}
+    # the first mini-batch sees the policy that sampled: its ratio pi/pi_old is 1 when log-probs agree
+    return {**out, "skipped": skipped, "lr": lr, "ratio_first": first.get("ratio", float("nan"))}
+
+
+def logprob_gap(rollout, sampler_logprobs, dp_group) -> float:
+    """max |old_logprobs - sampler_logprobs| over response tokens, over every DP rank."""
+    gap = ((rollout.old_logprobs - sampler_logprobs).abs() * rollout.response_mask).max().double()
+    # the max through a sum: each rank contributes its value to its own slot
+    world = 1 if dp_group is None else torch.distributed.get_world_size(dp_group)
+    slots = torch.zeros(world, dtype=torch.float64)
+    slots[0 if dp_group is None else torch.distributed.get_rank(dp_group)] = gap
+    return float(ppo_math.all_reduce_sum(slots, dp_group).max())
 
 
 def rollout_stats(rollout, kl, entropy, dp_group, eod_id: int) -> dict:
@@ -236,8 +254,8 @@ def evaluate_policy(models: Models, runtime, prompts, params, o, tokenizer, seed
                     ground_truth: bool) -> dict:
     """Mean RM score (and, for the synthetic task, the ground-truth property) on held-out prompts,
     sampled with the training sampling parameters and a fixed seed, averaged over every rank."""
-    rollout = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=o.rollout_micro_batch,
-                                seed=seed + 99991, **common_args)
+    rollout, _ = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=o.rollout_micro_batch,
+                                   seed=seed + 99991, continuous=o.continuous_batching, **common_args)
     rollout, _ = score_rollouts(models, runtime, rollout, micro_batch=min(o.train_micro_batch, len(prompts)),
                                 vocab_size=tokenizer.vocab_size)
     kl = (rollout.old_logprobs - rollout.ref_logprobs) * rollout.response_mask  # (B, T)
