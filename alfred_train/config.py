@@ -163,6 +163,9 @@ class PPOConfig:
     # a rollout row that reaches EOD takes the iteration's next prompt at once (rollout_micro_batch rows
     # decoded together); false: static micro-batches, each held by its longest response. Same tokens.
     continuous_batching: bool = True
+    # PP > 1: decode with pp row groups in flight across the stages, every stage busy (rollout
+    # micro-batches then static); false: one token through the stages at a time. Same tokens.
+    pipelined_decode: bool = True
 
 
 @dataclass(frozen=True)

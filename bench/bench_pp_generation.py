@@ -7,7 +7,9 @@ full length; each stage one thread. Interleaved runs, medians:
 
     before   megatron's forward + StaticInferenceContext on each stage, the CPU adapter's mode on
              every call (the loop before issue 10)
-    now      the fast decoder (`decode.StageDecoder`) on each stage, the adapter suspended
+    unpipelined  the fast decoder (`decode.StageDecoder`) on each stage, the adapter suspended,
+             each token through the stages one after the other
+    now      the same with the batch split into 2 row groups in flight (`ppo/pipelined.py`)
 
 Both return the same tokens (checked). tokens/s = batch * new tokens / wall time of a generation.
 """
@@ -59,10 +61,13 @@ def worker(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> None:
         finally:
             cpu_adapter.suspended = real
 
-    def now():
-        return generation.generate(chunks, rt, ids, mask, params, **kw)[0]
+    def unpipelined():
+        return generation.generate_all(chunks, rt, ids, mask, params, pipelined=False, **kw).response_ids
 
-    runs = {"before": before, "now": now}
+    def now():
+        return generation.generate_all(chunks, rt, ids, mask, params, **kw).response_ids
+
+    runs = {"before": before, "unpipelined": unpipelined, "now": now}
     tokens = {k: fn() for k, fn in runs.items()}
     times = {k: [] for k in runs}
     for _ in range(repeats):
@@ -75,11 +80,11 @@ def worker(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> None:
         tok = batch * new_tokens
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"PP=2 (2 processes, 1 thread each), B={batch}, {prompt_len}+{new_tokens} tokens, fp32, greedy; "
-              f"median of {repeats} interleaved runs; same tokens: {torch.equal(tokens['before'], tokens['now'])}")
-        print(f"{'decoder':<10}{'seconds':>9}{'tok/s':>9}")
+              f"median of {repeats} interleaved runs; same tokens: "
+              f"{all(torch.equal(tokens['before'], t) for t in tokens.values())}")
+        print(f"{'decoder':<13}{'seconds':>9}{'tok/s':>9}{'vs before':>11}")
         for k in runs:
-            print(f"{k:<10}{med[k]:>9.3f}{tok / med[k]:>9.0f}")
-        print(f"now / before: {med['before'] / med['now']:.2f}x")
+            print(f"{k:<13}{med[k]:>9.3f}{tok / med[k]:>9.0f}{med['before'] / med[k]:>10.2f}x")
     shutdown()
 
 

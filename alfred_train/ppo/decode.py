@@ -323,12 +323,19 @@ class KVCacheForward:
         return self._start(prompt_ids, prompt_mask, rows)
 
     def step(self, tokens):
+        return self.step_local(tokens, communicate=True)
+
+    def step_local(self, x, communicate: bool = False):
+        """One decode step; x: tokens (B,) on the first stage, else the previous stage's hidden states
+        (B, 1, h) (with communicate=True: received here). Without communication: this stage's output,
+        hidden (B, 1, h) or logits (B, 1, V), for a caller that moves it (the pipelined decoder)."""
         self.key_bias[self.decoder.row_index, 0, 0, self.slot] = 0.0  # each new token sees itself
         bias = self.key_bias
         if self.width is not None:
             self.width = min(self.width + 1, self.max_len)
             bias = bias[..., :self.width]  # (B, 1, 1, w)
-        out = self._run(tokens[:, None], self.slot, bias)
+        x = x[:, None] if x.dim() == 1 else x
+        out = self._run(x, self.slot, bias) if communicate else self.decoder.forward(x, self.slot, bias)
         self.slot.add_(1).clamp_max_(self.max_len - 1)  # a finished row may idle on: keep its slot in range
         return out
 

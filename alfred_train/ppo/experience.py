@@ -47,7 +47,7 @@ def _pad_right(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
 
 def generate_rollouts(policy, runtime, prompts: list[list[int]], params: SamplingParams, *, micro_batch: int,
                       eod_id: int, pad_id: int, vocab_size: int, seed: int, keys: list[int] | None = None,
-                      continuous: bool = False) -> tuple[Rollout, float]:
+                      continuous: bool = False, pipelined: bool = True) -> tuple[Rollout, float]:
     """Sample one response per prompt, `micro_batch` rows decoded together; a (B, P) x (B, T) Rollout
     with P the longest prompt and T = max_new_tokens (shapes fixed for the pipeline schedule), whose
     old_logprobs are the sampler's, and the slot utilisation (useful tokens / slot-steps).
@@ -59,8 +59,8 @@ def generate_rollouts(policy, runtime, prompts: list[list[int]], params: Samplin
     kw = dict(eod_id=eod_id, vocab_size=vocab_size, seed=seed, pad_id=pad_id)
     chunks = [slice(0, len(prompts))] if continuous else \
         [slice(i, i + micro_batch) for i in range(0, len(prompts), micro_batch)]
-    parts = [generate_all(policy, runtime, ids[c], mask[c], params, keys=keys[c], slots=micro_batch, **kw)
-             for c in chunks]
+    parts = [generate_all(policy, runtime, ids[c], mask[c], params, keys=keys[c], slots=micro_batch,
+                          pipelined=pipelined, **kw) for c in chunks]
     n = params.max_new_tokens
     rollout = Rollout(prompt_ids=ids, prompt_mask=mask,
                       response_ids=torch.cat([_pad_right(g.response_ids.cpu(), n, pad_id) for g in parts]),

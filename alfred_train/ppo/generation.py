@@ -15,8 +15,15 @@ CPU adapter's global function mode is suspended for the loop (`parallel.cpu.susp
              -> fed back as the (B, 1) input of step t + 1.
     A row stops at its EOD: response_mask is 1 up to and including EOD, 0 after, and the ids
     after it are `pad_id`. The loop ends after max_new_tokens, or when every row has stopped;
-    "all stopped?" is asked of the device every step on CPU and every 16 steps on a GPU (no host
-    sync per token); steps past the end are dropped.
+    "which rows stopped?" is asked of the device every step on CPU and every 16 steps on a GPU (no
+    host sync per token); steps past the end are dropped.
+
+Continuous batching (`generate_all(..., slots=B)` with Q > B prompts): B rows decode together;
+when a row stops, the next prompt of the queue is prefilled into that row (`KVCacheForward.refill`)
+while the others go on, so a batch is not held by its longest response. Every row keeps its own
+cache slot, so a prompt computes the same wherever and whenever it runs; its draws are keyed by
+(seed, prompt key, token index): the same tokens with continuous batching on or off.
+Slot utilisation = useful tokens / (rows x steps) is returned (`Generation.slot_utilisation`).
 
 Parallelism:
   * TP: each TP rank computes its heads / its MLP shard; row-parallel outputs are all-reduced and
@@ -26,7 +33,9 @@ Parallelism:
   * PP: each step, a non-first stage receives the previous stage's hidden states (B, s, h)
     (megatron's fallback: (s, B, h)) with `dist.recv` over the PP group, runs its layers, and
     sends its output on with `dist.send`; the last stage samples, and the tokens are broadcast over
-    the PP group, so every rank of the model-parallel group returns the same tensors.
+    the PP group, so every rank of the model-parallel group returns the same tensors. With the fast
+    decoder and `pipelined` (default), the B rows go as pp groups in flight, stage s working on
+    group (t - s) mod pp at tick t (`pipelined.py`: every stage busy; the queue in static batches).
   * DP: each DP rank generates its own prompts; rows differ by their prompt keys (pass the global
     prompt index as `keys`), so a prompt's draws do not depend on its rank, row or layout.
   * One model chunk per rank: virtual pipeline stages (vpp) are refused for generation.
@@ -64,6 +73,7 @@ from alfred_train.parallel import cpu as cpu_adapter
 from alfred_train.ppo.decode import (FullReforward, KVCacheForward, MegatronKVCache, _check_attention_backend,  # noqa: F401
                                      _single_chunk, _stage_rank, attention_mask_for, choose_decoder,
                                      position_ids_from_mask, stage_forward)
+from alfred_train.ppo.pipelined import can_pipeline, pipelined_decode
 from alfred_train.ppo.sampling import (SamplingParams, filter_top_k, filter_top_p, mask_logits, sample_next,  # noqa: F401
                                        uniform_draws)
 
@@ -106,12 +116,14 @@ class Generation:
 @torch.no_grad()
 def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams, *,
                  eod_id: int, vocab_size: int, seed: int, pad_id: int | None = None, keys: torch.Tensor | None = None,
-                 slots: int | None = None, decoder=None) -> Generation:
+                 slots: int | None = None, decoder=None, pipelined: bool = True) -> Generation:
     """Responses to Q prompts (Q, P), `slots` rows decoded together (default Q: one static batch).
 
     With slots < Q and a decoder that can `refill` (the fast one), a row whose response ends takes
     the next prompt of the queue at once (continuous batching); other decoders run the queue in
-    static batches of `slots`. Each prompt's tokens depend only on (seed, its key) (keys (Q,),
+    static batches of `slots`. At PP > 1 with `pipelined` (and the fast decoder), each batch of
+    `slots` rows is decoded with pp row groups in flight across the stages (`pipelined.py`); the
+    queue then goes in static batches. Each prompt's tokens depend only on (seed, its key) (keys (Q,),
     default 0 .. Q-1), not on its row, batch or layout. Collective over the TP and PP groups.
     """
     model = _single_chunk(chunks)
@@ -129,6 +141,9 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
     response = torch.full((queue_len, n_new + 1), pad_id, dtype=torch.long, device=device)  # (Q, N + 1)
     response_mask = torch.zeros_like(response)
     logprobs = torch.zeros(response.shape, dtype=torch.float32, device=device)
+    if pipelined and can_pipeline(runtime, rows, decoder_cls):
+        return _generate_pipelined(model, runtime, prompt_ids, prompt_mask, params, rows, eod_id=eod_id,
+                                   vocab_size=vocab_size, seed=seed, pad_id=pad_id, keys=keys, check_every=check_every)
     was_training = model.training
     model.eval()  # megatron uses the inference context only in eval mode
     dec, slot_steps, next_prompt = None, 0, rows
@@ -179,6 +194,24 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
         model.set_input_tensor(None)
         model.train(was_training)
     return Generation(response[:, :length], response_mask[:, :length], logprobs[:, :length], slot_steps)
+
+
+def _generate_pipelined(model, runtime, prompt_ids, prompt_mask, params, rows, **kw) -> Generation:
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        with cpu_adapter.suspended():
+            for start in range(0, prompt_ids.shape[0], rows):
+                batch = slice(start, start + rows)
+                kw_batch = dict(kw, keys=kw["keys"][batch])
+                parts.append(pipelined_decode(model, runtime, prompt_ids[batch], prompt_mask[batch], params,
+                                              **kw_batch))
+    finally:
+        model.train(was_training)
+    length = max(int(p[1].any(dim=0).sum()) for p in parts)
+    cat = lambda i: torch.cat([p[i][:, :length] for p in parts])  # noqa: E731
+    return Generation(cat(0), cat(1), cat(2), sum(p[3] for p in parts))
 
 
 def _next_batch(decoder_cls, model, runtime, prompt_ids, prompt_mask, n_new, start, rows, old):

@@ -143,7 +143,7 @@ def run(cfg: Config, runtime) -> int:
         rollout, utilisation = generate_rollouts(models.policy, runtime, prompts, params,
                                                  micro_batch=o.rollout_micro_batch, seed=t.seed * 1000 + step,
                                                  keys=list(position.indices), continuous=o.continuous_batching,
-                                                 **common_args)
+                                                 pipelined=o.pipelined_decode, **common_args)
         t1 = time.perf_counter()
         # -- score
         if o.offload_frozen:
@@ -255,7 +255,8 @@ def evaluate_policy(models: Models, runtime, prompts, params, o, tokenizer, seed
     """Mean RM score (and, for the synthetic task, the ground-truth property) on held-out prompts,
     sampled with the training sampling parameters and a fixed seed, averaged over every rank."""
     rollout, _ = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=o.rollout_micro_batch,
-                                   seed=seed + 99991, continuous=o.continuous_batching, **common_args)
+                                   seed=seed + 99991, continuous=o.continuous_batching,
+                                   pipelined=o.pipelined_decode, **common_args)
     rollout, _ = score_rollouts(models, runtime, rollout, micro_batch=min(o.train_micro_batch, len(prompts)),
                                 vocab_size=tokenizer.vocab_size)
     kl = (rollout.old_logprobs - rollout.ref_logprobs) * rollout.response_mask  # (B, T)
