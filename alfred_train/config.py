@@ -164,8 +164,10 @@ class PPOConfig:
     # decoded together); false: static micro-batches, each held by its longest response. Same tokens.
     continuous_batching: bool = True
     # PP > 1: decode with pp row groups in flight across the stages, every stage busy (rollout
-    # micro-batches then static); false: one token through the stages at a time. Same tokens.
-    pipelined_decode: bool = True
+    # micro-batches then static); false: one token through the stages at a time. Same tokens. Off by
+    # default: it pays when a stage's step is compute-bound (large models); on the tiny CPU model,
+    # overhead-bound, half-size groups cost as much as whole batches (bench_pp_generation.py).
+    pipelined_decode: bool = False
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def worker(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> None:
         return generation.generate_all(chunks, rt, ids, mask, params, pipelined=False, **kw).response_ids
 
     def now():
-        return generation.generate_all(chunks, rt, ids, mask, params, **kw).response_ids
+        return generation.generate_all(chunks, rt, ids, mask, params, pipelined=True, **kw).response_ids
 
     runs = {"before": before, "unpipelined": unpipelined, "now": now}
     tokens = {k: fn() for k, fn in runs.items()}

@@ -59,7 +59,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: process CPU time (robust on a shared machine, with --threads 1)")
     args = parser.parse_args()
+    clock = {"wall": time.perf_counter, "cpu": time.process_time}[args.clock]
     warnings.filterwarnings("ignore")
 
     from alfred_train.config import ParallelConfig
@@ -110,15 +113,16 @@ def main() -> None:
             outs[k] = fn()  # warm-up
         for _ in range(args.repeats):
             for k, fn in runs.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(clock() - t0)
         tok = args.batch * n
         med = {k: statistics.median(v) for k, v in times.items()}
         same = (outs["ours"] == outs["HF"]).float().mean().item() if greedy else float("nan")
         rows.append((("greedy" if greedy else "sampled"), med, tok, same))
     shutdown()
-    print(f"B={args.batch}, {args.prompt_len}+{n} tokens, fp32, threads={args.threads}, torch {torch.__version__}, "
+    print(f"B={args.batch}, {args.prompt_len}+{n} tokens, fp32, threads={args.threads}, clock={args.clock}, "
+          f"torch {torch.__version__}, "
           f"median of {args.repeats} interleaved runs")
     head = f"{'decoding':<9}{'ours tok/s':>12}{'before tok/s':>14}{'HF tok/s':>10}{'ours/HF':>9}{'ours/before':>13}" \
            f"{'same tokens as HF':>19}"

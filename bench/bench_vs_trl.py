@@ -16,6 +16,8 @@ Our process times two variants, alternating iteration by iteration:
              (ppo.recompute_logprobs=false)
 
 TRL and our process alternate (--rounds times per shape); medians over iterations after the first.
+On a shared machine, --clock cpu --threads 1 times each side by its process CPU time (TRL: its own
+script, unmodified, with time.perf_counter made time.process_time), which time-slicing does not inflate.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TRL_SCRIPT = ROOT.parent / "shared" / "peers" / "trl_ppo_tiny.py"
 
 
-def ours(prompt_len: int, response_len: int, iters: int, threads: int) -> dict:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def ours(prompt_len: int, response_len: int, iters: int, threads: int, clock: str = "wall") -> dict:
     """Our iterations in this process: {variant: {phase: [seconds per iteration]}}."""
     warnings.filterwarnings("ignore")
     import bench_vs_hf
@@ -69,25 +74,26 @@ def ours(prompt_len: int, response_len: int, iters: int, threads: int) -> dict:
     kl_fn = ppo_math.kl_estimator(o.kl_estimator)
     times: dict = {"before": {}, "ours": {}}
     real_choose, real_suspended = generation.choose_decoder, cpu_adapter.suspended
+    now = CLOCKS[clock]
     for it in range(2 * (iters + 1)):
         variant = ("before", "ours")[it % 2]
         if variant == "before":
             generation.choose_decoder = lambda model, rt: generation.MegatronKVCache
             cpu_adapter.suspended = contextlib.nullcontext
         prompts = torch.randint(3, shape.vocab_size, (16, prompt_len), generator=gen).tolist()
-        t0 = time.perf_counter()
+        t0 = now()
         rollout, _ = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=16, eod_id=2, pad_id=0,
                                        vocab_size=shape.vocab_size, seed=it)
-        t1 = time.perf_counter()
+        t1 = now()
         generation.choose_decoder, cpu_adapter.suspended = real_choose, real_suspended
         rollout, _ = score_rollouts(models, runtime, rollout, micro_batch=16, vocab_size=shape.vocab_size,
                                     recompute_logprobs=variant == "before")
         rollout, _ = compute_advantages(rollout, kl_estimator=kl_fn, beta=0.01, gamma=1.0, lam=0.95,
                                         whiten_rewards=False, whiten_advantages=True, dp_group=runtime.dp_group)
-        t2 = time.perf_counter()
+        t2 = now()
         _update(policy, rollout, 1, 1, 16, policy_forward_step(runtime, clip=0.2, vocab_size=shape.vocab_size), seed=it)
         _update(value, rollout, 1, 1, 16, value_forward_step(runtime, clip=0.2), seed=it)
-        t3 = time.perf_counter()
+        t3 = now()
         if it >= 2:  # the first iteration of each variant is warm-up
             for phase, t in (("generate", t1 - t0), ("score", t2 - t1), ("train", t3 - t2), ("total", t3 - t0)):
                 times[variant].setdefault(phase, []).append(t)
@@ -95,8 +101,12 @@ def ours(prompt_len: int, response_len: int, iters: int, threads: int) -> dict:
     return times
 
 
-def run_trl(trl_python: str, prompt_len: int, response_len: int, iters: int, threads: int) -> dict:
-    out = subprocess.run([trl_python, str(TRL_SCRIPT), "--layers", "4", "--hidden", "128", "--heads", "4",
+def run_trl(trl_python: str, prompt_len: int, response_len: int, iters: int, threads: int, clock: str) -> dict:
+    # --clock cpu: TRL's own script, unmodified, with its clock (time.perf_counter) made the process's CPU time
+    wrapper = ("import runpy, sys, time; clock = sys.argv.pop(1); sys.argv = sys.argv[1:]; "
+               "time.perf_counter = time.process_time if clock == 'cpu' else time.perf_counter; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    out = subprocess.run([trl_python, "-c", wrapper, clock, str(TRL_SCRIPT), "--layers", "4", "--hidden", "128", "--heads", "4",
                           "--kv-heads", "4", "--ffn", "344", "--vocab", "512", "--prompt-len", str(prompt_len),
                           "--response-len", str(response_len), "--rollouts-per-iter", "16", "--iters", str(iters),
                           "--threads", str(threads)], capture_output=True, text=True, check=True).stdout
@@ -106,9 +116,9 @@ def run_trl(trl_python: str, prompt_len: int, response_len: int, iters: int, thr
     return {"total": iters_s, "generate": [gen], "gc": [gc]}
 
 
-def run_ours(prompt_len, response_len, iters, threads) -> dict:
+def run_ours(prompt_len, response_len, iters, threads, clock) -> dict:
     out = subprocess.run([sys.executable, __file__, "--ours", str(prompt_len), str(response_len), str(iters),
-                          str(threads)], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+                          str(threads), clock], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -119,8 +129,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: each side's process CPU time (robust on a shared machine, with --threads 1)")
     args = parser.parse_args()
-    print(f"CPU, {torch.get_num_threads()} cores visible, threads={args.threads}, torch {torch.__version__}; "
+    print(f"CPU, {torch.get_num_threads()} cores visible, threads={args.threads}, clock={args.clock}, "
+          f"torch {torch.__version__}; "
           f"TRL and ours alternate {args.rounds}x per shape; medians over iterations after the first")
     head = (f"{'P+R':<9}{'TRL s':>7}{'TRL gen':>9}{'TRL gc':>8}{'before s':>10}{'ours s':>8}{'ours/TRL':>10}"
             f"{'ours/before':>13}  ours generate / score / train (before)")
@@ -129,9 +142,9 @@ def main() -> None:
         p, r = (int(x) for x in shape.split("+"))
         trl, mine = {}, {"before": {}, "ours": {}}
         for _ in range(args.rounds):
-            for k, v in run_trl(args.trl_python, p, r, args.iters, args.threads).items():
+            for k, v in run_trl(args.trl_python, p, r, args.iters, args.threads, args.clock).items():
                 trl.setdefault(k, []).extend(v)
-            for variant, phases in run_ours(p, r, args.iters, args.threads).items():
+            for variant, phases in run_ours(p, r, args.iters, args.threads, args.clock).items():
                 for k, v in phases.items():
                     mine[variant].setdefault(k, []).extend(v)
         rows.append((shape, trl, mine))
@@ -150,7 +163,7 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--ours"]:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        result = ours(*(int(x) for x in sys.argv[2:6]))
+        result = ours(*(int(x) for x in sys.argv[2:6]), clock=sys.argv[6])
         print(json.dumps(result))
     else:
         main()

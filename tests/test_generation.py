@@ -70,18 +70,19 @@ def layout_results(runtime) -> dict:
            "greedy_megatron": generate(policy, runtime, ids, mask, greedy, decoder=MegatronKVCache, **kw),
            "sampled": generate(policy, runtime, ids, mask, sampled, with_logprobs=True, **kw)}
     # continuous batching: 3 prompts through 2 rows; EOD := a token row 0 emits at step 2, so row 0
-    # frees its slot early and prompt 2 starts there while row 1 goes on. At PP=2 the default decodes
-    # pipelined (row groups in flight across the stages, the queue in static batches); "nopipe" not.
+    # frees its slot early and prompt 2 starts there while row 1 goes on. At PP=2,
+    # "pipe": pipelined (row groups in flight across the stages, the queue in static batches).
     eod = int(out["greedy"][0][0, 2])
     for name, params in (("greedy", greedy), ("sampled", sampled)):
-        for tag, extra in (("static", {}), ("cb", {"slots": 2}), ("static_nopipe", {"pipelined": False}),
-                           ("cb_nopipe", {"slots": 2, "pipelined": False}),
+        for tag, extra in (("static", {}), ("cb", {"slots": 2}), ("static_pipe", {"pipelined": True}),
+                           ("cb_pipe", {"slots": 2, "pipelined": True}),
                            ("cb_megatron", {"slots": 2, "decoder": MegatronKVCache})):
             gen = generate_all(policy, runtime, ids, mask, params, eod_id=eod, vocab_size=VOCAB, seed=11, **extra)
             out[f"{name}_{tag}"] = (gen.response_ids, gen.response_mask, gen.logprobs)
             out[f"{name}_{tag}_utilisation"] = gen.slot_utilisation
     # every row ends early (the same prompt twice): the loop stops before max_new_tokens (pipelined at PP=2)
-    twice = generate_all(policy, runtime, ids[[0, 0]], mask[[0, 0]], greedy, eod_id=eod, vocab_size=VOCAB, seed=11)
+    twice = generate_all(policy, runtime, ids[[0, 0]], mask[[0, 0]], greedy, eod_id=eod, vocab_size=VOCAB, seed=11,
+                         pipelined=True)
     out["early_stop"] = (twice.response_ids, twice.response_mask)
     response, response_mask = out["greedy"]
     sequences, seq_mask = torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1)  # (B, L)
@@ -209,7 +210,7 @@ def test_kv_cache_greedy_equals_full_reforward_and_each_prompt_alone(runtime, po
 def test_continuous_batching_gives_each_prompt_its_static_tokens(reference):
     for name in ("greedy", "sampled"):
         static = reference[f"{name}_static"]
-        for tag in ("cb", "static_nopipe", "cb_nopipe", "cb_megatron"):  # megatron's: static batches
+        for tag in ("cb", "static_pipe", "cb_pipe", "cb_megatron"):  # megatron's: static batches
             got = reference[f"{name}_{tag}"]
             assert torch.equal(got[0], static[0]) and torch.equal(got[1], static[1]), (name, tag)
             torch.testing.assert_close(got[2], static[2], atol=1e-5, rtol=0)
@@ -389,7 +390,7 @@ def test_tp_pp_layouts_match_tp1(tmp_path, reference, tp, pp):
             for mine, ref in zip(got[key], reference[key]):
                 assert torch.equal(mine, ref), f"{key} differs from TP=1 on {where}"
         for name in ("greedy", "sampled"):
-            for tag in ("static", "cb", "static_nopipe", "cb_nopipe", "cb_megatron"):  # PP=2: pipelined or not
+            for tag in ("static", "cb", "static_pipe", "cb_pipe", "cb_megatron"):  # PP=2: pipelined or not
                 mine, ref = got[f"{name}_{tag}"], reference[f"{name}_{tag}"]
                 assert torch.equal(mine[0], ref[0]) and torch.equal(mine[1], ref[1]), f"{name}_{tag} on {where}"
         assert all(torch.equal(a, b) for a, b in zip(got["early_stop"], reference["early_stop"])), where

@@ -47,7 +47,7 @@ def _pad_right(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
 
 def generate_rollouts(policy, runtime, prompts: list[list[int]], params: SamplingParams, *, micro_batch: int,
                       eod_id: int, pad_id: int, vocab_size: int, seed: int, keys: list[int] | None = None,
-                      continuous: bool = False, pipelined: bool = True) -> tuple[Rollout, float]:
+                      continuous: bool = False, pipelined: bool = False) -> tuple[Rollout, float]:
     """Sample one response per prompt, `micro_batch` rows decoded together; a (B, P) x (B, T) Rollout
     with P the longest prompt and T = max_new_tokens (shapes fixed for the pipeline schedule), whose
     old_logprobs are the sampler's, and the slot utilisation (useful tokens / slot-steps).

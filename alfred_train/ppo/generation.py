@@ -34,7 +34,7 @@ Parallelism:
     (megatron's fallback: (s, B, h)) with `dist.recv` over the PP group, runs its layers, and
     sends its output on with `dist.send`; the last stage samples, and the tokens are broadcast over
     the PP group, so every rank of the model-parallel group returns the same tensors. With the fast
-    decoder and `pipelined` (default), the B rows go as pp groups in flight, stage s working on
+    decoder and `pipelined=True` (`ppo.pipelined_decode`), the B rows go as pp groups in flight, stage s working on
     group (t - s) mod pp at tick t (`pipelined.py`: every stage busy; the queue in static batches).
   * DP: each DP rank generates its own prompts; rows differ by their prompt keys (pass the global
     prompt index as `keys`), so a prompt's draws do not depend on its rank, row or layout.
@@ -116,7 +116,7 @@ class Generation:
 @torch.no_grad()
 def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams, *,
                  eod_id: int, vocab_size: int, seed: int, pad_id: int | None = None, keys: torch.Tensor | None = None,
-                 slots: int | None = None, decoder=None, pipelined: bool = True) -> Generation:
+                 slots: int | None = None, decoder=None, pipelined: bool = False) -> Generation:
     """Responses to Q prompts (Q, P), `slots` rows decoded together (default Q: one static batch).
 
     With slots < Q and a decoder that can `refill` (the fast one), a row whose response ends takes
