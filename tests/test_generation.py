@@ -224,6 +224,23 @@ def test_continuous_batching_gives_each_prompt_its_static_tokens(reference):
     assert reference["greedy_static_utilisation"] == pytest.approx(float(lengths.sum()) / (3 * float(lengths.max())))
 
 
+def test_finished_check_every_n_steps_gives_the_same_tokens(runtime, policy, reference, monkeypatch):
+    """On a GPU "which rows ended?" is asked every 16 steps, not every token: the same results."""
+    from alfred_train.ppo import generation
+    from alfred_train.ppo.generation import MegatronKVCache, SamplingParams, generate_all
+
+    monkeypatch.setitem(generation.FINISHED_CHECK_EVERY, "cpu", 5)
+    ids, mask = padded_prompts()
+    eod = int(reference["greedy"][0][0, 2])
+    greedy = SamplingParams(max_new_tokens=12, greedy=True)
+    for tag, extra in (("static", {}), ("cb", {"slots": 2}), ("cb_megatron", {"slots": 2, "decoder": MegatronKVCache})):
+        got = generate_all(policy, runtime, ids, mask, greedy, eod_id=eod, vocab_size=VOCAB, seed=11, **extra)
+        want = reference[f"greedy_{tag}"]
+        assert torch.equal(got.response_ids, want[0]) and torch.equal(got.response_mask, want[1]), tag
+    early = generate_all(policy, runtime, ids[[0, 0]], mask[[0, 0]], greedy, eod_id=eod, vocab_size=VOCAB, seed=11)
+    assert torch.equal(early.response_ids, reference["early_stop"][0])  # 3 tokens, though checked at step 5
+
+
 def test_greedy_margins_are_decisive(runtime, policy, reference):
     """The parity tests are meaningful only if top-1 beats top-2 by far more than fp32 noise."""
     from alfred_train.ppo.generation import attention_mask_for, position_ids_from_mask

@@ -146,7 +146,7 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
                                    vocab_size=vocab_size, seed=seed, pad_id=pad_id, keys=keys, check_every=check_every)
     was_training = model.training
     model.eval()  # megatron uses the inference context only in eval mode
-    dec, slot_steps, next_prompt = None, 0, rows
+    dec, slot_steps, next_prompt, batch_start = None, 0, rows, 0
     try:
         with cpu_adapter.suspended():
             owner = torch.arange(rows, device=device)  # (B,) the prompt each row decodes
@@ -167,7 +167,7 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
                 active &= (tokens != eod_id) & (step_of + 1 < n_new)
                 step_of += 1
                 refill = None
-                if (loop_step + 1) % check_every == 0 or loop_step + 1 == n_new:
+                if (loop_step + 1) % check_every == 0 or loop_step + 1 - batch_start == n_new:
                     idle = (~active).nonzero()[:, 0]  # host sync: which rows finished
                     if len(idle) == rows and next_prompt >= queue_len:
                         break
@@ -177,7 +177,7 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
                         dec, owner, logits, step_of, active = _next_batch(
                             decoder_cls, model, runtime, prompt_ids, prompt_mask, n_new, next_prompt, rows, dec)
                         next_prompt += len(owner)
-                        rows = len(owner)
+                        rows, batch_start = len(owner), loop_step + 1
                         continue
                 logits = dec.step(tokens)
                 if refill is not None:  # continuous batching: the next prompts start in the rows just freed
