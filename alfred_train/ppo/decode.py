@@ -73,7 +73,7 @@ class StageDecoder:
     `forward` runs a prompt (prefill, slots 0 .. P-1, some or all rows) or one token per row (each
     row at its own slot): x is token ids (B, s) on the first stage, the previous stage's hidden
     states (B, s, h) otherwise; returns hidden states (B, s, h), or logits (B, s, V) (gathered
-    over TP) on the last stage.
+    over TP) of the newest position (B, 1, V) on the last stage.
     """
 
     def __init__(self, model, runtime, batch: int, max_len: int):
@@ -127,7 +127,7 @@ class StageDecoder:
     def _attention(self, index, att, x, slots, mask, rows):
         """x (B, s, h) normed -> this TP rank's attention output projected (B, s, h), not yet reduced.
 
-        Prefill (mask bool (R, 1, P, P), True = attend): slots (P,) = 0 .. P-1 for every row; the
+        Prefill (mask bool (R, 1, P, P), True = attend; None: causal, no padding): slots (P,) = 0 .. P-1; the
         prompt attends to its own fresh keys; they are written to cache rows `rows` (None: all).
         Decode (mask = additive bias (B, 1, 1, w)): slots (B,) each row's own cache slot.
         """
@@ -137,7 +137,7 @@ class StageDecoder:
         q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
         q = q.reshape(batch, seq, self.heads, self.head_dim)  # (B, s, np, hn)
         keys, values = self.keys[index], self.values[index]  # (B, ng, S, hn)
-        if mask.dtype == torch.bool:  # prefill
+        if mask is None or mask.dtype == torch.bool:  # prefill
             cos, sin = self.cos[slots][None, :, None], self.sin_signed[slots][None, :, None]  # (1, P, 1, rot)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)  # k (R, P, ng, hn)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (R, ng, P, hn)
@@ -145,8 +145,8 @@ class StageDecoder:
                 keys[:, :, :seq], values[:, :, :seq] = k, v
             else:
                 keys[rows, :, :seq], values[rows, :, :seq] = k, v
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=self.heads != self.groups)  # (R, np, P, hn)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
+                                                 scale=self.scale, enable_gqa=self.heads != self.groups)  # (R, np, P, hn)
             out = out.transpose(1, 2)  # (R, P, np, hn)
         else:  # one token per row at its own slot; a query head's group is head // (np/ng)
             cos, sin = self.cos[slots][:, None, None], self.sin_signed[slots][:, None, None]  # (B, 1, 1, rot)
@@ -205,7 +205,7 @@ class StageDecoder:
                 x = x + self._tp_sum(att)
                 x = x + self._tp_sum(self._mlp(layer.mlp, self._norm(layer.pre_mlp_layernorm, x)))
         if self.model.post_process:
-            return self._logits(x)
+            return self._logits(x[:, -1:])  # only the newest position is ever sampled from: (B, 1, V)
         return x
 
 
@@ -312,7 +312,8 @@ class KVCacheForward:
         else:
             self.key_bias[rows, 0, 0] = bias
             self.slot[rows] = prompt_len
-        mask = ~attention_mask_for(real, prompt_len)  # (R, 1, P, P) True = attend
+        # (R, 1, P, P) True = attend; without padding plain causal attention (SDPA's fast path)
+        mask = None if bool(real.all()) else ~attention_mask_for(real, prompt_len)
         return self._run(prompt_ids, torch.arange(prompt_len, device=real.device), mask, rows)
 
     def prefill(self):
