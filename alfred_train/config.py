@@ -213,6 +213,17 @@ class PPOConfig:
     samples_per_iter: int = 4  # prompt/response pairs written to samples.jsonl each iteration
     eval_tasks: tuple[str, ...] = ()  # lm-eval task names or task YAML files run on the final policy
     eval_limit: Optional[int] = None  # at most this many examples per eval task (None: all)
+    # true: the scoring pass re-computes the policy's log-probs (and reports the largest difference to
+    # the sampler's as logprob_gap); false: PPO uses the sampler's own log-probs, one forward fewer
+    recompute_logprobs: bool = True
+    # a rollout row that reaches EOD takes the iteration's next prompt at once (rollout_micro_batch rows
+    # decoded together); false: static micro-batches, each held by its longest response. Same tokens.
+    continuous_batching: bool = True
+    # PP > 1: decode with pp row groups in flight across the stages, every stage busy (rollout
+    # micro-batches then static); false: one token through the stages at a time. Same tokens. Off by
+    # default: it pays when a stage's step is compute-bound (large models); on the tiny CPU model,
+    # overhead-bound, half-size groups cost as much as whole batches (bench_pp_generation.py).
+    pipelined_decode: bool = False
 
 
 @dataclass(frozen=True)

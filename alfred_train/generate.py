@@ -217,8 +217,9 @@ def _run_worker(args, parallel) -> int:
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start:start + args.batch_size]
             ids, mask = left_pad([p.ids for p in batch], tokenizer.pad_id)
+            keys = torch.arange(start, start + len(batch))  # a prompt's draws do not depend on --batch-size
             response, response_mask = generate(models, runtime, ids, mask, params, eod_id=tokenizer.eod_id,
-                                               vocab_size=tokenizer.vocab_size, seed=args.seed + start,
+                                               vocab_size=tokenizer.vocab_size, seed=args.seed, keys=keys,
                                                pad_id=tokenizer.pad_id)
             for prompt, row, row_mask in zip(batch, response.cpu(), response_mask.cpu()):
                 tokens = row[row_mask.bool()].tolist()

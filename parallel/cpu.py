@@ -16,7 +16,11 @@ What it changes, and why (see ../shared/notes/megatron-core-on-cpu.md for the me
    CUDA RNG states do not exist. Dropout must therefore be 0 (the RLHF setting; checked by
    `alfred_train.models` when it builds a TransformerConfig).
 
-Measured overhead of (3) on a 4-layer hidden-128 GPT forward+backward: within run-to-run noise.
+Cost of (3): every torch call pays a Python `__torch_function__` dispatch. On a forward+backward of a
+4-layer hidden-128 GPT that is within run-to-run noise, but a decode step is nothing but small
+calls: a tiny 16 x (64 + 64) generation spent about half its time in the mode. Code that makes no
+literal CUDA request runs under `suspended()` (the rollout decode loop does), which takes the
+mode off the stack for its block at no per-call cost.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _installed = False
+_mode: TorchFunctionMode | None = None  # the global mode of (3), once installed
 
 
 def _is_cuda(device) -> bool:
@@ -93,9 +98,26 @@ def install() -> bool:
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.empty_cache = lambda: None
     torch.Tensor.type = _cuda_type_name
-    _CudaToCpu().__enter__()  # global for the life of the process
+    global _mode
+    _mode = _CudaToCpu()
+    _mode.__enter__()  # global for the life of the process
     _installed = True
     return True
+
+
+@contextlib.contextmanager
+def suspended():
+    """Run a block without the global CUDA-to-CPU mode (3): for hot loops that create no tensor on a
+    literal "cuda" device. A no-op without the adapter, or when another mode sits above ours."""
+    depth = torch._C._len_torch_function_stack()
+    if _mode is None or depth == 0 or torch._C._get_function_stack_at(depth - 1) is not _mode:
+        yield
+        return
+    mode = torch._C._pop_torch_function_stack()
+    try:
+        yield
+    finally:
+        torch._C._push_on_torch_function_stack(mode)
 
 
 def is_active() -> bool:

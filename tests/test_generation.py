@@ -57,8 +57,8 @@ def padded_prompts():
 
 def layout_results(runtime) -> dict:
     """Everything the layout tests compare, computed at this rank's TP/PP layout."""
-    from alfred_train.ppo.generation import (SamplingParams, generate, generate_full_reforward, score_at_eod,
-                                             sequence_logprobs, sequence_values)
+    from alfred_train.ppo.generation import (MegatronKVCache, SamplingParams, generate, generate_all,
+                                             generate_full_reforward, score_at_eod, sequence_logprobs, sequence_values)
 
     policy, scalar = build(runtime, "lm", seed=3), build(runtime, "scalar", seed=5)
     ids, mask = padded_prompts()
@@ -67,7 +67,23 @@ def layout_results(runtime) -> dict:
     kw = dict(eod_id=EOD, vocab_size=VOCAB, seed=11)
     out = {"greedy": generate(policy, runtime, ids, mask, greedy, **kw),
            "greedy_full": generate_full_reforward(policy, runtime, ids, mask, greedy, **kw),
-           "sampled": generate(policy, runtime, ids, mask, sampled, **kw)}
+           "greedy_megatron": generate(policy, runtime, ids, mask, greedy, decoder=MegatronKVCache, **kw),
+           "sampled": generate(policy, runtime, ids, mask, sampled, with_logprobs=True, **kw)}
+    # continuous batching: 3 prompts through 2 rows; EOD := a token row 0 emits at step 2, so row 0
+    # frees its slot early and prompt 2 starts there while row 1 goes on. At PP=2,
+    # "pipe": pipelined (row groups in flight across the stages, the queue in static batches).
+    eod = int(out["greedy"][0][0, 2])
+    for name, params in (("greedy", greedy), ("sampled", sampled)):
+        for tag, extra in (("static", {}), ("cb", {"slots": 2}), ("static_pipe", {"pipelined": True}),
+                           ("cb_pipe", {"slots": 2, "pipelined": True}),
+                           ("cb_megatron", {"slots": 2, "decoder": MegatronKVCache})):
+            gen = generate_all(policy, runtime, ids, mask, params, eod_id=eod, vocab_size=VOCAB, seed=11, **extra)
+            out[f"{name}_{tag}"] = (gen.response_ids, gen.response_mask, gen.logprobs)
+            out[f"{name}_{tag}_utilisation"] = gen.slot_utilisation
+    # every row ends early (the same prompt twice): the loop stops before max_new_tokens (pipelined at PP=2)
+    twice = generate_all(policy, runtime, ids[[0, 0]], mask[[0, 0]], greedy, eod_id=eod, vocab_size=VOCAB, seed=11,
+                         pipelined=True)
+    out["early_stop"] = (twice.response_ids, twice.response_mask)
     response, response_mask = out["greedy"]
     sequences, seq_mask = torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1)  # (B, L)
     eod_index = ids.shape[1] + response_mask.sum(1) - 1  # (B,)
@@ -96,7 +112,8 @@ def test_position_ids_and_attention_mask_hand_computed():
 
 
 def test_sampling_filters_hand_computed():
-    from alfred_train.ppo.generation import SamplingParams, filter_top_k, filter_top_p, mask_logits, sample_next
+    from alfred_train.ppo.generation import (SamplingParams, filter_top_k, filter_top_p, mask_logits, sample_next,
+                                             uniform_draws)
 
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     kept = lambda z: torch.isfinite(z)[0].tolist()  # noqa: E731
@@ -112,12 +129,26 @@ def test_sampling_filters_hand_computed():
     z = mask_logits(big, vocab_size=3, eod_id=2, block_eod=True)
     assert z[0].tolist()[:2] == [1.0, 2.0] and torch.isinf(z[0, 2:]).all()
     params = SamplingParams(max_new_tokens=4, min_new_tokens=2, greedy=True)
-    assert sample_next(big, params, step=0, vocab_size=3, eod_id=2, generator=None).item() == 1
-    assert sample_next(big, params, step=2, vocab_size=3, eod_id=2, generator=None).item() == 2
-    gen = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_next(big.expand(64, 5), SamplingParams(top_k=2), step=0, vocab_size=3,
-                                     eod_id=2, generator=gen) for _ in range(10)])
+    assert sample_next(big, params, step=0, vocab_size=3, eod_id=2)[0].item() == 1
+    token, logprob = sample_next(big, params, step=2, vocab_size=3, eod_id=2)
+    assert token.item() == 2  # the sampler's log-prob: over the real vocabulary, before filters
+    assert logprob.item() == pytest.approx(torch.tensor([1.0, 2.0, 3.0]).log_softmax(0)[2].item(), abs=1e-6)
+    draws = torch.stack([sample_next(big.expand(64, 5), SamplingParams(top_k=2), step=s, vocab_size=3,
+                                     eod_id=2, seed=0)[0] for s in range(10)])
     assert set(draws.unique().tolist()) == {1, 2}  # top-2 of the real vocabulary
+    # draws are keyed by (seed, row key, step): a row's token does not depend on where it sits
+    hot = SamplingParams(temperature=3.0)
+    wide = torch.randn(8, 40, generator=torch.Generator().manual_seed(1))
+    keys = torch.arange(100, 108)
+    a = sample_next(wide, hot, step=3, vocab_size=40, eod_id=2, seed=7, keys=keys)[0]
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(2))
+    b = sample_next(wide[perm], hot, step=3, vocab_size=40, eod_id=2, seed=7, keys=keys[perm])[0]
+    assert torch.equal(a[perm], b)
+    c = sample_next(wide, hot, step=3, vocab_size=40, eod_id=2, seed=8, keys=keys)[0]
+    assert not torch.equal(a, c)
+    # the draws are uniform: 4000 of them over 4 equal bins
+    u = uniform_draws(3, torch.arange(4000), 5)
+    assert 0 <= u.min() and u.max() < 1 and ((u * 4).long().bincount() - 1000).abs().max() < 120
 
 
 def test_sampling_params_are_checked():
@@ -166,6 +197,7 @@ def test_kv_cache_greedy_equals_full_reforward_and_each_prompt_alone(runtime, po
     response, response_mask = reference["greedy"]
     assert response.shape == (3, 12) and response_mask.bool().all()  # EOD never chosen by this model
     assert torch.equal(response, reference["greedy_full"][0])
+    assert torch.equal(response, reference["greedy_megatron"][0])  # the loop before issue 10
     assert ((response >= 3) & (response < VOCAB)).all()
     width = ids.shape[1]
     for row, n in enumerate(PROMPT_LENGTHS):
@@ -173,6 +205,40 @@ def test_kv_cache_greedy_equals_full_reforward_and_each_prompt_alone(runtime, po
                             SamplingParams(max_new_tokens=12, greedy=True), eod_id=EOD, vocab_size=VOCAB, seed=0)
         assert alone[0].tolist() == response[row].tolist(), f"row {row} differs when generated alone"
     assert len({tuple(r) for r in response.tolist()}) == 3  # rows really differ: the test can fail
+
+
+def test_continuous_batching_gives_each_prompt_its_static_tokens(reference):
+    for name in ("greedy", "sampled"):
+        static = reference[f"{name}_static"]
+        for tag in ("cb", "static_pipe", "cb_pipe", "cb_megatron"):  # megatron's: static batches
+            got = reference[f"{name}_{tag}"]
+            assert torch.equal(got[0], static[0]) and torch.equal(got[1], static[1]), (name, tag)
+            torch.testing.assert_close(got[2], static[2], atol=1e-5, rtol=0)
+    early, early_mask = reference["early_stop"]
+    assert early.shape == (2, 3) and early_mask.bool().all() and (early == reference["greedy"][0][0, :3]).all()
+    lengths = reference["greedy_static"][1].sum(1).tolist()
+    assert lengths[0] == 3 and max(lengths) > 3, lengths  # row 0 really ended early: the test can fail
+    # utilisation = useful tokens / slot-steps: the static batch idles row 0 after its EOD
+    assert reference["greedy_cb_utilisation"] > reference["greedy_static_utilisation"]
+    lengths = reference["greedy_static"][1].sum(1)
+    assert reference["greedy_static_utilisation"] == pytest.approx(float(lengths.sum()) / (3 * float(lengths.max())))
+
+
+def test_finished_check_every_n_steps_gives_the_same_tokens(runtime, policy, reference, monkeypatch):
+    """On a GPU "which rows ended?" is asked every 16 steps, not every token: the same results."""
+    from alfred_train.ppo import generation
+    from alfred_train.ppo.generation import MegatronKVCache, SamplingParams, generate_all
+
+    monkeypatch.setitem(generation.FINISHED_CHECK_EVERY, "cpu", 5)
+    ids, mask = padded_prompts()
+    eod = int(reference["greedy"][0][0, 2])
+    greedy = SamplingParams(max_new_tokens=12, greedy=True)
+    for tag, extra in (("static", {}), ("cb", {"slots": 2}), ("cb_megatron", {"slots": 2, "decoder": MegatronKVCache})):
+        got = generate_all(policy, runtime, ids, mask, greedy, eod_id=eod, vocab_size=VOCAB, seed=11, **extra)
+        want = reference[f"greedy_{tag}"]
+        assert torch.equal(got.response_ids, want[0]) and torch.equal(got.response_mask, want[1]), tag
+    early = generate_all(policy, runtime, ids[[0, 0]], mask[[0, 0]], greedy, eod_id=eod, vocab_size=VOCAB, seed=11)
+    assert torch.equal(early.response_ids, reference["early_stop"][0])  # 3 tokens, though checked at step 5
 
 
 def test_greedy_margins_are_decisive(runtime, policy, reference):
@@ -254,6 +320,50 @@ def test_generate_refuses_virtual_pipeline_chunks(runtime, policy):
         generate(policy * 2, runtime, ids, mask, SamplingParams(), eod_id=EOD, vocab_size=VOCAB, seed=0)
 
 
+def test_sampler_logprobs_equal_the_scoring_pass(runtime, policy):
+    """One set of log-probs: at temperature 1 the sampler's log-prob of each token is the scoring
+    pass's (same distribution, computed from the decode step's logits instead of a re-forward)."""
+    from alfred_train.ppo.generation import SamplingParams, generate, sequence_logprobs
+
+    ids, mask = padded_prompts()
+    ids_out, out_mask, sampler_lp = generate(policy, runtime, ids, mask, SamplingParams(max_new_tokens=12, top_k=40),
+                                             eod_id=EOD, vocab_size=VOCAB, seed=4, with_logprobs=True)
+    seq, seq_mask = torch.cat([ids, ids_out], 1), torch.cat([mask, out_mask], 1)
+    scored, _ = sequence_logprobs(policy, runtime, seq, seq_mask, ids.shape[1], vocab_size=VOCAB)
+    torch.testing.assert_close(sampler_lp * out_mask, scored * out_mask, atol=1e-4, rtol=0)
+    assert sampler_lp[out_mask.bool()].std() > 0.1  # real, varied log-probs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_equals_eager_and_is_released(runtime, policy, reference, caplog):
+    import logging
+
+    from alfred_train.models.build import unwrap
+    from alfred_train.ppo import decode
+    from alfred_train.ppo.generation import SamplingParams, generate
+
+    ids, mask = padded_prompts()
+    assert decode.choose_decoder(unwrap(policy[0]), runtime) is decode.CudaGraphDecode
+    params = SamplingParams(max_new_tokens=12, greedy=True)
+    kw = dict(eod_id=EOD, vocab_size=VOCAB, seed=0, with_logprobs=True)
+    with caplog.at_level(logging.WARNING, logger="alfred_train"):
+        graphed = generate(policy, runtime, ids, mask, params, **kw)
+    assert "CUDA-graph capture" not in caplog.text  # captured, not fallen back
+    eager = generate(policy, runtime, ids, mask, params, decoder=decode.KVCacheForward, **kw)
+    assert torch.equal(graphed[0], eager[0]) and torch.equal(graphed[0], reference["greedy"][0])
+    torch.testing.assert_close(graphed[2], eager[2], atol=1e-5, rtol=0)
+    # a sampled run with a graph reproduces itself, and the graph's pool is gone afterwards
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.3)
+    a, b = (generate(policy, runtime, ids, mask, sampled, **kw)[0] for _ in range(2))
+    assert torch.equal(a, b)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    generate(policy, runtime, ids, mask, sampled, **kw)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before  # nothing of the graph outlives the call
+
+
 # ----------------------------------------------------------------------------- TP / PP workers
 
 
@@ -287,15 +397,23 @@ def _launch_workers(out_dir: Path, tp: int, pp: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2pp2"])
 def test_tp_pp_layouts_match_tp1(tmp_path, reference, tp, pp):
     _launch_workers(tmp_path, tp, pp)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(tp * pp)]
     for got in ranks:
         where = f"tp_rank,pp_rank={got['coords']}"
-        for key in ("greedy", "greedy_full", "sampled"):  # ids and masks, every rank, token for token
+        for key in ("greedy", "greedy_full", "greedy_megatron"):  # ids and masks, every rank, token for token
             for mine, ref in zip(got[key], reference[key]):
                 assert torch.equal(mine, ref), f"{key} differs from TP=1 on {where}"
+        for name in ("greedy", "sampled"):
+            for tag in ("static", "cb", "static_pipe", "cb_pipe", "cb_megatron"):  # PP=2: pipelined or not
+                mine, ref = got[f"{name}_{tag}"], reference[f"{name}_{tag}"]
+                assert torch.equal(mine[0], ref[0]) and torch.equal(mine[1], ref[1]), f"{name}_{tag} on {where}"
+        assert all(torch.equal(a, b) for a, b in zip(got["early_stop"], reference["early_stop"])), where
+        ids, ids_mask, sampler_logprobs = got["sampled"]
+        assert torch.equal(ids, reference["sampled"][0]) and torch.equal(ids_mask, reference["sampled"][1]), where
+        torch.testing.assert_close(sampler_logprobs, reference["sampled"][2], atol=1e-5, rtol=0)
         for mine, ref in zip(got["logprobs"], reference["logprobs"]):
             torch.testing.assert_close(mine, ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(got["values"], reference["values"], atol=1e-5, rtol=0)

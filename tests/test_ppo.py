@@ -46,17 +46,31 @@ def test_tp2_step_equals_tp1_and_resume_is_exact(inits, tmp_path):
     for key in COMPARED:
         assert metrics(tmp_path / "tp2", key) == pytest.approx(metrics(tmp_path / "tp1", key), rel=1e-4, abs=1e-6), key
     # stop after 2 iterations, resume for the 3rd: identical to the uninterrupted run, bit for bit
-    # (with the frozen models offloaded between phases: a no-op move on CPU, but the code path runs)
-    _ppo(inits, tmp_path / "resumed", "parallel.tp=1", "train.max_steps=2", "ppo.offload_frozen=true")
-    proc = _ppo(inits, tmp_path / "resumed", "parallel.tp=1", "train.max_steps=3", "ppo.offload_frozen=true")
+    # (with the frozen models offloaded between phases: a no-op move on CPU, but the code path runs;
+    # and with static rollout micro-batches where tp1 used continuous batching: the same tokens)
+    static = ["ppo.offload_frozen=true", "ppo.continuous_batching=false"]
+    _ppo(inits, tmp_path / "resumed", "parallel.tp=1", "train.max_steps=2", *static)
+    proc = _ppo(inits, tmp_path / "resumed", "parallel.tp=1", "train.max_steps=3", *static)
     assert "resumed from" in proc.stderr
     for key in COMPARED + ["kl_coef", "lr", "value_lr"]:
         assert metrics(tmp_path / "resumed", key) == metrics(tmp_path / "tp1", key), key
     rows = [json.loads(x) for x in (tmp_path / "tp1" / "metrics.jsonl").read_text().splitlines()]
     expected = {"step", "score", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "policy_loss", "value_loss",
                 "explained_var", "response_len", "eod_rate", "time_generate", "time_score", "time_train",
-                "tokens_per_s"}
+                "tokens_per_s", "slot_utilisation", "logprob_gap", "policy_ratio_first"}
     assert expected <= set(rows[1]), expected - set(rows[1])
+    # one set of log-probs: the sampler's agree with the scoring pass's; the first ratio pi/pi_old is 1
+    assert all(r["logprob_gap"] < 1e-4 for r in rows[1:]), [r["logprob_gap"] for r in rows[1:]]
+    assert all(abs(r["policy_ratio_first"] - 1) < 1e-4 for r in rows[1:])
+    resumed = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["slot_utilisation"] <= 1 for r in rows[1:] + resumed[1:])
+    # ppo.recompute_logprobs=false skips the policy's scoring forward: the same run up to that rounding
+    _ppo(inits, tmp_path / "sampler-lp", "parallel.tp=1", "train.max_steps=3", "ppo.recompute_logprobs=false")
+    for key in COMPARED:
+        if key != "entropy":  # estimated from the sampled tokens' log-probs then
+            assert metrics(tmp_path / "sampler-lp", key) == pytest.approx(metrics(tmp_path / "tp1", key), rel=1e-3,
+                                                                          abs=1e-4), key
+    assert "logprob_gap" not in json.loads((tmp_path / "sampler-lp" / "metrics.jsonl").read_text().splitlines()[1])
     samples = (tmp_path / "tp1" / "samples.jsonl").read_text().splitlines()
     assert {"step", "prompt", "response", "score"} <= set(json.loads(samples[0]))
 

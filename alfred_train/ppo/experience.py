@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from alfred_train.ppo import math as ppo_math
-from alfred_train.ppo.generation import SamplingParams, generate, score_at_eod, sequence_logprobs, sequence_values
+from alfred_train.ppo.generation import (SamplingParams, generate_all, score_at_eod, sequence_logprobs,
+                                         sequence_values)
 from alfred_train.ppo.rollout import Rollout
 
 
@@ -46,19 +47,28 @@ def _pad_right(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
 
 
 def generate_rollouts(policy, runtime, prompts: list[list[int]], params: SamplingParams, *, micro_batch: int,
-                      eod_id: int, pad_id: int, vocab_size: int, seed: int) -> Rollout:
-    """Sample one response per prompt, `micro_batch` prompts at a time; a (B, P) x (B, T) Rollout
-    with P the longest prompt and T = max_new_tokens (shapes fixed for the pipeline schedule)."""
+                      eod_id: int, pad_id: int, vocab_size: int, seed: int, keys: list[int] | None = None,
+                      continuous: bool = False, pipelined: bool = False) -> tuple[Rollout, float]:
+    """Sample one response per prompt, `micro_batch` rows decoded together; a (B, P) x (B, T) Rollout
+    with P the longest prompt and T = max_new_tokens (shapes fixed for the pipeline schedule), whose
+    old_logprobs are the sampler's, and the slot utilisation (useful tokens / slot-steps).
+    keys: each prompt's key for the random stream (its global index; default its position), so a
+    prompt's response depends neither on the micro-batching nor on continuous batching (on/off)."""
     width = max(len(p) for p in prompts)
-    parts = []
-    for i in range(0, len(prompts), micro_batch):
-        ids, mask = left_pad(prompts[i:i + micro_batch], pad_id, width)
-        resp, resp_mask = generate(policy, runtime, ids, mask, params, eod_id=eod_id, vocab_size=vocab_size,
-                                   seed=seed * 100_003 + i, pad_id=pad_id)
-        parts.append((ids, mask, _pad_right(resp.cpu(), params.max_new_tokens, pad_id),
-                      _pad_right(resp_mask.cpu(), params.max_new_tokens, 0)))
-    return Rollout(prompt_ids=torch.cat([p[0] for p in parts]), prompt_mask=torch.cat([p[1] for p in parts]),
-                   response_ids=torch.cat([p[2] for p in parts]), response_mask=torch.cat([p[3] for p in parts]))
+    keys = torch.tensor(keys if keys is not None else range(len(prompts)), dtype=torch.long)
+    ids, mask = left_pad(prompts, pad_id, width)
+    kw = dict(eod_id=eod_id, vocab_size=vocab_size, seed=seed, pad_id=pad_id)
+    chunks = [slice(0, len(prompts))] if continuous else \
+        [slice(i, i + micro_batch) for i in range(0, len(prompts), micro_batch)]
+    parts = [generate_all(policy, runtime, ids[c], mask[c], params, keys=keys[c], slots=micro_batch,
+                          pipelined=pipelined, **kw) for c in chunks]
+    n = params.max_new_tokens
+    rollout = Rollout(prompt_ids=ids, prompt_mask=mask,
+                      response_ids=torch.cat([_pad_right(g.response_ids.cpu(), n, pad_id) for g in parts]),
+                      response_mask=torch.cat([_pad_right(g.response_mask.cpu(), n, 0) for g in parts]),
+                      old_logprobs=torch.cat([_pad_right(g.logprobs.cpu(), n, 0) for g in parts]))
+    useful = sum(float(g.response_mask.sum()) for g in parts)
+    return rollout, useful / max(sum(g.slot_steps for g in parts), 1)
 
 
 def scoring_input(rollout: Rollout, *, eod_id: int, pad_id: int, score_on_eod: bool):
@@ -84,13 +94,18 @@ def scoring_input(rollout: Rollout, *, eod_id: int, pad_id: int, score_on_eod: b
 @torch.no_grad()
 def score_rollouts(models: Models, runtime, rollout: Rollout, *, micro_batch: int, vocab_size: int, eod_id: int,
                    pad_id: int, temperature: float = 1.0, score_on_eod: bool = True,
-                   missing_eod_penalty: float | None = None):
+                   missing_eod_penalty: float | None = None, recompute_logprobs: bool = True):
     """Fill old_logprobs, ref_logprobs (both under logits / temperature, the sampling distribution),
     values, scores (the RM's, minus `missing_eod_penalty` for a response without EOD); also return
-    the policy's entropy (B, T)."""
+    the policy's entropy (B, T). recompute_logprobs=False keeps the sampler's old_logprobs (no policy
+    forward); the entropy is then the per-token estimate -log p(sampled token) (its expectation is
+    the entropy)."""
     seqs, mask, p = rollout.sequences(), rollout.attention_mask(), rollout.prompt_len
-    old_logprobs, entropy = sequence_logprobs(models.policy, runtime, seqs, mask, p, vocab_size=vocab_size,
-                                              micro_batch_size=micro_batch, temperature=temperature)
+    if recompute_logprobs or rollout.old_logprobs is None:
+        old_logprobs, entropy = sequence_logprobs(models.policy, runtime, seqs, mask, p, vocab_size=vocab_size,
+                                                  micro_batch_size=micro_batch, temperature=temperature)
+    else:
+        old_logprobs, entropy = rollout.old_logprobs, -rollout.old_logprobs * rollout.response_mask
     ref_logprobs, _ = sequence_logprobs(models.reference, runtime, seqs, mask, p, vocab_size=vocab_size,
                                         micro_batch_size=micro_batch, temperature=temperature)
     values = sequence_values(models.value, runtime, seqs, mask, p, micro_batch_size=micro_batch)

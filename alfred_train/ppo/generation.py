@@ -1,32 +1,50 @@
-"""Rollout generation with megatron-core's KV cache across TP/PP, and forward-only scoring for PPO.
+"""Rollout generation with a static KV cache across TP/PP, and forward-only scoring for PPO.
 
 Generation (`generate`): B left-padded prompts (B, P) go through the model once (prefill, filling
-a `StaticInferenceContext` KV cache of P + max_new_tokens positions), then one token per step.
+a KV cache of S = P + max_new_tokens slots), then one token per step. The decoder
+(`decode.choose_decoder`): `KVCacheForward` runs this stage's layers straight on their weights
+(`decode.StageDecoder`; RoPE tables and the key mask built once per generation), captured in a
+CUDA graph on one GPU (`CudaGraphDecode`, eager fallback); megatron's own forward with its
+`StaticInferenceContext` (`MegatronKVCache`) for what the fast decoder does not support. The
+CPU adapter's global function mode is suspended for the loop (`parallel.cpu.suspended`).
 
-    step t:  logits (B, V) at the newest position -> mask padded-vocabulary ids (>= vocab_size)
-             and EOD while t < min_new_tokens -> greedy argmax, or temperature / top-k / top-p
-             sampling with a torch.Generator seeded by (seed, dp_rank) -> token (B,)
+    step t:  logits (B, V) at the newest position -> `sampling.sample_next`: padded-vocabulary ids
+             (>= vocab_size) never drawn, EOD blocked while t < min_new_tokens, greedy argmax or
+             temperature / top-k / top-p on a uniform draw keyed by (seed, the row's prompt key, t)
+             -> token (B,) and its log-prob under softmax(logits / temperature) (B,)
              -> fed back as the (B, 1) input of step t + 1.
     A row stops at its EOD: response_mask is 1 up to and including EOD, 0 after, and the ids
-    after it are `pad_id`. The loop ends when every row has stopped or after max_new_tokens.
+    after it are `pad_id`. The loop ends after max_new_tokens, or when every row has stopped;
+    "which rows stopped?" is asked of the device every step on CPU and every 16 steps on a GPU (no
+    host sync per token); steps past the end are dropped.
+
+Continuous batching (`generate_all(..., slots=B)` with Q > B prompts): B rows decode together;
+when a row stops, the next prompt of the queue is prefilled into that row (`KVCacheForward.refill`)
+while the others go on, so a batch is not held by its longest response. Every row keeps its own
+cache slot, so a prompt computes the same wherever and whenever it runs; its draws are keyed by
+(seed, prompt key, token index): the same tokens with continuous batching on or off.
+Slot utilisation = useful tokens / (rows x steps) is returned (`Generation.slot_utilisation`).
 
 Parallelism:
-  * TP: inference-mode logits are gathered over TP (megatron requires `runtime_gather_output`),
-    so every TP rank holds the same (B, V) row; the token is sampled on TP rank 0 of the last
-    stage only and broadcast over the TP group, so every TP rank feeds the same token (guaranteed
-    by the broadcast, not by matching generators).
-  * PP: each step, a non-first stage receives the previous stage's hidden states (s, B, h) with
-    `dist.recv` over the PP group, runs its layers, and sends its output on with `dist.send`; the
-    last stage samples, and the tokens are broadcast over the PP group, so every rank of the
-    model-parallel group returns the same (response_ids, response_mask).
-  * DP: each DP rank generates its own prompts; generators differ by dp_rank.
+  * TP: each TP rank computes its heads / its MLP shard; row-parallel outputs are all-reduced and
+    the vocabulary-parallel logits all-gathered over TP, so every TP rank holds the same (B, V);
+    the token is sampled on TP rank 0 of the last stage only and broadcast over the TP group
+    (with its log-prob), so every TP rank feeds the same token (guaranteed by the broadcast).
+  * PP: each step, a non-first stage receives the previous stage's hidden states (B, s, h)
+    (megatron's fallback: (s, B, h)) with `dist.recv` over the PP group, runs its layers, and
+    sends its output on with `dist.send`; the last stage samples, and the tokens are broadcast over
+    the PP group, so every rank of the model-parallel group returns the same tensors. With the fast
+    decoder and `pipelined=True` (`ppo.pipelined_decode`), the B rows go as pp groups in flight, stage s working on
+    group (t - s) mod pp at tick t (`pipelined.py`: every stage busy; the queue in static batches).
+  * DP: each DP rank generates its own prompts; rows differ by their prompt keys (pass the global
+    prompt index as `keys`), so a prompt's draws do not depend on its rank, row or layout.
   * One model chunk per rank: virtual pipeline stages (vpp) are refused for generation.
 
 Left padding: position ids count real tokens (`position_ids_from_mask`), and an attention mask
-hides every padding key from every query (`attention_mask_for`). RoPE in megatron-core is applied
-by absolute slot, not by position id, but q.k under RoPE depends only on the slot difference,
-which padding shifts equally for query and key: a padded row computes the same attention as the
-row alone, up to float rounding.
+hides every padding key from every query (`attention_mask_for`). RoPE is applied by absolute cache
+slot, not by position id (megatron-core's rule, kept by the fast decoder), but q.k under RoPE
+depends only on the slot difference, which padding shifts equally for query and key: a padded row
+computes the same attention as the row alone, up to float rounding.
 
 Scoring (forward-only, no grad, whole sequences, megatron's pipeline schedule, results broadcast
 from the last stage to the whole PP group). Positions, for sequences = cat(prompt_ids,
@@ -41,6 +59,7 @@ response_ids) of shape (B, L), L = P + T (the `Rollout` layout):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import partial
 
@@ -50,266 +69,186 @@ import torch.distributed as dist
 from alfred_train.errors import ConfigError
 from alfred_train.kernels.logprobs import vocab_parallel_logprobs_and_entropy
 from alfred_train.models.build import unwrap
+from alfred_train.parallel import cpu as cpu_adapter
+from alfred_train.ppo.decode import (FullReforward, KVCacheForward, MegatronKVCache, _check_attention_backend,  # noqa: F401
+                                     _single_chunk, _stage_rank, attention_mask_for, choose_decoder,
+                                     position_ids_from_mask, stage_forward)
+from alfred_train.ppo.pipelined import can_pipeline, pipelined_decode
+from alfred_train.ppo.sampling import (SamplingParams, filter_top_k, filter_top_p, mask_logits, sample_next,  # noqa: F401
+                                       uniform_draws)
 
 PADDED_VOCAB_LOGIT = -1e9  # finite "minus infinity" for the log-prob kernel (exp -> 0, no NaN)
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How each next token is chosen (the `ppo.*` sampling keys, or `generate` flags)."""
+# --------------------------------------------------------------------------- the decode loop
 
-    max_new_tokens: int = 16  # response length cap
-    min_new_tokens: int = 0  # EOD is masked out before this many tokens
-    temperature: float = 1.0  # logits / temperature before top-k / top-p
-    top_p: float = 1.0  # nucleus: keep the smallest set of ids whose probability reaches top_p
-    top_k: int = 0  # keep the k most likely ids; 0 = off
-    greedy: bool = False  # argmax (temperature, top-k and top-p unused)
-
-    def __post_init__(self):
-        checks = [(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-                  (0 <= self.min_new_tokens <= self.max_new_tokens,
-                   f"min_new_tokens ({self.min_new_tokens}) must be in [0, max_new_tokens={self.max_new_tokens}]"),
-                  (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-                  (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-                  (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"sampling: {msg}")
-
-    @classmethod
-    def from_ppo(cls, ppo_cfg, greedy: bool = False) -> "SamplingParams":
-        p = ppo_cfg
-        return cls(p.max_new_tokens, p.min_new_tokens, p.temperature, p.top_p, p.top_k, greedy)
-
-
-# --------------------------------------------------------------------------- pure helpers
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token; padding gets 0. mask (B, S) -> (B, S)."""
-    return (mask.long().cumsum(dim=1) - 1).clamp_min(0)
-
-
-def attention_mask_for(key_is_real: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """Causal + padding mask for the last `num_queries` positions: (B, 1, sq, sk) bool, True = hidden.
-
-    key_is_real (B, sk): 1 on real tokens. Query i sits at slot sk - sq + i and sees key j iff
-    j <= its slot and (key j is real or j is the query's own slot): a padding query sees only
-    itself, so no softmax row is empty (an empty row gives NaN, which would leak through 0 * NaN).
-    """
-    sk = key_is_real.shape[1]
-    device = key_is_real.device
-    q_slot = torch.arange(sk - num_queries, sk, device=device)[:, None]  # (sq, 1)
-    k_slot = torch.arange(sk, device=device)[None, :]  # (1, sk)
-    visible = (k_slot <= q_slot) & (key_is_real.bool()[:, None, :] | (k_slot == q_slot))  # (B, sq, sk)
-    return ~visible[:, None]  # (B, 1, sq, sk)
-
-
-def mask_logits(logits: torch.Tensor, *, vocab_size: int, eod_id: int, block_eod: bool) -> torch.Tensor:
-    """float32 copy of logits (B, V) with padded-vocabulary ids (>= vocab_size), and EOD if asked, at -inf."""
-    out = logits.float().clone()  # (B, V)
-    out[:, vocab_size:] = float("-inf")
-    if block_eod:
-        out[:, eod_id] = float("-inf")
-    return out
-
-
-def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits per row (ties with the k-th kept), the rest -inf. (B, V) -> (B, V)."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = logits.topk(k, dim=-1).values[:, -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filter: keep, by descending probability, ids until their mass reaches top_p. (B, V)."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) mass of the more likely ids
-    drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
-    return logits.masked_fill(drop, float("-inf"))  # the most likely id always stays
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, *, step: int, vocab_size: int, eod_id: int,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Choose token `step` of each row from its logits (B, V): (B,) long."""
-    z = mask_logits(logits, vocab_size=vocab_size, eod_id=eod_id, block_eod=step < params.min_new_tokens)
-    if params.greedy:
-        return z.argmax(dim=-1)
-    z = filter_top_p(filter_top_k(z / params.temperature, params.top_k), params.top_p)
-    return torch.multinomial(z.softmax(dim=-1), 1, generator=generator)[:, 0]
-
-
-# --------------------------------------------------------------------------- pipeline stage I/O
-
-def _single_chunk(chunks) -> torch.nn.Module:
-    if len(chunks) != 1:
-        raise ConfigError(f"generation runs one model chunk per rank, got {len(chunks)} (virtual pipeline "
-                          "stages): set parallel.vpp to null for generation")
-    model = unwrap(chunks[0])
-    if model.config.sequence_parallel:
-        raise ConfigError("generation does not support sequence parallelism: set parallel.sequence_parallel=false")
-    return model
-
-
-def _stage_rank(runtime, pp_rank: int) -> int:
-    return dist.get_global_rank(runtime.pp_group, pp_rank)
-
-
-def stage_forward(model, runtime, input_ids, position_ids, attention_mask, *, inference_context=None):
-    """This stage's forward of one micro-batch, hidden states passed stage to stage with send/recv.
-
-    input_ids, position_ids (B, s); attention_mask (B, 1, s, sk). Returns the gathered logits
-    (B, s', V) on the last stage (s' = 1 with a KV cache: only the newest position), else None.
-    """
-    batch, seq = input_ids.shape
-    if not runtime.is_first_stage:
-        cfg = model.config
-        hidden = torch.empty(seq, batch, cfg.hidden_size, dtype=cfg.params_dtype, device=runtime.device)
-        dist.recv(hidden, src=_stage_rank(runtime, runtime.pp_rank - 1), group=runtime.pp_group)  # (s, B, h)
-        model.set_input_tensor(hidden)
-    out = model(input_ids, position_ids, attention_mask, inference_context=inference_context,
-                runtime_gather_output=True)
-    if runtime.is_last_stage:
-        return out  # (B, s', V)
-    dist.send(out.contiguous(), dst=_stage_rank(runtime, runtime.pp_rank + 1), group=runtime.pp_group)
-    return None
-
-
-class KVCacheForward:
-    """Prefill the prompt into a static KV cache, then one (B, 1) token per step."""
-
-    def __init__(self, model, runtime, prompt_ids, prompt_mask, max_new_tokens: int):
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        batch, prompt_len = prompt_ids.shape
-        self.model, self.runtime = model, runtime
-        self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask
-        self.ctx = StaticInferenceContext(batch, prompt_len + max_new_tokens)
-        new = torch.ones(batch, max_new_tokens, dtype=torch.bool, device=prompt_ids.device)
-        self.key_is_real = torch.cat([prompt_mask.bool(), new], dim=1)  # (B, P + N)
-        self.next_position = prompt_mask.long().sum(dim=1, keepdim=True)  # (B, 1)
-
-    def prefill(self):
-        prompt_len = self.prompt_ids.shape[1]
-        mask = attention_mask_for(self.key_is_real[:, :prompt_len], prompt_len)  # (B, 1, P, P)
-        out = stage_forward(self.model, self.runtime, self.prompt_ids, position_ids_from_mask(self.prompt_mask),
-                            mask, inference_context=self.ctx)
-        self.ctx.increment_sequence_len_offset(prompt_len)
-        self.ctx.enable_decode_mode()
-        return None if out is None else out[:, -1]  # (B, V)
-
-    def step(self, tokens):
-        filled = self.ctx.sequence_len_offset
-        mask = attention_mask_for(self.key_is_real[:, :filled + 1], 1)  # (B, 1, 1, filled + 1)
-        out = stage_forward(self.model, self.runtime, tokens[:, None], self.next_position, mask,
-                            inference_context=self.ctx)
-        self.ctx.increment_sequence_len_offset(1)
-        self.next_position = self.next_position + 1
-        return None if out is None else out[:, -1]  # (B, V)
-
-
-class FullReforward:
-    """Reference decoder without a cache: every step re-runs the whole sequence so far."""
-
-    def __init__(self, model, runtime, prompt_ids, prompt_mask, max_new_tokens: int):
-        self.model, self.runtime = model, runtime
-        self.ids, self.real = prompt_ids, prompt_mask.bool()  # (B, S) growing
-
-    def _run(self):
-        seq = self.ids.shape[1]
-        out = stage_forward(self.model, self.runtime, self.ids, position_ids_from_mask(self.real),
-                            attention_mask_for(self.real, seq))
-        return None if out is None else out[:, -1]  # (B, V)
-
-    def prefill(self):
-        return self._run()
-
-    def step(self, tokens):
-        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
-        self.real = torch.cat([self.real, torch.ones_like(self.real[:, :1])], dim=1)
-        return self._run()
-
-
-def _share_tokens(tokens, runtime, batch: int) -> torch.Tensor:
-    """The sampled tokens (B,) from (last stage, TP rank 0) to every rank of its TP and PP groups."""
-    if tokens is None:
-        tokens = torch.empty(batch, dtype=torch.long, device=runtime.device)
+def _share(tensor, runtime, shape, dtype) -> torch.Tensor:
+    """A tensor from (last stage, TP rank 0) to every rank of its TP and PP groups."""
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype, device=runtime.device)
     if runtime.dims.tp > 1 and runtime.is_last_stage:
-        dist.broadcast(tokens, src=dist.get_global_rank(runtime.tp_group, 0), group=runtime.tp_group)
+        dist.broadcast(tensor, src=dist.get_global_rank(runtime.tp_group, 0), group=runtime.tp_group)
     if runtime.dims.pp > 1:
-        dist.broadcast(tokens, src=_stage_rank(runtime, runtime.dims.pp - 1), group=runtime.pp_group)
-    return tokens
+        dist.broadcast(tensor, src=_stage_rank(runtime, runtime.dims.pp - 1), group=runtime.pp_group)
+    return tensor
 
 
-def sampling_generator(seed: int, dp_rank: int, device) -> torch.Generator:
-    """Generator seeded by (seed, dp_rank): DP replicas differ, reruns reproduce."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + dp_rank) % (2 ** 63))
+# "Which rows finished?" is asked of the device every step on CPU (free there) and every 16 steps on
+# a GPU (a host sync stalls the launch queue); rows finished in between idle (their tokens dropped).
+FINISHED_CHECK_EVERY = {"cpu": 1, "cuda": 16}
 
 
-def _check_attention_backend(model) -> None:
-    layers = model.decoder.layers
-    if len(layers) and type(layers[0].self_attention.core_attention).__name__ == "FlashAttention":
-        raise ConfigError("generation needs padding masks, which the flash attention backend does not take: "
-                          "set model.attention_backend=sdpa")
+@dataclass
+class Generation:
+    """What one `generate_all` call produced, for Q prompts."""
+
+    response_ids: torch.Tensor  # (Q, T) long, pad_id after a row's end
+    response_mask: torch.Tensor  # (Q, T) 1 up to and including EOD
+    logprobs: torch.Tensor  # (Q, T) float32 the sampler's log-prob of each token, 0 after the end
+    slot_steps: int  # rows x decode steps: every token sampled, useful or not
+
+    @property
+    def slot_utilisation(self) -> float:
+        """Useful tokens / slot-steps: 1.0 when no row ever waits for the batch's longest response."""
+        return float(self.response_mask.sum()) / max(self.slot_steps, 1)
 
 
 @torch.no_grad()
-def _generate(decoder_cls, chunks, runtime, prompt_ids, prompt_mask, params: SamplingParams, *, eod_id: int,
-              vocab_size: int, seed: int, pad_id: int | None):
+def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams, *,
+                 eod_id: int, vocab_size: int, seed: int, pad_id: int | None = None, keys: torch.Tensor | None = None,
+                 slots: int | None = None, decoder=None, pipelined: bool = False) -> Generation:
+    """Responses to Q prompts (Q, P), `slots` rows decoded together (default Q: one static batch).
+
+    With slots < Q and a decoder that can `refill` (the fast one), a row whose response ends takes
+    the next prompt of the queue at once (continuous batching); other decoders run the queue in
+    static batches of `slots`. At PP > 1 with `pipelined` (and the fast decoder), each batch of
+    `slots` rows is decoded with pp row groups in flight across the stages (`pipelined.py`); the
+    queue then goes in static batches. Each prompt's tokens depend only on (seed, its key) (keys (Q,),
+    default 0 .. Q-1), not on its row, batch or layout. Collective over the TP and PP groups.
+    """
     model = _single_chunk(chunks)
     _check_attention_backend(model)
+    device = runtime.device
     pad_id = eod_id if pad_id is None else pad_id
-    prompt_ids = prompt_ids.to(runtime.device)  # (B, P)
-    prompt_mask = prompt_mask.to(runtime.device)  # (B, P)
-    batch = prompt_ids.shape[0]
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)  # (Q, P)
+    queue_len, n_new = prompt_ids.shape[0], params.max_new_tokens
+    keys = (torch.arange(queue_len) if keys is None else torch.as_tensor(keys)).to(device).long()  # (Q,)
+    rows = min(slots or queue_len, queue_len)
     source = runtime.is_last_stage and runtime.tp_rank == 0
-    generator = sampling_generator(seed, runtime.dp_rank, runtime.device) if source else None
+    check_every = FINISHED_CHECK_EVERY.get(torch.device(device).type, 1)
+    decoder_cls = choose_decoder(model, runtime) if decoder is None else decoder
+    # one spill column (index N) takes the writes of idle rows, so no step needs to know which rows idle
+    response = torch.full((queue_len, n_new + 1), pad_id, dtype=torch.long, device=device)  # (Q, N + 1)
+    response_mask = torch.zeros_like(response)
+    logprobs = torch.zeros(response.shape, dtype=torch.float32, device=device)
+    if pipelined and can_pipeline(runtime, rows, decoder_cls):
+        return _generate_pipelined(model, runtime, prompt_ids, prompt_mask, params, rows, eod_id=eod_id,
+                                   vocab_size=vocab_size, seed=seed, pad_id=pad_id, keys=keys, check_every=check_every)
     was_training = model.training
     model.eval()  # megatron uses the inference context only in eval mode
+    dec, slot_steps, next_prompt, batch_start = None, 0, rows, 0
     try:
-        decoder = decoder_cls(model, runtime, prompt_ids, prompt_mask, params.max_new_tokens)
-        response = torch.full((batch, params.max_new_tokens), pad_id, dtype=torch.long, device=runtime.device)
-        response_mask = torch.zeros_like(response)  # (B, N)
-        done = torch.zeros(batch, dtype=torch.bool, device=runtime.device)  # (B,)
-        logits = decoder.prefill()
-        for step in range(params.max_new_tokens):
-            tokens = sample_next(logits, params, step=step, vocab_size=vocab_size, eod_id=eod_id,
-                                 generator=generator) if source else None
-            tokens = torch.where(done, pad_id, _share_tokens(tokens, runtime, batch))  # (B,)
-            response[:, step] = tokens
-            response_mask[:, step] = (~done).long()
-            done |= tokens == eod_id
-            if bool(done.all()) or step == params.max_new_tokens - 1:
-                break
-            logits = decoder.step(tokens)
+        with cpu_adapter.suspended():
+            owner = torch.arange(rows, device=device)  # (B,) the prompt each row decodes
+            dec = decoder_cls(model, runtime, prompt_ids[:rows], prompt_mask[:rows], n_new)
+            logits = dec.prefill()
+            step_of = torch.zeros(rows, dtype=torch.long, device=device)  # (B,) token index within its response
+            active = torch.ones(rows, dtype=torch.bool, device=device)  # (B,)
+            for loop_step in itertools.count():
+                slot_steps += rows
+                drawn = sample_next(logits, params, step=step_of, vocab_size=vocab_size, eod_id=eod_id, seed=seed,
+                                    keys=keys[owner]) if source else (None, None)
+                tokens = torch.where(active, _share(drawn[0], runtime, (rows,), torch.long), pad_id)  # (B,)
+                lp = _share(drawn[1], runtime, (rows,), torch.float32)
+                column = torch.where(active, step_of, n_new)  # idle rows write to the spill column
+                response[owner, column] = tokens
+                response_mask[owner, column] = active.long()
+                logprobs[owner, column] = torch.where(active, lp, 0.0)
+                active &= (tokens != eod_id) & (step_of + 1 < n_new)
+                step_of += 1
+                refill = None
+                if (loop_step + 1) % check_every == 0 or loop_step + 1 - batch_start == n_new:
+                    idle = (~active).nonzero()[:, 0]  # host sync: which rows finished
+                    if len(idle) == rows and next_prompt >= queue_len:
+                        break
+                    if next_prompt < queue_len and len(idle) and hasattr(dec, "refill"):
+                        refill = idle[:queue_len - next_prompt]
+                    elif next_prompt < queue_len and len(idle) == rows:  # static batches: the next one
+                        dec, owner, logits, step_of, active = _next_batch(
+                            decoder_cls, model, runtime, prompt_ids, prompt_mask, n_new, next_prompt, rows, dec)
+                        next_prompt += len(owner)
+                        rows, batch_start = len(owner), loop_step + 1
+                        continue
+                logits = dec.step(tokens)
+                if refill is not None:  # continuous batching: the next prompts start in the rows just freed
+                    new = torch.arange(next_prompt, next_prompt + len(refill), device=device)
+                    next_prompt += len(refill)
+                    fresh = dec.refill(refill, prompt_ids[new], prompt_mask[new])
+                    if fresh is not None:
+                        logits[refill] = fresh
+                    owner[refill], step_of[refill], active[refill] = new, 0, True
+        length = int(response_mask[:, :n_new].any(dim=0).sum())  # columns are contiguous from 0
     finally:
+        if hasattr(dec, "close"):
+            dec.close()  # a CUDA graph and its memory pool end with the generation
         model.set_input_tensor(None)
         model.train(was_training)
-    return response[:, :step + 1], response_mask[:, :step + 1]
+    return Generation(response[:, :length], response_mask[:, :length], logprobs[:, :length], slot_steps)
+
+
+def _generate_pipelined(model, runtime, prompt_ids, prompt_mask, params, rows, **kw) -> Generation:
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        with cpu_adapter.suspended():
+            for start in range(0, prompt_ids.shape[0], rows):
+                batch = slice(start, start + rows)
+                kw_batch = dict(kw, keys=kw["keys"][batch])
+                parts.append(pipelined_decode(model, runtime, prompt_ids[batch], prompt_mask[batch], params,
+                                              **kw_batch))
+    finally:
+        model.train(was_training)
+    length = max(int(p[1].any(dim=0).sum()) for p in parts)
+    cat = lambda i: torch.cat([p[i][:, :length] for p in parts])  # noqa: E731
+    return Generation(cat(0), cat(1), cat(2), sum(p[3] for p in parts))
+
+
+def _next_batch(decoder_cls, model, runtime, prompt_ids, prompt_mask, n_new, start, rows, old):
+    if hasattr(old, "close"):
+        old.close()
+    index = torch.arange(start, min(start + rows, prompt_ids.shape[0]), device=prompt_ids.device)
+    dec = decoder_cls(model, runtime, prompt_ids[index], prompt_mask[index], n_new)
+    logits = dec.prefill()
+    zeros = torch.zeros(len(index), dtype=torch.long, device=prompt_ids.device)
+    return dec, index, logits, zeros, torch.ones(len(index), dtype=torch.bool, device=prompt_ids.device)
 
 
 def generate(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams, *,
-             eod_id: int, vocab_size: int, seed: int, pad_id: int | None = None):
-    """Sample responses with the KV cache: (response_ids (B, T), response_mask (B, T)), T <= max_new_tokens.
+             eod_id: int, vocab_size: int, seed: int, pad_id: int | None = None, keys: torch.Tensor | None = None,
+             with_logprobs: bool = False, decoder=None):
+    """Sample responses with the KV cache: (response_ids (B, T), response_mask (B, T)), T <= max_new_tokens,
+    and with_logprobs: the sampler's log-prob of each token (B, T) float32 (0 after a row's end).
 
     chunks: this rank's model chunk (one; unwrapped or not); prompt_ids (B, P) left-padded,
     prompt_mask (B, P) 1 on prompt tokens. vocab_size: the tokenizer's (ids >= it never sampled).
-    pad_id fills the ids after EOD (default eod_id). Collective over the TP and PP groups; every
-    rank of them returns the same tensors. Deterministic given (seed, dp_rank).
+    pad_id fills the ids after EOD (default eod_id). keys (B,): each row's prompt key for the random
+    stream (default 0 .. B-1). decoder: a decoder class (default `choose_decoder`). Collective over
+    the TP and PP groups; every rank of them returns the same tensors. Deterministic given
+    (seed, keys), whatever the layout.
     """
-    return _generate(KVCacheForward, chunks, runtime, prompt_ids, prompt_mask, params, eod_id=eod_id,
-                     vocab_size=vocab_size, seed=seed, pad_id=pad_id)
+    out = generate_all(chunks, runtime, prompt_ids, prompt_mask, params, eod_id=eod_id, vocab_size=vocab_size,
+                       seed=seed, pad_id=pad_id, keys=keys, decoder=decoder)
+    ids_mask = (out.response_ids, out.response_mask)
+    return (*ids_mask, out.logprobs) if with_logprobs else ids_mask
 
 
 def generate_full_reforward(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                             params: SamplingParams, *, eod_id: int, vocab_size: int, seed: int,
                             pad_id: int | None = None):
     """`generate` without a KV cache (the whole sequence re-run every step): slow, for tests and benches."""
-    return _generate(FullReforward, chunks, runtime, prompt_ids, prompt_mask, params, eod_id=eod_id,
-                     vocab_size=vocab_size, seed=seed, pad_id=pad_id)
+    return generate(chunks, runtime, prompt_ids, prompt_mask, params, eod_id=eod_id, vocab_size=vocab_size,
+                    seed=seed, pad_id=pad_id, decoder=FullReforward)
 
 
 # --------------------------------------------------------------------------- scoring

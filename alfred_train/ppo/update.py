@@ -37,7 +37,8 @@ def policy_forward_step(runtime, *, clip: float, vocab_size: int, temperature: f
         loss, stats = ppo_math.policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, clip, num_tokens=1.0)
         tokens = mask.sum()
         report = {"loss": loss.detach(), "tokens": tokens, "clipfrac": stats.clipfrac,
-                  "approx_kl": stats.approx_kl, "entropy": (entropy.detach() * mask).sum()}
+                  "approx_kl": stats.approx_kl, "entropy": (entropy.detach() * mask).sum(),
+                  "ratio": ((logprobs.detach() - mb.old_logprobs).exp() * mask).sum()}  # pi / pi_old
         return loss, tokens.to(torch.int), report
 
     return forward_step

@@ -95,6 +95,7 @@ def run(cfg: Config, runtime) -> int:
 
     train_prompts = prompt_set.train
     eval_prompts = _dp_slice(prompt_set.held_out, runtime.dp_rank, cfg.parallel.dp)
+    eval_keys = _dp_slice(list(range(len(prompt_set.held_out))), runtime.dp_rank, cfg.parallel.dp)
     batches = iterate_batches(len(train_prompts), o.rollouts_per_iter, runtime.dp_rank, cfg.parallel.dp,
                               t.seed, consumed)
     params = SamplingParams.from_ppo(o)
@@ -108,7 +109,7 @@ def run(cfg: Config, runtime) -> int:
                     consumed_prompts=consumed, bad_steps=bad_steps)
 
     def evaluate(tag_step):
-        return evaluate_policy(models, runtime, eval_prompts, params, o, tokenizer, t.seed, common_args, scoring,
+        return evaluate_policy(models, runtime, eval_prompts, eval_keys, params, o, tokenizer, t.seed, common_args, scoring,
                                ground_truth=cfg.data.synthetic and not cfg.data.prompts)
 
     metrics = MetricsLogger(run_dir, enabled=runtime.is_main, total_steps=t.max_steps, start_step=step,
@@ -125,13 +126,17 @@ def run(cfg: Config, runtime) -> int:
         # -- generate
         if o.offload_frozen:
             _offload(models.reference + models.reward, "cpu")
-        rollout = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=o.rollout_micro_batch,
-                                    seed=t.seed * 1000 + step, **common_args)
+        rollout, utilisation = generate_rollouts(models.policy, runtime, prompts, params,
+                                                 micro_batch=o.rollout_micro_batch, seed=t.seed * 1000 + step,
+                                                 keys=list(position.indices), continuous=o.continuous_batching,
+                                                 pipelined=o.pipelined_decode, **common_args)
         t1 = time.perf_counter()
         # -- score
         if o.offload_frozen:
             _offload(models.reference + models.reward, runtime.device)
-        rollout, entropy = score_rollouts(models, runtime, rollout, micro_batch=o.train_micro_batch, **scoring)
+        sampler_logprobs = rollout.old_logprobs
+        rollout, entropy = score_rollouts(models, runtime, rollout, micro_batch=o.train_micro_batch,
+                                          recompute_logprobs=o.recompute_logprobs, **scoring)
         rollout, kl = compute_advantages(rollout, kl_estimator=kl_fn, beta=kl_ctl.kl_coef, gamma=o.gamma, lam=o.lam,
                                          whiten_rewards=o.whiten_rewards, whiten_advantages=o.whiten_advantages,
                                          dp_group=runtime.dp_group)
@@ -156,11 +161,14 @@ def run(cfg: Config, runtime) -> int:
         bad = policy_reports["skipped"] + value_reports["skipped"]
         bad_steps = bad_steps + 1 if bad else 0
         gen_tokens = stats.pop("_response_tokens")
+        if o.recompute_logprobs:  # largest |scoring - sampler| log-prob over this iteration's tokens
+            stats["logprob_gap"] = logprob_gap(rollout, sampler_logprobs, runtime.dp_group)
         row = {**stats, "kl_coef": beta,
                "policy_loss": policy_reports["loss"], "value_loss": value_reports["loss"],
                "clipfrac": policy_reports["clipfrac"], "approx_kl": policy_reports["approx_kl"],
                "value_clipfrac": value_reports["clipfrac"], "skipped_updates": bad,
                "lr": policy_reports["lr"], "value_lr": value_reports["lr"],
+               "policy_ratio_first": policy_reports["ratio_first"], "slot_utilisation": utilisation,
                "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2,
                "tokens_per_s": gen_tokens / (t3 - t0)}
         if eval_prompts and ((t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps):
@@ -190,7 +198,7 @@ def _update(trainable: Trainable, rollout, epochs: int, steps_per_epoch: int, mi
     """epochs x steps_per_epoch optimizer steps over random mini-batches of this rank's rollouts, the
     same global mini-batches at any DP size (`minibatch_rows`); returns the token-weighted mean of
     each report and the number of skipped (non-finite) steps."""
-    totals, weight, skipped, lr = {}, 0.0, 0, 0.0
+    totals, weight, skipped, lr, first = {}, 0.0, 0, 0.0, {}
     for epoch in range(epochs):
         for rows in minibatch_rows(rollout.batch_size, steps_per_epoch, first_row=first_row, seed=seed, epoch=epoch):
             mini = rollout.select(rows)
@@ -199,11 +207,23 @@ def _update(trainable: Trainable, rollout, epochs: int, steps_per_epoch: int, mi
                                     micro_batch_size=micro[0].batch_size)
             skipped += int(not result.ok)
             lr = result.lr
+            first = first or result.reports
             for k, v in {"loss": result.loss, **result.reports}.items():
                 totals[k] = totals.get(k, 0.0) + v * result.tokens
             weight += result.tokens
     out = {k: v / max(weight, 1.0) for k, v in totals.items()}
-    return {**out, "skipped": skipped, "lr": lr}
+    # the first mini-batch sees the policy that sampled: its ratio pi/pi_old is 1 when log-probs agree
+    return {**out, "skipped": skipped, "lr": lr, "ratio_first": first.get("ratio", float("nan"))}
+
+
+def logprob_gap(rollout, sampler_logprobs, dp_group) -> float:
+    """max |old_logprobs - sampler_logprobs| over response tokens, over every DP rank."""
+    gap = ((rollout.old_logprobs - sampler_logprobs).abs() * rollout.response_mask).max().double()
+    # the max through a sum: each rank contributes its value to its own slot
+    world = 1 if dp_group is None else torch.distributed.get_world_size(dp_group)
+    slots = torch.zeros(world, dtype=torch.float64)
+    slots[0 if dp_group is None else torch.distributed.get_rank(dp_group)] = gap
+    return float(ppo_math.all_reduce_sum(slots, dp_group).max())
 
 
 def rollout_stats(rollout, kl, entropy, dp_group, eod_id: int) -> dict:
@@ -236,13 +256,15 @@ def _count_cut(indices, cut: frozenset, dp_group) -> float:
 
 
 @torch.no_grad()
-def evaluate_policy(models: Models, runtime, prompts, params, o, tokenizer, seed, common_args, scoring, *,
+def evaluate_policy(models: Models, runtime, prompts, keys, params, o, tokenizer, seed, common_args, scoring, *,
                     ground_truth: bool) -> dict:
     """Mean RM score, KL (and, for the synthetic task, the ground-truth property) on held-out prompts:
-    each DP rank samples and scores its own share (training sampling parameters, a fixed seed), and
-    the means are over every held-out prompt of every rank."""
-    rollout = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=o.rollout_micro_batch,
-                                seed=seed + 99991, **common_args)
+    each DP rank samples and scores its own share (training sampling parameters, a fixed seed, each
+    prompt's random stream keyed by its held-out index), and the means are over every held-out prompt
+    of every rank."""
+    rollout, _ = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=o.rollout_micro_batch,
+                                   seed=seed + 99991, keys=keys, continuous=o.continuous_batching,
+                                   pipelined=o.pipelined_decode, **common_args)
     rollout, _ = score_rollouts(models, runtime, rollout, micro_batch=min(o.train_micro_batch, len(prompts)),
                                 **scoring)
     kl = (rollout.old_logprobs - rollout.ref_logprobs) * rollout.response_mask  # (B, T)
