@@ -104,6 +104,7 @@ class LaunchConfig:
     gpus_per_node: int = 8  # GPUs per machine; 0 = CPU job (then set procs_per_node)
     procs_per_node: int = 0  # worker processes per machine; 0 = one per GPU
     python: str = "python"  # interpreter the job runs, after slurm.setup has activated an env
+    gpu_memory_gib: float = 0.0  # one GPU's memory for the dry run's check; 0 = from sagemaker.instance_type (Slurm: unchecked)
     job_dir: str = ""  # job script + resolved config + logs; "" = <run.dir>/launch/<time>
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     sagemaker: SageMakerConfig = field(default_factory=SageMakerConfig)
