@@ -152,6 +152,16 @@ def test_entry_script_two_hosts(tmp_path):
     assert (flag("--node_rank"), flag("--master_addr"), flag("--nproc_per_node")) == ("0", "algo-10", "4")
     assert "/abs/c.yaml" in argv
 
+    # Inputs: each key from its channel's directory (SM_CHANNEL_<NAME>), or from the code dir.
+    inputs = json.dumps({"ppo.policy_init": ["ppo_policy_init", ""], "data.prompts": ["data_prompts", "p.jsonl"],
+                         "model.tokenizer": ["", "configs/t.json"]})
+    env = {"ALFRED_SM_RESOURCECONFIG": str(resource), "SM_CHANNEL_DATA_PROMPTS": "/x/data"}
+    argv = entry(tmp_path, env, "--stage", "ppo", "--config", "c.yaml", "--procs_per_node", "1", "--inputs", inputs,
+                 "--run_dir", "/opt/ml/input/data/fsx/runs/a").stdout.split()
+    assert argv[-4:] == ["run.dir=/opt/ml/input/data/fsx/runs/a", "data.prompts=/x/data/p.jsonl",
+                         f"model.tokenizer={REPO / 'sagemaker' / 'configs/t.json'}",
+                         "ppo.policy_init=/opt/ml/input/data/ppo_policy_init"]
+
     done = entry(tmp_path, {"ALFRED_SM_RESOURCECONFIG": str(tmp_path / "none.json")}, "--stage", "sft", "--config", "c")
     assert done.returncode != 0 and "not in a SageMaker job" in done.stderr
 

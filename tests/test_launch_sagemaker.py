@@ -102,6 +102,9 @@ def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
         "config": '"job/config.yaml"',
         "procs_per_node": "8",
         "run_dir": '"/opt/ml/checkpoints"',
+        "inputs": json.dumps(json.dumps({
+            "data.prompts": ["data_prompts", "prompts.jsonl"], "model.tokenizer": ["model_tokenizer", "tokenizer.json"],
+            "ppo.policy_init": ["ppo_policy_init", ""], "ppo.reward_init": ["ppo_reward_init", ""]}, sort_keys=True)),
     }
     assert job["CheckpointConfig"] == {
         "S3Uri": f"s3://{BUCKET}/alfred-40b-ppo/checkpoints",

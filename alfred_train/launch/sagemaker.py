@@ -114,6 +114,7 @@ def build_request(launch: LaunchConfig, *, name: str, submit_uri: str, plan: Inp
         "config": JOB_CONFIG,
         "procs_per_node": launch.workers_per_node,
         "run_dir": plan.run_dir,
+        "inputs": json.dumps(plan.sources, sort_keys=True),  # a JSON text: entry.py's --inputs
     }
     stopping = {"MaxRuntimeInSeconds": sm.max_run_s}
     if sm.spot:

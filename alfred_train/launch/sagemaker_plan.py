@@ -57,6 +57,9 @@ class Channel:
 class InputPlan:
     channels: list[Channel] = field(default_factory=list)
     rewrites: dict[str, str] = field(default_factory=dict)  # key -> path in the container
+    # key -> (channel, path inside it) or ("", path inside /opt/ml/code): entry.py resolves them with
+    # the toolkit's SM_CHANNEL_<NAME> variables, so a run outside /opt/ml (the rehearsal) agrees
+    sources: dict[str, tuple[str, str]] = field(default_factory=dict)
     run_dir: str = CHECKPOINT_LOCAL_PATH  # run.dir inside the container
 
     def lines(self) -> list[str]:
@@ -176,6 +179,7 @@ def plan_inputs(tree: dict, launch: LaunchConfig, *, upload_root: str, source_ro
             ch = _s3_channel(key, sm.inputs[key], upload_root)
             plan.channels.append(ch)
             plan.rewrites[key] = ch.container_path
+            plan.sources[key] = (ch.name, ch.container_path[len(f"{CHANNEL_ROOT}/{ch.name}"):].lstrip("/"))
             continue
         if value is None or (key == "checkpoint.resume" and value in ("auto", "none")):
             continue
@@ -183,8 +187,10 @@ def plan_inputs(tree: dict, launch: LaunchConfig, *, upload_root: str, source_ro
         rest = _under(value, fsx.path) if fsx.file_system_id else None
         if rest is not None:
             plan.rewrites[key] = f"{CHANNEL_ROOT}/{fsx.channel}" + (f"/{rest}" if rest else "")
+            plan.sources[key] = (fsx.channel, rest)
         elif _in_source(value, source_root):
             plan.rewrites[key] = f"{CODE_DIR}/{value}"
+            plan.sources[key] = ("", value)
         else:
             raise ConfigError(
                 f"{key}: {value!r} would not exist inside the SageMaker job; deliver it with "
