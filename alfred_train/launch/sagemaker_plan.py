@@ -249,7 +249,7 @@ def disk_plan(cfg, size: resources.CheckpointSize) -> DiskPlan:
                  f"{h((keep + 1) * size.total)} (keep {keep} + the one being written); instance volumes hold none"]
         return DiskPlan(0.0, lines)
     share = resources.largest_node_share(size, tp=p.tp, pp=p.pp, dp=p.dp, zero=p.zero, nodes=launch.nodes,
-                                         gpus_per_node=launch.gpus_per_node)
+                                         gpus_per_node=launch.workers_per_node)
     if sm.checkpoint_s3_uri:
         need = keep * size.total + share
         lines = [f"  layout: node-local {CHECKPOINT_LOCAL_PATH} synced to {sm.checkpoint_s3_uri}; each node writes "
