@@ -1,56 +1,86 @@
-"""Sharded checkpoints: save, load (resharding across TP/PP), resume, keep-last-N, `latest`.
+"""Sharded checkpoints: save, load (resharding across TP/PP), resume from the newest sound one.
 
 Layout under `run.dir/checkpoints/`:
 
     iter_0000010/            megatron-core dist_checkpointing (torch_dist) files
         meta.json            step, layout, trainer state (schedules, data position, KL controller...)
-        rng/rank_00003.pt    python / numpy / torch RNG states of each rank
-    latest                   text file naming the newest complete checkpoint ("iter_0000010")
+        rng/rank_00003.safetensors   python / numpy / torch RNG states of each rank (no pickle)
+        manifest.json        every file with its size and sha256, written last (checkpointing/manifest.py)
+    latest                   text file naming the newest complete checkpoint: a hint for people
 
-A checkpoint is written under `.tmp-iter_0000010/` and renamed when every rank has finished, then
-`latest` is replaced atomically (write + os.replace): a crash mid-save leaves the previous
-`latest` loadable. Model weights load at any TP/PP layout; optimizer states at the layout they
-were saved with (checked, with a clear error otherwise).
+A save (collective) writes `.tmp-iter_0000010/` with an in-process writer (no child process a
+preemption signal can kill), each rank fsyncs and hashes the files it wrote, rank 0 gathers the
+manifest, the directory is fsynced and renamed, and only when every node's part is complete does
+`latest` move. Old checkpoints are pruned by step number (`keep`), never the one just written.
 
-A checkpoint holds any number of named models (`policy`, `value`, ...), each with an optional
-optimizer; `meta.json["state"]` carries the JSON-able trainer state.
+Resume (`find_resumable`, collective) ignores `latest`: it walks `iter_*` newest first by step,
+checks each against its manifest (sizes, then sha256), names each damaged one in one line and
+returns the newest sound one; with `checkpoint.s3_uri` a newer sound checkpoint in S3 is downloaded
+and verified first. Checkpoints that exist but none sound: DamagedCheckpointsError, never step 0.
+
+Node-local run directories (one per node, `checkpoint.node_local`) are described in
+`checkpointing/site.py`. Model weights load at any TP/PP layout; optimizer states at the layout
+they were saved with (checked, with a clear error otherwise). A checkpoint holds any number of
+named models (`policy`, `value`, ...), each with an optional optimizer; `meta.json["state"]`
+carries the JSON-able trainer state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import random
+import logging
+import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from alfred_train.errors import ConfigError
+from alfred_train.checkpointing import manifest as mf
+from alfred_train.checkpointing import safety, writer
+from alfred_train.checkpointing.site import Site
+from alfred_train.errors import AlfredError, ConfigError
 
+log = logging.getLogger("alfred_train")
 LATEST = "latest"
+_ITER = re.compile(r"^iter_(\d+)$")
+
+
+class DamagedCheckpointsError(AlfredError):
+    """Checkpoints exist but none is sound: the run refuses to start over from step 0."""
+
+    exit_code = 2
 
 
 def iter_name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
-def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `ckpt_root`, or None."""
+def iter_steps(ckpt_root: str | Path) -> dict[int, Path]:
+    """step -> `iter_N` directory under `ckpt_root` (complete or not)."""
     root = Path(ckpt_root)
-    marker = root / LATEST
-    if not marker.exists():
-        return None
-    path = root / marker.read_text().strip()
-    return path if (path / "meta.json").exists() else None
+    found = {}
+    if root.is_dir():
+        for p in root.iterdir():
+            if (m := _ITER.match(p.name)) and p.is_dir():
+                found[int(m.group(1))] = p
+    return found
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The newest checkpoint under `ckpt_root` by step number that has its manifest and meta.json
+    (a cheap check for reading a finished run, e.g. `ppo.policy_init`; resume verifies fully)."""
+    for _, path in sorted(iter_steps(ckpt_root).items(), reverse=True):
+        if (path / "meta.json").exists() and (path / mf.MANIFEST).exists():
+            return path
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint dir, a `checkpoints/` root (uses latest) or a run dir."""
+    """Accept a checkpoint dir, a `checkpoints/` root (its newest checkpoint) or a run dir."""
     p = Path(path)
     for cand in (p, p / "checkpoints"):
         if (cand / "meta.json").exists():
@@ -58,7 +88,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = latest_checkpoint(cand)
         if found:
             return found
-    raise ConfigError(f"{path}: no checkpoint found (expected meta.json, or a 'latest' file)")
+    raise ConfigError(f"{path}: no checkpoint found (expected meta.json, or iter_* checkpoints with a manifest)")
 
 
 def _model_sd(chunks, name: str) -> dict:
@@ -119,14 +149,19 @@ def _optimizer_sd(optimizer, model_sd: dict, is_loading: bool) -> dict:
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict, runtime,
-                    keep: int, layout: dict) -> Path:
-    """Collective: every rank calls it. models: name -> (chunks, optimizer or None)."""
-    from megatron.core import dist_checkpointing
+                    keep: int, layout: dict, *, node_local: bool = False, s3_uri: str | None = None,
+                    timings: dict | None = None) -> Path:
+    """Collective: every rank calls it. models: name -> (chunks, optimizer or None).
 
+    `timings`, when given, receives the seconds of each phase: write (dist_checkpointing and RNG
+    files), manifest (hash + fsync + gather + rename + `latest`), s3 (upload and verify).
+    """
+    t0 = time.perf_counter()
+    site = Site.detect(runtime.rank, node_local)
     root = Path(ckpt_root)
     final = root / iter_name(step)
     tmp = root / f".tmp-{iter_name(step)}"
-    if runtime.is_main:
+    if site.owner:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
@@ -137,25 +172,107 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
         if optimizer is not None:
             sharded[f"{name}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=False)
     with _preemption_signals_blocked():
-        dist_checkpointing.save(sharded, str(tmp))
-    adam_steps = {name: _adam_step(opt) for name, (_, opt) in models.items() if opt is not None}
-    rng_dir = tmp / "rng"
-    if runtime.is_main:
-        rng_dir.mkdir(exist_ok=True)
-    dist.barrier()
-    torch.save(rng_state(), rng_dir / f"rank_{runtime.rank:05d}.pt")
-    dist.barrier()
-    if runtime.is_main:
-        meta = {"step": step, "layout": layout, "models": sorted(models), "state": state,
-                "adam_steps": adam_steps}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST, final.name)
-        _prune(root, keep)
-    dist.barrier()
+        writer.save(sharded, tmp)
+        if site.owner:
+            (tmp / "rng").mkdir()
+        dist.barrier()
+        safety.save_rng(safety.rng_file(tmp, runtime.rank))
+        if runtime.is_main:
+            adam_steps = {name: _adam_step(opt) for name, (_, opt) in models.items() if opt is not None}
+            meta = {"step": step, "layout": layout, "models": sorted(models), "state": state,
+                    "adam_steps": adam_steps}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        dist.barrier()
+        t1 = time.perf_counter()
+        mine = mf.seal(tmp, mf.own_files(tmp, runtime.rank))
+        manifest = mf.gather(mine, step=step, node=site.node, nodes=site.nodes)
+        problem = mf.publish(tmp, final, manifest, site.node) if site.owner else None
+        _all_or_raise(problem, f"checkpoint {iter_name(step)}")
+        if site.owner:  # every node's part is complete and renamed: `latest` may move
+            mf.write_durable(root / LATEST, final.name)
+            _prune(root, keep, protect=final)
+        t2 = time.perf_counter()
+        if s3_uri:
+            from alfred_train.checkpointing import mirror
+
+            mirror.upload(final, s3_uri, manifest, mine, runtime, keep=keep)
+        dist.barrier()
+    t3 = time.perf_counter()
+    seconds = {"write": t1 - t0, "manifest": t2 - t1, "s3": t3 - t2, "total": t3 - t0}
+    if timings is not None:
+        timings.update(seconds)
+    log.info("saved %s in %.2fs (write %.2fs, manifest+fsync %.2fs%s)", final, seconds["total"], seconds["write"],
+             seconds["manifest"], f", s3 {seconds['s3']:.2f}s" if s3_uri else "")
     return final
+
+
+def _all_or_raise(problem: str | None, what: str) -> None:
+    """Collective: raise on every rank when any rank reports a problem."""
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    found = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
+    if found:
+        raise AlfredError(f"{what} is incomplete: {'; '.join(found)}")
+
+
+def find_resumable(ckpt_root: str | Path, runtime, *, node_local: bool = False,
+                   s3_uri: str | None = None) -> Path | None:
+    """Collective: the newest sound checkpoint under `ckpt_root` (downloaded from `s3_uri` when S3
+    holds a newer sound one), or None when there is none at all. Damaged ones are named in one log
+    line each; raises DamagedCheckpointsError when checkpoints exist but none is sound."""
+    site = Site.detect(runtime.rank, node_local)
+    root = Path(ckpt_root)
+    local = iter_steps(root) if site.owner else {}
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (sorted(local), _latest_hint(root) if site.owner else None))
+    steps = sorted({s for found, _ in seen for s in found}, reverse=True)
+    damaged, chosen = [], None
+    for step in steps:
+        path = root / iter_name(step)
+        mine = None
+        if site.owner:
+            found = mf.problems(path, expect_step=step) if path.is_dir() else [f"{path.name} is missing"]
+            mine = "; ".join(found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "") if found else None
+            if mine and site.node_local:
+                mine = f"node {site.node}: {mine}"
+        verdicts = [None] * dist.get_world_size()
+        dist.all_gather_object(verdicts, mine)
+        bad = [v for v in verdicts if v]
+        if not bad:
+            chosen = step
+            break
+        damaged.append(f"{root / iter_name(step)}: {'; '.join(bad)}")
+    if s3_uri:
+        from alfred_train.checkpointing import mirror
+
+        fetched = mirror.fetch_newer(s3_uri, root, chosen, runtime, site, damaged)
+        chosen = fetched if fetched is not None else chosen
+    if runtime.is_main:
+        for line in damaged:
+            log.warning("damaged checkpoint skipped: %s", line)
+        for hint in {h for _, h in seen if h}:
+            log.warning("%s", hint)
+    if chosen is None and damaged:
+        raise DamagedCheckpointsError(
+            f"checkpoint.resume=auto: no sound checkpoint under {root}"
+            f"{' or ' + s3_uri if s3_uri else ''} ({' | '.join(damaged)}); repair them or move them away, "
+            "or set checkpoint.resume=none to start again from step 0"
+            + ("; with checkpoint.node_local each node's copy needs every node's files (from checkpoint.s3_uri "
+               "or the launcher's checkpoint sync)" if site.node_local else ""))
+    return None if chosen is None else root / iter_name(chosen)
+
+
+def _latest_hint(root: Path) -> str | None:
+    """What is wrong with `latest` (it is only a hint, never followed), or None."""
+    marker = root / LATEST
+    if not marker.exists():
+        return None
+    name = marker.read_text().strip()
+    if not name:
+        return f"{marker} is empty (ignored: resume walks iter_* by step)"
+    if not (root / name).is_dir():
+        return f"{marker} names {name}, which does not exist (ignored: resume walks iter_* by step)"
+    return None
 
 
 def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | None = None,
@@ -172,6 +289,7 @@ def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | Non
     from megatron.core import dist_checkpointing
 
     path = resolve_checkpoint(ckpt_dir)
+    safety.check_pickles(path)
     meta = json.loads((path / "meta.json").read_text())
     sharded, wanted = {}, {}
     for spec, (chunks, optimizer) in models.items():
@@ -222,32 +340,12 @@ def _load_chunk(chunk, state_dict: dict, skip: tuple[str, ...]) -> None:
 
 
 def load_rng(ckpt_dir: Path, rank: int) -> bool:
-    f = Path(ckpt_dir) / "rng" / f"rank_{rank:05d}.pt"
+    """Restore this rank's RNG states (safetensors: no pickle); False when the file is absent."""
+    f = safety.rng_file(ckpt_dir, rank)
     if not f.exists():
         return False
-    set_rng_state(torch.load(f, weights_only=False))
+    safety.load_rng(f)
     return True
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
-
-        state["cuda"] = torch.cuda.get_rng_state()
-        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        from megatron.core import tensor_parallel
-
-        torch.cuda.set_rng_state(state["cuda"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 @contextlib.contextmanager
@@ -263,13 +361,9 @@ def _preemption_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("iter_*") if (p / "meta.json").exists())
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def _prune(root: Path, keep: int, protect: Path) -> None:
+    """Remove all but the newest `keep` checkpoints by step number; never `protect` (just written)."""
+    done = sorted(iter_steps(root).items())
+    for _, old in done[:-keep]:
+        if old != protect:
+            shutil.rmtree(old, ignore_errors=True)

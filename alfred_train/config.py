@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,11 +102,22 @@ class TrainConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     interval: int = 0  # save every N steps (0: only at the end)
-    keep: int = 2  # keep the newest N checkpoints
-    resume: str = "auto"  # auto: resume from run.dir/checkpoints/latest if present; none; or a path
+    keep: int = 2  # keep the newest N checkpoints by step number (never the one just written), locally and in S3
+    # auto: the newest checkpoint under run.dir/checkpoints (or s3_uri) that verifies against its manifest,
+    # by step number (`latest` is only a hint); damaged ones are named and skipped; if checkpoints exist
+    # but none is sound the run stops (exit 2) instead of starting over. none: start at step 0. Or a path.
+    resume: str = "auto"
     init: Optional[str] = None  # checkpoint dir to initialize weights from (SFT/RM/PPO policy)
     save_final: bool = True  # save at the last step
-    s3_uri: Optional[str] = None  # also upload each checkpoint here (manifest written last)
+    # s3://bucket/prefix holding iter_N/ folders: each completed checkpoint is uploaded (manifest last,
+    # then verified; `keep` applies there too), and resume downloads a newer sound one from it, e.g. into
+    # an empty run directory after a spot reclaim. Credentials and endpoint: boto3's usual environment.
+    s3_uri: Optional[str] = None
+    # run.dir is local to each node (SageMaker's /opt/ml/checkpoints on a multi-instance job): every node's
+    # local rank 0 prepares and renames its own copy, which holds its ranks' files and the manifest of all;
+    # `latest` moves when every node's part is complete. Resume needs every node's files in each copy
+    # (from s3_uri, or SageMaker's checkpoint sync). false: run.dir is one shared directory.
+    node_local: bool = False
 
 
 @dataclass(frozen=True)
@@ -364,6 +376,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"model.parallel_layernorms: must be 1 or 2, got {m.parallel_layernorms}")
     _check(cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr ({cfg.optim.lr})")
     _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep: must be >= 1, got {cfg.checkpoint.keep}")
+    _check(cfg.checkpoint.s3_uri is None or re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/\S*)?$",
+                                                     cfg.checkpoint.s3_uri) is not None,
+           f"checkpoint.s3_uri: {cfg.checkpoint.s3_uri!r} is not an S3 URI of the form s3://bucket/prefix")
     _check(cfg.data.synthetic or cfg.data.train is not None or cfg.data.prompts is not None,
            "data.train: no training data; set data.train to a JSONL file or data.synthetic: true")
     _check(not (p.sequence_parallel and p.tp == 1), "parallel.sequence_parallel: needs parallel.tp > 1")

@@ -1,15 +1,44 @@
 """What a user watches: metrics.jsonl, TensorBoard events, a progress bar with ETA, and plots.
 
-Only the main rank (global rank 0) writes; on other ranks `MetricsLogger` does nothing.
+Only the main rank (global rank 0) writes; on other ranks `MetricsLogger` does nothing. A run that
+resumes at step s logs each step once: rows after s in metrics.jsonl / samples.jsonl (written by the
+attempt that was lost) are dropped, and TensorBoard purges its events after s (`purge_step`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
+
+
+STEP_LOGS = ("metrics.jsonl", "samples.jsonl")  # JSONL logs with a "step" per row
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Keep the rows of `path` logged up to `step` (the checkpoint a run resumes from; 0: a fresh
+    start keeps none), and no torn last line; rewritten atomically. Returns the rows dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut by a kill
+            dropped += 1
+            continue
+        if step and isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
 
 
 class MetricsLogger:
@@ -23,11 +52,14 @@ class MetricsLogger:
         self._desc = desc
         if not enabled:
             return
+        for name in STEP_LOGS:  # a resumed run logs each step once: drop what the lost attempt wrote
+            drop_rows_after(self.run_dir / name, start_step)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            # TensorBoard hides the events at steps >= purge_step written before this restart
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else 0)
         if progress and not sys.stderr.isatty():  # log files (Slurm, CI): a line every log_interval steps
             self._lines = (time.time(), start_step, total_steps, max(1, log_interval))
         elif progress:

@@ -18,7 +18,6 @@ boto3's usual chain and are never read, printed or stored here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,10 +30,10 @@ from typing import Any, Callable, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from alfred_train.checkpointing.manifest import MANIFEST, MANIFEST_FORMAT, ManifestError, check_manifest
+from alfred_train.checkpointing.manifest import sha256_of as _sha256
 from alfred_train.errors import AlfredError
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 _S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?$")
 
@@ -71,14 +70,6 @@ def parse_s3_uri(uri: str) -> S3Location:
 # Manifests
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_manifest(ckpt_dir: str | os.PathLike) -> dict:
     """Manifest of every file under `ckpt_dir` (recursively, sorted), `manifest.json` excluded."""
     root = Path(ckpt_dir)
@@ -107,17 +98,10 @@ def write_manifest(ckpt_dir: str | os.PathLike) -> dict:
 
 
 def _check_manifest(manifest: Any, where: str) -> list[dict]:
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CheckpointSyncError(f"{where}: not a format-{MANIFEST_FORMAT} checkpoint manifest")
-    files = manifest.get("files")
-    if not isinstance(files, list) or not all(
-        isinstance(f, dict) and {"path", "size", "sha256"} <= f.keys() for f in files
-    ):
-        raise CheckpointSyncError(f"{where}: manifest 'files' must list path/size/sha256 entries")
-    for f in files:
-        if f["path"].startswith("/") or ".." in f["path"].split("/"):
-            raise CheckpointSyncError(f"{where}: manifest path {f['path']!r} leaves the checkpoint")
-    return files
+    try:
+        return check_manifest(manifest, where)
+    except ManifestError as err:
+        raise CheckpointSyncError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +168,7 @@ def upload_checkpoint(
 # Finding the newest complete checkpoint
 
 
-def _list_iter_prefixes(root: S3Location, client: Any) -> list[tuple[int, S3Location]]:
+def list_iter_prefixes(root: S3Location, client: Any) -> list[tuple[int, S3Location]]:
     """(iteration, location) of every `iter_N/` directly under `root`, newest first."""
     found = []
     prefix = f"{root.key}/" if root.key else ""
@@ -201,6 +185,12 @@ def _list_iter_prefixes(root: S3Location, client: Any) -> list[tuple[int, S3Loca
 
 def _read_manifest(loc: S3Location, client: Any) -> list[dict] | None:
     """Files listed by `loc/manifest.json`, or None when there is no manifest."""
+    manifest = read_remote_manifest(loc, client)
+    return None if manifest is None else manifest["files"]
+
+
+def read_remote_manifest(loc: S3Location, client: Any) -> dict | None:
+    """`loc/manifest.json` (checked), or None when there is none."""
     try:
         body = client.get_object(Bucket=loc.bucket, Key=loc.child(MANIFEST).key)["Body"].read()
     except ClientError as err:
@@ -208,9 +198,11 @@ def _read_manifest(loc: S3Location, client: Any) -> list[dict] | None:
             return None
         raise
     try:
-        return _check_manifest(json.loads(body), str(loc.child(MANIFEST)))
+        manifest = json.loads(body)
     except json.JSONDecodeError as err:
         raise CheckpointSyncError(f"{loc.child(MANIFEST)} is not JSON: {err}") from err
+    _check_manifest(manifest, str(loc.child(MANIFEST)))
+    return manifest
 
 
 def _remote_sizes(loc: S3Location, client: Any) -> dict[str, int]:
@@ -239,7 +231,7 @@ def latest_complete(s3_uri: str, client: Any) -> str | None:
     `s3_uri` is the checkpoints root (the parent of the `iter_N/` prefixes). Newer prefixes that
     have no manifest, or whose manifest lists a missing or wrong-sized object, are skipped.
     """
-    for _, loc in _list_iter_prefixes(parse_s3_uri(s3_uri), client):
+    for _, loc in list_iter_prefixes(parse_s3_uri(s3_uri), client):
         if verify_remote(str(loc), client):
             return str(loc)
     return None
@@ -266,9 +258,10 @@ def download_checkpoint(
     target = Path(local_dir)
     if target.exists():
         raise CheckpointSyncError(f"{target} already exists: download into a new folder")
-    files = _read_manifest(loc, client)
-    if files is None:
+    manifest = read_remote_manifest(loc, client)
+    if manifest is None:
         raise CheckpointSyncError(f"{loc} has no {MANIFEST}: an incomplete upload, not a checkpoint")
+    files = manifest["files"]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -288,9 +281,62 @@ def download_checkpoint(
                     f"{source}: size/sha256 {size}/{digest[:12]} does not match the manifest "
                     f"({entry['size']}/{entry['sha256'][:12]})"
                 )
-        manifest = {"format": MANIFEST_FORMAT, "files": files}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# ---------------------------------------------------------------------------------------------
+# What the trainer uses while it runs (checkpointing/mirror.py)
+
+
+def make_client(max_attempts: int = 10) -> Any:
+    """A boto3 S3 client with botocore's own retries ("standard" mode: throttling and transient
+    errors, with backoff). Endpoint and credentials from the environment (AWS_ENDPOINT_URL_S3,
+    the instance role, ...)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}))
+
+
+def upload_files(local_ckpt_dir: str | os.PathLike, entries: list[dict], s3_uri: str, client: Any,
+                 retries: int = 3, backoff_s: float = 1.0) -> None:
+    """Upload the listed manifest entries of one checkpoint folder (not the manifest itself)."""
+    root, dest = Path(local_ckpt_dir), parse_s3_uri(s3_uri)
+    for entry in entries:
+        target = dest.child(entry["path"])
+        _with_retries(lambda: client.upload_file(str(root / entry["path"]), target.bucket, target.key),
+                      what=f"upload of {target}", retries=retries, backoff_s=backoff_s)
+
+
+def put_manifest(manifest: dict, s3_uri: str, client: Any, retries: int = 3, backoff_s: float = 1.0) -> None:
+    """Put `manifest.json` under `s3_uri`: call it after every file it lists is uploaded."""
+    target = parse_s3_uri(s3_uri).child(MANIFEST)
+    body = json.dumps(manifest, indent=1).encode()
+    _with_retries(lambda: client.put_object(Bucket=target.bucket, Key=target.key, Body=body),
+                  what=f"upload of {target}", retries=retries, backoff_s=backoff_s)
+
+
+def delete_prefix(loc: S3Location, client: Any) -> None:
+    """Delete every object under `loc/`, the manifest first (so a reader never sees a manifest
+    whose files are going)."""
+    manifest_key = loc.child(MANIFEST).key
+    client.delete_object(Bucket=loc.bucket, Key=manifest_key)
+    keys = [k for k in _remote_sizes(loc, client)]
+    for i in range(0, len(keys), 1000):
+        client.delete_objects(Bucket=loc.bucket, Delete={
+            "Objects": [{"Key": loc.child(k).key} for k in keys[i:i + 1000]], "Quiet": True})
+
+
+def prune_remote(s3_uri: str, keep: int, client: Any, protect: str) -> list[str]:
+    """Keep the newest `keep` `iter_N` prefixes under `s3_uri` by step; never `protect` (the
+    checkpoint just uploaded). Returns the URIs removed."""
+    removed = []
+    for _, loc in list_iter_prefixes(parse_s3_uri(s3_uri), client)[keep:]:
+        if str(loc) != protect.rstrip("/"):
+            delete_prefix(loc, client)
+            removed.append(str(loc))
+    return removed

@@ -19,16 +19,17 @@ from alfred_train.data.corpus import TINY_SP_MODEL_PATH as TINY_TOKENIZER
 from alfred_train.data.tokenizer import load_tokenizer
 from alfred_train.errors import ConfigError
 from alfred_train.models.build import ModelShape, build_model, resolve_shape, unwrap
-from alfred_train.parallel.init import ParallelRuntime
+from alfred_train.parallel.init import ParallelRuntime, detect_launch_env
 
 log = logging.getLogger("alfred_train")
 PREEMPTED_EXIT_CODE = 3  # a checkpoint was written on SIGUSR1/SIGTERM: requeue and resume
 
 
 def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
-    """Create run.dir (and checkpoints/) and write the resolved config atomically on rank 0."""
+    """Create run.dir (and checkpoints/) and write the resolved config atomically on rank 0 (with
+    `checkpoint.node_local`, on every node's local rank 0: each node has its own run.dir)."""
     run_dir = Path(cfg.run.dir)
-    if runtime.is_main:
+    if runtime.is_main or (cfg.checkpoint.node_local and detect_launch_env().local_rank == 0):
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         tmp = run_dir / ".config.yaml.tmp"
         tmp.write_text(dump_yaml(cfg))
@@ -95,8 +96,9 @@ def save(cfg: Config, runtime: ParallelRuntime, step: int, trainables: dict, sha
     for name, t in trainables.items():
         state[f"{name}_scheduler"], state[f"{name}_steps"] = t.scheduler.state_dict(), t.steps
     state.update(stage=stage, model=dataclasses.asdict(shape), tokenizer=tokenizer_path(cfg))
+    c = cfg.checkpoint
     checkpoint.save_checkpoint(Path(cfg.run.dir) / "checkpoints", step, _saved(trainables), state, runtime,
-                               cfg.checkpoint.keep, layout(cfg))
+                               c.keep, layout(cfg), node_local=c.node_local, s3_uri=c.s3_uri)
 
 
 def resume(cfg: Config, runtime: ParallelRuntime, trainables: dict) -> tuple[int, dict] | None:
@@ -104,7 +106,7 @@ def resume(cfg: Config, runtime: ParallelRuntime, trainables: dict) -> tuple[int
     rank's RNG states; returns (step, the stage's saved state), or None when starting fresh."""
     from alfred_train.training import restore_scheduler
 
-    path = resume_dir(cfg)
+    path = resume_dir(cfg, runtime)
     if path is None:
         return None
     meta = checkpoint.load_models(path, _saved(trainables), strict_layout=layout(cfg))
@@ -117,14 +119,16 @@ def resume(cfg: Config, runtime: ParallelRuntime, trainables: dict) -> tuple[int
     return meta["step"], state
 
 
-def resume_dir(cfg: Config) -> Path | None:
-    """The checkpoint to resume from per `checkpoint.resume` (auto | none | a path)."""
-    mode = cfg.checkpoint.resume
-    if mode == "none":
+def resume_dir(cfg: Config, runtime: ParallelRuntime) -> Path | None:
+    """The checkpoint to resume from per `checkpoint.resume` (auto | none | a path). Collective:
+    `auto` verifies the candidates against their manifests (`checkpoint.find_resumable`)."""
+    c = cfg.checkpoint
+    if c.resume == "none":
         return None
-    if mode == "auto":
-        return checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints")
-    return checkpoint.resolve_checkpoint(mode)
+    if c.resume == "auto":
+        return checkpoint.find_resumable(Path(cfg.run.dir) / "checkpoints", runtime, node_local=c.node_local,
+                                         s3_uri=c.s3_uri)
+    return checkpoint.resolve_checkpoint(c.resume)
 
 
 def load_records(cfg: Config, synthetic_records, parse, read_jsonl):

@@ -1,0 +1,182 @@
+"""The manifest: what a complete checkpoint holds, checked before anything loads it.
+
+`manifest.json` lists every file of a checkpoint with its size and sha256, each computed by the
+rank that wrote the file, while it fsyncs it (so the manifest describes bytes that are on disk)::
+
+    {"format": 1, "step": 10, "nodes": 2,
+     "files": [{"path": "__3_0.distcp", "size": 1955567, "sha256": "ab..", "node": 1}, ...]}
+
+`node` says which node's directory the file was written in (always 0 in the shared layout; see
+`site.py`). The same manifest is written into every node's copy, so copies that meet in one place
+(S3) agree on it. `path` is relative with `/` separators; `manifest.json` itself is not listed.
+
+Who hashes what: rank r its `__r_*.distcp` shards and `rng/rank_r.*`; global rank 0 every other
+file (`.metadata`, `common.pt`, `metadata.json`, `meta.json`), which it writes itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from alfred_train.errors import AlfredError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_RANK_FILE = re.compile(r"^(?:__(\d+)_\d+\.distcp|rng/rank_(\d+)\.[a-z]+)$")
+
+
+class ManifestError(AlfredError):
+    """A manifest that is missing, unreadable, or malformed."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_manifest(manifest: Any, where: str) -> list[dict]:
+    """The manifest's file entries, after checking its shape; raises ManifestError."""
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{where}: not a format-{MANIFEST_FORMAT} checkpoint manifest")
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(
+            isinstance(f, dict) and {"path", "size", "sha256"} <= f.keys() for f in files):
+        raise ManifestError(f"{where}: manifest 'files' must list path/size/sha256 entries")
+    for f in files:
+        if f["path"].startswith("/") or ".." in f["path"].split("/"):
+            raise ManifestError(f"{where}: manifest path {f['path']!r} leaves the checkpoint")
+    return files
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    path = Path(ckpt_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"no {MANIFEST}") from None
+    except (OSError, ValueError) as err:
+        raise ManifestError(f"{MANIFEST} is unreadable ({type(err).__name__})") from None
+    check_manifest(manifest, MANIFEST)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def own_files(ckpt_dir: Path, rank: int) -> list[Path]:
+    """The files of `ckpt_dir` this rank hashes (see the module docstring)."""
+    mine = []
+    for path in sorted(p for p in Path(ckpt_dir).rglob("*") if p.is_file()):
+        rel = path.relative_to(ckpt_dir).as_posix()
+        if rel == MANIFEST:
+            continue
+        match = _RANK_FILE.match(rel)
+        owner = int(match.group(1) or match.group(2)) if match else 0
+        if owner == rank:
+            mine.append(path)
+    return mine
+
+
+def seal(ckpt_dir: Path, paths: list[Path]) -> list[dict]:
+    """fsync each file and describe it (path, size, sha256)."""
+    entries = []
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+            os.fsync(f.fileno())
+            size = f.tell()
+        entries.append({"path": path.relative_to(ckpt_dir).as_posix(), "size": size, "sha256": digest.hexdigest()})
+    return entries
+
+
+def gather(entries: list[dict], *, step: int, node: int, nodes: int) -> dict:
+    """Collective: every rank's entries, tagged with its node, into one manifest on every rank."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (node, entries))
+    files = sorted(({**e, "node": n} for n, es in parts for e in es), key=lambda e: e["path"])
+    return {"format": MANIFEST_FORMAT, "step": step, "nodes": nodes, "files": files}
+
+
+def publish(tmp: Path, final: Path, manifest: dict, node: int) -> str | None:
+    """Write the manifest into `tmp`, check this node's files are there, fsync, rename to `final`.
+
+    Returns what is wrong with this node's part (then nothing is renamed), or None.
+    """
+    for entry in manifest["files"]:
+        if entry["node"] != node:
+            continue
+        path = tmp / entry["path"]
+        if not path.is_file() or path.stat().st_size != entry["size"]:
+            return f"{entry['path']} is missing or has another size than its writer reported"
+    write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    for folder in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+        fsync_dir(folder)
+    fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return None
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically and durably: temp file, fsync, rename, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking
+
+
+def problems(ckpt_dir: Path, *, expect_step: int | None = None, threads: int = 8) -> list[str]:
+    """What is wrong with `ckpt_dir` against its manifest (empty: sound). Sizes first, then sha256
+    of every file, hashed by `threads` threads (hashlib releases the GIL)."""
+    try:
+        manifest = read_manifest(ckpt_dir)
+    except ManifestError as err:
+        return [str(err)]
+    if expect_step is not None and manifest.get("step") not in (None, expect_step):
+        return [f"{MANIFEST} is for step {manifest['step']}"]
+    found, to_hash = [], []
+    for entry in manifest["files"]:
+        path = Path(ckpt_dir) / entry["path"]
+        if not path.is_file():
+            found.append(f"{entry['path']} is missing")
+        elif (size := path.stat().st_size) != entry["size"]:
+            found.append(f"{entry['path']} has {size} bytes, the manifest says {entry['size']}")
+        else:
+            to_hash.append(entry)
+    if found:
+        return found
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        digests = list(pool.map(lambda e: sha256_of(Path(ckpt_dir) / e["path"]), to_hash))
+    return [f"{e['path']} does not match its sha256 (corrupted)" for e, d in zip(to_hash, digests) if d != e["sha256"]]

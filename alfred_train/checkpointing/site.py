@@ -1,0 +1,42 @@
+"""Where this rank's checkpoint files go: one shared run directory, or one per node.
+
+Shared layout (`checkpoint.node_local: false`, the default): every rank sees the same `run.dir`
+(one machine, a shared FSx/Lustre/NFS mount). Global rank 0 prepares, renames and prunes.
+
+Node-local layout (`checkpoint.node_local: true`): `run.dir` is a different directory on every node
+(SageMaker's `/opt/ml/checkpoints` on a multi-instance job, node-local NVMe). Every node's local
+rank 0 prepares and renames its own copy of each checkpoint; each copy holds the files that node's
+ranks wrote plus the one manifest listing every node's files, so the copies add up to the whole
+checkpoint where they meet (S3). A node is found as the ranks that share `rank - local_rank`
+(torchrun and srun number a node's ranks contiguously). Example, 2 nodes x 2 ranks:
+
+    rank 0 (local 0) node 0 owner    rank 2 (local 0) node 1 owner
+    rank 1 (local 1) node 0          rank 3 (local 1) node 1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Site:
+    node: int  # this rank's node index (0 in the shared layout)
+    nodes: int  # number of directories the checkpoint is spread over
+    owner: bool  # this rank prepares, renames and prunes its directory
+    node_local: bool
+
+    @classmethod
+    def detect(cls, rank: int, node_local: bool) -> "Site":
+        """Collective when `node_local` (an all_gather of each rank's node key)."""
+        if not node_local:
+            return cls(node=0, nodes=1, owner=rank == 0, node_local=False)
+        from alfred_train.parallel.init import detect_launch_env
+
+        local_rank = detect_launch_env().local_rank
+        keys = [None] * dist.get_world_size()
+        dist.all_gather_object(keys, rank - local_rank)
+        order = sorted(set(keys))
+        return cls(node=order.index(rank - local_rank), nodes=len(order), owner=local_rank == 0, node_local=True)

@@ -1,0 +1,289 @@
+"""Checkpoints a run can be bet on (issue 8 §1), with real trainer processes on CPU.
+
+One short uninterrupted SFT run (5 steps, a checkpoint after each) is the reference. Copies of it
+are damaged in every way the issue lists, and each resumed run must name what is damaged, skip
+it, and end bit-equal to the reference; all damaged -> refused (exit 2, one line, nothing
+written). The same reference checks kill -9 of the process group at seeded moments (one of them
+inside a save) and SIGTERM during a save. Crafted pickles are refused before anything unpickles them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alfred_train.checkpointing import manifest as mf
+from tests.helpers import ROOT, TINY_SFT, metrics, run_cli
+
+pytestmark = pytest.mark.slow
+STEPS = 5
+SFT = [str(TINY_SFT), "parallel.tp=1", f"train.max_steps={STEPS}", "data.synthetic_size=200",
+       "train.eval_interval=0", "logging.plots=false", "logging.tensorboard=false", "checkpoint.interval=1",
+       "checkpoint.keep=10"]
+COMPARED = ["loss", "grad_norm", "lr"]
+
+
+def sft(run_dir: Path, *extra, check=True):
+    return run_cli("sft", *SFT, f"run.dir={run_dir}", *extra, check=check)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ckpt") / "reference"
+    sft(run)
+    assert sorted(p.name for p in (run / "checkpoints").glob("iter_*")) == [f"iter_{s:07d}" for s in range(1, 6)]
+    return run
+
+
+def copy_run(reference: Path, dest: Path) -> Path:
+    shutil.copytree(reference, dest)
+    return dest
+
+
+def ckpt(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"iter_{step:07d}"
+
+
+def assert_same_as(run: Path, reference: Path) -> None:
+    """Each step logged once, every compared metric equal bit for bit."""
+    assert [r for r in metrics(run, "step")] == list(range(1, STEPS + 1))
+    for key in COMPARED:
+        assert metrics(run, key) == metrics(reference, key), key
+
+
+def damage_truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def damage_flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 16):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# The damaged-checkpoint sweep
+
+
+def test_damaged_checkpoints_are_named_skipped_and_the_run_ends_bit_equal(reference, tmp_path):
+    run = copy_run(reference, tmp_path / "damaged")
+    damage_truncate(ckpt(run, 5) / "__0_0.distcp")
+    (ckpt(run, 4) / "__0_1.distcp").unlink()
+    damage_flip(ckpt(run, 3) / "__0_0.distcp")
+    (ckpt(run, 2) / "meta.json").unlink()
+    (run / "checkpoints" / "latest").write_text("iter_0000009")  # names a missing directory
+    proc = sft(run)
+    err = proc.stderr
+    assert "iter_0000005: __0_0.distcp has" in err and "the manifest says" in err, err[-3000:]
+    assert "iter_0000004: __0_1.distcp is missing" in err
+    assert "iter_0000003: __0_0.distcp does not match its sha256" in err
+    assert "iter_0000002: meta.json is missing" in err
+    assert "latest names iter_0000009, which does not exist" in err
+    assert f"resumed from {ckpt(run, 1)} at step 1" in err
+    assert_same_as(run, reference)
+    for step in range(1, STEPS + 1):  # the damaged ones were written again, sound
+        assert mf.problems(ckpt(run, step)) == [], step
+    assert (run / "checkpoints" / "latest").read_text() == "iter_0000005"
+
+
+def test_latest_naming_a_partial_copy_is_only_a_hint(reference, tmp_path):
+    run = copy_run(reference, tmp_path / "partial")
+    (ckpt(run, 5) / "manifest.json").unlink()  # a half-finished copy: no manifest, no meta.json
+    (ckpt(run, 5) / "meta.json").unlink()
+    proc = sft(run)
+    assert "iter_0000005: no manifest.json" in proc.stderr
+    assert f"resumed from {ckpt(run, 4)} at step 4" in proc.stderr
+    assert_same_as(run, reference)
+
+    run = copy_run(reference, tmp_path / "empty-latest")
+    (run / "checkpoints" / "latest").write_text("")
+    shutil.rmtree(ckpt(run, 5))
+    proc = sft(run)
+    assert "latest is empty" in proc.stderr
+    assert f"resumed from {ckpt(run, 4)} at step 4" in proc.stderr
+    assert_same_as(run, reference)
+
+
+def _snapshot(run: Path) -> dict:
+    return {p.relative_to(run).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in run.rglob("*") if p.is_file() and p.name != "config.yaml"}
+
+
+def test_all_damaged_is_refused_and_nothing_is_written(reference, tmp_path):
+    run = copy_run(reference, tmp_path / "all-damaged")
+    for step in range(1, STEPS + 1):
+        damage_truncate(ckpt(run, step) / "__0_1.distcp")
+    before = _snapshot(run)
+    proc = sft(run, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("alfred-train: error:")]
+    assert len(errors) == 1 and "no sound checkpoint" in errors[0] and "checkpoint.resume=none" in errors[0]
+    assert all(f"iter_{s:07d}" in errors[0] for s in range(1, STEPS + 1))
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(run) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickles
+
+
+class _Payload:
+    """Unpickling this runs `touch <marker>`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_pickles_are_refused(reference, tmp_path):
+    from alfred_train import checkpoint
+    from alfred_train.checkpointing import safety
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(marker))
+    bad = copy_run(ckpt(reference, 5), tmp_path / "iter_0000005")
+
+    (bad / "rng" / "rank_00000.safetensors").write_bytes(payload)  # RNG file: safetensors, never unpickled
+    with pytest.raises(Exception):
+        checkpoint.load_rng(bad, 0)
+
+    # a pickled item inside a shard (megatron's `_extra_state`: torch reads it with weights_only=False)
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = safety._MetadataUnpickler(open(bad / ".metadata", "rb")).load()
+    index, info = next((i, s) for i, s in metadata.storage_data.items()
+                       if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    assert len(payload) <= info.length
+    with open(bad / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(payload + b"\0" * (info.length - len(payload)))
+    with pytest.raises(safety.UnsafeCheckpointError, match="refused"):
+        safety.check_pickles(bad)
+
+    # DCP's `.metadata` (torch reads it with plain pickle), with a manifest forged to match: the
+    # whole run refuses it with one line, exit 2
+    run = copy_run(reference, tmp_path / "tampered")
+    for step in range(1, STEPS):
+        shutil.rmtree(ckpt(run, step))
+    target = ckpt(run, STEPS)
+    (target / ".metadata").write_bytes(payload)
+    manifest = json.loads((target / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == ".metadata":
+            entry.update(size=len(payload), sha256=mf.sha256_of(target / ".metadata"))
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    proc = sft(run, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ".metadata: refused" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 and SIGTERM at seeded moments
+
+
+def _start(run_dir: Path, args: list[str], log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    return subprocess.Popen([sys.executable, "-m", "alfred_train", *args, f"run.dir={run_dir}"], cwd=ROOT,
+                            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group, as a job step
+
+
+def _wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 600):
+    end = time.time() + timeout
+    while (found := ready()) is None:
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {what}"
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.002)
+    return found
+
+
+def _logged_step(run_dir: Path, step: int):
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            if json.loads(line).get("step") == step:
+                return True
+        except ValueError:  # a line being written
+            pass
+    return None
+
+
+def _temporaries(run_dir: Path) -> set[tuple[str, int]]:
+    try:
+        return {(p.name, p.stat().st_ino) for p in (run_dir / "checkpoints").glob(".tmp-iter_*")}
+    except OSError:  # renamed while we looked
+        return set()
+
+
+def _saving(run_dir: Path, stale: set = frozenset()):
+    """A save in progress: a temporary checkpoint directory that was not there before."""
+    return next(iter(_temporaries(run_dir) - stale), None)
+
+
+def _kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> int:
+    os.killpg(proc.pid, sig)
+    return proc.wait(timeout=300)
+
+
+def _tensorboard_steps(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), purge_orphaned_data=True)
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(key)]
+
+
+def test_sft_survives_kill_9_and_sigterm_during_a_save(reference, tmp_path):
+    import psutil
+
+    rng = random.Random(8)
+    run, args = tmp_path / "killed", ["sft", *SFT, "logging.tensorboard=true"]
+    # 1) kill -9 a seeded moment after step 1 or 2 is logged
+    proc = _start(run, args, tmp_path / "attempt1.log")
+    step = rng.choice([1, 2])
+    _wait_for(proc, lambda: _logged_step(run, step), f"step {step} logged")
+    time.sleep(rng.uniform(0.0, 0.2))
+    assert _kill_group(proc) == -signal.SIGKILL
+    # 2) kill -9 inside a save (its temporary directory exists)
+    proc = _start(run, args, tmp_path / "attempt2.log")
+    _wait_for(proc, lambda: _saving(run), "a save")
+    time.sleep(rng.uniform(0.0, 0.03))
+    assert _kill_group(proc) == -signal.SIGKILL
+    # 3) SIGTERM to the whole group inside a save: the save completes, no writer process exists to
+    #    be killed, the run exits 3, and the next run resumes from the preemption save
+    stale = _temporaries(run)  # attempt 2's, when the kill came before its rename
+    proc = _start(run, args, tmp_path / "attempt3.log")
+    _wait_for(proc, lambda: _saving(run, stale), "a save")
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert _kill_group(proc, signal.SIGTERM) == 3, (tmp_path / "attempt3.log").read_text()[-3000:]
+    assert children == [], children
+    log = (tmp_path / "attempt3.log").read_text()
+    preempted = int(log.split("preempted at step ")[1].split(":")[0])
+    assert "Traceback" not in log and "BrokenPipe" not in log
+    assert (run / "checkpoints" / "latest").read_text() == f"iter_{preempted:07d}"
+    # 4) to the end
+    proc = _start(run, args, tmp_path / "final.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "final.log").read_text()[-3000:]
+    assert f"at step {preempted}" in (tmp_path / "final.log").read_text()
+    assert_same_as(run, reference)
+    assert [s for s, _ in _tensorboard_steps(run, "loss")] == list(range(1, STEPS + 1))
+    assert [v for _, v in _tensorboard_steps(run, "loss")] == pytest.approx(metrics(reference, "loss"), rel=1e-6)
