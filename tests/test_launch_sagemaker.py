@@ -141,6 +141,7 @@ def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
     assert resolved["data"]["prompts"] == "/opt/ml/input/data/data_prompts/prompts.jsonl"
     assert resolved["model"]["tokenizer"] == "/opt/ml/input/data/model_tokenizer/tokenizer.json"
     assert json.loads(job["HyperParameters"]["run_dir"]) == "/opt/ml/checkpoints"
+    assert resolved["checkpoint"]["node_local"] is True  # each instance's own /opt/ml/checkpoints
     for text in (dry.stdout, dry.stderr, done.stdout, done.stderr, *members.values()):
         assert SECRET_MARKER.encode() not in (text if isinstance(text, bytes) else text.encode())
 

@@ -204,10 +204,12 @@ def plan_inputs(tree: dict, launch: LaunchConfig, *, upload_root: str, source_ro
 
 
 def rewritten_tree(tree: dict, plan: InputPlan) -> dict:
-    """The run config as the job reads it: input paths pointing into the container."""
+    """The run config as the job reads it: input paths pointing into the container, and the
+    checkpoint layout (node-local /opt/ml/checkpoints: checkpoint.node_local; FSx: shared)."""
     out = copy.deepcopy(tree)
     for key, path in plan.rewrites.items():
         _set(out, key, path)
+    _set(out, "checkpoint.node_local", plan.run_dir == CHECKPOINT_LOCAL_PATH)
     return out
 
 
