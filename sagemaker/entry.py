@@ -10,8 +10,9 @@ Standard library only: it runs before alfred_train is installed in the container
 2. node_rank = index of current_host in `hosts` *as SageMaker lists them* (the toolkit's own
    rule, not a sorted order); master_addr = hosts[0]; master_port 7777.
    Example: hosts [algo-1, algo-2], current algo-2 -> node_rank 1, master algo-1.
-3. Installs the submitted source (`pip install --no-deps`, /opt/ml/code) when alfred_train is not
-   importable: the image carries the dependencies, the tarball carries our code.
+3. Installs the submitted source (`pip install --no-deps`) in the container (/opt/ml/code), or
+   wherever alfred_train is not importable: the image (sagemaker/Dockerfile) carries the
+   dependencies, the tarball the code of this job.
 4. execs `torchrun --nnodes N --nproc_per_node P --node_rank R --master_addr M --master_port 7777
    -m alfred_train <stage> <config> run.dir=<run_dir> [KEY=PATH ...]`. run_dir is /opt/ml/checkpoints
    (synced to CheckpointConfig.S3Uri, so a restarted (spot) job finds its checkpoints and resumes)
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     environ = dict(os.environ)
     config = str((CODE_DIR / args.config) if not Path(args.config).is_absolute() else args.config)
     commands = []
-    if importlib.util.find_spec("alfred_train") is None:
-        pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation"]
+    if CODE_DIR == Path("/opt/ml/code") or importlib.util.find_spec("alfred_train") is None:
+        pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--force-reinstall"]
         commands.append([*pip, str(CODE_DIR)])
     overrides = input_overrides(args.inputs, environ)
     if "RANK" in environ:  # already a torchrun worker

@@ -230,6 +230,15 @@ def test_credential_names_refused_at_load_without_the_value(name, section):
     assert SECRET_VALUE not in text and "Secrets Manager" in text
 
 
+@pytest.mark.parametrize("setup", [f"export HF_TOKEN={SECRET_VALUE}", f"module load x; wandb_api_key={SECRET_VALUE} y",
+                                   f"source venv/bin/activate\nexport  DB_PASSWORD='{SECRET_VALUE}'"])
+def test_credentials_set_in_slurm_setup_refused(setup):
+    with pytest.raises(ConfigError, match=r"^launch\.slurm\.setup: sets \w+, which looks like a credential") as err:
+        LaunchConfig.from_dict({"slurm": {"setup": setup}})
+    assert SECRET_VALUE not in str(err.value)
+    LaunchConfig.from_dict({"slurm": {"setup": "source /opt/venv/bin/activate\nexport NCCL_DEBUG=INFO"}})
+
+
 FAKE_SRUN = r"""#!/usr/bin/env python3
 # Stand-in for srun on N fake nodes: starts --nodes x --ntasks-per-node copies of the command with
 # the variables Slurm gives each task (node by node, like Slurm's block distribution).
@@ -294,3 +303,28 @@ def test_two_node_script_starts_one_worker_per_gpu_on_every_node(tmp_path, monke
                        "--container-image": "nvcr.io#nvidia/pytorch:25.01-py3",
                        "--container-workdir": str(tmp_path), "--container-mounts": "/fsx:/fsx,/home:/home:ro"}
     assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=8\n#SBATCH --gpus-per-node=8\n" in script
+
+
+@pytest.mark.parametrize("name", ["HF_TOKEN", "WANDB_API_KEY", "hf_token", " HF_TOKEN ", "wandb_api_key "])
+@pytest.mark.parametrize("backend", ["slurm", "sagemaker"])
+def test_secret_sentinel_never_written_or_printed(tmp_path, capsys, name, backend):
+    """A credential in the run config: the launcher's dry run and real launch, and the trainer's own
+    dry run, all exit 2 naming the key; the value appears in no output and no file."""
+    from alfred_train import cli as trainer_cli
+    from alfred_train.launch import cli
+
+    section = {"slurm": {"env": {name: SECRET_VALUE}}} if backend == "slurm" else \
+        {"sagemaker": {"environment": {name: SECRET_VALUE}}}
+    run = tiny_run(tmp_path / "run.yaml", run={"dir": str(tmp_path / "run")},
+                   launch={"backend": backend, "gpus_per_node": 0, "procs_per_node": 2, **section})
+    for argv in (["launch", str(run), "--dry-run"], ["launch", str(run)]):
+        assert cli.main(argv) == 2
+        out = capsys.readouterr()
+        assert out.err.startswith(f"error: launch.{'slurm.env' if backend == 'slurm' else 'sagemaker.environment'}")
+        assert SECRET_VALUE not in out.out + out.err
+    assert trainer_cli.main(["sft", str(run), "--dry-run"]) == 2
+    assert trainer_cli.main(["sft", str(run)]) == 2
+    out = capsys.readouterr()
+    assert "looks like a credential" in out.err and SECRET_VALUE not in out.out + out.err
+    assert not (tmp_path / "run").exists()  # no run dir, job folder or config.yaml was written
+    assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]

@@ -113,6 +113,9 @@ class LaunchConfig:
         # Refused at every load (trainer, dry run, launcher), so no written config can hold one.
         check_no_credentials(self.slurm.env, "launch.slurm.env")
         check_no_credentials(self.sagemaker.environment, "launch.sagemaker.environment")
+        for name in _ASSIGNMENT.findall(self.slurm.setup):
+            if looks_like_credential(name):
+                raise ConfigError(f"launch.slurm.setup: sets {name}, which looks like a credential; {CREDENTIAL_HELP}")
 
     @property
     def workers_per_node(self) -> int:
@@ -145,6 +148,7 @@ _S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?$")
 JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 _CREDENTIAL_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 _SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ASSIGNMENT = re.compile(r"(?:^|[\s;&|(])(?:export\s+|declare\s+-x\s+)?([A-Za-z_][A-Za-z0-9_]*)=", re.MULTILINE)
 # A Slurm option value: no whitespace, quotes or shell metacharacters (it lands in #SBATCH lines).
 _SLURM_VALUE = re.compile(r"^[A-Za-z0-9_.,:=@%/+#\-]+$")
 CREDENTIAL_HELP = (
