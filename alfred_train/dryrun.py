@@ -325,6 +325,7 @@ class PeakPlan:
     phase: str  # "training" or "generation"
     lines: list[str]
     recompute: str
+    states: float  # the fullest stage's model states + the reserve: what no recompute can lower
 
 
 def _training_shape(cfg: Config, stage: str, shape: ModelShape) -> tuple[int, int, int]:
@@ -376,7 +377,7 @@ def peak_plan(cfg: Config, stage: str, shape: ModelShape, static: list[float], k
                     rows)
     lines.append(f"  peak: {_size(best[0])} on pipeline stage {best[1]} ({best[2]} phase); reserve = CUDA "
                  f"context, NCCL buffers, fragmentation ({resources.RESERVE_GIB:g} GiB)")
-    return PeakPlan(best[0], best[1], best[2], lines, recompute)
+    return PeakPlan(best[0], best[1], best[2], lines, recompute, max(static) + resources.RESERVE_GIB * GIB)
 
 
 def gpu_memory_gib(cfg: Config) -> tuple[float, str]:
@@ -397,15 +398,18 @@ def check_fits(cfg: Config, plan: PeakPlan, full: PeakPlan) -> None:
     if not limit or plan.peak <= limit * GIB:
         return
     need = f"the plan needs {plan.peak / GIB:.1f} GiB per GPU (pipeline stage {plan.stage}, {plan.phase} phase)"
-    if plan.recompute != "full" and full.peak <= limit * GIB:
+    if plan.states > limit * GIB:
+        key = "parallel.pp"
+        advice = (f"the model states alone need {plan.states / GIB:.1f} GiB: raise it or parallel.tp, turn on "
+                  "parallel.zero, or use a GPU with more memory")
+    elif plan.recompute != "full" and full.peak <= limit * GIB:
         key, advice = "train.recompute", f"set train.recompute: full (plan {full.peak / GIB:.1f} GiB)"
     elif plan.phase == "generation":
         key, advice = "ppo.rollout_micro_batch", ("lower it (KV cache and prefill buffers), raise parallel.tp "
                                                   "or parallel.pp, or set ppo.offload_frozen: true")
     else:
         key = "parallel.pp"
-        advice = ("raise it or parallel.tp, turn on parallel.zero, set train.recompute: full, or lower the "
-                  "micro-batch size")
+        advice = "raise it or parallel.tp, turn on parallel.sequence_parallel, or lower the micro-batch size"
     raise ConfigError(f"{key}: {need} but {what} has {limit:g} GiB; {advice}")
 
 

@@ -214,3 +214,41 @@ def test_bad_field_exit_2_names_it_submits_nothing(moto, run_config, capsys, ove
     assert err.startswith(f"error: {key}: ") and "\n" not in err, err
     assert boto_client("sagemaker", moto).list_training_jobs()["TrainingJobSummaries"] == []
     assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
+
+
+def test_fsx_inputs_and_shared_run_dir_request(tmp_path, capsys):
+    """The recipe's /fsx/alfred/... paths through an FSx for Lustre channel, the run directory on it."""
+    from alfred_train.launch import job, sagemaker_plan
+
+    fsx = ["launch.sagemaker.fsx={file_system_id: fs-0123456789abcdef0, directory_path: /abcdefgh/alfred, "
+           "path: /fsx/alfred, access_mode: rw}", "launch.sagemaker.subnets=[subnet-0a1b]",
+           "launch.sagemaker.security_group_ids=[sg-0c2d]", "launch.sagemaker.run_dir=/fsx/alfred/runs/ppo-1",
+           "launch.sagemaker.input_mode=FastFile", "launch.sagemaker.inputs={data.prompts: s3://alfred-test/p/}"]
+    overrides = [*account_fields("http://unused"), *fsx]
+    overrides = [o for o in overrides if not o.startswith(("launch.sagemaker.inputs={ppo", "launch.sagemaker.checkpoint"))]
+    run = job.resolve_run(REPO / "configs" / "alfred-40b-ppo.yaml", overrides, template=TEMPLATE)
+    plan = sagemaker_plan.plan_inputs(run.tree, run.launch, upload_root="s3://alfred-test/jobs/x/inputs",
+                                      source_root=REPO)
+    request = sagemaker.build_request(run.launch, name="x", submit_uri="s3://alfred-test/x.tgz", plan=plan)
+    assert request["InputDataConfig"] == [
+        {"ChannelName": "fsx", "DataSource": {"FileSystemDataSource": {
+            "FileSystemId": "fs-0123456789abcdef0", "FileSystemType": "FSxLustre", "FileSystemAccessMode": "rw",
+            "DirectoryPath": "/abcdefgh/alfred"}}},
+        {"ChannelName": "data_prompts", "DataSource": {"S3DataSource": {
+            "S3DataType": "S3Prefix", "S3Uri": "s3://alfred-test/p/", "S3DataDistributionType": "FullyReplicated"}},
+         "InputMode": "FastFile"},
+    ]
+    assert request["VpcConfig"] == {"Subnets": ["subnet-0a1b"], "SecurityGroupIds": ["sg-0c2d"]}
+    assert "CheckpointConfig" not in request
+    tree = sagemaker_plan.rewritten_tree(run.tree, plan)
+    assert tree["ppo"]["policy_init"] == "/opt/ml/input/data/fsx/checkpoints/falcon-40b-sft"
+    assert tree["model"]["tokenizer"] == "/opt/ml/input/data/fsx/hf/falcon-40b/tokenizer.json"
+    assert tree["data"]["prompts"] == "/opt/ml/input/data/data_prompts"
+    assert tree["checkpoint"]["node_local"] is False  # one shared copy on FSx
+    assert json.loads(request["HyperParameters"]["run_dir"]) == "/opt/ml/input/data/fsx/runs/ppo-1"
+    assert json.loads(json.loads(request["HyperParameters"]["inputs"]))["ppo.policy_init"] == [
+        "fsx", "checkpoints/falcon-40b-sft"]
+    from alfred_train.dryrun import describe
+
+    report = describe(run.config, "ppo")
+    assert "layout: shared run directory on FSx (/fsx/alfred/runs/ppo-1)" in report
