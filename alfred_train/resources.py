@@ -126,7 +126,7 @@ def checkpoint_size(trainable_params: list[int], *, bf16: bool) -> CheckpointSiz
     return CheckpointSize(weights=n * (2 if bf16 else 4), optimizer=n * (12 if bf16 else 8))
 
 
-def largest_node_share(size: CheckpointSize, *, tp: int, pp: int, dp: int, zero: bool, nodes: int,
+def largest_node_share(size: CheckpointSize, *, tp: int, pp: int, zero: bool, nodes: int,
                        gpus_per_node: int) -> float:
     """Bytes of one checkpoint that the busiest node writes to its own disk (node-local layout).
 

@@ -250,7 +250,7 @@ def disk_plan(cfg, size: resources.CheckpointSize) -> DiskPlan:
         lines = [f"  layout: shared run directory on FSx ({sm.run_dir}): one copy; the file system needs "
                  f"{h((keep + 1) * size.total)} (keep {keep} + the one being written); instance volumes hold none"]
         return DiskPlan(0.0, lines)
-    share = resources.largest_node_share(size, tp=p.tp, pp=p.pp, dp=p.dp, zero=p.zero, nodes=launch.nodes,
+    share = resources.largest_node_share(size, tp=p.tp, pp=p.pp, zero=p.zero, nodes=launch.nodes,
                                          gpus_per_node=launch.workers_per_node)
     if sm.checkpoint_s3_uri:
         need = keep * size.total + share
