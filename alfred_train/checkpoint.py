@@ -190,7 +190,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
         _all_or_raise(problem, f"checkpoint {iter_name(step)}")
         if site.owner:  # every node's part is complete and renamed: `latest` may move
             mf.write_durable(root / LATEST, final.name)
-            _prune(root, keep, protect=final)
+            _prune(root, keep, written=step)
         t2 = time.perf_counter()
         if s3_uri:
             from alfred_train.checkpointing import mirror
@@ -260,6 +260,16 @@ def find_resumable(ckpt_root: str | Path, runtime, *, node_local: bool = False,
             + ("; with checkpoint.node_local each node's copy needs every node's files (from checkpoint.s3_uri "
                "or the launcher's checkpoint sync)" if site.node_local else ""))
     return None if chosen is None else root / iter_name(chosen)
+
+
+def verify_checkpoint(path: Path, runtime) -> None:
+    """Collective: rank 0 checks `path` against its manifest; DamagedCheckpointsError everywhere if
+    it is not sound (for a checkpoint named explicitly, e.g. `checkpoint.resume: <path>`)."""
+    box = [mf.problems(path) if runtime.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise DamagedCheckpointsError(f"{path} is damaged: {'; '.join(box[0][:3])}; name a sound checkpoint "
+                                      "or set checkpoint.resume=auto")
 
 
 def _latest_hint(root: Path) -> str | None:
@@ -361,9 +371,10 @@ def _preemption_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _prune(root: Path, keep: int, protect: Path) -> None:
-    """Remove all but the newest `keep` checkpoints by step number; never `protect` (just written)."""
-    done = sorted(iter_steps(root).items())
+def _prune(root: Path, keep: int, written: int) -> None:
+    """Keep the newest `keep` checkpoints by step number up to `written` (just written, so never
+    removed). Newer ones are left alone: a run resumed from an older step skipped them as damaged,
+    and it replaces each when it reaches its step; they do not push out the sound ones before it."""
+    done = sorted((step, path) for step, path in iter_steps(root).items() if step <= written)
     for _, old in done[:-keep]:
-        if old != protect:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

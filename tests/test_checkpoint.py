@@ -73,6 +73,27 @@ def damage_flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def test_pruning_goes_by_step_and_keeps_the_one_just_written(tmp_path):
+    from alfred_train import checkpoint
+
+    for step in (1, 2, 3, 4, 10, 12):  # 10 and 12: newer, left by a run that resumed from an older step
+        ckpt(tmp_path, step).mkdir(parents=True)
+    checkpoint._prune(tmp_path / "checkpoints", keep=2, written=4)
+    assert sorted(checkpoint.iter_steps(tmp_path / "checkpoints")) == [3, 4, 10, 12]
+    checkpoint._prune(tmp_path / "checkpoints", keep=1, written=1)  # never the one just written
+    assert sorted(checkpoint.iter_steps(tmp_path / "checkpoints")) == [3, 4, 10, 12]
+
+
+def test_rows_after_the_resumed_step_are_dropped(tmp_path):
+    from alfred_train.metrics import drop_rows_after
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (0, 1, 2, 3, 4)) + '{"step": 5, "lo')
+    assert drop_rows_after(log, 2) == 3
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [0, 1, 2]
+    assert drop_rows_after(log, 0) == 3 and log.read_text() == ""  # a fresh start keeps nothing
+
+
 # ---------------------------------------------------------------------------------------------
 # The damaged-checkpoint sweep
 
@@ -154,7 +175,7 @@ def test_crafted_pickles_are_refused(reference, tmp_path):
     from alfred_train.checkpointing import safety
 
     marker = tmp_path / "pwned"
-    payload = pickle.dumps(_Payload(marker))
+    payload = pickle.dumps(_Payload(marker), protocol=2)
     bad = copy_run(ckpt(reference, 5), tmp_path / "iter_0000005")
 
     (bad / "rng" / "rank_00000.safetensors").write_bytes(payload)  # RNG file: safetensors, never unpickled
@@ -287,3 +308,37 @@ def test_sft_survives_kill_9_and_sigterm_during_a_save(reference, tmp_path):
     assert_same_as(run, reference)
     assert [s for s, _ in _tensorboard_steps(run, "loss")] == list(range(1, STEPS + 1))
     assert [v for _, v in _tensorboard_steps(run, "loss")] == pytest.approx(metrics(reference, "loss"), rel=1e-6)
+
+
+PPO_STEPS = 3
+PPO = [str(ROOT / "configs" / "tiny-ppo.yaml"), "parallel.tp=1", f"train.max_steps={PPO_STEPS}",
+       "ppo.rollouts_per_iter=16", "ppo.rollout_micro_batch=8", "ppo.train_micro_batch=4",
+       "ppo.value_steps_per_epoch=4", "ppo.max_new_tokens=8", "ppo.eval_prompts=8", "optim.decay_steps=10",
+       "checkpoint.interval=1", "logging.tensorboard=false", "logging.plots=false"]
+PPO_COMPARED = ["score", "kl", "kl_coef", "policy_loss", "value_loss", "entropy", "lr", "value_lr"]
+
+
+def test_ppo_survives_kill_9_inside_a_save(tmp_path):
+    init = tmp_path / "init"
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "ppo_models.py"), str(init)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    args = ["ppo", *PPO, f"ppo.policy_init={init / 'sft'}", f"ppo.reward_init={init / 'rm'}"]
+    reference = tmp_path / "reference"
+    run_cli(*args, f"run.dir={reference}")
+
+    run = tmp_path / "killed"
+    proc = _start(run, args, tmp_path / "attempt1.log")
+    step = random.Random(9).choice([1, 2])
+    _wait_for(proc, lambda: (run / "checkpoints" / f".tmp-iter_{step:07d}").exists() or None, f"save {step}")
+    assert _kill_group(proc) == -signal.SIGKILL
+    proc = _start(run, args, tmp_path / "final.log")
+    assert proc.wait(timeout=900) == 0, (tmp_path / "final.log").read_text()[-3000:]
+    assert "resumed from" in (tmp_path / "final.log").read_text()
+    assert [s for s in metrics(run, "step") if s] == list(range(1, PPO_STEPS + 1))  # and step 0's eval, once
+    assert metrics(run, "step").count(0) == 1
+    for key in PPO_COMPARED:
+        assert metrics(run, key) == metrics(reference, key), key
+    samples = [json.loads(x)["step"] for x in (run / "samples.jsonl").read_text().splitlines()]
+    expected = [json.loads(x)["step"] for x in (reference / "samples.jsonl").read_text().splitlines()]
+    assert samples == expected

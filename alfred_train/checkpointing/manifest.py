@@ -90,18 +90,19 @@ def own_files(ckpt_dir: Path, rank: int) -> list[Path]:
     return mine
 
 
-def seal(ckpt_dir: Path, paths: list[Path]) -> list[dict]:
-    """fsync each file and describe it (path, size, sha256)."""
-    entries = []
-    for path in paths:
+def seal(ckpt_dir: Path, paths: list[Path], threads: int = 8) -> list[dict]:
+    """fsync each file and describe it (path, size, sha256); files in parallel threads."""
+    def one(path: Path) -> dict:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
             os.fsync(f.fileno())
             size = f.tell()
-        entries.append({"path": path.relative_to(ckpt_dir).as_posix(), "size": size, "sha256": digest.hexdigest()})
-    return entries
+        return {"path": path.relative_to(ckpt_dir).as_posix(), "size": size, "sha256": digest.hexdigest()}
+
+    with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as pool:
+        return list(pool.map(one, paths))
 
 
 def gather(entries: list[dict], *, step: int, node: int, nodes: int) -> dict:
@@ -127,10 +128,13 @@ def publish(tmp: Path, final: Path, manifest: dict, node: int) -> str | None:
     for folder in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
         fsync_dir(folder)
     fsync_dir(tmp)
+    replaced = final.with_name(f".old-{final.name}")  # a checkpoint of this step from before a resume
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)  # never half-deleted under its real name
     os.replace(tmp, final)
     fsync_dir(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
     return None
 
 

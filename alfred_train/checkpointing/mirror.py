@@ -73,14 +73,19 @@ def fetch_newer(s3_root: str, root: Path, newest_local: int | None, runtime, sit
     from alfred_train.checkpoint import iter_name
     from alfred_train.launch import s3
 
-    candidates = None
+    candidates, error = None, None
     if runtime.is_main:
-        client = s3.make_client()
-        candidates = [(step, str(loc)) for step, loc in s3.list_iter_prefixes(s3.parse_s3_uri(s3_root), client)
-                      if newest_local is None or step > newest_local]
-    box = [candidates]
+        try:
+            listed = s3.list_iter_prefixes(s3.parse_s3_uri(s3_root), s3.make_client())
+            candidates = [(step, str(loc)) for step, loc in listed if newest_local is None or step > newest_local]
+        except _sync_errors() as err:
+            error = f"checkpoint.s3_uri: cannot list {s3_root} ({type(err).__name__}: {err}); not resuming without it"
+    box = [(candidates, error)]
     dist.broadcast_object_list(box, src=0)
-    for step, uri in box[0]:
+    candidates, error = box[0]
+    if error:
+        raise s3.CheckpointSyncError(error)
+    for step, uri in candidates:
         problem = None
         if site.owner:
             try:

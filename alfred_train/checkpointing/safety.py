@@ -6,7 +6,7 @@
   executing anything: torch DCP's `.metadata` (plain `pickle.load` in torch) with an unpickler that
   knows only DCP's metadata classes, and every pickled item inside the shards (megatron's
   `_extra_state`, read by torch with `weights_only=False`) with `torch.load(weights_only=True)`.
-  `common.pt` is read by megatron with `torch.load`'s default, `weights_only=True`.
+  `common.pt` (read by megatron with `torch.load`'s default) is opened with `weights_only=True` too.
 A crafted pickle anywhere in these is refused with UnsafeCheckpointError before megatron opens it.
 """
 
@@ -111,6 +111,13 @@ def check_pickles(ckpt_dir: Path) -> None:
         state_meta, storage = metadata.state_dict_metadata, metadata.storage_data
     except Exception as err:  # anything a crafted pickle can raise
         raise UnsafeCheckpointError(f"{where}: refused ({type(err).__name__}: {err})") from None
+    common = ckpt_dir / "common.pt"  # megatron reads it with torch.load's default: check it does not depend on that
+    if common.exists():
+        try:
+            torch.load(common, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise UnsafeCheckpointError(f"{common}: refused ({type(err).__name__}: "
+                                        f"{str(err).splitlines()[0][:200]})") from None
     for index, info in storage.items():
         if not isinstance(state_meta.get(index.fqn), BytesStorageMetadata):
             continue

@@ -128,7 +128,9 @@ def resume_dir(cfg: Config, runtime: ParallelRuntime) -> Path | None:
     if c.resume == "auto":
         return checkpoint.find_resumable(Path(cfg.run.dir) / "checkpoints", runtime, node_local=c.node_local,
                                          s3_uri=c.s3_uri)
-    return checkpoint.resolve_checkpoint(c.resume)
+    path = checkpoint.resolve_checkpoint(c.resume)
+    checkpoint.verify_checkpoint(path, runtime)
+    return path
 
 
 def load_records(cfg: Config, synthetic_records, parse, read_jsonl):
