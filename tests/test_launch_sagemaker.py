@@ -201,6 +201,7 @@ def test_existing_job_name_is_refused(moto):
          "launch.sagemaker.subnets"),
         ("launch.sagemaker.fsx.file_system_id=fs-0123456789abcdef0", "launch.sagemaker.fsx.directory_path"),
         ("launch.sagemaker.run_dir=/fsx/alfred/runs/x", "launch.sagemaker.run_dir"),
+        ("checkpoint.node_local=false", "checkpoint.node_local"),  # 16 instances' own /opt/ml/checkpoints
     ],
 )
 def test_bad_field_exit_2_names_it_submits_nothing(moto, run_config, capsys, override, key):

@@ -62,13 +62,18 @@ class InputPlan:
     sources: dict[str, tuple[str, str]] = field(default_factory=dict)
     run_dir: str = CHECKPOINT_LOCAL_PATH  # run.dir inside the container
 
+    @property
+    def node_local(self) -> bool:
+        """checkpoint.node_local of the job: each instance's own /opt/ml/checkpoints, or one FSx copy."""
+        return self.run_dir == CHECKPOINT_LOCAL_PATH
+
     def lines(self) -> list[str]:
         out = ["Inputs (run-config key -> path inside the job):"]
         out += [f"  {key} -> {path}" for key, path in self.rewrites.items()] or ["  (none)"]
         for ch in self.channels:
             if ch.upload_from:
                 out.append(f"  upload {ch.upload_from} -> {ch.s3_uri}")
-        out.append(f"  run.dir -> {self.run_dir}")
+        out.append(f"  run.dir -> {self.run_dir}  (checkpoint.node_local: {str(self.node_local).lower()})")
         return out
 
 
@@ -200,6 +205,11 @@ def plan_inputs(tree: dict, launch: LaunchConfig, *, upload_root: str, source_ro
     if sm.run_dir:
         rest = _under(sm.run_dir, fsx.path)
         plan.run_dir = f"{CHANNEL_ROOT}/{fsx.channel}" + (f"/{rest}" if rest else "")
+    given = _get(tree, "checkpoint.node_local")
+    if given is not None and given != plan.node_local:
+        layout = "on FSx (one shared copy)" if sm.run_dir else "node-local /opt/ml/checkpoints on every instance"
+        raise ConfigError(f"checkpoint.node_local: {str(given).lower()}, but the job's run directory is {layout}; "
+                          f"remove it (the launcher sets {str(plan.node_local).lower()})")
     return plan
 
 
@@ -209,7 +219,7 @@ def rewritten_tree(tree: dict, plan: InputPlan) -> dict:
     out = copy.deepcopy(tree)
     for key, path in plan.rewrites.items():
         _set(out, key, path)
-    _set(out, "checkpoint.node_local", plan.run_dir == CHECKPOINT_LOCAL_PATH)
+    _set(out, "checkpoint.node_local", plan.node_local)
     return out
 
 
