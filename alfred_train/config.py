@@ -115,6 +115,9 @@ class TrainConfig:
     eval_interval: int = 0  # evaluate every N steps (0: only at the end when there is a valid set)
     eval_batches: int = 4  # micro-batches per evaluation
     log_interval: int = 10  # without a terminal, print a progress line every N steps (metrics.jsonl: every step)
+    # activation recomputation (megatron-core): none; selective = attention core; full = keep each
+    # layer's input only and re-run the layer in the backward pass (~1/3 more compute, least memory)
+    recompute: Literal["none", "selective", "full"] = "none"
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,13 @@ Memory per GPU (bytes per parameter held by that GPU):
     frozen:          2 (bf16) or 4 (fp32) weights only
     KV cache (PPO rollouts): 2 (k, v) * L * g * d * max_seq_len * rollout_micro_batch * bytes / tp / pp
                      (prompt + response <= model.max_seq_len)
-Activations, temporary buffers and the CUDA context are not included.
+Activations and temporary buffers come on top (alfred_train.resources): the "Peak per GPU" table
+adds, per pipeline stage, the larger of the training phase (1F1B activations of up to pp
+micro-batches, per `train.recompute`; the logits buffer) and, for PPO, the generation phase (KV
+cache, prefill and sampler buffers), plus a fixed reserve for the CUDA context. A plan above the
+GPU's memory (launch.gpu_memory_gib, or the SageMaker instance type's GPU) is refused naming what
+to change. Checkpoints: their size, and for SageMaker the disk each instance needs and the S3
+traffic (launch/sagemaker_plan.py).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from alfred_train import resources
 from alfred_train.config import Config, validate
 from alfred_train.errors import ConfigError
 from alfred_train.models.build import ModelShape, resolve_shape
@@ -272,7 +279,7 @@ def describe(cfg: Config, stage: str) -> str:
     if stage == "ppo":
         rows.append(["KV cache", f"{cfg.ppo.rollout_micro_batch} x {shape.max_seq_len} tok", "", "", "", "",
                      _size(kv)])
-    rows.append(["total", "", "", "", "", "", _size(stage_bytes[fullest])])
+    rows.append(["total", "", "", "", "", "", _size(stage_bytes[fullest])])  # model states (+ KV cache)
     dtype = "bf16" if bf16 else "fp32"
     lines.append(f"Memory per GPU (pipeline stage {fullest}, the fullest; {dtype}"
                  + (f", zero over dp={p.dp}" if p.zero else "") + ")")
@@ -287,10 +294,128 @@ def describe(cfg: Config, stage: str) -> str:
                      f"rollouts / tp {p.tp} / pp {p.pp}")
         if cfg.ppo.offload_frozen:
             lines.append("  ppo.offload_frozen: reference and reward weights leave the GPU between phases")
-    lines.append("  Activations, temporary buffers and the CUDA context are not included.")
+    lines.append("  Model states only; activations, buffers and the CUDA context follow in the peak plan.")
+    static = [b - kv for b in stage_bytes]  # the generation phase adds the KV cache back
+    plan = peak_plan(cfg, stage, shape, static, kv, bf16)
+    lines += ["", *plan.lines]
+    trainable = [mp.total for _, t, mp in models if t]
+    lines += ["", *checkpoint_lines(cfg, trainable, bf16)]
     if stage == "ppo":
         lines += ["", _ppo_line(cfg)] + [f"  not checked here: {note}" for note in unchecked]
+    full = plan if plan.recompute == "full" else peak_plan(cfg, stage, shape, static, kv, bf16, recompute="full")
+    check_fits(cfg, plan, full)
     return "\n".join(lines)
+
+
+def checkpoint_lines(cfg: Config, trainable_params: list[int], bf16: bool) -> list[str]:
+    """Checkpoint size; on SageMaker also per-instance disk and S3 traffic (refuses a small volume)."""
+    from alfred_train.launch.sagemaker_plan import disk_plan
+
+    size = resources.checkpoint_size(trainable_params, bf16=bf16)
+    lines = [f"Checkpoint: {resources.human(size.total)} each ({resources.human(size.weights)} weights + "
+             f"{resources.human(size.optimizer)} fp32 main params and Adam state), keep {cfg.checkpoint.keep}"]
+    if cfg.launch.backend == "sagemaker":
+        lines += disk_plan(cfg, size).lines
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory: model states + the larger phase (training activations or generation buffers)
+
+
+@dataclass(frozen=True)
+class PeakPlan:
+    peak: float  # bytes on the fullest GPU
+    stage: int  # its pipeline stage
+    phase: str  # "training" or "generation"
+    lines: list[str]
+    recompute: str
+    states: float  # the fullest stage's model states + the reserve: what no recompute can lower
+
+
+def _training_shape(cfg: Config, stage: str, shape: ModelShape) -> tuple[int, int, int]:
+    """(tokens per sequence, sequences per micro-batch, micro-batches per optimizer step) of one DP rank."""
+    t, p = cfg.train, cfg.parallel
+    if stage == "ppo":
+        o = cfg.ppo
+        per_step = o.rollouts_per_iter // p.dp // min(o.policy_steps_per_epoch, o.value_steps_per_epoch)
+        return shape.max_seq_len, o.train_micro_batch, max(1, per_step // o.train_micro_batch)
+    sequences = t.micro_batch_size * (2 if stage == "rm" else 1)  # RM: chosen + rejected
+    return cfg.data.seq_len, sequences, max(1, t.global_batch_size // (t.micro_batch_size * p.dp))
+
+
+def peak_plan(cfg: Config, stage: str, shape: ModelShape, static: list[float], kv: float, bf16: bool,
+              recompute: str | None = None) -> PeakPlan:
+    p = cfg.parallel
+    recompute = recompute or cfg.train.recompute
+    seq, micro, num_micro = _training_shape(cfg, stage, shape)
+    eager = cfg.model.attention_backend == "eager"
+    scale = 1 if bf16 else 2  # fp32 activations are twice the 16-bit sizes
+    per_layer = resources.layer_activation_bytes(shape, seq=seq, micro_batch=micro, tp=p.tp,
+                                                 sp=p.sequence_parallel, recompute=recompute, eager=eager) * scale
+    rows, best = [], None
+    for r in range(p.pp):
+        held = resources.in_flight_micro_batches(p.pp, p.vpp, num_micro) if r == 0 else min(p.pp - r, num_micro)
+        acts = shape.num_layers // p.pp * per_layer * held
+        if recompute == "full":
+            acts += resources.layer_activation_bytes(shape, seq=seq, micro_batch=micro, tp=p.tp,
+                                                     sp=p.sequence_parallel, recompute="none", eager=eager) * scale
+        buffers = (2 * seq * micro * shape.hidden_size * 2 * scale if p.pp > 1 else 0)
+        if r == p.pp - 1:
+            buffers += resources.logits_bytes(shape, seq=seq, micro_batch=micro, tp=p.tp)
+        train = acts + buffers
+        gen = 0.0
+        if stage == "ppo":
+            prompt_len = shape.max_seq_len - cfg.ppo.max_new_tokens
+            gen = kv + resources.generation_buffer_bytes(shape, prompt_len=prompt_len,
+                                                         batch=cfg.ppo.rollout_micro_batch, tp=p.tp, bf16=bf16)
+        reserve = resources.RESERVE_GIB * GIB
+        total = static[r] + max(train, gen) + reserve
+        phase = "generation" if gen > train else "training"
+        rows.append([f"stage {r}", _size(static[r]), _size(acts), _size(buffers), _size(gen) if stage == "ppo" else "-",
+                     _size(reserve), _size(total)])
+        if best is None or total > best[0]:
+            best = (total, r, phase)
+    lines = [f"Peak per GPU (train.recompute: {recompute}; 1F1B holds up to {p.pp} micro-batch(es) of "
+             f"{micro} x {seq} tokens on stage 0, {num_micro} per step)"]
+    lines += _table(["pipeline", "model states", "activations", "logits+p2p", "generation", "reserve", "peak"],
+                    rows)
+    lines.append(f"  peak: {_size(best[0])} on pipeline stage {best[1]} ({best[2]} phase); reserve = CUDA "
+                 f"context, NCCL buffers, fragmentation ({resources.RESERVE_GIB:g} GiB)")
+    return PeakPlan(best[0], best[1], best[2], lines, recompute, max(static) + resources.RESERVE_GIB * GIB)
+
+
+def gpu_memory_gib(cfg: Config) -> tuple[float, str]:
+    """(usable GiB of one GPU, what it is) from launch.gpu_memory_gib or the SageMaker instance type."""
+    launch = cfg.launch
+    if launch.gpu_memory_gib:
+        return launch.gpu_memory_gib, f"launch.gpu_memory_gib={launch.gpu_memory_gib:g}"
+    if launch.backend == "sagemaker" and launch.sagemaker.instance_type in resources.INSTANCE_GPU_MEMORY_GIB:
+        itype = launch.sagemaker.instance_type
+        return resources.INSTANCE_GPU_MEMORY_GIB[itype], f"one GPU of {itype}"
+    return 0.0, ""
+
+
+def check_fits(cfg: Config, plan: PeakPlan, full: PeakPlan) -> None:
+    """Refuse a plan above the GPU's memory, naming the first change that would make it fit
+    (`full`: the same plan with train.recompute: full)."""
+    limit, what = gpu_memory_gib(cfg)
+    if not limit or plan.peak <= limit * GIB:
+        return
+    need = f"the plan needs {plan.peak / GIB:.1f} GiB per GPU (pipeline stage {plan.stage}, {plan.phase} phase)"
+    if plan.states > limit * GIB:
+        key = "parallel.pp"
+        advice = (f"the model states alone need {plan.states / GIB:.1f} GiB: raise it or parallel.tp, turn on "
+                  "parallel.zero, or use a GPU with more memory")
+    elif plan.recompute != "full" and full.peak <= limit * GIB:
+        key, advice = "train.recompute", f"set train.recompute: full (plan {full.peak / GIB:.1f} GiB)"
+    elif plan.phase == "generation":
+        key, advice = "ppo.rollout_micro_batch", ("lower it (KV cache and prefill buffers), raise parallel.tp "
+                                                  "or parallel.pp, or set ppo.offload_frozen: true")
+    else:
+        key = "parallel.pp"
+        advice = "raise it or parallel.tp, turn on parallel.sequence_parallel, or lower the micro-batch size"
+    raise ConfigError(f"{key}: {need} but {what} has {limit:g} GiB; {advice}")
 
 
 def _ppo_line(cfg: Config) -> str:

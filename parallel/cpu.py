@@ -82,6 +82,15 @@ class _NoStream:
         return False
 
 
+def _cpu_rng_for_recompute() -> None:
+    """Activation recomputation (train.recompute) saves and restores "the GPU's" RNG state around
+    each recomputed layer: on CPU that state is the CPU generator's, which it also restores itself."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
 def install() -> bool:
     """Install the adapter if there is no CUDA. Returns True when it is active. Idempotent."""
     global _installed
@@ -98,6 +107,7 @@ def install() -> bool:
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.empty_cache = lambda: None
     torch.Tensor.type = _cuda_type_name
+    _cpu_rng_for_recompute()
     global _mode
     _mode = _CudaToCpu()
     _mode.__enter__()  # global for the life of the process

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 from alfred_train.errors import ConfigError
 from alfred_train.launch import job, slurm
 from alfred_train.launch.config import LaunchConfig, slurm_time_s, validate_slurm
+from alfred_train.parallel.init import detect_launch_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,8 +109,9 @@ def test_render_sbatch(tmp_path):
         "#SBATCH --exclusive",
     ]  # fmt: skip
     assert "export ODD='a b'\n" in script and "source /opt/venv/bin/activate\n" in script
-    assert "srun --kill-on-bad-exit=1 python -m alfred_train sft /j/config.yaml &" in script
+    assert "srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 python -m alfred_train sft /j/config.yaml &" in script
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "trap on_usr1 USR1" in script
+    assert f"export ALFRED_REQUEUE_RECORD={tmp_path}/requeue-record" in script
     no_requeue = LaunchConfig.from_dict({"slurm": {"requeue": False}})
     script = slurm.render_sbatch(no_requeue, command=["true"], job_dir=tmp_path, workdir=tmp_path)
     assert "#SBATCH --no-requeue" in script and "scontrol requeue" not in script
@@ -149,6 +152,16 @@ def test_entry_script_two_hosts(tmp_path):
     assert (flag("--node_rank"), flag("--master_addr"), flag("--nproc_per_node")) == ("0", "algo-10", "4")
     assert "/abs/c.yaml" in argv
 
+    # Inputs: each key from its channel's directory (SM_CHANNEL_<NAME>), or from the code dir.
+    inputs = json.dumps({"ppo.policy_init": ["ppo_policy_init", ""], "data.prompts": ["data_prompts", "p.jsonl"],
+                         "model.tokenizer": ["", "configs/t.json"]})
+    env = {"ALFRED_SM_RESOURCECONFIG": str(resource), "SM_CHANNEL_DATA_PROMPTS": "/x/data"}
+    argv = entry(tmp_path, env, "--stage", "ppo", "--config", "c.yaml", "--procs_per_node", "1", "--inputs", inputs,
+                 "--run_dir", "/opt/ml/input/data/fsx/runs/a").stdout.split()
+    assert argv[-4:] == ["run.dir=/opt/ml/input/data/fsx/runs/a", "data.prompts=/x/data/p.jsonl",
+                         f"model.tokenizer={REPO / 'sagemaker' / 'configs/t.json'}",
+                         "ppo.policy_init=/opt/ml/input/data/ppo_policy_init"]
+
     done = entry(tmp_path, {"ALFRED_SM_RESOURCECONFIG": str(tmp_path / "none.json")}, "--stage", "sft", "--config", "c")
     assert done.returncode != 0 and "not in a SageMaker job" in done.stderr
 
@@ -159,3 +172,159 @@ def test_resolved_config_round_trips(tmp_path):
     path = job.write_job_dir(run, tmp_path / "j")
     assert yaml.safe_load(path.read_text()) == run.tree and run.tree["train"]["max_steps"] == 4
     assert job.train_command(run.launch, str(path)) == ["python", "-m", "alfred_train", "rm", str(path)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm: injection, credentials, multi-node and pyxis, checked on the rendered script
+
+INJECTION = "gpu\ntouch /tmp/alfred-pwned"
+
+
+@pytest.mark.parametrize(
+    ("tree", "key"),
+    [
+        ({"slurm": {"partition": INJECTION}}, "launch.slurm.partition"),
+        ({"slurm": {"partition": "gpu; touch x"}}, "launch.slurm.partition"),
+        ({"slurm": {"account": "rl $(touch x)"}}, "launch.slurm.account"),
+        ({"slurm": {"time": "01:00:00\ntouch x"}}, "launch.slurm.time"),
+        ({"slurm": {"log_dir": "/logs\ntouch x"}}, "launch.slurm.log_dir"),
+        ({"slurm": {"extra_sbatch": ["--exclusive\ntouch x"]}}, r"launch.slurm.extra_sbatch\[0\]"),
+        ({"slurm": {"extra_sbatch": ["--constraint=a100 `touch x`"]}}, r"launch.slurm.extra_sbatch\[0\]"),
+        ({"slurm": {"env": {"A;touch x": "1"}}}, r"launch.slurm.env\['A;touch x'\]"),
+        ({"slurm": {"env": {"PATH=/x PY": "1"}}}, r"launch.slurm.env\['PATH=/x PY'\]"),
+        ({"slurm": {"container_image": "img\ntouch x"}}, "launch.slurm.container_image"),
+        ({"slurm": {"container_image": "img", "container_mounts": ["/a:/b' ; touch x"]}},
+         r"launch.slurm.container_mounts\[0\]"),
+        ({"slurm": {"container_image": "img", "container_mounts": ["/a:/b,/c:/d"]}}, r"launch.slurm.container_mounts\[0\]"),
+        ({"slurm": {"container_mounts": ["/a:/b"]}}, "launch.slurm.container_mounts"),
+        ({"name": "x\ntouch"}, "launch.name"),
+    ],
+)
+def test_slurm_injection_through_each_field_is_refused(tree, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        validate_slurm(LaunchConfig.from_dict(tree))
+
+
+def test_slurm_env_values_are_quoted_not_run(tmp_path):
+    value = "$(touch pwned) `touch pwned2`; touch pwned3"
+    cfg = LaunchConfig.from_dict({"gpus_per_node": 0, "procs_per_node": 1, "slurm": {"env": {"ODD": value}}})
+    validate_slurm(cfg)
+    script = slurm.render_sbatch(cfg, command=["true"], job_dir=tmp_path, workdir=tmp_path)
+    exports = "".join(line + "\n" for line in script.splitlines() if line.startswith("export ODD="))
+    out = subprocess.run(["bash", "-c", exports + 'printf %s "$ODD"'], cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout == value and list(tmp_path.iterdir()) == []
+
+
+SECRET_VALUE = "hf_SENTINEL-93b1-never-printed"
+
+
+@pytest.mark.parametrize("name", ["HF_TOKEN", "WANDB_API_KEY", "hf_token", " HF_TOKEN ", "wandb_api_key ",
+                                  "aws_secret_access_key", "DB_PASSWORD", "MY_Credentials", "GITHUB_PAT_TOKEN"])
+@pytest.mark.parametrize("section", ["slurm.env", "sagemaker.environment"])
+def test_credential_names_refused_at_load_without_the_value(name, section):
+    outer, inner = section.split(".")
+    with pytest.raises(ConfigError) as err:
+        LaunchConfig.from_dict({outer: {inner: {name: SECRET_VALUE}}})
+    text = str(err.value)
+    assert text.startswith(f"launch.{section}") and "looks like a credential" in text
+    assert SECRET_VALUE not in text and "Secrets Manager" in text
+
+
+@pytest.mark.parametrize("setup", [f"export HF_TOKEN={SECRET_VALUE}", f"module load x; wandb_api_key={SECRET_VALUE} y",
+                                   f"source venv/bin/activate\nexport  DB_PASSWORD='{SECRET_VALUE}'"])
+def test_credentials_set_in_slurm_setup_refused(setup):
+    with pytest.raises(ConfigError, match=r"^launch\.slurm\.setup: sets \w+, which looks like a credential") as err:
+        LaunchConfig.from_dict({"slurm": {"setup": setup}})
+    assert SECRET_VALUE not in str(err.value)
+    LaunchConfig.from_dict({"slurm": {"setup": "source /opt/venv/bin/activate\nexport NCCL_DEBUG=INFO"}})
+
+
+FAKE_SRUN = r"""#!/usr/bin/env python3
+# Stand-in for srun on N fake nodes: starts --nodes x --ntasks-per-node copies of the command with
+# the variables Slurm gives each task (node by node, like Slurm's block distribution).
+import json, os, subprocess, sys
+args, options = sys.argv[1:], {}
+while args[0].startswith("--"):
+    key, _, value = args.pop(0).partition("=")
+    options[key] = value
+nodes, per_node = int(options["--nodes"]), int(options["--ntasks-per-node"])
+json.dump(options, open("srun-options.json", "w"))
+procs = []
+for node in range(nodes):
+    for local in range(per_node):
+        env = dict(os.environ, SLURM_PROCID=str(node * per_node + local), SLURM_LOCALID=str(local),
+                   SLURM_NODEID=str(node), SLURM_NTASKS=str(nodes * per_node), SLURM_STEP_ID="0",
+                   SLURMD_NODENAME=f"gpu-{node + 1:03d}")
+        procs.append(subprocess.Popen(args, env=env))
+sys.exit(max(p.wait() for p in procs))
+"""
+
+FAKE_SCONTROL = """#!/bin/bash
+[ "$1 $2" = "show hostnames" ] && { echo gpu-001; echo gpu-002; exit 0; }
+exit 1
+"""
+
+TASK = """
+import json, os
+json.dump(dict(os.environ), open(f"task.{os.environ['SLURM_PROCID']}.json", "w"))
+"""
+
+
+def test_two_node_script_starts_one_worker_per_gpu_on_every_node(tmp_path, monkeypatch):
+    """The rendered 2 x 8-GPU script, run by bash with srun/scontrol standing in for two nodes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "task.py").write_text(TASK)
+    cfg = LaunchConfig.from_dict({"name": "two", "nodes": 2, "gpus_per_node": 8, "slurm": {
+        "container_image": "nvcr.io#nvidia/pytorch:25.01-py3", "container_mounts": ["/fsx:/fsx", "/home:/home:ro"]}})
+    validate_slurm(cfg)
+    script = slurm.render_sbatch(cfg, command=[sys.executable, str(tmp_path / "task.py")], job_dir=tmp_path,
+                                 workdir=tmp_path)
+    (tmp_path / "job.sbatch").write_text(script)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-[001-002]"}
+    done = subprocess.run(["bash", "job.sbatch"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    task_envs = [json.loads((tmp_path / f"task.{r}.json").read_text()) for r in range(16)]
+    assert [t["SLURMD_NODENAME"] for t in task_envs] == ["gpu-001"] * 8 + ["gpu-002"] * 8
+    seen = []
+    for task_env in task_envs:  # how the trainer reads each task's environment
+        for key in [k for k in os.environ if k.startswith(("SLURM", "MASTER", "RANK", "WORLD"))]:
+            monkeypatch.delenv(key)
+        for key, value in task_env.items():
+            monkeypatch.setenv(key, value)
+        launch = detect_launch_env()
+        seen.append((launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.master_port))
+    assert seen == [(r, 16, r % 8, "gpu-001", 20000 + 4242 % 20000) for r in range(16)]
+    options = json.loads((tmp_path / "srun-options.json").read_text())
+    assert options == {"--nodes": "2", "--ntasks-per-node": "8", "--kill-on-bad-exit": "1",
+                       "--container-image": "nvcr.io#nvidia/pytorch:25.01-py3",
+                       "--container-workdir": str(tmp_path), "--container-mounts": "/fsx:/fsx,/home:/home:ro"}
+    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=8\n#SBATCH --gpus-per-node=8\n" in script
+
+
+@pytest.mark.parametrize("name", ["HF_TOKEN", "WANDB_API_KEY", "hf_token", " HF_TOKEN ", "wandb_api_key "])
+@pytest.mark.parametrize("backend", ["slurm", "sagemaker"])
+def test_secret_sentinel_never_written_or_printed(tmp_path, capsys, name, backend):
+    """A credential in the run config: the launcher's dry run and real launch, and the trainer's own
+    dry run, all exit 2 naming the key; the value appears in no output and no file."""
+    from alfred_train import cli as trainer_cli
+    from alfred_train.launch import cli
+
+    section = {"slurm": {"env": {name: SECRET_VALUE}}} if backend == "slurm" else \
+        {"sagemaker": {"environment": {name: SECRET_VALUE}}}
+    run = tiny_run(tmp_path / "run.yaml", run={"dir": str(tmp_path / "run")},
+                   launch={"backend": backend, "gpus_per_node": 0, "procs_per_node": 2, **section})
+    for argv in (["launch", str(run), "--dry-run"], ["launch", str(run)]):
+        assert cli.main(argv) == 2
+        out = capsys.readouterr()
+        assert out.err.startswith(f"error: launch.{'slurm.env' if backend == 'slurm' else 'sagemaker.environment'}")
+        assert SECRET_VALUE not in out.out + out.err
+    assert trainer_cli.main(["sft", str(run), "--dry-run"]) == 2
+    assert trainer_cli.main(["sft", str(run)]) == 2
+    out = capsys.readouterr()
+    assert "looks like a credential" in out.err and SECRET_VALUE not in out.out + out.err
+    assert not (tmp_path / "run").exists()  # no run dir, job folder or config.yaml was written
+    assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]

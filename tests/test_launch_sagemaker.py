@@ -30,7 +30,17 @@ def account_fields(endpoint: str) -> list[str]:
         f"launch.sagemaker.output_s3_uri=s3://{BUCKET}/output",
         f"launch.sagemaker.checkpoint_s3_uri=s3://{BUCKET}/alfred-40b-ppo/checkpoints",
         f"launch.sagemaker.endpoint_url={endpoint}",
+        f"launch.sagemaker.inputs={{{', '.join(f'{k}: {v}' for k, v in S3_INPUTS.items())}}}",
     ]
+
+
+# Where the recipe's four /fsx/alfred/... inputs come from in the p4d test job.
+S3_INPUTS = {
+    "ppo.policy_init": f"s3://{BUCKET}/alfred/falcon-40b-sft/",
+    "ppo.reward_init": f"s3://{BUCKET}/alfred/falcon-40b-rm/",
+    "data.prompts": f"s3://{BUCKET}/alfred/prompts.jsonl",
+    "model.tokenizer": f"s3://{BUCKET}/alfred/falcon-40b/tokenizer.json",
+}
 
 
 @pytest.fixture
@@ -79,7 +89,7 @@ def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
     job = sm.describe_training_job(TrainingJobName=name)
     assert job["ResourceConfig"]["InstanceType"] == "ml.p4d.24xlarge"
     assert job["ResourceConfig"]["InstanceCount"] == 16
-    assert job["ResourceConfig"]["VolumeSizeInGB"] == 1000
+    assert job["ResourceConfig"]["VolumeSizeInGB"] == 2500
     assert job["AlgorithmSpecification"]["TrainingImage"].endswith("/alfred-train:0.1")
     assert job["RoleArn"] == "arn:aws:iam::123456789012:role/AlfredSageMaker"
     source = f"s3://{BUCKET}/jobs/{name}/source/sourcedir.tar.gz"
@@ -91,6 +101,10 @@ def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
         "stage": '"ppo"',
         "config": '"job/config.yaml"',
         "procs_per_node": "8",
+        "run_dir": '"/opt/ml/checkpoints"',
+        "inputs": json.dumps(json.dumps({
+            "data.prompts": ["data_prompts", "prompts.jsonl"], "model.tokenizer": ["model_tokenizer", "tokenizer.json"],
+            "ppo.policy_init": ["ppo_policy_init", ""], "ppo.reward_init": ["ppo_reward_init", ""]}, sort_keys=True)),
     }
     assert job["CheckpointConfig"] == {
         "S3Uri": f"s3://{BUCKET}/alfred-40b-ppo/checkpoints",
@@ -99,6 +113,16 @@ def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
     assert job["EnableManagedSpotTraining"] is True
     assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 432000, "MaxWaitTimeInSeconds": 500000}
     assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/output"
+    channels = {c["ChannelName"]: c for c in rendered["InputDataConfig"]}
+    assert set(channels) == {"ppo_policy_init", "ppo_reward_init", "data_prompts", "model_tokenizer"}
+    for key, uri in S3_INPUTS.items():
+        channel = channels[key.replace(".", "_")]
+        assert channel["DataSource"]["S3DataSource"] == {
+            "S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}
+        assert channel["InputMode"] == "File"
+    assert job["InputDataConfig"] == rendered["InputDataConfig"]
+    assert "Checkpoint: 1.16 TB each" in dry.stderr and "per-instance disk: 2.43 TB" in dry.stderr
+    assert "S3 traffic: 1.16 TB uploaded per save" in dry.stderr and "Image (launch.sagemaker.image_uri)" in dry.stderr
     for key in ("ResourceConfig", "CheckpointConfig", "StoppingCondition", "RoleArn", "OutputDataConfig"):
         assert job[key] == rendered[key]  # the dry run showed what was then sent
 
@@ -111,6 +135,13 @@ def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
     assert members["entry.py"] == (REPO / "sagemaker" / "entry.py").read_bytes()
     resolved = yaml.safe_load(members["job/config.yaml"])
     assert resolved["launch"]["stage"] == "ppo" and resolved["launch"]["sagemaker"]["spot"] is True
+    # The job's config reads its inputs where the channels put them.
+    assert resolved["ppo"]["policy_init"] == "/opt/ml/input/data/ppo_policy_init"
+    assert resolved["ppo"]["reward_init"] == "/opt/ml/input/data/ppo_reward_init"
+    assert resolved["data"]["prompts"] == "/opt/ml/input/data/data_prompts/prompts.jsonl"
+    assert resolved["model"]["tokenizer"] == "/opt/ml/input/data/model_tokenizer/tokenizer.json"
+    assert json.loads(job["HyperParameters"]["run_dir"]) == "/opt/ml/checkpoints"
+    assert resolved["checkpoint"]["node_local"] is True  # each instance's own /opt/ml/checkpoints
     for text in (dry.stdout, dry.stderr, done.stdout, done.stderr, *members.values()):
         assert SECRET_MARKER.encode() not in (text if isinstance(text, bytes) else text.encode())
 
@@ -126,7 +157,7 @@ def test_existing_job_name_is_refused(moto):
     tree = yaml.safe_load(TEMPLATE.read_text())["launch"]
     for override in account_fields(moto):
         key, value = override.split("=", 1)
-        tree["sagemaker"][key.split(".")[-1]] = value
+        tree["sagemaker"][key.split(".")[-1]] = yaml.safe_load(value)
     launch = LaunchConfig.from_dict(tree)
     sm = boto_client("sagemaker", moto)
     sagemaker.submit(launch, name="alfred-dup", job_config_yaml="{}", sm_client=sm, s3_client=s3)
@@ -156,6 +187,21 @@ def test_existing_job_name_is_refused(moto):
         ("launch.sagemaker.volume_size_gb=big", "launch.sagemaker.volume_size_gb"),
         ("launch.sagemaker.instance_count=16", "launch.sagemaker.instance_count"),
         ("launch.nodes=2", "parallel"),  # 2 x 8 processes != tp*pp*dp = 128
+        ("launch.sagemaker.inputs={}", "model.tokenizer"),  # /fsx/... does not exist in the job
+        ("launch.sagemaker.inputs={ppo.policy_init: s3://bkt/x/}", "model.tokenizer"),
+        ("launch.sagemaker.inputs={ppo.value_init: s3://bkt/x/}", "launch.sagemaker.inputs.ppo.value_init"),
+        ("launch.sagemaker.inputs={model.tokenizer: s3://bkt/t.json, data.prompts: /nonexistent/prompts.jsonl}",
+         "launch.sagemaker.inputs.data.prompts"),
+        ("launch.sagemaker.volume_size_gb=1000", "launch.sagemaker.volume_size_gb"),  # 2 x 1.16 TB restart download
+        ("launch.sagemaker.volume_size_gb=9000", "launch.sagemaker.volume_size_gb"),  # p4d's NVMe is 8 TB
+        ("train.recompute=none", "train.recompute"),  # 41.7 GiB > A100 40GB
+        ("launch.sagemaker.environment={HF_TOKEN: x}", "launch.sagemaker.environment.HF_TOKEN"),
+        ("launch.sagemaker.environment={' wandb_api_key ': x}", "launch.sagemaker.environment[' wandb_api_key ']"),
+        ("launch.sagemaker.fsx={file_system_id: fs-0123456789abcdef0, directory_path: /abcdefgh}",
+         "launch.sagemaker.subnets"),
+        ("launch.sagemaker.fsx.file_system_id=fs-0123456789abcdef0", "launch.sagemaker.fsx.directory_path"),
+        ("launch.sagemaker.run_dir=/fsx/alfred/runs/x", "launch.sagemaker.run_dir"),
+        ("checkpoint.node_local=false", "checkpoint.node_local"),  # 16 instances' own /opt/ml/checkpoints
     ],
 )
 def test_bad_field_exit_2_names_it_submits_nothing(moto, run_config, capsys, override, key):
@@ -166,6 +212,44 @@ def test_bad_field_exit_2_names_it_submits_nothing(moto, run_config, capsys, ove
             *account_fields(moto), *spot, override]  # fmt: skip
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {key}: ") and "\n" not in err
+    assert err.startswith(f"error: {key}: ") and "\n" not in err, err
     assert boto_client("sagemaker", moto).list_training_jobs()["TrainingJobSummaries"] == []
     assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
+
+
+def test_fsx_inputs_and_shared_run_dir_request(tmp_path, capsys):
+    """The recipe's /fsx/alfred/... paths through an FSx for Lustre channel, the run directory on it."""
+    from alfred_train.launch import job, sagemaker_plan
+
+    fsx = ["launch.sagemaker.fsx={file_system_id: fs-0123456789abcdef0, directory_path: /abcdefgh/alfred, "
+           "path: /fsx/alfred, access_mode: rw}", "launch.sagemaker.subnets=[subnet-0a1b]",
+           "launch.sagemaker.security_group_ids=[sg-0c2d]", "launch.sagemaker.run_dir=/fsx/alfred/runs/ppo-1",
+           "launch.sagemaker.input_mode=FastFile", "launch.sagemaker.inputs={data.prompts: s3://alfred-test/p/}"]
+    overrides = [*account_fields("http://unused"), *fsx]
+    overrides = [o for o in overrides if not o.startswith(("launch.sagemaker.inputs={ppo", "launch.sagemaker.checkpoint"))]
+    run = job.resolve_run(REPO / "configs" / "alfred-40b-ppo.yaml", overrides, template=TEMPLATE)
+    plan = sagemaker_plan.plan_inputs(run.tree, run.launch, upload_root="s3://alfred-test/jobs/x/inputs",
+                                      source_root=REPO)
+    request = sagemaker.build_request(run.launch, name="x", submit_uri="s3://alfred-test/x.tgz", plan=plan)
+    assert request["InputDataConfig"] == [
+        {"ChannelName": "fsx", "DataSource": {"FileSystemDataSource": {
+            "FileSystemId": "fs-0123456789abcdef0", "FileSystemType": "FSxLustre", "FileSystemAccessMode": "rw",
+            "DirectoryPath": "/abcdefgh/alfred"}}},
+        {"ChannelName": "data_prompts", "DataSource": {"S3DataSource": {
+            "S3DataType": "S3Prefix", "S3Uri": "s3://alfred-test/p/", "S3DataDistributionType": "FullyReplicated"}},
+         "InputMode": "FastFile"},
+    ]
+    assert request["VpcConfig"] == {"Subnets": ["subnet-0a1b"], "SecurityGroupIds": ["sg-0c2d"]}
+    assert "CheckpointConfig" not in request
+    tree = sagemaker_plan.rewritten_tree(run.tree, plan)
+    assert tree["ppo"]["policy_init"] == "/opt/ml/input/data/fsx/checkpoints/falcon-40b-sft"
+    assert tree["model"]["tokenizer"] == "/opt/ml/input/data/fsx/hf/falcon-40b/tokenizer.json"
+    assert tree["data"]["prompts"] == "/opt/ml/input/data/data_prompts"
+    assert tree["checkpoint"]["node_local"] is False  # one shared copy on FSx
+    assert json.loads(request["HyperParameters"]["run_dir"]) == "/opt/ml/input/data/fsx/runs/ppo-1"
+    assert json.loads(json.loads(request["HyperParameters"]["inputs"]))["ppo.policy_init"] == [
+        "fsx", "checkpoints/falcon-40b-sft"]
+    from alfred_train.dryrun import describe
+
+    report = describe(run.config, "ppo")
+    assert "layout: shared run directory on FSx (/fsx/alfred/runs/ppo-1)" in report

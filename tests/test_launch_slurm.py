@@ -17,7 +17,9 @@ from alfred_train.launch.config import LaunchConfig
 pytestmark = pytest.mark.slurm
 
 # Joins the job the way the trainer does (SLURM_PROCID / SLURM_NTASKS + MASTER_ADDR/PORT from the
-# script), all-reduces over gloo; on the first run it waits for USR1, then exits 3 like the trainer.
+# script), all-reduces over gloo; on the first run it waits for USR1, then behaves like the trainer
+# after its preemption checkpoint: rank 0 writes the requeue record and exits 3 at once, while
+# rank 1 is still busy; srun then kills rank 1 (143), the exit-code race that must not matter.
 WORKER = """
 import json, os, signal, sys, time
 import torch, torch.distributed as dist
@@ -37,8 +39,14 @@ if restart == 0:
         time.sleep(0.05)
     out["signal"] = got[0] if got else None
 json.dump(out, open(f"out.{restart}.{rank}.json", "w"))
+dist.barrier()
 dist.destroy_process_group()
-sys.exit(3 if restart == 0 else 0)
+if restart == 0 and rank == 0:
+    open(os.environ["ALFRED_REQUEUE_RECORD"], "w").write("checkpoint iter_0000007 saved at step 7\\n")
+    sys.exit(3)
+if restart == 0:
+    time.sleep(30)  # still "finishing" when rank 0 exits: srun's --kill-on-bad-exit ends it
+sys.exit(0)
 """
 
 
@@ -74,8 +82,9 @@ def test_two_tasks_allreduce_then_usr1_checkpoint_and_requeue(slurm_cluster, tmp
         assert out["master"] == "localhost" and int(out["port"]) == 20000 + int(job_id) % 20000
     assert runs[0, 0]["signal"] == runs[0, 1]["signal"] == 10  # SIGUSR1 reached both tasks
     log = slurm.log_text(job_id)
-    assert log.index("restart 0") < log.index("USR1, forwarding") < log.index("workers exited with 3")
-    assert log.index("requeueing job") < log.index("restart 1") < log.index("workers exited with 0")
+    assert log.index("restart 0") < log.index("USR1, forwarding") < log.index("workers exited with")
+    assert log.index("checkpoint iter_0000007 saved at step 7, requeueing job") < log.index("restart 1")
+    assert log.index("restart 1") < log.index("workers exited with 0")
     assert done.log_path == str(tmp_path / f"allreduce-{job_id}.out")
 
 
@@ -117,8 +126,12 @@ def test_tiny_sft_on_slurm_and_requeue_resumes_to_the_same_loss(slurm_cluster, t
     assert (job.state, job.exit_code) == ("COMPLETED", 0) and job.restarts >= 1
     log = slurm.log_text(job_id)
     assert "restart 1" in log and "resumed from" in log, log[-3000:]
+    # The save that TERM triggered completed (rank 0 wrote the requeue record after it) and the
+    # rerun resumed from it, not from the periodic checkpoint before it.
+    preempted_step = int(log.split("preempted at step ")[1].split(":")[0])
     resumed_step = int(log.split("resumed from")[1].split("at step")[1].split()[0])
-    assert 0 < resumed_step < steps
+    assert f"checkpoint iter_{preempted_step:07d} saved at step {preempted_step}, requeueing" in log, log[-3000:]
+    assert 0 < resumed_step == preempted_step < steps, log[-3000:]
     assert final_loss(tmp_path / "requeued", steps) == pytest.approx(final_loss(tmp_path / "straight", steps), abs=1e-6)
 
     # `jobs status` / `jobs logs` through the CLI.

@@ -17,11 +17,21 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from alfred_train.cli import parse_with_overrides
 from alfred_train.errors import AlfredError
 from alfred_train.launch import job as job_files
-from alfred_train.launch import local, sagemaker, slurm
+from alfred_train.launch import local, sagemaker, sagemaker_plan, slurm
 from alfred_train.launch.config import BACKENDS, validate_sagemaker, validate_slurm
+
+
+IMAGE_NEEDS = (
+    "Image (launch.sagemaker.image_uri): the AWS PyTorch training container for the instance's CUDA with "
+    "megatron-core, transformer-engine and flash-attn (alfred-train[gpu]) and alfred-train's pinned "
+    "dependencies; sagemaker/Dockerfile builds it (README: Building the SageMaker image). The job installs "
+    "its own source from the tarball (pip --no-deps)."
+)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -89,17 +99,26 @@ def _launch_slurm(run: job_files.ResolvedRun, args: argparse.Namespace) -> int:
 
 
 def _launch_sagemaker(run: job_files.ResolvedRun, args: argparse.Namespace) -> int:
+    from alfred_train.dryrun import describe
+
     launch = run.launch
     validate_sagemaker(launch)
     job_files.check_world_size(run)
     name = sagemaker.job_name(launch)
-    if args.dry_run:
-        request = sagemaker.build_request(launch, name=name, submit_uri=sagemaker.source_uri(launch, name))
+    plan = sagemaker_plan.plan_inputs(run.tree, launch, upload_root=sagemaker.inputs_uri(launch, name),
+                                      source_root=sagemaker.source_root())
+    job_tree = sagemaker_plan.rewritten_tree(run.tree, plan)
+    job_files.load_run_tree(job_tree)  # the job's own config loads
+    report = describe(run.config, launch.stage)  # refuses what does not fit the GPUs or the volume
+    if args.dry_run:  # the request on stdout (JSON); the plan for a person on stderr
+        request = sagemaker.build_request(launch, name=name, submit_uri=sagemaker.source_uri(launch, name), plan=plan)
+        print(report, *plan.lines(), IMAGE_NEEDS, sep="\n", file=sys.stderr)
         print(json.dumps(request, indent=1))
         return 0
     sm_client, s3_client = sagemaker.clients(launch)
-    yaml_text = job_files.resolved_yaml(run)
-    sagemaker.submit(launch, name=name, job_config_yaml=yaml_text, sm_client=sm_client, s3_client=s3_client)
+    yaml_text = yaml.safe_dump(job_tree, sort_keys=False)
+    sagemaker.submit(launch, name=name, job_config_yaml=yaml_text, sm_client=sm_client, s3_client=s3_client,
+                     plan=plan)
     print(f"created SageMaker training job {name}", flush=True)
     if not args.wait:
         return 0

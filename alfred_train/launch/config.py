@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 from alfred_train.errors import ConfigError
 
@@ -43,6 +44,23 @@ class SlurmConfig:
     env: dict[str, str] = field(default_factory=dict)  # exported in the script (NCCL_*, FI_*)
     log_dir: str = ""  # folder of the job's log %x-%j.out; "" = the job folder
     master_port: int = 0  # rendezvous port; 0 = 20000 + job id % 20000, so jobs on a node differ
+    container_image: str = ""  # pyxis/enroot: `srun --container-image`, e.g. "nvcr.io#nvidia/pytorch:25.01-py3"
+    container_mounts: tuple[str, ...] = ()  # pyxis `--container-mounts`, "SRC:DST[:ro]" each (run dir, data)
+
+
+@dataclass(frozen=True)
+class FsxConfig:
+    """An FSx for Lustre file system mounted into every instance (FileSystemDataSource channel).
+
+    Config paths under `path` (where the login nodes mount it, e.g. /fsx) are rewritten to the
+    channel's mount point /opt/ml/input/data/<channel>/... in the job's config.
+    """
+
+    file_system_id: str = ""  # fs-0123456789abcdef0; "" = no file system
+    directory_path: str = ""  # "/<MountName>[/dir]" on the file system, mounted at the channel
+    path: str = "/fsx"  # prefix of the run config's paths that live on this file system
+    access_mode: Literal["ro", "rw"] = "ro"  # rw: needed for a run directory on FSx (launch.sagemaker.run_dir)
+    channel: str = "fsx"  # channel name: mounted at /opt/ml/input/data/<channel>
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,14 @@ class SageMakerConfig:
     environment: dict[str, str] = field(default_factory=dict)  # job env (FI_*, NCCL_*); no secrets
     endpoint_url: str = ""  # SageMaker/S3 endpoint override (tests: a moto server); "" = AWS
     tags: dict[str, str] = field(default_factory=dict)  # job tags, e.g. {project: alfred}
+    # Run-config keys -> where the job reads them: an S3 URI (object, or a prefix ending in "/") or
+    # a local path the launcher uploads under <source_s3_uri>/<job>/inputs/. Each is one channel
+    # (InputDataConfig) and the key is rewritten to /opt/ml/input/data/<channel>/...
+    # e.g. {ppo.policy_init: "s3://b/sft/", data.prompts: "s3://b/data/prompts.jsonl"}
+    inputs: dict[str, str] = field(default_factory=dict)
+    input_mode: Literal["File", "FastFile"] = "File"  # File: copied before start; FastFile: streamed
+    fsx: FsxConfig = field(default_factory=FsxConfig)
+    run_dir: str = ""  # "" = node-local /opt/ml/checkpoints synced to checkpoint_s3_uri; or a path under fsx.path (rw)
 
 
 @dataclass(frozen=True)
@@ -78,9 +104,18 @@ class LaunchConfig:
     gpus_per_node: int = 8  # GPUs per machine; 0 = CPU job (then set procs_per_node)
     procs_per_node: int = 0  # worker processes per machine; 0 = one per GPU
     python: str = "python"  # interpreter the job runs, after slurm.setup has activated an env
+    gpu_memory_gib: float = 0.0  # one GPU's memory for the dry run's check; 0 = from sagemaker.instance_type (Slurm: unchecked)
     job_dir: str = ""  # job script + resolved config + logs; "" = <run.dir>/launch/<time>
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     sagemaker: SageMakerConfig = field(default_factory=SageMakerConfig)
+
+    def __post_init__(self):
+        # Refused at every load (trainer, dry run, launcher), so no written config can hold one.
+        check_no_credentials(self.slurm.env, "launch.slurm.env")
+        check_no_credentials(self.sagemaker.environment, "launch.sagemaker.environment")
+        for name in _ASSIGNMENT.findall(self.slurm.setup):
+            if looks_like_credential(name):
+                raise ConfigError(f"launch.slurm.setup: sets {name}, which looks like a credential; {CREDENTIAL_HELP}")
 
     @property
     def workers_per_node(self) -> int:
@@ -111,7 +146,16 @@ _TIME = re.compile(r"^(?:(\d+)-)?(\d{1,2}):([0-5]\d):([0-5]\d)$")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@\-/]{1,512}$")
 _S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?$")
 JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
+_CREDENTIAL_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+_SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ASSIGNMENT = re.compile(r"(?:^|[\s;&|(])(?:export\s+|declare\s+-x\s+)?([A-Za-z_][A-Za-z0-9_]*)=", re.MULTILINE)
+# A Slurm option value: no whitespace, quotes or shell metacharacters (it lands in #SBATCH lines).
+_SLURM_VALUE = re.compile(r"^[A-Za-z0-9_.,:=@%/+#\-]+$")
+CREDENTIAL_HELP = (
+    "credentials must not go into a job's configuration (it is written to the job folder, the run "
+    "directory and the job request); SageMaker: grant them to the execution role or read them from "
+    "Secrets Manager; Slurm: export them in the shell that runs `alfred-train launch` (README: Secrets)"
+)
 
 
 def slurm_time_s(text: str, key: str = "launch.slurm.time") -> int:
@@ -123,13 +167,35 @@ def slurm_time_s(text: str, key: str = "launch.slurm.time") -> int:
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
-def _check_no_secrets(env: dict[str, str], key: str) -> None:
+def looks_like_credential(name: str) -> bool:
+    """HF_TOKEN, wandb_api_key, ' AWS_SECRET_ACCESS_KEY ', DB_PASSWORD ...: any case, any padding."""
+    return bool(_CREDENTIAL_NAME.search(name.strip()))
+
+
+def env_key(key: str, name: str) -> str:
+    """Key path of an environment entry: `key.NAME`, or `key[' odd name ']` when it is not a shell name."""
+    return f"{key}.{name}" if _SHELL_NAME.match(name) else f"{key}[{name!r}]"
+
+
+def check_no_credentials(env: dict[str, str], key: str) -> None:
+    """Refuse any credential-looking name; the message never shows the value."""
     for name in env:
-        if name.upper() in _SECRET_ENV:
-            raise ConfigError(
-                f"{key}.{name}: credentials must not go into a job; use an instance role "
-                "or the cluster's AWS credential files"
-            )
+        if looks_like_credential(str(name)):
+            raise ConfigError(f"{env_key(key, str(name))}: looks like a credential; {CREDENTIAL_HELP}")
+
+
+def _check_shell_names(env: dict[str, str], key: str) -> None:
+    for name in env:
+        if not _SHELL_NAME.match(name):
+            raise ConfigError(f"{env_key(key, name)}: not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _check_slurm_value(value: str, key: str) -> None:
+    if value and not _SLURM_VALUE.match(value):
+        raise ConfigError(
+            f"{key}: {value!r} holds whitespace, quotes or shell characters; "
+            "use letters, digits and _ . , : = @ % / + # - only"
+        )
 
 
 def validate_common(cfg: LaunchConfig) -> None:
@@ -166,11 +232,21 @@ def validate_slurm(cfg: LaunchConfig) -> None:
     if not 0 <= s.master_port < 65536:
         raise ConfigError(f"launch.slurm.master_port: {s.master_port} is not a port number")
     for i, line in enumerate(s.extra_sbatch):
-        if not line.startswith("--") or "\n" in line:
+        if not line.startswith("--") or not _SLURM_VALUE.match(line):
             raise ConfigError(
-                f"launch.slurm.extra_sbatch[{i}]: {line!r} must be one sbatch option like '--exclusive'"
+                f"launch.slurm.extra_sbatch[{i}]: {line!r} must be one sbatch option like '--exclusive' "
+                "or '--constraint=a100' (no whitespace or shell characters)"
             )
-    _check_no_secrets(s.env, "launch.slurm.env")
+    for name in ("partition", "account", "log_dir", "container_image"):
+        _check_slurm_value(getattr(s, name), f"launch.slurm.{name}")
+    for i, mount in enumerate(s.container_mounts):
+        _check_slurm_value(mount, f"launch.slurm.container_mounts[{i}]")
+        if "," in mount or mount.count(":") not in (1, 2):
+            raise ConfigError(f"launch.slurm.container_mounts[{i}]: {mount!r} must be SRC:DST or SRC:DST:ro")
+    if s.container_mounts and not s.container_image:
+        raise ConfigError("launch.slurm.container_mounts: set launch.slurm.container_image too (pyxis)")
+    _check_shell_names(s.env, "launch.slurm.env")
+    check_no_credentials(s.env, "launch.slurm.env")
 
 
 def validate_sagemaker(cfg: LaunchConfig) -> None:
@@ -213,7 +289,8 @@ def validate_sagemaker(cfg: LaunchConfig) -> None:
         raise ConfigError(f"{key}.volume_size_gb: must be >= 1, got {sm.volume_size_gb}")
     if bool(sm.subnets) != bool(sm.security_group_ids):
         raise ConfigError(f"{key}.security_group_ids: a VPC needs both subnets and security groups")
-    _check_no_secrets(sm.environment, f"{key}.environment")
+    _check_shell_names(sm.environment, f"{key}.environment")
+    check_no_credentials(sm.environment, f"{key}.environment")
 
 
 def validate_job_name(name: str, key: str = "launch.name") -> str:

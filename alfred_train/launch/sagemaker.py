@@ -9,6 +9,9 @@ torchrun with entry.py as the *worker*; entry.py instead starts torchrun itself,
 index of the current host in resourceconfig.json's `hosts` (the toolkit's own rule) and master =
 hosts[0]. Hyperparameter values are JSON-encoded strings, as the SageMaker Python SDK sends them.
 
+Inputs and checkpoint layouts: alfred_train.launch.sagemaker_plan (InputDataConfig channels, FSx,
+the config rewritten to container paths, per-instance disk).
+
 moto (the tests' server) validates nothing and does not store Environment, so every field is checked
 by `validate_sagemaker` before a request leaves, and a job name already taken is refused here.
 """
@@ -28,8 +31,7 @@ import alfred_train
 from alfred_train.errors import AlfredError, ConfigError
 from alfred_train.launch.config import LaunchConfig, validate_job_name
 from alfred_train.launch.s3 import parse_s3_uri
-
-CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # CheckpointConfig.LocalPath; entry.py's run.dir
+from alfred_train.launch.sagemaker_plan import CHECKPOINT_LOCAL_PATH, InputPlan, input_data_config
 SOURCE_TARBALL = "sourcedir.tar.gz"
 JOB_CONFIG = "job/config.yaml"  # the resolved run config, inside the tarball
 ENTRY_POINT = "entry.py"  # sagemaker/entry.py, placed at the tarball's root
@@ -94,9 +96,15 @@ def source_uri(launch: LaunchConfig, name: str) -> str:
     return f"{str(parse_s3_uri(launch.sagemaker.source_s3_uri).child(name))}/source/{SOURCE_TARBALL}"
 
 
-def build_request(launch: LaunchConfig, *, name: str, submit_uri: str) -> dict:
-    """The CreateTrainingJob request for `launch` (pure; validate_sagemaker first)."""
+def inputs_uri(launch: LaunchConfig, name: str) -> str:
+    """Where local inputs are uploaded: <source_s3_uri>/<job name>/inputs (one folder per channel)."""
+    return f"{str(parse_s3_uri(launch.sagemaker.source_s3_uri).child(name))}/inputs"
+
+
+def build_request(launch: LaunchConfig, *, name: str, submit_uri: str, plan: InputPlan | None = None) -> dict:
+    """The CreateTrainingJob request for `launch` (pure; validate_sagemaker and plan_inputs first)."""
     sm = launch.sagemaker
+    plan = plan or InputPlan()
     hyper = {
         "sagemaker_program": ENTRY_POINT,
         "sagemaker_submit_directory": submit_uri,
@@ -105,6 +113,8 @@ def build_request(launch: LaunchConfig, *, name: str, submit_uri: str) -> dict:
         "stage": launch.stage,
         "config": JOB_CONFIG,
         "procs_per_node": launch.workers_per_node,
+        "run_dir": plan.run_dir,
+        "inputs": json.dumps(plan.sources, sort_keys=True),  # a JSON text: entry.py's --inputs
     }
     stopping = {"MaxRuntimeInSeconds": sm.max_run_s}
     if sm.spot:
@@ -125,6 +135,9 @@ def build_request(launch: LaunchConfig, *, name: str, submit_uri: str) -> dict:
         "Environment": dict(sorted(sm.environment.items())),
         "Tags": [{"Key": k, "Value": v} for k, v in sorted(sm.tags.items())],
     }
+    channels = input_data_config(launch, plan)
+    if channels:
+        request["InputDataConfig"] = channels
     if sm.checkpoint_s3_uri:
         request["CheckpointConfig"] = {"S3Uri": sm.checkpoint_s3_uri, "LocalPath": CHECKPOINT_LOCAL_PATH}
     if sm.subnets:
@@ -155,17 +168,34 @@ def _job_exists(sm_client: Any, name: str) -> bool:
     return True
 
 
-def submit(launch: LaunchConfig, *, name: str, job_config_yaml: str, sm_client: Any, s3_client: Any) -> dict:
-    """Upload the source tarball and create the job; returns the request sent.
+def upload_inputs(plan: InputPlan, s3_client: Any) -> None:
+    """Upload the local inputs of `plan` (files, or folders file by file) to their channels' S3 URIs.
+
+    boto3's managed transfer (multipart, retries) moves each file."""
+    for ch in plan.channels:
+        if not ch.upload_from:
+            continue
+        source, target = Path(ch.upload_from), parse_s3_uri(ch.s3_uri)
+        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+        for path in files:
+            key = target.key if source.is_file() else f"{target.key}/{path.relative_to(source).as_posix()}"
+            s3_client.upload_file(str(path), target.bucket, key)
+
+
+def submit(launch: LaunchConfig, *, name: str, job_config_yaml: str, sm_client: Any, s3_client: Any,
+           plan: InputPlan | None = None) -> dict:
+    """Upload the local inputs and the source tarball, then create the job; returns the request sent.
 
     Refuses a name that is already taken (CreateTrainingJob would fail on AWS, and moto would
     silently overwrite the other job).
     """
     uri = source_uri(launch, name)
-    request = build_request(launch, name=name, submit_uri=uri)
+    request = build_request(launch, name=name, submit_uri=uri, plan=plan)
     try:
         if _job_exists(sm_client, name):
             raise ConfigError(f"launch.name: training job {name!r} already exists; pick another name")
+        if plan is not None:
+            upload_inputs(plan, s3_client)
         loc = parse_s3_uri(uri)
         s3_client.put_object(Bucket=loc.bucket, Key=loc.key, Body=pack_source(source_root(), job_config_yaml))
         sm_client.create_training_job(**request)

@@ -7,8 +7,16 @@ host of the allocation) and MASTER_PORT (from the job id, so two jobs on a node 
 Preemption and time limits: `#SBATCH --signal=B:USR1@<lead>` makes Slurm send USR1 to the batch
 shell `signal_lead_s` before the limit. The shell's trap forwards it to srun (which passes it to
 every task); the trainer finishes its step, saves a checkpoint and exits with code 3
-(CHECKPOINT_EXIT_CODE). The shell then runs `scontrol requeue`, and the requeued job (same script,
+(CHECKPOINT_EXIT_CODE). The requeue decision does not read exit codes: once the preemption checkpoint
+is complete on every rank, the trainer's rank 0 writes the *requeue record* (`$ALFRED_REQUEUE_RECORD`,
+<job dir>/requeue-record: "checkpoint iter_0000012 saved at step 12"); the shell requeues when it
+exists, whichever task ended first and however srun reported it. The requeued job (same script,
 `--requeue`, log opened in append mode) resumes from `checkpoints/latest` on its own.
+
+Multi-node: `srun --nodes N --ntasks-per-node P` starts P workers on every node; Slurm numbers them
+SLURM_PROCID 0..N*P-1 node by node, and MASTER_ADDR is the allocation's first host, where rank 0 runs.
+With `launch.slurm.container_image` srun runs them in a pyxis/enroot container
+(`--container-image`, `--container-workdir`, `--container-mounts`).
 A TERM from Slurm (scancel, preemption, external requeue) reaches the tasks directly; the trap only
 keeps the shell alive until they have saved (within the cluster's KillWait).
 
@@ -29,6 +37,8 @@ from alfred_train.errors import AlfredError
 from alfred_train.launch.config import LaunchConfig
 
 CHECKPOINT_EXIT_CODE = 3  # the trainer's "saved a checkpoint after a signal, not finished" code
+REQUEUE_RECORD_ENV = "ALFRED_REQUEUE_RECORD"  # file the trainer writes after a preemption checkpoint
+REQUEUE_RECORD = "requeue-record"  # in the job folder
 FINISHED_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
      "DEADLINE", "PREEMPTED"}
@@ -46,6 +56,9 @@ cd {workdir}
 {setup}{exports}
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 export MASTER_PORT={master_port}
+# The trainer writes this record once its preemption checkpoint is complete on every rank.
+export {record_env}={record}
+rm -f "${record_env}"
 echo "alfred: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}" \
   "nodes $SLURM_JOB_NODELIST master $MASTER_ADDR:$MASTER_PORT"
 
@@ -55,7 +68,8 @@ on_usr1() {{ echo "alfred: USR1, forwarding to the workers"; kill -USR1 "$srun_p
 trap on_usr1 USR1
 trap 'echo "alfred: TERM, waiting for the workers to save"' TERM
 
-srun --kill-on-bad-exit=1 {command} &
+# {workers} workers: {nodes} node(s) x {per_node} tasks, one per GPU (SLURM_PROCID = global rank).
+srun --nodes={nodes} --ntasks-per-node={per_node} --kill-on-bad-exit=1 {container}{command} &
 srun_pid=$!
 while true; do  # `wait` returns early when a trapped signal arrives: wait until srun has ended
   wait "$srun_pid"
@@ -66,12 +80,26 @@ echo "alfred: workers exited with $status"
 {requeue}exit "$status"
 """
 
+# The decision reads the record, not srun's exit code: with several tasks srun reports whichever
+# ended worst (task 0 exits {ckpt_code}, srun then kills task 1 -> 143), so a code is a race.
 _REQUEUE = """\
-if [ "$status" -eq {ckpt_code} ]; then
-  echo "alfred: checkpoint saved before the end, requeueing job $SLURM_JOB_ID"
+if [ -s "${record_env}" ]; then
+  echo "alfred: $(cat "${record_env}"), requeueing job $SLURM_JOB_ID"
+  rm -f "${record_env}"
   scontrol requeue "$SLURM_JOB_ID"
+  exit 0
 fi
 """
+
+
+def container_options(s, workdir: Path) -> list[str]:
+    """pyxis/enroot options of `srun` ([] without launch.slurm.container_image)."""
+    if not s.container_image:
+        return []
+    options = [f"--container-image={s.container_image}", f"--container-workdir={workdir}"]
+    if s.container_mounts:
+        options.append(f"--container-mounts={','.join(s.container_mounts)}")
+    return options
 
 
 def render_sbatch(
@@ -107,9 +135,15 @@ def render_sbatch(
         setup=f"{s.setup.rstrip()}\n" if s.setup.strip() else "",
         exports=exports,
         master_port=port,
+        record_env=REQUEUE_RECORD_ENV,
+        record=shlex.quote(str(Path(job_dir).resolve() / REQUEUE_RECORD)),
         ckpt_code=CHECKPOINT_EXIT_CODE,
+        nodes=launch.nodes,
+        per_node=launch.workers_per_node,
+        workers=launch.nodes * launch.workers_per_node,
+        container="".join(f"{shlex.quote(o)} " for o in container_options(s, workdir.resolve())),
         command=shlex.join(command),
-        requeue=_REQUEUE.format(ckpt_code=CHECKPOINT_EXIT_CODE) if s.requeue else "",
+        requeue=_REQUEUE.format(record_env=REQUEUE_RECORD_ENV) if s.requeue else "",
     )
     header = "".join(f"#SBATCH {opt}\n" for opt in options)
     note = f"# Rendered by `alfred-train launch`{f' from {source}' if source else ''}.\n"

@@ -64,9 +64,19 @@ def resolve_shape(model_cfg, vocab_size: int) -> ModelShape:
         init_std=m.init_std)
 
 
-def transformer_config(shape: ModelShape, parallel_cfg, bf16: bool, fused: bool = False):
+# train.recompute -> megatron-core's activation recomputation (TransformerConfig fields).
+RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+
+
+def transformer_config(shape: ModelShape, parallel_cfg, bf16: bool, fused: bool = False, recompute: str = "none"):
     """megatron-core's TransformerConfig for `shape`. fused (GPU): megatron's torch.jit fusions that
-    need neither TE nor apex (SwiGLU, native vocab-parallel cross-entropy); off on CPU."""
+    need neither TE nor apex (SwiGLU, native vocab-parallel cross-entropy); off on CPU.
+    recompute: none | selective (attention core) | full (each layer's input kept, the layer re-run
+    in the backward pass)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -89,6 +99,7 @@ def transformer_config(shape: ModelShape, parallel_cfg, bf16: bool, fused: bool 
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
         bias_activation_fusion=fused and llama, persist_layer_norm=False, gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=False, cross_entropy_loss_fusion=fused, cross_entropy_fusion_impl="native",
+        **RECOMPUTE[recompute],
     )
 
 
@@ -112,7 +123,7 @@ def layer_spec(shape: ModelShape, backend):
 
 
 def build_model(shape: ModelShape, parallel_cfg, *, kind: str, bf16: bool, backend, device,
-                seed: int | None = None) -> list[torch.nn.Module]:
+                seed: int | None = None, recompute: str = "none") -> list[torch.nn.Module]:
     """One model chunk per virtual pipeline stage on this rank (one chunk without vpp).
 
     kind: "lm" (policy / reference) or "scalar" (reward / value model).
@@ -127,7 +138,8 @@ def build_model(shape: ModelShape, parallel_cfg, *, kind: str, bf16: bool, backe
     if shape.padded_vocab_size % parallel_cfg.tp:
         raise ConfigError(f"parallel.tp: {parallel_cfg.tp} does not divide the padded vocabulary "
                           f"({shape.padded_vocab_size})")
-    config = transformer_config(shape, parallel_cfg, bf16, fused=torch.device(device).type == "cuda")
+    config = transformer_config(shape, parallel_cfg, bf16, fused=torch.device(device).type == "cuda",
+                                recompute=recompute)
     spec = layer_spec(shape, backend)
     chunks = []
     for vp_stage in range(parallel_cfg.vpp or 1):

@@ -83,7 +83,7 @@ def attention_backend(cfg: Config, runtime: ParallelRuntime):
 def make_model(cfg: Config, runtime: ParallelRuntime, shape: ModelShape, *, kind: str, backend,
                seed: int | None):
     return build_model(shape, cfg.parallel, kind=kind, bf16=use_bf16(cfg, runtime), backend=backend,
-                       device=runtime.device, seed=seed)
+                       device=runtime.device, seed=seed, recompute=cfg.train.recompute)
 
 
 def shape_for(cfg: Config, tokenizer) -> ModelShape:
@@ -196,9 +196,22 @@ def checkpoint_or_stop(cfg: Config, step: int, save, preemption: "Preemption", r
         return False
     if not periodic:
         save(step)
+    write_requeue_record(step, runtime)
     metrics.write(f"preempted at step {step}: checkpoint saved, exiting with code {PREEMPTED_EXIT_CODE} "
                   "so the job can be requeued")
     return True
+
+
+def write_requeue_record(step: int, runtime) -> None:
+    """Rank 0, after the preemption checkpoint is complete on every rank (the save ends with a
+    barrier): tell the Slurm batch script to requeue (launch/slurm.py reads $ALFRED_REQUEUE_RECORD),
+    so its decision does not depend on which task exits first or with what code."""
+    path = os.environ.get("ALFRED_REQUEUE_RECORD")
+    if not path or not runtime.is_main:
+        return
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(f"checkpoint {checkpoint.iter_name(step)} saved at step {step}\n")
+    os.replace(tmp, path)
 
 
 class Preemption:

@@ -1,0 +1,289 @@
+"""What a SageMaker job reads and writes: its input channels, the rewritten config, its disk.
+
+Inputs. Every path the run reads (INPUT_KEYS) must exist inside the container. Three ways:
+
+- `launch.sagemaker.inputs: {KEY: SOURCE}`: one S3 channel per key (InputDataConfig, File or
+  FastFile mode), named after the key (`ppo.policy_init` -> channel `ppo_policy_init`).
+  SOURCE `s3://b/sft/` (a prefix, ending in /) -> KEY = /opt/ml/input/data/ppo_policy_init;
+  SOURCE `s3://b/data/prompts.jsonl` (one object) -> /opt/ml/input/data/data_prompts/prompts.jsonl;
+  a local file or folder is uploaded by the launcher to <source_s3_uri>/<job>/inputs/<channel>/
+  first and then delivered the same way.
+- `launch.sagemaker.fsx`: an FSx for Lustre file system as a FileSystemDataSource channel (needs
+  the VPC: subnets + security groups); paths under `fsx.path` (e.g. /fsx/alfred/...) are rewritten
+  to /opt/ml/input/data/<fsx.channel>/alfred/...
+- a relative path inside the uploaded source (e.g. configs/...): the job runs in /opt/ml/code.
+Anything else is refused before submission (exit 2, naming the key).
+
+Checkpoints, two layouts:
+- node-local (default): run.dir = /opt/ml/checkpoints on every instance, synced by SageMaker to
+  `checkpoint_s3_uri`; each node writes its ranks' files, the nodes' files meet in S3, and on a
+  restart SageMaker downloads the whole prefix to every instance. The volume must hold that
+  download (keep x the whole checkpoint) plus the node's share of the next save.
+- shared FSx: `run_dir` under `fsx.path` with `fsx.access_mode: rw`; one copy on the file system,
+  nothing on the instances' volumes and no CheckpointConfig.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alfred_train import resources
+from alfred_train.errors import ConfigError
+from alfred_train.launch.config import LaunchConfig
+from alfred_train.launch.s3 import parse_s3_uri
+
+CHANNEL_ROOT = "/opt/ml/input/data"
+CODE_DIR = "/opt/ml/code"
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # CheckpointConfig.LocalPath
+# Every run-config key holding a path the trainer reads.
+INPUT_KEYS = ("model.tokenizer", "data.train", "data.valid", "data.prompts", "rm.init", "checkpoint.init",
+              "ppo.policy_init", "ppo.reward_init", "checkpoint.resume")
+_FSX_ID = re.compile(r"^fs-[0-9a-f]{8,21}$")
+SOURCE_DIRS = ("alfred_train", "parallel", "kernels", "sagemaker", "configs")  # shipped in the tarball
+
+
+@dataclass(frozen=True)
+class Channel:
+    name: str
+    s3_uri: str  # S3Prefix to deliver
+    container_path: str  # what the run config's key becomes
+    upload_from: str = ""  # local file/folder the launcher uploads to s3_uri first
+
+
+@dataclass
+class InputPlan:
+    channels: list[Channel] = field(default_factory=list)
+    rewrites: dict[str, str] = field(default_factory=dict)  # key -> path in the container
+    # key -> (channel, path inside it) or ("", path inside /opt/ml/code): entry.py resolves them with
+    # the toolkit's SM_CHANNEL_<NAME> variables, so a run outside /opt/ml (the rehearsal) agrees
+    sources: dict[str, tuple[str, str]] = field(default_factory=dict)
+    run_dir: str = CHECKPOINT_LOCAL_PATH  # run.dir inside the container
+
+    @property
+    def node_local(self) -> bool:
+        """checkpoint.node_local of the job: each instance's own /opt/ml/checkpoints, or one FSx copy."""
+        return self.run_dir == CHECKPOINT_LOCAL_PATH
+
+    def lines(self) -> list[str]:
+        out = ["Inputs (run-config key -> path inside the job):"]
+        out += [f"  {key} -> {path}" for key, path in self.rewrites.items()] or ["  (none)"]
+        for ch in self.channels:
+            if ch.upload_from:
+                out.append(f"  upload {ch.upload_from} -> {ch.s3_uri}")
+        out.append(f"  run.dir -> {self.run_dir}  (checkpoint.node_local: {str(self.node_local).lower()})")
+        return out
+
+
+def _get(tree: dict, key: str):
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _set(tree: dict, key: str, value: str) -> None:
+    *parents, last = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def channel_name(key: str) -> str:
+    return key.replace(".", "_")
+
+
+def _s3_channel(key: str, source: str, upload_root: str) -> Channel:
+    name = channel_name(key)
+    where = f"launch.sagemaker.inputs.{key}"
+    if source.startswith("s3://"):
+        try:
+            loc = parse_s3_uri(source)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if not loc.key:
+            raise ConfigError(f"{where}: {source!r} names a whole bucket; give a prefix ending in / or an object")
+        if source.endswith("/"):
+            return Channel(name, f"{loc}/", f"{CHANNEL_ROOT}/{name}")
+        return Channel(name, str(loc), f"{CHANNEL_ROOT}/{name}/{loc.key.rsplit('/', 1)[-1]}")
+    local = Path(source).expanduser()
+    if not local.exists():
+        raise ConfigError(f"{where}: {source!r} is neither an s3:// URI nor an existing local path to upload")
+    prefix = f"{upload_root}/{name}"
+    if local.is_dir():
+        return Channel(name, f"{prefix}/", f"{CHANNEL_ROOT}/{name}", upload_from=str(local.resolve()))
+    return Channel(name, f"{prefix}/{local.name}", f"{CHANNEL_ROOT}/{name}/{local.name}",
+                   upload_from=str(local.resolve()))
+
+
+def _under(path: str, root: str) -> str | None:
+    """`path` relative to `root` ("" when equal), or None when it is not under it."""
+    root = root.rstrip("/") or "/"
+    if path == root:
+        return ""
+    prefix = root if root.endswith("/") else root + "/"
+    return path[len(prefix):] if path.startswith(prefix) else None
+
+
+def _in_source(path: str, source_root: Path) -> bool:
+    rel = Path(path)
+    return (not rel.is_absolute() and ".." not in rel.parts and rel.parts[:1] != () and rel.parts[0] in SOURCE_DIRS
+            and (source_root / rel).exists())
+
+
+def validate_fsx(launch: LaunchConfig) -> None:
+    sm, key = launch.sagemaker, "launch.sagemaker"
+    fsx = sm.fsx
+    if not fsx.file_system_id:
+        if sm.run_dir:
+            raise ConfigError(f"{key}.run_dir: a shared run directory needs launch.sagemaker.fsx (rw)")
+        return
+    if not _FSX_ID.match(fsx.file_system_id):
+        raise ConfigError(f"{key}.fsx.file_system_id: {fsx.file_system_id!r} is not an FSx id like fs-0123456789abcdef0")
+    if not fsx.directory_path.startswith("/") or any(c.isspace() for c in fsx.directory_path):
+        raise ConfigError(f"{key}.fsx.directory_path: {fsx.directory_path!r} must be /<MountName>[/dir] on the file system")
+    if not fsx.path.startswith("/"):
+        raise ConfigError(f"{key}.fsx.path: {fsx.path!r} must be the absolute path where your run config's FSx paths start")
+    if not re.match(r"^[A-Za-z0-9.\-_]{1,64}$", fsx.channel):
+        raise ConfigError(f"{key}.fsx.channel: {fsx.channel!r} is not a channel name ([A-Za-z0-9.-_], up to 64)")
+    if not sm.subnets:
+        raise ConfigError(f"{key}.subnets: FSx for Lustre is reached through the VPC; set subnets and "
+                          "security_group_ids of the file system's VPC")
+    if sm.run_dir:
+        if _under(sm.run_dir, fsx.path) is None:
+            raise ConfigError(f"{key}.run_dir: {sm.run_dir!r} is not under launch.sagemaker.fsx.path ({fsx.path})")
+        if fsx.access_mode != "rw":
+            raise ConfigError(f"{key}.fsx.access_mode: a run directory on FSx needs rw")
+        if sm.checkpoint_s3_uri:
+            raise ConfigError(f"{key}.checkpoint_s3_uri: the run directory is on FSx (launch.sagemaker.run_dir); "
+                              "leave checkpoint_s3_uri empty (it syncs /opt/ml/checkpoints only)")
+
+
+def plan_inputs(tree: dict, launch: LaunchConfig, *, upload_root: str, source_root: Path) -> InputPlan:
+    """Channels and rewrites for every path the run reads; ConfigError naming a key that would
+    not exist in the container. `upload_root`: S3 prefix for local inputs (<source>/<job>/inputs)."""
+    sm = launch.sagemaker
+    validate_fsx(launch)
+    for key in sm.inputs:
+        if key not in INPUT_KEYS:
+            raise ConfigError(f"launch.sagemaker.inputs.{key}: not a path the run reads "
+                              f"(one of {', '.join(INPUT_KEYS)})")
+    plan = InputPlan()
+    fsx = sm.fsx
+    if fsx.file_system_id:
+        mount = f"{CHANNEL_ROOT}/{fsx.channel}"
+        plan.channels.append(Channel(fsx.channel, "", mount))
+    for key in INPUT_KEYS:
+        value = _get(tree, key)
+        if key in sm.inputs:
+            ch = _s3_channel(key, sm.inputs[key], upload_root)
+            plan.channels.append(ch)
+            plan.rewrites[key] = ch.container_path
+            plan.sources[key] = (ch.name, ch.container_path[len(f"{CHANNEL_ROOT}/{ch.name}"):].lstrip("/"))
+            continue
+        if value is None or (key == "checkpoint.resume" and value in ("auto", "none")):
+            continue
+        value = str(value)
+        rest = _under(value, fsx.path) if fsx.file_system_id else None
+        if rest is not None:
+            plan.rewrites[key] = f"{CHANNEL_ROOT}/{fsx.channel}" + (f"/{rest}" if rest else "")
+            plan.sources[key] = (fsx.channel, rest)
+        elif _in_source(value, source_root):
+            plan.rewrites[key] = f"{CODE_DIR}/{value}"
+            plan.sources[key] = ("", value)
+        else:
+            raise ConfigError(
+                f"{key}: {value!r} would not exist inside the SageMaker job; deliver it with "
+                f"launch.sagemaker.inputs.{key} (an s3:// URI or a local path the launcher uploads) or put "
+                f"it on the file system of launch.sagemaker.fsx"
+            )
+    if sm.run_dir:
+        rest = _under(sm.run_dir, fsx.path)
+        plan.run_dir = f"{CHANNEL_ROOT}/{fsx.channel}" + (f"/{rest}" if rest else "")
+    given = _get(tree, "checkpoint.node_local")
+    if given is not None and given != plan.node_local:
+        layout = "on FSx (one shared copy)" if sm.run_dir else "node-local /opt/ml/checkpoints on every instance"
+        raise ConfigError(f"checkpoint.node_local: {str(given).lower()}, but the job's run directory is {layout}; "
+                          f"remove it (the launcher sets {str(plan.node_local).lower()})")
+    return plan
+
+
+def rewritten_tree(tree: dict, plan: InputPlan) -> dict:
+    """The run config as the job reads it: input paths pointing into the container, and the
+    checkpoint layout (node-local /opt/ml/checkpoints: checkpoint.node_local; FSx: shared)."""
+    out = copy.deepcopy(tree)
+    for key, path in plan.rewrites.items():
+        _set(out, key, path)
+    _set(out, "checkpoint.node_local", plan.node_local)
+    return out
+
+
+def input_data_config(launch: LaunchConfig, plan: InputPlan) -> list[dict]:
+    """CreateTrainingJob's InputDataConfig for the plan's channels."""
+    sm = launch.sagemaker
+    out = []
+    for ch in plan.channels:
+        if not ch.s3_uri:  # the FSx channel
+            source = {"FileSystemDataSource": {
+                "FileSystemId": sm.fsx.file_system_id, "FileSystemType": "FSxLustre",
+                "FileSystemAccessMode": sm.fsx.access_mode, "DirectoryPath": sm.fsx.directory_path}}
+            out.append({"ChannelName": ch.name, "DataSource": source})
+            continue
+        source = {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": ch.s3_uri,
+                                   "S3DataDistributionType": "FullyReplicated"}}
+        out.append({"ChannelName": ch.name, "DataSource": source, "InputMode": sm.input_mode})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    per_instance: float  # bytes of volume each instance needs for checkpoints
+    lines: list[str]
+
+
+def disk_plan(cfg, size: resources.CheckpointSize) -> DiskPlan:
+    """Per-instance disk and S3 traffic of the checkpoints; refuses a volume_size_gb that cannot hold them."""
+    launch, p = cfg.launch, cfg.parallel
+    sm = launch.sagemaker
+    keep = cfg.checkpoint.keep
+    h = resources.human
+    if sm.run_dir:
+        lines = [f"  layout: shared run directory on FSx ({sm.run_dir}): one copy; the file system needs "
+                 f"{h((keep + 1) * size.total)} (keep {keep} + the one being written); instance volumes hold none"]
+        return DiskPlan(0.0, lines)
+    share = resources.largest_node_share(size, tp=p.tp, pp=p.pp, zero=p.zero, nodes=launch.nodes,
+                                         gpus_per_node=launch.workers_per_node)
+    if sm.checkpoint_s3_uri:
+        need = keep * size.total + share
+        lines = [f"  layout: node-local {CHECKPOINT_LOCAL_PATH} synced to {sm.checkpoint_s3_uri}; each node writes "
+                 f"up to {h(share)} per save",
+                 f"  S3 traffic: {h(size.total)} uploaded per save; a restart downloads the whole prefix (>= keep "
+                 f"{keep} x {h(size.total)}) to each of {launch.nodes} instances = {h(keep * size.total * launch.nodes)}",
+                 f"  per-instance disk: {h(need)} (the restart download + this node's share of the next save)"]
+    else:
+        need = (keep + 1) * share
+        lines = [f"  layout: node-local {CHECKPOINT_LOCAL_PATH} without checkpoint_s3_uri: checkpoints are lost "
+                 f"with the instances (no resume after a restart)",
+                 f"  per-instance disk: {h(need)} ((keep {keep} + 1) x this node's share {h(share)})"]
+    volume = sm.volume_size_gb * resources.GB
+    lines.append(f"  volume_size_gb: {sm.volume_size_gb} ({h(volume)}); File-mode inputs are copied there too")
+    local_max = resources.INSTANCE_LOCAL_STORAGE_GB.get(sm.instance_type)
+    if local_max and sm.volume_size_gb > local_max:
+        raise ConfigError(f"launch.sagemaker.volume_size_gb: {sm.instance_type} trains on its local NVMe "
+                          f"({local_max} GB); ask for at most that")
+    if volume < need:
+        raise ConfigError(
+            f"launch.sagemaker.volume_size_gb: {sm.volume_size_gb} GB cannot hold the checkpoints: each instance needs "
+            f"{need / resources.GB:.0f} GB ({'restart download of keep ' + str(keep) + ' x ' + h(size.total) if sm.checkpoint_s3_uri else 'node-local saves'}"
+            f" + {h(share)} being written); raise it to >= {int(-(-need // resources.GB))}, lower checkpoint.keep, "
+            "or put the run directory on FSx (launch.sagemaker.run_dir)")
+    return DiskPlan(need, lines)
