@@ -1,0 +1,339 @@
+"""LoRA: low-rank adapters on megatron's tensor-parallel linears, the base weights frozen.
+
+Vocabulary (one letter each, as in ppo/math.py):
+    x      the input of the wrapped linear, (s, b, n_in) (row-parallel: (s, b, n_in / tp))
+    W      the frozen base weight, (n_out, n_in) globally
+    A      the adapter's down-projection, (r, n_in); initialised U(-1/sqrt(n_in), 1/sqrt(n_in)) (PEFT's
+           kaiming-uniform with a=sqrt(5)), drawn whole per global tensor from (seed, name) like
+           models/build.py, so every TP/PP layout starts from the same adapters
+    B      the adapter's up-projection, (n_out, r); initialised to zero, so step 0 is the base model
+    scale  alpha / r
+
+    y = W x + scale * B A dropout(x)                                     # (s, b, n_out)
+
+Tensor parallelism follows the wrapped layer (tp ranks, rank k):
+- column-parallel (linear_qkv, linear_fc1; W sharded on n_out): A replicated (r, n_in), B sharded
+  on its output dim, B_k (n_out / tp, r). h = A x is the same on every rank; its gradient is
+  partial per rank, so h passes `copy_to_tensor_model_parallel_region` (identity forward,
+  all-reduce backward): dA and dx come out whole and equal on every rank.
+- row-parallel (linear_proj, linear_fc2; W sharded on n_in): A sharded on its input dim,
+  A_k (r, n_in / tp), B replicated (n_out, r). h = sum_k A_k x_k is all-reduced
+  (`reduce_from_tensor_model_parallel_region`), then B h is added to the reduced base output.
+The replicated half is not tagged `tensor_model_parallel`, so megatron counts it once in the
+gradient norm. Llama's linear_fc1 stacks [gate; up] (each n_out / 2): B is stacked the same way
+and checkpointed with megatron's swiglu factory, so it reshards like the weight.
+
+Where the adapters live: a `LoRAAdapter` is a sibling of the linear it wraps (the parent attention
+or MLP module gets a child `lora_<target>`, e.g. `decoder.layers.3.self_attention.lora_linear_qkv.
+lora_A`) and a forward hook adds its delta to the linear's output. The base's own parameter names
+are unchanged, so base checkpoints load into an adapted model with `skip=("lora_",)`.
+
+A LoRA checkpoint holds only what trains (the adapters, and a scalar model's head) plus, in
+meta.json state["lora"], the adapter shape and a reference to the base (see `BaseRef`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+from alfred_train.errors import ConfigError
+
+COLUMN = ("linear_qkv", "linear_fc1")
+ROW = ("linear_proj", "linear_fc2")
+PARENT = {"linear_qkv": "self_attention", "linear_proj": "self_attention", "linear_fc1": "mlp", "linear_fc2": "mlp"}
+ADAPTER_KEY = "lora_"  # in every adapter parameter's name, and in no base parameter's
+HEAD = "output_layer"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """The adapters of one model: per target (rank, scale). Trained adapters share one rank and
+    scale (the lora config); imported PEFT adapters may not (q/k/v stacked: see convert/peft.py)."""
+
+    targets: dict  # target -> {"rank": r, "scale": alpha / r}
+    dropout: float = 0.0
+
+    @classmethod
+    def from_config(cls, lora_cfg) -> "AdapterSpec":
+        scale = lora_cfg.alpha / lora_cfg.rank
+        return cls({t: {"rank": lora_cfg.rank, "scale": scale} for t in lora_cfg.targets}, lora_cfg.dropout)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "AdapterSpec":
+        return cls(dict(state["targets"]), float(state.get("dropout", 0.0)))
+
+    def to_state(self) -> dict:
+        return {"targets": self.targets, "dropout": self.dropout}
+
+
+def layer_sizes(shape, target: str) -> tuple[int, int]:
+    """(n_in, n_out) of a target linear, globally."""
+    h, d = shape.hidden_size, shape.hidden_size // shape.num_attention_heads
+    qkv = (shape.num_attention_heads + 2 * shape.num_query_groups) * d
+    fc1 = shape.ffn_hidden_size * (2 if shape.arch == "llama" else 1)
+    return {"linear_qkv": (h, qkv), "linear_proj": (h, h), "linear_fc1": (h, fc1),
+            "linear_fc2": (shape.ffn_hidden_size, h)}[target]
+
+
+def check_shape(spec: AdapterSpec, shape) -> None:
+    """Each rank fits its layer: r <= min(n_in, n_out) (else B A is not low-rank)."""
+    for target, t in spec.targets.items():
+        n_in, n_out = layer_sizes(shape, target)
+        if t["rank"] > min(n_in, n_out):
+            raise ConfigError(f"lora.rank: {t['rank']} is larger than {target} ({n_in} -> {n_out}); "
+                              f"pick a rank <= {min(n_in, n_out)}")
+
+
+class LoRAAdapter(MegatronModule):
+    """delta(x) = scale * B A dropout(x) for one tensor-parallel linear (see the module docstring)."""
+
+    def __init__(self, config, target: str, base, rank: int, scale: float, dropout: float):
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        super().__init__(config=config)
+        self.target, self.scale, self.column = target, scale, target in COLUMN
+        self.dropout = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
+        self.enabled = True
+        self.gated = self.column and target == "linear_fc1" and config.gated_linear_unit
+        dtype = config.params_dtype
+        if self.column:  # base: ColumnParallelLinear, weight (n_out / tp, n_in)
+            n_in, n_out = base.input_size, base.output_size_per_partition
+        else:  # base: RowParallelLinear, weight (n_out, n_in / tp)
+            n_in, n_out = base.input_size_per_partition, base.output_size
+        device = base.weight.device
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, n_in, dtype=dtype, device=device))  # (r, n_in[/tp])
+        self.lora_B = torch.nn.Parameter(torch.zeros(n_out, rank, dtype=dtype, device=device))  # (n_out[/tp], r)
+        sharded = self.lora_B if self.column else self.lora_A
+        set_tensor_model_parallel_attributes(sharded, True, 0 if self.column else 1, 1)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region)
+
+        h = F.linear(self.dropout(x), self.lora_A)  # (s, b, r): whole (column) or this rank's part (row)
+        h = copy_to_tensor_model_parallel_region(h) if self.column else reduce_from_tensor_model_parallel_region(h)
+        return F.linear(h, self.lora_B) * self.scale  # (s, b, n_out[/tp])
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = {k: v for k, v in self.state_dict(prefix="", keep_vars=True).items()}
+        axis = {"lora_B": 0} if self.column else {"lora_A": 1}
+        out = make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets)
+        if self.gated:  # [gate; up] rows, each half TP-sharded on its own, as linear_fc1.weight
+            out[f"{prefix}lora_B"] = apply_swiglu_sharded_factory(out[f"{prefix}lora_B"], sharded_offsets)
+        return out
+
+
+def _add_delta(adapter: LoRAAdapter):
+    def hook(module, args, output):
+        if not adapter.enabled:
+            return output
+        out, bias = output
+        return out + adapter.delta(args[0]).to(out.dtype), bias
+    return hook
+
+
+def adapters(model) -> list[LoRAAdapter]:
+    return [m for m in model.modules() if isinstance(m, LoRAAdapter)]
+
+
+def attach(chunks, spec: AdapterSpec, *, kind: str) -> list:
+    """Add adapters (A and B zero; see `init_adapters`) to every layer of each (unwrapped) chunk and
+    freeze everything else except a scalar model's head. Call before DDP and the optimizer."""
+    from alfred_train.models.build import unwrap
+
+    for chunk in chunks:
+        model = unwrap(chunk)
+        for layer in model.decoder.layers:
+            for target, t in spec.targets.items():
+                parent = getattr(layer, PARENT[target])
+                base = getattr(parent, target)
+                adapter = LoRAAdapter(model.config, target, base, t["rank"], t["scale"], spec.dropout)
+                parent.add_module(f"lora_{target}", adapter)
+                base.register_forward_hook(_add_delta(adapter))
+        for name, p in model.named_parameters():
+            p.requires_grad_(ADAPTER_KEY in name or (kind == "scalar" and name.startswith(HEAD)))
+        model.lora_spec = spec
+    return chunks
+
+
+@torch.no_grad()
+def init_adapters(chunks, seed: int) -> None:
+    """A ~ U(-1/sqrt(n_in), 1/sqrt(n_in)) drawn whole per global tensor from (seed, key); B = 0."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from alfred_train.models.build import unwrap
+
+    for chunk in chunks:
+        model = unwrap(chunk)
+        for a in adapters(model):
+            a.lora_B.zero_()
+        for sh in nested_values(model.sharded_state_dict()):
+            if not isinstance(sh, ShardedTensor) or not sh.key.endswith("lora_A"):
+                continue
+            shape = tuple(sh.global_shape)  # (L, r, n_in): layers stacked on a prepended axis
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(sh.key.encode())) % (2 ** 63))
+            bound = 1.0 / math.sqrt(shape[-1])
+            full = torch.rand(shape, generator=gen) * (2 * bound) - bound
+            index = [off if axis < sh.prepend_axis_num else slice(off, off + sh.local_shape[axis - sh.prepend_axis_num])
+                     for axis, off in enumerate(sh.global_offset)]
+            sh.data.copy_(full[tuple(index)].to(sh.data.dtype))
+
+
+@contextlib.contextmanager
+def adapters_off(chunks):
+    """Run the base model: every adapter of `chunks` contributes nothing inside the block."""
+    from alfred_train.models.build import unwrap
+
+    found = [a for c in chunks for a in adapters(unwrap(c))]
+    saved = [a.enabled for a in found]
+    for a in found:
+        a.enabled = False
+    try:
+        yield
+    finally:
+        for a, s in zip(found, saved):
+            a.enabled = s
+
+
+def has_adapters(chunk) -> bool:
+    from alfred_train.models.build import unwrap
+
+    return getattr(unwrap(chunk), "lora_spec", None) is not None
+
+
+class TrainableView:
+    """What a LoRA checkpoint holds of a model: its trainable parameters (adapters, a scalar head).
+
+    Passed to checkpoint.save_checkpoint / load_models in place of the chunk: `sharded_state_dict`
+    keeps the trainable entries only, `load_state_dict` loads them and leaves the frozen base as is.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def _trainable(self, prefix: str) -> set[str]:
+        return {prefix + n for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def sharded_state_dict(self, prefix: str = "", *args, **kwargs) -> dict:
+        keep = self._trainable(prefix)
+        return {k: v for k, v in self.model.sharded_state_dict(prefix=prefix).items() if k in keep}
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True):
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        wanted = self._trainable("")
+        lost = [k for k in missing if k in wanted]
+        if unexpected or lost:
+            raise RuntimeError(f"LoRA checkpoint: unexpected keys {unexpected}, missing trainable keys {lost}")
+        return [], []
+
+
+def checkpoint_chunks(chunks) -> list:
+    """The chunks as a checkpoint stores them: trainable views for adapted models, else as they are."""
+    from alfred_train.models.build import unwrap
+
+    return [TrainableView(unwrap(c)) if has_adapters(c) else unwrap(c) for c in chunks]
+
+
+# ---------------------------------------------------------------------------------------------
+# The base a LoRA checkpoint refers to.
+
+@dataclass(frozen=True)
+class BaseRef:
+    """Where a model's frozen base weights come from: checkpoint `path`'s model `model` (parameters
+    whose name contains one of `skip` keep their own init, e.g. an RM's head over an SFT trunk), or
+    the seeded init (`seed`) when the run started from no checkpoint."""
+
+    path: str | None = None
+    model: str | None = None
+    skip: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def to_state(self) -> dict:
+        return {**asdict(self), "skip": list(self.skip)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "BaseRef":
+        return cls(state.get("path"), state.get("model"), tuple(state.get("skip") or ()), state.get("seed"))
+
+
+def base_ref(path, model: str, skip: tuple[str, ...] = ()) -> BaseRef:
+    from alfred_train import checkpoint
+
+    resolved = checkpoint.resolve_checkpoint(path).resolve()
+    return BaseRef(str(resolved), model, tuple(skip))
+
+
+def load_base(chunks, ref: BaseRef, name: str) -> None:
+    """Load model `name`'s base weights per `ref` into its (unwrapped) adapted chunks; records the
+    reference on the model (saved in the LoRA checkpoint's state)."""
+    import json
+    from pathlib import Path
+
+    from alfred_train import checkpoint
+    from alfred_train.models.build import unwrap
+
+    if ref.path is not None:
+        meta = json.loads((Path(ref.path) / "meta.json").read_text())
+        if (meta.get("state") or {}).get("lora"):
+            raise ConfigError(f"{ref.path}: is a LoRA checkpoint (adapters only), not a base; merge it first "
+                              "(alfred-train convert merge-lora CKPT OUT) and start from the merged checkpoint")
+        checkpoint.load_models(ref.path, {f"{name}={ref.model}": ([unwrap(c) for c in chunks], None)},
+                               skip=(ADAPTER_KEY, *ref.skip))
+    for c in chunks:
+        unwrap(c).lora_base = ref
+
+
+def checkpoint_state(trainables: dict) -> dict:
+    """state["lora"] of a checkpoint of `trainables` (name -> Trainable), or {} without adapters."""
+    from alfred_train.models.build import unwrap
+
+    out = {}
+    for name, t in trainables.items():
+        model = unwrap(t.chunks[0])
+        if getattr(model, "lora_spec", None) is not None:
+            out[name] = {**model.lora_spec.to_state(), "base": model.lora_base.to_state()}
+    return {"lora": out} if out else {}
+
+
+def check_resume(state: dict, trainables: dict, path) -> None:
+    """The checkpoint being resumed was trained on the same bases with the same adapters."""
+    mine = checkpoint_state(trainables).get("lora", {})
+    saved = state.get("lora") or {}
+    if mine != saved:
+        raise ConfigError(f"{path}: its LoRA adapters/base {saved or 'none'} differ from this run's "
+                          f"{mine or 'none'}; resume with the same lora section and base checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------
+# Global (TP=1/PP=1) adapter tensors: merge.
+
+def adapter_names(global_tensors: dict) -> list[str]:
+    """The per-layer adapter prefixes in a dict of global tensors, e.g. decoder.layers.3.self_attention.lora_linear_qkv."""
+    return sorted({k[: -len(".lora_A")] for k in global_tensors if k.endswith(".lora_A")})
+
+
+def base_weight_name(adapter: str) -> str:
+    head, _, last = adapter.rpartition(".")
+    return f"{head}.{last[len('lora_'):]}.weight"
+
+
+def merge_globals(tensors: dict, spec: AdapterSpec) -> dict:
+    """W + scale * B A for every adapter; returns the base tensors only (no adapter entries)."""
+    out = {k: v for k, v in tensors.items() if ADAPTER_KEY not in k}
+    for adapter in adapter_names(tensors):
+        target = adapter.rpartition(".lora_")[2]
+        w = base_weight_name(adapter)
+        a, b = tensors[f"{adapter}.lora_A"].double(), tensors[f"{adapter}.lora_B"].double()
+        out[w] = (out[w].double() + spec.targets[target]["scale"] * (b @ a)).to(out[w].dtype)  # (n_out, n_in)
+    return out
