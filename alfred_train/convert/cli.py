@@ -2,7 +2,7 @@
 
     alfred-train convert hf-to-mcore HF_DIR OUT_DIR [--tp N --pp N] [--kind auto|lm|reward] [--dtype ...]
     alfred-train convert mcore-to-hf CKPT_DIR OUT_DIR [--model policy|reward|value] [--dtype ...]
-                                     [--max-shard-size 5GB]
+                                     [--max-shard-size 5GB] [--merge-lora]
     alfred-train convert apply-delta BASE_DIR DELTA_DIR OUT_DIR [--max-shard-size 5GB]
 
 hf-to-mcore checks config.json and the safetensors headers in this process, then, when tp*pp > 1
@@ -48,6 +48,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--model", default=None, help="policy | reward | value (default: policy, else reward)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-shard-size", default="5GB", help="split into shards + index above this size")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="LoRA checkpoint: write merged weights W + (alpha/r) B A instead of base + PEFT adapter")
     p.set_defaults(func=run_mcore_to_hf)
 
     p = sub.add_parser("apply-delta", help="base + delta weights (Hugging Face dirs) -> target weights")
@@ -100,7 +102,7 @@ def run_mcore_to_hf(args) -> int:
     runtime = _single_process_runtime()
     try:
         mcore_to_hf(args.ckpt_dir, args.out_dir, runtime, model=args.model, dtype=args.dtype,
-                    max_shard_bytes=max_bytes)
+                    max_shard_bytes=max_bytes, merge_lora=args.merge_lora)
     finally:
         shutdown()
     return 0

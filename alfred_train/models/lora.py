@@ -285,13 +285,48 @@ def load_base(chunks, ref: BaseRef, name: str) -> None:
 
     if ref.path is not None:
         meta = json.loads((Path(ref.path) / "meta.json").read_text())
-        if (meta.get("state") or {}).get("lora"):
+        entry = ((meta.get("state") or {}).get("lora") or {}).get(ref.model)
+        if entry and not _self_contained(entry):
             raise ConfigError(f"{ref.path}: is a LoRA checkpoint (adapters only), not a base; merge it first "
                               "(alfred-train convert merge-lora CKPT OUT) and start from the merged checkpoint")
         checkpoint.load_models(ref.path, {f"{name}={ref.model}": ([unwrap(c) for c in chunks], None)},
                                skip=(ADAPTER_KEY, *ref.skip))
     for c in chunks:
         unwrap(c).lora_base = ref
+
+
+def _self_contained(entry: dict) -> bool:
+    """A checkpoint that holds its base weights next to its adapters (`convert hf-to-mcore --adapter`)."""
+    base = entry.get("base") or {}
+    return base.get("path") is None and base.get("seed") is None
+
+
+def load_checkpoint_model(path, meta: dict, name: str, chunks, *, kind: str) -> None:
+    """Load model `name` of checkpoint `path` into freshly built (unwrapped) chunks: a full model as
+    it is; a LoRA one as base (per its reference) + adapters. Adapters stay on (generate, convert)."""
+    from alfred_train import checkpoint
+
+    entry = ((meta.get("state") or {}).get("lora") or {}).get(name)
+    if not entry:
+        checkpoint.load_models(path, {name: (chunks, None)})
+        return
+    attach(chunks, AdapterSpec.from_state(entry), kind=kind)
+    ref = BaseRef.from_state(entry["base"])
+    if _self_contained(entry):
+        ref = BaseRef(str(path), name)
+    elif ref.seed is not None:
+        from alfred_train.models.build import init_weights, unwrap
+
+        for c in chunks:
+            init_weights(unwrap(c), ref.seed, _shape_of(meta))
+    load_base(chunks, ref, name)
+    checkpoint.load_models(path, {name: (checkpoint_chunks(chunks), None)})
+
+
+def _shape_of(meta: dict):
+    from alfred_train.models.build import ModelShape
+
+    return ModelShape(**meta["state"]["model"])
 
 
 def checkpoint_state(trainables: dict) -> dict:
