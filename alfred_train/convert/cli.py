@@ -1,6 +1,7 @@
 """`alfred-train convert`: move weights between Hugging Face directories and our checkpoints.
 
     alfred-train convert hf-to-mcore HF_DIR OUT_DIR [--tp N --pp N] [--kind auto|lm|reward] [--dtype ...]
+                                     [--adapter PEFT_ADAPTER_DIR]
     alfred-train convert mcore-to-hf CKPT_DIR OUT_DIR [--model policy|reward|value] [--dtype ...]
                                      [--max-shard-size 5GB] [--merge-lora]
     alfred-train convert apply-delta BASE_DIR DELTA_DIR OUT_DIR [--max-shard-size 5GB]
@@ -40,6 +41,8 @@ def add_commands(subparsers) -> None:
                    help="reward: scalar head from score.weight (auto: from config.json architectures)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="stored weights (auto: bf16 if the HF weights are bf16, else fp32)")
+    p.add_argument("--adapter", default=None,
+                   help="a PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors) on this base")
     p.set_defaults(func=run_hf_to_mcore)
 
     p = sub.add_parser("mcore-to-hf", help="our checkpoint -> Hugging Face safetensors + config.json")
@@ -68,7 +71,7 @@ def _single_process_runtime(tp: int = 1, pp: int = 1):
 
 
 def run_hf_to_mcore(args) -> int:
-    from alfred_train.convert.hf_import import check_hf_tensors, hf_to_mcore, plan_import
+    from alfred_train.convert.hf_import import check_hf_tensors, hf_to_mcore, plan_import, read_adapter
     from alfred_train.convert.safetensors_io import SafetensorsDir
     from alfred_train.parallel.init import detect_launch_env, shutdown
 
@@ -76,17 +79,19 @@ def run_hf_to_mcore(args) -> int:
         raise ConfigError(f"--tp {args.tp} --pp {args.pp}: both must be >= 1")
     plan = plan_import(args.hf_dir, KINDS[args.kind], args.dtype)  # config errors before any weight
     check_hf_tensors(plan, SafetensorsDir(args.hf_dir))
+    read_adapter(plan, args.adapter)  # its shapes against the base, before any worker starts
     world = args.tp * args.pp
     if world > 1 and detect_launch_env().launcher == "single":
         from alfred_train.parallel.spawn import spawn_local
 
         argv = ["convert", "hf-to-mcore", args.hf_dir, args.out_dir, "--tp", str(args.tp), "--pp",
                 str(args.pp), "--kind", args.kind, "--dtype", args.dtype]
+        argv += ["--adapter", args.adapter] if args.adapter else []
         return spawn_local(argv, world)
     runtime = _single_process_runtime(args.tp, args.pp)
     try:
         hf_to_mcore(args.hf_dir, args.out_dir, runtime, tp=args.tp, pp=args.pp, kind=plan.kind,
-                    dtype=args.dtype)
+                    dtype=args.dtype, adapter=args.adapter)
     finally:
         shutdown()
     return 0
