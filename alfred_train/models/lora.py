@@ -117,7 +117,9 @@ class LoRAAdapter(MegatronModule):
         from megatron.core.tensor_parallel.mappings import (
             copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region)
 
-        h = F.linear(self.dropout(x), self.lora_A)  # (s, b, r): whole (column) or this rank's part (row)
+        if torch.is_grad_enabled():  # dropout in training steps only: never when scoring / generating
+            x = self.dropout(x)
+        h = F.linear(x, self.lora_A)  # (s, b, r): whole (column) or this rank's part (row)
         h = copy_to_tensor_model_parallel_region(h) if self.column else reduce_from_tensor_model_parallel_region(h)
         return F.linear(h, self.lora_B) * self.scale  # (s, b, n_out[/tp])
 
@@ -372,3 +374,59 @@ def merge_globals(tensors: dict, spec: AdapterSpec) -> dict:
         a, b = tensors[f"{adapter}.lora_A"].double(), tensors[f"{adapter}.lora_B"].double()
         out[w] = (out[w].double() + spec.targets[target]["scale"] * (b @ a)).to(out[w].dtype)  # (n_out, n_in)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO in two copies: the frozen models are the trained ones with their adapters off.
+
+class AdaptersOff(torch.nn.Module):
+    """A trained, adapted chunk seen as its frozen base: the PPO reference (the policy's base) or
+    reward model (the value model's base, with `head` = the RM's own scalar head (weight (1, h),
+    bias (1,)) in place of the value head while it runs). Shares every parameter with the chunk:
+    no second copy of the weights. Forward-only (scoring under torch.no_grad)."""
+
+    def __init__(self, chunk, head: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.adapted = chunk
+        self.head = head
+
+    def __getattr__(self, name):  # config, set_input_tensor, pre_process ... of the wrapped model
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "adapted":
+                raise
+            return getattr(self.adapted, name)
+
+    def set_input_tensor(self, tensor) -> None:
+        self.adapted.set_input_tensor(tensor)
+
+    def forward(self, *args, **kwargs):
+        with adapters_off([self.adapted]), self._base_head():
+            return self.adapted(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _base_head(self):
+        layer = getattr(self.adapted, HEAD, None) if self.adapted.post_process else None
+        if self.head is None or layer is None:
+            yield
+            return
+        trained = [layer.weight.detach().clone(), layer.bias.detach().clone()]
+        with torch.no_grad():
+            layer.weight.copy_(self.head[0])
+            layer.bias.copy_(self.head[1])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                layer.weight.copy_(trained[0])
+                layer.bias.copy_(trained[1])
+
+
+def frozen_head(model) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A copy of a scalar model's head as loaded (the RM's), before the value head trains; None off
+    the last pipeline stage."""
+    if not model.post_process:
+        return None
+    layer = getattr(model, HEAD)
+    return layer.weight.detach().clone(), layer.bias.detach().clone()
