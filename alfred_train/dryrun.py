@@ -283,6 +283,10 @@ def describe(cfg: Config, stage: str) -> str:
         if cfg.ppo.offload_frozen:
             lines.append("  ppo.offload_frozen: reference and reward weights leave the GPU between phases")
     lines.append("  Activations, temporary buffers and the CUDA context are not included.")
+    if cfg.lora.rank:
+        from alfred_train.models.lora_plan import memory_lines
+
+        lines += memory_lines(cfg, shape, stage, STAGE_MODELS[stage], per_stage, stage_bytes, _size)
     if stage == "ppo":
         lines += ["", _ppo_line(cfg)]
     return "\n".join(lines)
