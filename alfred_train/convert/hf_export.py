@@ -25,7 +25,7 @@ from alfred_train.convert.mcore import gather_globals
 from alfred_train.convert.safetensors_io import DEFAULT_SHARD_BYTES, write_safetensors
 from alfred_train.convert.tokenizer_files import copy_tokenizer_files, write_tokenizer_config
 from alfred_train.errors import ConfigError
-from alfred_train.models import lora
+from alfred_train.models import lora, lora_checkpoint
 from alfred_train.models.build import ModelShape
 
 log = logging.getLogger("alfred_train")
@@ -57,7 +57,7 @@ def load_global_tensors(ckpt: Path, name: str, shape: ModelShape, kind: str, run
     chunks = build_model(shape, ParallelConfig(), kind=kind, bf16=False,
                          backend=choose_backend("eager"), device=runtime.device)
     path, meta = load_meta(ckpt)
-    lora.load_checkpoint_model(path, meta, name, chunks, kind=kind)
+    lora_checkpoint.load_checkpoint_model(path, meta, name, chunks, kind=kind)
     return gather_globals(chunks)
 
 
@@ -105,7 +105,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: st
     if entry:
         spec = lora.AdapterSpec.from_state(entry)
         if merge_lora:
-            ours = lora.merge_globals(ours, spec)
+            ours = lora_checkpoint.merge_globals(ours, spec)
         elif kind == "scalar":
             raise ConfigError(f"--model {name}: a LoRA reward/value model exports merged only; add --merge-lora")
         else:

@@ -29,7 +29,7 @@ lora_A`) and a forward hook adds its delta to the linear's output. The base's ow
 are unchanged, so base checkpoints load into an adapted model with `skip=("lora_",)`.
 
 A LoRA checkpoint holds only what trains (the adapters, and a scalar model's head) plus, in
-meta.json state["lora"], the adapter shape and a reference to the base (see `BaseRef`).
+meta.json state["lora"], the adapter shape and a reference to the base: models/lora_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -212,168 +212,6 @@ def has_adapters(chunk) -> bool:
     from alfred_train.models.build import unwrap
 
     return getattr(unwrap(chunk), "lora_spec", None) is not None
-
-
-class TrainableView:
-    """What a LoRA checkpoint holds of a model: its trainable parameters (adapters, a scalar head).
-
-    Passed to checkpoint.save_checkpoint / load_models in place of the chunk: `sharded_state_dict`
-    keeps the trainable entries only, `load_state_dict` loads them and leaves the frozen base as is.
-    """
-
-    def __init__(self, model):
-        self.model = model
-
-    def _trainable(self, prefix: str) -> set[str]:
-        return {prefix + n for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def sharded_state_dict(self, prefix: str = "", *args, **kwargs) -> dict:
-        keep = self._trainable(prefix)
-        return {k: v for k, v in self.model.sharded_state_dict(prefix=prefix).items() if k in keep}
-
-    def load_state_dict(self, state_dict: dict, strict: bool = True):
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        wanted = self._trainable("")
-        lost = [k for k in missing if k in wanted]
-        if unexpected or lost:
-            raise RuntimeError(f"LoRA checkpoint: unexpected keys {unexpected}, missing trainable keys {lost}")
-        return [], []
-
-
-def checkpoint_chunks(chunks) -> list:
-    """The chunks as a checkpoint stores them: trainable views for adapted models, else as they are."""
-    from alfred_train.models.build import unwrap
-
-    return [TrainableView(unwrap(c)) if has_adapters(c) else unwrap(c) for c in chunks]
-
-
-# ---------------------------------------------------------------------------------------------
-# The base a LoRA checkpoint refers to.
-
-@dataclass(frozen=True)
-class BaseRef:
-    """Where a model's frozen base weights come from: checkpoint `path`'s model `model` (parameters
-    whose name contains one of `skip` keep their own init, e.g. an RM's head over an SFT trunk), or
-    the seeded init (`seed`) when the run started from no checkpoint."""
-
-    path: str | None = None
-    model: str | None = None
-    skip: tuple[str, ...] = ()
-    seed: int | None = None
-
-    def to_state(self) -> dict:
-        return {**asdict(self), "skip": list(self.skip)}
-
-    @classmethod
-    def from_state(cls, state: dict) -> "BaseRef":
-        return cls(state.get("path"), state.get("model"), tuple(state.get("skip") or ()), state.get("seed"))
-
-
-def base_ref(path, model: str, skip: tuple[str, ...] = ()) -> BaseRef:
-    from alfred_train import checkpoint
-
-    resolved = checkpoint.resolve_checkpoint(path).resolve()
-    return BaseRef(str(resolved), model, tuple(skip))
-
-
-def load_base(chunks, ref: BaseRef, name: str) -> None:
-    """Load model `name`'s base weights per `ref` into its (unwrapped) adapted chunks; records the
-    reference on the model (saved in the LoRA checkpoint's state)."""
-    import json
-    from pathlib import Path
-
-    from alfred_train import checkpoint
-    from alfred_train.models.build import unwrap
-
-    if ref.path is not None:
-        meta = json.loads((Path(ref.path) / "meta.json").read_text())
-        entry = ((meta.get("state") or {}).get("lora") or {}).get(ref.model)
-        if entry and not _self_contained(entry):
-            raise ConfigError(f"{ref.path}: is a LoRA checkpoint (adapters only), not a base; merge it first "
-                              "(alfred-train convert merge-lora CKPT OUT) and start from the merged checkpoint")
-        checkpoint.load_models(ref.path, {f"{name}={ref.model}": ([unwrap(c) for c in chunks], None)},
-                               skip=(ADAPTER_KEY, *ref.skip))
-    for c in chunks:
-        unwrap(c).lora_base = ref
-
-
-def _self_contained(entry: dict) -> bool:
-    """A checkpoint that holds its base weights next to its adapters (`convert hf-to-mcore --adapter`)."""
-    base = entry.get("base") or {}
-    return base.get("path") is None and base.get("seed") is None
-
-
-def load_checkpoint_model(path, meta: dict, name: str, chunks, *, kind: str) -> None:
-    """Load model `name` of checkpoint `path` into freshly built (unwrapped) chunks: a full model as
-    it is; a LoRA one as base (per its reference) + adapters. Adapters stay on (generate, convert)."""
-    from alfred_train import checkpoint
-
-    entry = ((meta.get("state") or {}).get("lora") or {}).get(name)
-    if not entry:
-        checkpoint.load_models(path, {name: (chunks, None)})
-        return
-    attach(chunks, AdapterSpec.from_state(entry), kind=kind)
-    ref = BaseRef.from_state(entry["base"])
-    if _self_contained(entry):
-        ref = BaseRef(str(path), name)
-    elif ref.seed is not None:
-        from alfred_train.models.build import init_weights, unwrap
-
-        for c in chunks:
-            init_weights(unwrap(c), ref.seed, _shape_of(meta))
-    load_base(chunks, ref, name)
-    checkpoint.load_models(path, {name: (checkpoint_chunks(chunks), None)})
-
-
-def _shape_of(meta: dict):
-    from alfred_train.models.build import ModelShape
-
-    return ModelShape(**meta["state"]["model"])
-
-
-def checkpoint_state(trainables: dict) -> dict:
-    """state["lora"] of a checkpoint of `trainables` (name -> Trainable), or {} without adapters."""
-    from alfred_train.models.build import unwrap
-
-    out = {}
-    for name, t in trainables.items():
-        model = unwrap(t.chunks[0])
-        if getattr(model, "lora_spec", None) is not None:
-            out[name] = {**model.lora_spec.to_state(), "base": model.lora_base.to_state()}
-    return {"lora": out} if out else {}
-
-
-def check_resume(state: dict, trainables: dict, path) -> None:
-    """The checkpoint being resumed was trained on the same bases with the same adapters."""
-    mine = checkpoint_state(trainables).get("lora", {})
-    saved = state.get("lora") or {}
-    if mine != saved:
-        raise ConfigError(f"{path}: its LoRA adapters/base {saved or 'none'} differ from this run's "
-                          f"{mine or 'none'}; resume with the same lora section and base checkpoints")
-
-
-# ---------------------------------------------------------------------------------------------
-# Global (TP=1/PP=1) adapter tensors: merge.
-
-def adapter_names(global_tensors: dict) -> list[str]:
-    """The per-layer adapter prefixes in a dict of global tensors, e.g. decoder.layers.3.self_attention.lora_linear_qkv."""
-    return sorted({k[: -len(".lora_A")] for k in global_tensors if k.endswith(".lora_A")})
-
-
-def base_weight_name(adapter: str) -> str:
-    head, _, last = adapter.rpartition(".")
-    return f"{head}.{last[len('lora_'):]}.weight"
-
-
-def merge_globals(tensors: dict, spec: AdapterSpec) -> dict:
-    """W + scale * B A for every adapter; returns the base tensors only (no adapter entries)."""
-    out = {k: v for k, v in tensors.items() if ADAPTER_KEY not in k}
-    for adapter in adapter_names(tensors):
-        target = adapter.rpartition(".lora_")[2]
-        w = base_weight_name(adapter)
-        a, b = tensors[f"{adapter}.lora_A"].double(), tensors[f"{adapter}.lora_B"].double()
-        out[w] = (out[w].double() + spec.targets[target]["scale"] * (b @ a)).to(out[w].dtype)  # (n_out, n_in)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from alfred_train.config import Config, dump_yaml
 from alfred_train.data.corpus import TINY_SP_MODEL_PATH as TINY_TOKENIZER
 from alfred_train.data.tokenizer import load_tokenizer
 from alfred_train.errors import ConfigError
-from alfred_train.models import lora
+from alfred_train.models import lora, lora_checkpoint
 from alfred_train.models.build import ModelShape, build_model, resolve_shape, unwrap
 from alfred_train.parallel.init import ParallelRuntime
 
@@ -90,22 +90,22 @@ def build_trainable(cfg: Config, runtime: ParallelRuntime, shape: ModelShape, ba
         lora.attach(model, lora.AdapterSpec.from_config(cfg.lora), kind=kind)
         lora.init_adapters(model, cfg.train.seed)
         for c in model:
-            unwrap(c).lora_base = lora.BaseRef(seed=cfg.train.seed)
+            unwrap(c).lora_base = lora_checkpoint.BaseRef(seed=cfg.train.seed)
     chunks = wrap_ddp(model, zero=cfg.parallel.zero)
     optimizer = build_optimizer(chunks, cfg.optim, lr=lr, bf16=use_bf16(cfg, runtime), zero=cfg.parallel.zero)
     return Trainable(chunks, optimizer, build_scheduler(optimizer, cfg.optim, total_steps, lr=lr), runtime)
 
 
-def load_lora_base(trainable, name: str, ref: "lora.BaseRef") -> None:
+def load_lora_base(trainable, name: str, ref: "lora_checkpoint.BaseRef") -> None:
     """Load an adapted trainable's frozen base weights (fresh start and resume alike: a LoRA
     checkpoint holds the adapters only)."""
-    lora.load_base(trainable.chunks, ref, name)
+    lora_checkpoint.load_base(trainable.chunks, ref, name)
     trainable.optimizer.reload_model_params()  # bf16: refresh the fp32 main copies
 
 
 def _saved(trainables: dict) -> dict:
     """name -> (chunks as checkpointed, optimizer): adapted models keep their trainable part only."""
-    return {name: (lora.checkpoint_chunks(t.chunks), t.optimizer) for name, t in trainables.items()}
+    return {name: (lora_checkpoint.checkpoint_chunks(t.chunks), t.optimizer) for name, t in trainables.items()}
 
 
 def save(cfg: Config, runtime: ParallelRuntime, step: int, trainables: dict, shape: ModelShape, stage: str,
@@ -115,7 +115,7 @@ def save(cfg: Config, runtime: ParallelRuntime, step: int, trainables: dict, sha
     for name, t in trainables.items():
         state[f"{name}_scheduler"], state[f"{name}_steps"] = t.scheduler.state_dict(), t.steps
     state.update(stage=stage, model=dataclasses.asdict(shape), tokenizer=tokenizer_path(cfg),
-                 **lora.checkpoint_state(trainables))
+                 **lora_checkpoint.checkpoint_state(trainables))
     checkpoint.save_checkpoint(Path(cfg.run.dir) / "checkpoints", step, _saved(trainables), state, runtime,
                                cfg.checkpoint.keep, layout(cfg))
 
@@ -128,7 +128,7 @@ def resume(cfg: Config, runtime: ParallelRuntime, trainables: dict) -> tuple[int
     path = resume_dir(cfg)
     if path is None:
         return None
-    lora.check_resume(json.loads((path / "meta.json").read_text()).get("state") or {}, trainables, path)
+    lora_checkpoint.check_resume(json.loads((path / "meta.json").read_text()).get("state") or {}, trainables, path)
     meta = checkpoint.load_models(path, _saved(trainables), strict_layout=layout(cfg))
     state = meta["state"]
     for name, t in trainables.items():

@@ -92,12 +92,12 @@ def build_lora_models(cfg: Config, runtime, shape, backend):
     """With lora.rank > 0, two networks instead of four: the policy (SFT base + adapters) and the
     value model (RM base + adapters + its trainable head), bases loaded; the reference is the policy
     with adapters off, the reward model the value model with adapters off and the RM's own head."""
-    from alfred_train.models import lora
+    from alfred_train.models import lora, lora_checkpoint
 
     o = cfg.ppo
     policy, value, _ = build_models(cfg, runtime, shape, backend, frozen=False)
-    common.load_lora_base(policy, "policy", lora.base_ref(o.policy_init, "policy"))
-    common.load_lora_base(value, "value", lora.base_ref(o.reward_init, "reward"))
+    common.load_lora_base(policy, "policy", lora_checkpoint.base_ref(o.policy_init, "policy"))
+    common.load_lora_base(value, "value", lora_checkpoint.base_ref(o.reward_init, "reward"))
     policy_chunks, value_chunks = [unwrap(c) for c in policy.chunks], [unwrap(c) for c in value.chunks]
     models = Models(policy=policy_chunks, value=value_chunks,
                     reference=[lora.AdaptersOff(c) for c in policy_chunks],

@@ -37,7 +37,7 @@ from alfred_train.errors import ConfigError
 from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.models.from_checkpoint import load_meta
 from alfred_train.parallel.init import ParallelRuntime
-from alfred_train.models import lora
+from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import unwrap
 from alfred_train.stages import common
 from alfred_train.training import Trainable, reduce_reports, run_schedule
@@ -134,8 +134,8 @@ def lora_base_ref(cfg: Config, shape):
         raise ConfigError(f"rm.init: {path} holds a model of shape {saved}, this config builds "
                           f"{dataclasses.asdict(shape)}; set model.* (and model.tokenizer) as in that run")
     if TRUNK_SOURCE in meta["models"]:
-        return lora.base_ref(path, TRUNK_SOURCE, skip=(HEAD,))
-    return lora.base_ref(path, MODEL_NAME)
+        return lora_checkpoint.base_ref(path, TRUNK_SOURCE, skip=(HEAD,))
+    return lora_checkpoint.base_ref(path, MODEL_NAME)
 
 
 def run(cfg: Config, runtime: ParallelRuntime) -> int:

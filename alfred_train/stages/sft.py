@@ -18,7 +18,7 @@ from alfred_train.data.templates import get_template
 from alfred_train.errors import ConfigError
 from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.parallel.init import ParallelRuntime
-from alfred_train.models import lora
+from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import unwrap
 from alfred_train.stages import common
 from alfred_train.training import Trainable, reduce_reports, run_schedule
@@ -70,7 +70,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
 
     step, consumed = 0, 0
     if cfg.lora.rank and cfg.checkpoint.init:  # the frozen base, under the adapters
-        common.load_lora_base(trainable, MODEL_NAME, lora.base_ref(cfg.checkpoint.init, MODEL_NAME))
+        common.load_lora_base(trainable, MODEL_NAME, lora_checkpoint.base_ref(cfg.checkpoint.init, MODEL_NAME))
     resumed = common.resume(cfg, runtime, trainables)
     if resumed is not None:
         step, state = resumed
