@@ -43,7 +43,7 @@ def shapes(gpu: bool) -> dict:
                           norm_eps=1e-5, parallel_layernorms=2, init_std=0.02)
 
     out = {"tiny (configs/tiny-sft.yaml)": (llama(4, 64, 4, 2, 256, 512, 64), 8, 64),  # (shape, micro-batch, seq)
-           "~100M (12 x 768, vocab 8k)": (llama(12, 768, 12, 12, 2048, 8192, 256), 4, 256)}
+           "~100M (12 x 768, vocab 8k)": (llama(12, 768, 12, 12, 2048, 8192, 256), 2, 128)}
     if gpu:
         out["1.1B (bench_mfu.py)"] = (tinyllama_shape(2048), 4, 2048)
     return out
@@ -102,8 +102,11 @@ def run(args) -> str:
     from alfred_train.parallel.dims import ParallelDims
     from alfred_train.parallel.init import init_runtime, shutdown
 
+    import os
+
     runtime = init_runtime(ParallelDims(1, 1, 1))
     bf16 = not runtime.cpu
+    load_before = os.getloadavg()[0]
     modes = [("full fine-tuning", 0, ()),
              (f"LoRA r={args.rank} attention (qkv, proj)", args.rank, ("linear_qkv", "linear_proj")),
              (f"LoRA r={args.rank} all linears", args.rank, ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"))]
@@ -125,9 +128,9 @@ def run(args) -> str:
     finally:
         shutdown()
     dtype = "bf16 (fp32 grads and main params)" if bf16 else "fp32"
-    return (f"One process, {dtype}, Adam; micro-batch x seq: tiny 8 x 64, ~100M 4 x 256"
+    return (f"One process, {dtype}, Adam; micro-batch x seq: tiny 8 x 64, ~100M 2 x 128"
             + (", 1.1B 4 x 2048" if args.gpu else "") + f"; median of {args.steps} steps after {args.warmup} "
-            f"warm-up.\n\n" + "\n".join(lines))
+            f"warm-up; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}.\n\n" + "\n".join(lines))
 
 
 def _mib(n: int) -> str:

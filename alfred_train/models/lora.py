@@ -159,6 +159,9 @@ def attach(chunks, spec: AdapterSpec, *, kind: str) -> list:
             for target, t in spec.targets.items():
                 parent = getattr(layer, PARENT[target])
                 base = getattr(parent, target)
+                if "LayerNorm" in type(base).__name__:  # TE fuses the norm in: the hook would see x before it
+                    raise ConfigError(f"lora.targets: {target} is fused with its LayerNorm in the Transformer Engine "
+                                      "layer spec; with LoRA set model.attention_backend to flash, sdpa or eager")
                 adapter = LoRAAdapter(model.config, target, base, t["rank"], t["scale"], spec.dropout)
                 parent.add_module(f"lora_{target}", adapter)
                 base.register_forward_hook(_add_delta(adapter))
