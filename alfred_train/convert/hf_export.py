@@ -6,6 +6,8 @@ tensors and mapped back with the same rules as the import (`convert/hf.py`):
     OUT_DIR/config.json              LlamaFor* / FalconFor* (new decoder architecture)
     OUT_DIR/model.safetensors        or model-0000i-of-0000N.safetensors + index past --max-shard-size
     OUT_DIR/tokenizer.* ...          copied from the checkpoint's state["tokenizer"]
+    OUT_DIR/adapter/                 a LoRA checkpoint's adapters in PEFT's format (convert/peft.py),
+                                     OUT_DIR then holding its base; --merge-lora: merged weights instead
 
 A scalar model ("reward", "value") becomes *ForSequenceClassification with `score.weight` (1, h);
 our ScalarHead's bias is written as `score.bias` only when it is non-zero (transformers' score head
@@ -128,7 +130,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: st
         gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if adapters:
-        peft.export_adapter(adapters, spec, shape, out / ADAPTER_DIR, kind=kind, base_path=str(out.resolve()),
+        peft.export_adapter(adapters, spec, shape, out / ADAPTER_DIR, base_path=str(out.resolve()),
                             dtype=DTYPES[dtype])
         print(f"convert: LoRA adapters of {name!r} -> {out / ADAPTER_DIR} (PEFT: "
               f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{out}'), '{out / ADAPTER_DIR}'))")

@@ -87,8 +87,9 @@ def part_sizes(shape: ModelShape, target: str) -> list[int]:
 # Export.
 
 def export_adapter(tensors: dict[str, Tensor], spec: lora.AdapterSpec, shape: ModelShape, out_dir: Path, *,
-                   kind: str, base_path: str, dtype: torch.dtype) -> Path:
-    """Write ADAPTER_DIR from our global adapter tensors (and a scalar model's head)."""
+                   base_path: str, dtype: torch.dtype) -> Path:
+    """Write ADAPTER_DIR from our global adapter tensors of a language model (a reward/value model's
+    LoRA exports merged: PEFT would also need its trained score head as modules_to_save)."""
     from safetensors.torch import save_file
 
     out: dict[str, Tensor] = {}
@@ -98,16 +99,14 @@ def export_adapter(tensors: dict[str, Tensor], spec: lora.AdapterSpec, shape: Mo
             for part, rows in zip(PARTS[shape.arch][target], split_rows(shape, target, b)):
                 out[f"{_hf_layer(shape, i)}{part}.lora_A.weight"] = a.clone()  # safetensors: no shared storage
                 out[f"{_hf_layer(shape, i)}{part}.lora_B.weight"] = rows.contiguous()
-    if kind == "scalar":
-        out["base_model.model.score.weight"] = tensors["output_layer.weight"]
     out = {k: v.to(dtype) for k, v in out.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(out, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(adapter_config(spec, shape, kind, base_path), indent=2))
+    (out_dir / CONFIG_FILE).write_text(json.dumps(adapter_config(spec, shape, base_path), indent=2))
     return out_dir
 
 
-def adapter_config(spec: lora.AdapterSpec, shape: ModelShape, kind: str, base_path: str) -> dict:
+def adapter_config(spec: lora.AdapterSpec, shape: ModelShape, base_path: str) -> dict:
     modules = {target: [p.rpartition(".")[2] for p in PARTS[shape.arch][target]] for target in spec.targets}
     ranks = {t: s["rank"] for t, s in spec.targets.items()}
     alphas = {t: s["scale"] * s["rank"] for t, s in spec.targets.items()}
@@ -115,12 +114,12 @@ def adapter_config(spec: lora.AdapterSpec, shape: ModelShape, kind: str, base_pa
     rank_pattern = {m: ranks[t] for t, ms in modules.items() for m in ms if ranks[t] != ranks[first]}
     alpha_pattern = {m: alphas[t] for t, ms in modules.items() for m in ms if alphas[t] != alphas[first]}
     return {
-        "peft_type": "LORA", "task_type": "SEQ_CLS" if kind == "scalar" else "CAUSAL_LM",
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_path, "r": ranks[first], "lora_alpha": alphas[first],
         "lora_dropout": spec.dropout, "target_modules": sorted(m for ms in modules.values() for m in ms),
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
-        "modules_to_save": ["score"] if kind == "scalar" else None, "init_lora_weights": True,
+        "modules_to_save": None, "init_lora_weights": True,
     }
 
 
@@ -151,7 +150,7 @@ def read_adapter(adapter_dir: str | Path, shape: ModelShape) -> tuple[lora.Adapt
     weights = {k.replace(".default.weight", ".weight"): v.float() for k, v in weights.items()}
     known = {f"{_hf_layer(shape, i)}{p}.lora_{ab}.weight" for i in range(shape.num_layers)
              for parts in PARTS[shape.arch].values() for p in parts for ab in "AB"}
-    extra = [k for k in weights if k not in known and not k.startswith("base_model.model.score.")]
+    extra = [k for k in weights if k not in known]
     if extra:
         raise ConfigError(f"--adapter {d}: tensors {extra[:3]} do not fit a {shape.num_layers}-layer "
                           f"{shape.arch} model; the adapter was trained on another base")
@@ -171,8 +170,6 @@ def read_adapter(adapter_dir: str | Path, shape: ModelShape) -> tuple[lora.Adapt
             tensors[f"{_ours(i, target)}.lora_A"], tensors[f"{_ours(i, target)}.lora_B"] = a, b
     if not targets:
         raise ConfigError(f"--adapter {d}: no LoRA tensor of a {shape.arch} model found")
-    if "base_model.model.score.weight" in weights:
-        tensors["output_layer.weight"] = weights["base_model.model.score.weight"]
     return lora.AdapterSpec(targets, float(config.get("lora_dropout") or 0.0)), tensors
 
 
