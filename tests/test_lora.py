@@ -204,8 +204,8 @@ def test_generate_runs_on_a_lora_checkpoint(runs, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "List cheerful words:"}) + "\n")
     run_cli("generate", str(runs / "tp2"), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl"),
-            "--max-new-tokens", "8", "--greedy")
-    assert json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["completion_ids"]
+            "--max-new-tokens", "8", "--min-new-tokens", "8", "--greedy")
+    assert len(json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["completion_ids"]) == 8
 
 
 # ---------------------------------------------------------------------------------------------
