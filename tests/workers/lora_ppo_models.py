@@ -2,7 +2,8 @@
 LoRA PPO models the way the stage does, moves the adapters and the value head away from the base,
 and asserts: the reference (policy, adapters off) and the reward model (value model, adapters off,
 RM head) score exactly as separately built frozen copies do; the policy does not; no third or fourth
-copy of the weights; the optimizers hold the adapters (and the value head) only.
+copy of the weights; the optimizers hold the adapters (and the value head) only. Then an RM trained
+with LoRA as the reward_init: loaded merged, the reward model scores as that RM with its adapters.
 
     python tests/workers/lora_ppo_models.py OUT_DIR
 """
@@ -17,7 +18,7 @@ import torch
 def main():
     from alfred_train import checkpoint
     from alfred_train.config import load_config
-    from alfred_train.models import lora
+    from alfred_train.models import lora, lora_checkpoint
     from alfred_train.parallel.dims import ParallelDims
     from alfred_train.parallel.init import init_runtime, shutdown
     from alfred_train.ppo.generation import score_at_eod, sequence_logprobs, sequence_values
@@ -73,6 +74,29 @@ def main():
                       if "lora_" in n or any(n.startswith(f"module.{e}") or e in n for e in extra))
         held = sum(p.numel() for g in t.optimizer.param_groups for p in g["params"])
         assert held == trained > 0, (held, trained)
+
+    # An RM trained with LoRA (its checkpoint: adapters + head + a reference to `rm`) as the PPO
+    # reward/value base: loaded merged, it scores as the RM-with-adapters itself does.
+    rm_lora = common.make_model(cfg, runtime, shape, kind="scalar", backend=backend, seed=None)
+    checkpoint.load_models(out / "rm", {"reward": (rm_lora, None)})
+    spec = lora.AdapterSpec.from_config(cfg.lora)
+    lora.attach(rm_lora, spec, kind="scalar")
+    lora.init_adapters(rm_lora, 5)
+    with torch.no_grad():
+        for a in lora.adapters(rm_lora[0]):
+            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=gen) * 0.3)
+        rm_lora[0].output_layer.weight.add_(0.5)
+    base = lora_checkpoint.base_ref(out / "rm", "reward")
+    rm_state = {**state, "lora": {"reward": {**spec.to_state(), "base": base.to_state()}}}
+    checkpoint.save_checkpoint(out / "rm_lora" / "checkpoints", 1,
+                               {"reward": (lora_checkpoint.checkpoint_chunks(rm_lora), None)}, rm_state, runtime, 1,
+                               common.layout(cfg))
+    cfg2 = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, reward_init=str(out / "rm_lora")))
+    _, _, chained = ppo.build_lora_models(cfg2, runtime, shape, backend)
+    for c in rm_lora + chained.value:
+        c.eval()
+    assert (score(chained.reward) - score(rm_lora)).abs().max() < 1e-5, "merged LoRA RM != RM with adapters"
+    assert (score(chained.reward) - score(reward)).abs().max() > 1e-3  # the RM's adapters and head count
     print("lora ppo models ok")
     shutdown()
 
