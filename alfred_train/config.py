@@ -1,7 +1,7 @@
 """Run configuration: one YAML file -> frozen dataclasses, strict at every depth.
 
 A run's YAML has one mapping per section (`model`, `parallel`, `data`, `optim`, `train`,
-`checkpoint`, `logging`, `run`, `rm`, `ppo`, `launch`). Every field below is documented where it
+`checkpoint`, `logging`, `run`, `rm`, `ppo`, `lora`, `launch`). Every field below is documented where it
 is declared. The loader rejects unknown keys and wrong types with a one-line `ConfigError` that
 names the key path; `a.b.c=value` command-line overrides go through the same path (the value is
 parsed as YAML, so `optim.lr=1e-5`, `train.max_steps=4`, `data.template=tulu` all work).
@@ -229,6 +229,22 @@ class PPOConfig:
     pipelined_decode: bool = False
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")  # megatron's linear layer names
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (models/lora.py) on the policy, reward and value models; the base is frozen."""
+
+    rank: int = 0  # r of each adapter delta = (alpha / r) * B A x; 0 = off (full fine-tuning)
+    alpha: float = 16.0  # scale numerator: StackLLaMA uses r = 16, alpha = 32
+    dropout: float = 0.05  # dropout on the adapter's input (training only), as PEFT's lora_dropout
+    # which linears get an adapter (attention only by default, as StackLLaMA's q_proj/v_proj):
+    # linear_qkv (fused q/k/v), linear_proj (attention output), linear_fc1 (MLP up [gate; up]),
+    # linear_fc2 (MLP down)
+    targets: tuple[str, ...] = ("linear_qkv", "linear_proj")
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -241,6 +257,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property
@@ -466,6 +483,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(o.min_new_tokens <= o.max_new_tokens,
            f"ppo.min_new_tokens: {o.min_new_tokens} is above ppo.max_new_tokens ({o.max_new_tokens})")
     _validate_extras(cfg)
+    _validate_lora(cfg)
 
 
 def _validate_extras(cfg: Config) -> None:
@@ -487,6 +505,26 @@ def _validate_extras(cfg: Config) -> None:
         check_tasks(cfg.ppo.eval_tasks, "ppo.eval_tasks")
         _check(cfg.checkpoint.save_final, "ppo.eval_tasks: evaluates the final checkpoint; set "
                "checkpoint.save_final: true")
+
+
+def _validate_lora(cfg: Config) -> None:
+    """The layer-size check (rank <= the wrapped layer) needs the model shape: models/lora.py."""
+    lo = cfg.lora
+    _check(lo.rank >= 0, f"lora.rank: must be >= 0 (0 = off), got {lo.rank}")
+    if not lo.rank:
+        return
+    for t in lo.targets:
+        _check(t in LORA_TARGETS, f"lora.targets: unknown target {t!r}; megatron's linear names are "
+                                  f"{', '.join(LORA_TARGETS)}")
+    _check(len(lo.targets) > 0, f"lora.targets: empty; name at least one of {', '.join(LORA_TARGETS)}")
+    _check(len(set(lo.targets)) == len(lo.targets), f"lora.targets: {list(lo.targets)} names a layer twice")
+    _check(lo.alpha > 0, f"lora.alpha: must be > 0, got {lo.alpha}")
+    _check(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    _check(not cfg.parallel.sequence_parallel,
+           "lora: adapters do not support parallel.sequence_parallel yet; set it false")
+    _check(not cfg.ppo.offload_frozen,
+           "ppo.offload_frozen: with lora.rank > 0 the reference and reward models are the policy and value "
+           "models with adapters off (no separate copy to offload); set it false")
 
 
 def dump_yaml(cfg: Config) -> str:

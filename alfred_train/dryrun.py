@@ -300,6 +300,10 @@ def describe(cfg: Config, stage: str) -> str:
     lines += ["", *plan.lines]
     trainable = [mp.total for _, t, mp in models if t]
     lines += ["", *checkpoint_lines(cfg, trainable, bf16)]
+    if cfg.lora.rank:
+        from alfred_train.models.lora_plan import memory_lines
+
+        lines += memory_lines(cfg, shape, stage, STAGE_MODELS[stage], per_stage, stage_bytes, _size)
     if stage == "ppo":
         lines += ["", _ppo_line(cfg)] + [f"  not checked here: {note}" for note in unchecked]
     full = plan if plan.recompute == "full" else peak_plan(cfg, stage, shape, static, kv, bf16, recompute="full")

@@ -2,8 +2,9 @@
 
     alfred-train convert hf-to-mcore HF_DIR OUT_DIR [--tp N --pp N] [--kind auto|lm|reward] [--dtype ...]
                                      (HF_DIR may be an HF Trainer DeepSpeed ZeRO checkpoint: global_step*/)
+                                     [--adapter PEFT_ADAPTER_DIR]
     alfred-train convert mcore-to-hf CKPT_DIR OUT_DIR [--model policy|reward|value] [--dtype ...]
-                                     [--max-shard-size 5GB]
+                                     [--max-shard-size 5GB] [--merge-lora]
     alfred-train convert apply-delta BASE_DIR DELTA_DIR OUT_DIR [--max-shard-size 5GB]
 
 hf-to-mcore checks config.json and the safetensors headers in this process, then, when tp*pp > 1
@@ -42,6 +43,8 @@ def add_commands(subparsers) -> None:
                    help="reward: scalar head from score.weight (auto: from config.json architectures)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="stored weights (auto: bf16 if the HF weights are bf16, else fp32)")
+    p.add_argument("--adapter", default=None,
+                   help="a PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors) on this base")
     p.set_defaults(func=run_hf_to_mcore)
 
     p = sub.add_parser("mcore-to-hf", help="our checkpoint -> Hugging Face safetensors + config.json")
@@ -50,6 +53,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--model", default=None, help="policy | reward | value (default: policy, else reward)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-shard-size", default="5GB", help="split into shards + index above this size")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="LoRA checkpoint: write merged weights W + (alpha/r) B A instead of base + PEFT adapter")
     p.set_defaults(func=run_mcore_to_hf)
 
     p = sub.add_parser("apply-delta", help="base + delta weights (Hugging Face dirs) -> target weights")
@@ -69,7 +74,7 @@ def _single_process_runtime(tp: int = 1, pp: int = 1):
 
 def run_hf_to_mcore(args) -> int:
     from alfred_train.convert.deepspeed_zero import is_zero_checkpoint, require_deepspeed
-    from alfred_train.convert.hf_import import check_hf_tensors, hf_to_mcore, plan_import
+    from alfred_train.convert.hf_import import check_hf_tensors, hf_to_mcore, plan_import, read_adapter
     from alfred_train.convert.safetensors_io import SafetensorsDir
     from alfred_train.parallel.init import detect_launch_env, shutdown
 
@@ -80,17 +85,19 @@ def run_hf_to_mcore(args) -> int:
         require_deepspeed(args.hf_dir)
     else:
         check_hf_tensors(plan, SafetensorsDir(args.hf_dir))
+    read_adapter(plan, args.adapter)  # its shapes against the base, before any worker starts
     world = args.tp * args.pp
     if world > 1 and detect_launch_env().launcher == "single":
         from alfred_train.parallel.spawn import spawn_local
 
         argv = ["convert", "hf-to-mcore", args.hf_dir, args.out_dir, "--tp", str(args.tp), "--pp",
                 str(args.pp), "--kind", args.kind, "--dtype", args.dtype]
+        argv += ["--adapter", args.adapter] if args.adapter else []
         return spawn_local(argv, world)
     runtime = _single_process_runtime(args.tp, args.pp)
     try:
         hf_to_mcore(args.hf_dir, args.out_dir, runtime, tp=args.tp, pp=args.pp, kind=plan.kind,
-                    dtype=args.dtype)
+                    dtype=args.dtype, adapter=args.adapter)
     finally:
         shutdown()
     return 0
@@ -106,7 +113,7 @@ def run_mcore_to_hf(args) -> int:
     runtime = _single_process_runtime()
     try:
         mcore_to_hf(args.ckpt_dir, args.out_dir, runtime, model=args.model, dtype=args.dtype,
-                    max_shard_bytes=max_bytes)
+                    max_shard_bytes=max_bytes, merge_lora=args.merge_lora)
     finally:
         shutdown()
     return 0

@@ -6,6 +6,8 @@ tensors and mapped back with the same rules as the import (`convert/hf.py`):
     OUT_DIR/config.json              LlamaFor* / FalconFor* (new decoder architecture)
     OUT_DIR/model.safetensors        or model-0000i-of-0000N.safetensors + index past --max-shard-size
     OUT_DIR/tokenizer.* ...          copied from the checkpoint's state["tokenizer"]
+    OUT_DIR/adapter/                 a LoRA checkpoint's adapters in PEFT's format (convert/peft.py),
+                                     OUT_DIR then holding its base; --merge-lora: merged weights instead
 
 A scalar model ("reward", "value") becomes *ForSequenceClassification with `score.weight` (1, h);
 our ScalarHead's bias is written as `score.bias` only when it is non-zero (transformers' score head
@@ -20,16 +22,18 @@ from pathlib import Path
 
 import torch
 
-from alfred_train.convert import hf, hf_config
+from alfred_train.convert import hf, hf_config, peft
 from alfred_train.convert.mcore import gather_globals
 from alfred_train.convert.safetensors_io import DEFAULT_SHARD_BYTES, write_safetensors
 from alfred_train.convert.tokenizer_files import copy_tokenizer_files, write_tokenizer_config
 from alfred_train.errors import ConfigError
+from alfred_train.models import lora, lora_checkpoint
 from alfred_train.models.build import ModelShape
 
 log = logging.getLogger("alfred_train")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCALAR_MODELS = ("reward", "value")
+ADAPTER_DIR = "adapter"  # a LoRA checkpoint's adapters, PEFT format, under OUT_DIR
 
 
 def pick_model(meta: dict, requested: str | None) -> str:
@@ -45,15 +49,17 @@ def pick_model(meta: dict, requested: str | None) -> str:
 
 
 def load_global_tensors(ckpt: Path, name: str, shape: ModelShape, kind: str, runtime) -> dict[str, torch.Tensor]:
-    """Load model `name` at TP=1/PP=1 (fp32) and return its global tensors."""
-    from alfred_train import checkpoint
+    """Load model `name` at TP=1/PP=1 (fp32) and return its global tensors (a LoRA model's base
+    tensors and its adapters, `decoder.layers.i.<parent>.lora_<target>.lora_{A,B}`)."""
     from alfred_train.config import ParallelConfig
     from alfred_train.kernels.backends import choose_backend
     from alfred_train.models.build import build_model
+    from alfred_train.models.from_checkpoint import load_meta
 
     chunks = build_model(shape, ParallelConfig(), kind=kind, bf16=False,
                          backend=choose_backend("eager"), device=runtime.device)
-    checkpoint.load_models(ckpt, {name: (chunks, None)})
+    path, meta = load_meta(ckpt)
+    lora_checkpoint.load_checkpoint_model(path, meta, name, chunks, kind=kind)
     return gather_globals(chunks)
 
 
@@ -80,7 +86,9 @@ def export_tokenizer(state: dict, out_dir: Path):
 
 
 def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: str | None = None,
-                dtype: str = "auto", max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                dtype: str = "auto", max_shard_bytes: int = DEFAULT_SHARD_BYTES, merge_lora: bool = False) -> Path:
+    """A LoRA checkpoint writes its base to OUT_DIR and its adapters in PEFT's format to
+    OUT_DIR/adapter/ (or, with merge_lora, the merged weights W + scale * B A to OUT_DIR)."""
     from alfred_train.models.from_checkpoint import checkpoint_shape, load_meta
 
     ckpt, meta = load_meta(ckpt_dir)
@@ -94,6 +102,17 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: st
         raise ConfigError(f"--dtype {dtype}: use one of auto, {', '.join(DTYPES)}")
 
     ours = load_global_tensors(ckpt, name, shape, kind, runtime)
+    entry = (state.get("lora") or {}).get(name)
+    adapters = {}
+    if entry:
+        spec = lora.AdapterSpec.from_state(entry)
+        if merge_lora:
+            ours = lora_checkpoint.merge_globals(ours, spec)
+        elif kind == "scalar":
+            raise ConfigError(f"--model {name}: a LoRA reward/value model exports merged only; add --merge-lora")
+        else:
+            adapters = {k: v for k, v in ours.items() if lora.ADAPTER_KEY in k}
+            ours = {k: v for k, v in ours.items() if lora.ADAPTER_KEY not in k}
     tied = kind == "lm" and torch.equal(ours["embedding.word_embeddings.weight"], ours["output_layer.weight"])
     tensors = hf.hf_from_ours(hf.rules_for(shape, kind), ours, tied=tied)
     if "score.bias" in tensors:
@@ -110,5 +129,11 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: st
     if not (out / "generation_config.json").exists():
         gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    print(f"convert: {ckpt} (model {name!r}) -> {out} ({config['architectures'][0]}, {dtype})", flush=True)
+    if adapters:
+        peft.export_adapter(adapters, spec, shape, out / ADAPTER_DIR, base_path=str(out.resolve()),
+                            dtype=DTYPES[dtype])
+        print(f"convert: LoRA adapters of {name!r} -> {out / ADAPTER_DIR} (PEFT: "
+              f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{out}'), '{out / ADAPTER_DIR}'))")
+    print(f"convert: {ckpt} (model {name!r}) -> {out} ({config['architectures'][0]}, {dtype}"
+          f"{', LoRA merged' if entry and merge_lora else ''})", flush=True)
     return out

@@ -94,6 +94,12 @@ def global_reader(rules: list[hf.Rule], weights: SafetensorsDir):
     return read
 
 
+def _with_adapters(read, adapter_tensors: dict):
+    def read_any(name: str) -> torch.Tensor:
+        return adapter_tensors[name] if name in adapter_tensors else read(name)
+    return read_any
+
+
 def model_yaml(shape: ModelShape, tokenizer: str | None, out_dir: Path) -> str:
     model = {"arch": shape.arch, "num_layers": shape.num_layers, "hidden_size": shape.hidden_size,
              "ffn_hidden_size": shape.ffn_hidden_size, "num_attention_heads": shape.num_attention_heads,
@@ -120,9 +126,25 @@ def prepare_output(plan: ImportPlan, hf_dir: Path, out_dir: Path) -> str | None:
     return tokenizer
 
 
+def read_adapter(plan: ImportPlan, adapter: str | Path | None):
+    """(AdapterSpec, global adapter tensors) of a PEFT adapter dir, checked against the base; or (None, {})."""
+    if adapter is None:
+        return None, {}
+    from alfred_train.convert import peft
+    from alfred_train.models import lora
+
+    if plan.kind != "lm":
+        raise ConfigError(f"--adapter {adapter}: adapters import onto a language model (--kind lm) only")
+    spec, tensors = peft.read_adapter(adapter, plan.shape)
+    lora.check_shape(spec, plan.shape)
+    return spec, tensors
+
+
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, runtime, *, tp: int, pp: int,
-                kind: str | None = None, dtype: str = "auto") -> Path:
-    """Collective over tp*pp ranks: build our model at (tp, pp), fill it from HF, save step 0."""
+                kind: str | None = None, dtype: str = "auto", adapter: str | Path | None = None) -> Path:
+    """Collective over tp*pp ranks: build our model at (tp, pp), fill it from HF, save step 0.
+    adapter: a PEFT LoRA adapter dir; the checkpoint then holds the base and the adapters (a LoRA
+    checkpoint whose base is itself, loadable by generate / convert mcore-to-hf)."""
     import torch.distributed as dist
 
     from alfred_train import checkpoint
@@ -135,6 +157,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, runtime, *, tp: int, pp
     plan = plan_import(hf_dir, kind, dtype)
     weights = open_weights(hf_dir)
     rules = check_hf_tensors(plan, weights)
+    spec, adapter_tensors = read_adapter(plan, adapter)
     tokenizer = [None]
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,15 +167,24 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, runtime, *, tp: int, pp
     chunks = build_model(plan.shape, ParallelConfig(tp=tp, pp=pp), kind=plan.kind, bf16=plan.bf16,
                          backend=choose_backend("eager"), device=runtime.device)
     chunks = [unwrap(c) for c in chunks]
-    filled = fill_from_globals(chunks, global_reader(rules, weights))
+    read = global_reader(rules, weights)
+    if spec is not None:
+        from alfred_train.models import lora
+
+        lora.attach(chunks, spec, kind=plan.kind)
+        read = _with_adapters(read, adapter_tensors)
+    filled = fill_from_globals(chunks, read)
     log.info("filled %d tensor shards from %s", filled, hf_dir)
     hf_ids = {k: plan.config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     state = {"stage": "convert", "model": dataclasses.asdict(plan.shape), "tokenizer": tokenizer[0],
              "dtype": "bfloat16" if plan.bf16 else "float32",
              "hf": {"source": str(hf_dir.resolve()), "architectures": plan.config.get("architectures"),
                     "tie_word_embeddings": plan.tied, **hf_ids}}
-    layout = {"tp": tp, "pp": pp, "dp": 1, "vpp": None, "zero": False}
     name = MODEL_NAMES[plan.kind]
+    if spec is not None:
+        state["hf"]["adapter"] = str(Path(adapter).resolve())
+        state["lora"] = {name: {**spec.to_state(), "base": {"path": None, "model": None, "skip": [], "seed": None}}}
+    layout = {"tp": tp, "pp": pp, "dp": 1, "vpp": None, "zero": False}
     path = checkpoint.save_checkpoint(out_dir, 0, {name: (chunks, None)}, state, runtime, keep=1, layout=layout)
     if runtime.is_main:
         print(f"convert: {hf_dir} -> {path} (model {name!r}, tp={tp}, pp={pp}); "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alfred_train import checkpoint
 from alfred_train.errors import ConfigError
+from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import ModelShape, build_model
 
 
@@ -42,5 +43,5 @@ def build_from_checkpoint(ckpt: str | Path, parallel_cfg, runtime, *, name: str 
     kind = kind or ("lm" if name == "policy" else "scalar")
     chunks = build_model(shape, parallel_cfg, kind=kind, bf16=bf16, backend=choose_backend(backend_name),
                          device=runtime.device, seed=None)
-    checkpoint.load_models(path, {name: (chunks, None)})
+    lora_checkpoint.load_checkpoint_model(path, meta, name, chunks, kind=kind)  # a full model, or LoRA base + adapters
     return chunks, shape, meta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import random
@@ -21,6 +22,7 @@ from alfred_train.data import mixture
 from alfred_train.data.corpus import TINY_SP_MODEL_PATH as TINY_TOKENIZER
 from alfred_train.data.tokenizer import load_tokenizer
 from alfred_train.errors import ConfigError
+from alfred_train.models import lora, lora_checkpoint
 from alfred_train.models.build import ModelShape, build_model, resolve_shape, unwrap
 from alfred_train.parallel.init import ParallelRuntime
 
@@ -87,25 +89,43 @@ def make_model(cfg: Config, runtime: ParallelRuntime, shape: ModelShape, *, kind
 
 
 def shape_for(cfg: Config, tokenizer) -> ModelShape:
-    return resolve_shape(cfg.model, tokenizer.vocab_size)
+    shape = resolve_shape(cfg.model, tokenizer.vocab_size)
+    if cfg.lora.rank:
+        lora.check_shape(lora.AdapterSpec.from_config(cfg.lora), shape)
+    return shape
 
 
 def build_trainable(cfg: Config, runtime: ParallelRuntime, shape: ModelShape, backend, *, kind: str,
                     total_steps: int, lr: float | None = None, schedule_per_step: bool = True):
     """A seeded model (`kind` "lm" or "scalar") wrapped in megatron DDP, with its own optimizer and
     LR schedule over `total_steps` units (peak `lr`, default optim.lr): optimizer steps, or with
-    schedule_per_step=False units the caller counts (PPO iterations, `Trainable.advance_schedule`)."""
+    schedule_per_step=False units the caller counts (PPO iterations, `Trainable.advance_schedule`).
+    With lora.rank > 0 the model gets adapters and only they (and a scalar head) train; its base is
+    the seeded init until `load_lora_base` loads a checkpoint into it."""
     from alfred_train.training import Trainable, build_optimizer, build_scheduler, wrap_ddp
 
-    chunks = wrap_ddp(make_model(cfg, runtime, shape, kind=kind, backend=backend, seed=cfg.train.seed),
-                      zero=cfg.parallel.zero)
+    model = make_model(cfg, runtime, shape, kind=kind, backend=backend, seed=cfg.train.seed)
+    if cfg.lora.rank:
+        lora.attach(model, lora.AdapterSpec.from_config(cfg.lora), kind=kind)
+        lora.init_adapters(model, cfg.train.seed)
+        for c in model:
+            unwrap(c).lora_base = lora_checkpoint.BaseRef(seed=cfg.train.seed)
+    chunks = wrap_ddp(model, zero=cfg.parallel.zero)
     optimizer = build_optimizer(chunks, cfg.optim, lr=lr, bf16=use_bf16(cfg, runtime), zero=cfg.parallel.zero)
     return Trainable(chunks, optimizer, build_scheduler(optimizer, cfg.optim, total_steps, lr=lr), runtime,
                      schedule_per_step=schedule_per_step)
 
 
+def load_lora_base(trainable, name: str, ref: "lora_checkpoint.BaseRef") -> None:
+    """Load an adapted trainable's frozen base weights (fresh start and resume alike: a LoRA
+    checkpoint holds the adapters only)."""
+    lora_checkpoint.load_base(trainable.chunks, ref, name)
+    trainable.optimizer.reload_model_params()  # bf16: refresh the fp32 main copies
+
+
 def _saved(trainables: dict) -> dict:
-    return {name: ([unwrap(c) for c in t.chunks], t.optimizer) for name, t in trainables.items()}
+    """name -> (chunks as checkpointed, optimizer): adapted models keep their trainable part only."""
+    return {name: (lora_checkpoint.checkpoint_chunks(t.chunks), t.optimizer) for name, t in trainables.items()}
 
 
 def save(cfg: Config, runtime: ParallelRuntime, step: int, trainables: dict, shape: ModelShape, stage: str,
@@ -115,7 +135,8 @@ def save(cfg: Config, runtime: ParallelRuntime, step: int, trainables: dict, sha
     for name, t in trainables.items():
         state[f"{name}_scheduler"], state[f"{name}_steps"] = t.scheduler.state_dict(), t.steps
     state.update(stage=stage, model=dataclasses.asdict(shape), tokenizer=tokenizer_path(cfg),
-                 tokenizer_sha256=tokenizer_digest(tokenizer_path(cfg)), template=cfg.data.template)
+                 tokenizer_sha256=tokenizer_digest(tokenizer_path(cfg)), template=cfg.data.template,
+                 **lora_checkpoint.checkpoint_state(trainables))
     c = cfg.checkpoint
     checkpoint.save_checkpoint(Path(cfg.run.dir) / "checkpoints", step, _saved(trainables), state, runtime,
                                c.keep, layout(cfg), node_local=c.node_local, s3_uri=c.s3_uri)
@@ -129,6 +150,7 @@ def resume(cfg: Config, runtime: ParallelRuntime, trainables: dict) -> tuple[int
     path = resume_dir(cfg, runtime)
     if path is None:
         return None
+    lora_checkpoint.check_resume(json.loads((path / "meta.json").read_text()).get("state") or {}, trainables, path)
     meta = checkpoint.load_models(path, _saved(trainables), strict_layout=layout(cfg))
     state = meta["state"]
     for name, t in trainables.items():

@@ -52,20 +52,40 @@ def _offload(chunks, device):
         c.to(device)
 
 
-def build_models(cfg: Config, runtime, shape, backend):
+def build_models(cfg: Config, runtime, shape, backend, frozen: bool = True):
     """(policy Trainable, value Trainable, Models): four separate networks, seeded, not yet loaded.
     The value model is its own network with its own optimizer and schedule (DESIGN.md decision 4).
     Both schedules count PPO iterations (notes/rlhf-recipes.md): `run` advances them once per
-    iteration, so with ppo.value_lr unset the value rate at iteration k is the policy's."""
+    iteration, so with ppo.value_lr unset the value rate at iteration k is the policy's.
+    frozen=False: the trainables only (Models is None)."""
     o, t = cfg.ppo, cfg.train
     policy = common.build_trainable(cfg, runtime, shape, backend, kind="lm", total_steps=t.max_steps,
                                     schedule_per_step=False)
     value = common.build_trainable(cfg, runtime, shape, backend, kind="scalar", lr=o.value_lr,
                                    total_steps=t.max_steps, schedule_per_step=False)
+    if not frozen:
+        return policy, value, None
     reference = _frozen(common.make_model(cfg, runtime, shape, kind="lm", backend=backend, seed=t.seed))
     reward = _frozen(common.make_model(cfg, runtime, shape, kind="scalar", backend=backend, seed=t.seed))
     models = Models(policy=[unwrap(c) for c in policy.chunks], value=[unwrap(c) for c in value.chunks],
                     reference=reference, reward=reward)
+    return policy, value, models
+
+
+def build_lora_models(cfg: Config, runtime, shape, backend):
+    """With lora.rank > 0, two networks instead of four: the policy (SFT base + adapters) and the
+    value model (RM base + adapters + its trainable head), bases loaded; the reference is the policy
+    with adapters off, the reward model the value model with adapters off and the RM's own head."""
+    from alfred_train.models import lora, lora_checkpoint
+
+    o = cfg.ppo
+    policy, value, _ = build_models(cfg, runtime, shape, backend, frozen=False)
+    common.load_lora_base(policy, "policy", lora_checkpoint.base_ref(o.policy_init, "policy"))
+    common.load_lora_base(value, "value", lora_checkpoint.base_ref(o.reward_init, "reward"))
+    policy_chunks, value_chunks = [unwrap(c) for c in policy.chunks], [unwrap(c) for c in value.chunks]
+    models = Models(policy=policy_chunks, value=value_chunks,
+                    reference=[lora.AdaptersOff(c) for c in policy_chunks],
+                    reward=[lora.AdaptersOff(c, lora.frozen_head(c)) for c in value_chunks])
     return policy, value, models
 
 
@@ -75,9 +95,12 @@ def run(cfg: Config, runtime) -> int:
     run_dir = common.prepare_run_dir(cfg, runtime)
     shape = common.shape_for(cfg, tokenizer)
     backend = choose_backend(cfg.model.attention_backend, needs_padding_mask=True)  # left-padded rollouts
-    policy, value, models = build_models(cfg, runtime, shape, backend)
-    checkpoint.load_models(o.policy_init, {"policy": (models.reference, None)})
-    checkpoint.load_models(o.reward_init, {"reward": (models.reward, None)})
+    if cfg.lora.rank:  # two copies, bases loaded (a LoRA checkpoint holds the adapters only)
+        policy, value, models = build_lora_models(cfg, runtime, shape, backend)
+    else:
+        policy, value, models = build_models(cfg, runtime, shape, backend)
+        checkpoint.load_models(o.policy_init, {"policy": (models.reference, None)})
+        checkpoint.load_models(o.reward_init, {"reward": (models.reward, None)})
     kl_ctl = ppo_math.AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.adaptive_kl \
         else ppo_math.FixedKLController(o.kl_coef)
     trainables = {"policy": policy, "value": value}
@@ -87,7 +110,7 @@ def run(cfg: Config, runtime) -> int:
         step, state = resumed
         kl_ctl.load_state_dict(state["kl_controller"])
         consumed, bad_steps = state["consumed_prompts"], state["bad_steps"]
-    else:
+    elif not cfg.lora.rank:
         checkpoint.load_models(o.policy_init, {"policy": (models.policy, None)})
         checkpoint.load_models(o.reward_init, {"value=reward": (models.value, None)})
         for trainable in (policy, value):  # bf16: refresh the fp32 main copies from the loaded weights

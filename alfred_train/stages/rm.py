@@ -37,6 +37,7 @@ from alfred_train.errors import ConfigError
 from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.models.from_checkpoint import load_meta
 from alfred_train.parallel.init import ParallelRuntime
+from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import unwrap
 from alfred_train.stages import common
 from alfred_train.training import Trainable, reduce_reports, run_schedule
@@ -124,6 +125,19 @@ def init_from(cfg: Config, chunks, shape) -> None:
     log.info("reward model initialized from %s", path)
 
 
+def lora_base_ref(cfg: Config, shape):
+    """The frozen base of a LoRA reward model: an SFT policy's trunk (the head trains from its seeded
+    init) or an RM (head included, trainable)."""
+    path, meta = load_meta(cfg.rm.init or cfg.checkpoint.init)
+    saved = meta["state"].get("model")
+    if saved is not None and saved != dataclasses.asdict(shape):
+        raise ConfigError(f"rm.init: {path} holds a model of shape {saved}, this config builds "
+                          f"{dataclasses.asdict(shape)}; set model.* (and model.tokenizer) as in that run")
+    if TRUNK_SOURCE in meta["models"]:
+        return lora_checkpoint.base_ref(path, TRUNK_SOURCE, skip=(HEAD,))
+    return lora_checkpoint.base_ref(path, MODEL_NAME)
+
+
 def run(cfg: Config, runtime: ParallelRuntime) -> int:
     t = cfg.train
     train_pairs, valid_pairs = load_preference_pairs(cfg)  # a bad record stops the run before any model is built
@@ -140,11 +154,13 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     valid_set = [encode(p) for p in valid_pairs]
 
     step, consumed = 0, 0
+    if cfg.lora.rank and (cfg.rm.init or cfg.checkpoint.init):  # the frozen trunk, under the adapters
+        common.load_lora_base(trainable, MODEL_NAME, lora_base_ref(cfg, shape))
     resumed = common.resume(cfg, runtime, trainables)
     if resumed is not None:
         step, state = resumed
         consumed = state["consumed_samples"]
-    elif cfg.rm.init or cfg.checkpoint.init:
+    elif (cfg.rm.init or cfg.checkpoint.init) and not cfg.lora.rank:
         init_from(cfg, [unwrap(c) for c in trainable.chunks], shape)
         trainable.optimizer.reload_model_params()  # bf16 / ZeRO keep fp32 main copies of the weights: refresh them
 

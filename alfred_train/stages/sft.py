@@ -17,6 +17,7 @@ from alfred_train.data.templates import get_template
 from alfred_train.errors import ConfigError
 from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.parallel.init import ParallelRuntime
+from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import unwrap
 from alfred_train.stages import common
 from alfred_train.training import Trainable, reduce_reports, run_schedule
@@ -67,11 +68,13 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     valid_rows = _valid_rows(valid_set, cfg, runtime)
 
     step, consumed = 0, 0
+    if cfg.lora.rank and cfg.checkpoint.init:  # the frozen base, under the adapters
+        common.load_lora_base(trainable, MODEL_NAME, lora_checkpoint.base_ref(cfg.checkpoint.init, MODEL_NAME))
     resumed = common.resume(cfg, runtime, trainables)
     if resumed is not None:
         step, state = resumed
         consumed = state["consumed_samples"]
-    elif cfg.checkpoint.init:
+    elif cfg.checkpoint.init and not cfg.lora.rank:
         checkpoint.load_models(cfg.checkpoint.init, {MODEL_NAME: ([unwrap(c) for c in trainable.chunks], None)})
         trainable.optimizer.reload_model_params()  # bf16: refresh the fp32 main copies from the loaded weights
 

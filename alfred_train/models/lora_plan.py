@@ -1,0 +1,57 @@
+"""The dry run's LoRA lines: parameters and memory per GPU with adapters vs full fine-tuning.
+
+Adapter parameters per layer and target (r = rank, tp = tensor-parallel size; models/lora.py):
+    column-parallel (linear_qkv, linear_fc1): A r * n_in (replicated) + B n_out / tp * r
+    row-parallel    (linear_proj, linear_fc2): A r * n_in / tp + B n_out * r (replicated)
+Memory per GPU with LoRA: every trained model's base is frozen (weights only: 2 B bf16 / 4 B fp32
+per parameter), its adapters (and a value model's head) are trainable (weights + fp32 grads + Adam,
+as dryrun.bytes_per_param). PPO holds two networks: the reference and reward models are the policy
+and value model with adapters off, so they cost nothing more.
+"""
+
+from __future__ import annotations
+
+from alfred_train.models import lora
+
+
+def adapter_params_per_layer(shape, spec: lora.AdapterSpec, tp: int) -> int:
+    """Adapter parameters of one layer held by one TP rank."""
+    n = 0
+    for target, t in spec.targets.items():
+        n_in, n_out = lora.layer_sizes(shape, target)
+        r = t["rank"]
+        n += r * n_in + n_out // tp * r if target in lora.COLUMN else r * n_in // tp + n_out * r
+    return n
+
+
+def memory_lines(cfg, shape, stage: str, stage_models, per_stage: dict, full_bytes: list[float], size) -> list[str]:
+    """Lines for `describe`: stage_models ((name, kind, trainable), ...), per_stage: name -> base params per
+    GPU per pipeline stage, full_bytes: per-stage bytes without LoRA (KV cache included), size: formatter."""
+    from alfred_train.dryrun import bytes_per_param
+
+    p = cfg.parallel
+    spec = lora.AdapterSpec.from_config(cfg.lora)
+    lora.check_shape(spec, shape)
+    bf16 = cfg.train.precision != "fp32"
+    frozen = bytes_per_param(trainable=False, bf16=bf16, zero=p.zero, dp=p.dp).total
+    trained = bytes_per_param(trainable=True, bf16=bf16, zero=p.zero, dp=p.dp).total
+    layers = shape.num_layers // p.pp
+    adapters = adapter_params_per_layer(shape, spec, p.tp) * layers  # per GPU, every stage alike
+    kv = full_bytes[0] - sum(per_stage[name][0] * bytes_per_param(trainable=t, bf16=bf16, zero=p.zero, dp=p.dp).total
+                             for name, _, t in stage_models)
+    with_lora = []
+    for r in range(p.pp):
+        total = kv
+        for name, kind, trainable in stage_models:
+            if not trainable:
+                continue  # the trained model with its adapters off
+            head = shape.hidden_size + 1 if kind == "scalar" and r == p.pp - 1 else 0
+            total += (per_stage[name][r] - head) * frozen + (adapters + head) * trained
+        with_lora.append(total)
+    trained_models = [name for name, _, t in stage_models if t]
+    targets = ", ".join(f"{t} r={s['rank']}" for t, s in spec.targets.items())
+    return ["", f"LoRA (lora.rank={cfg.lora.rank}, alpha {cfg.lora.alpha:g}: {targets})",
+            f"  trainable per GPU: {adapters:,} adapter parameters per model ({', '.join(trained_models)})"
+            + (" + the value head" if stage == "ppo" else " + the scalar head" if stage == "rm" else ""),
+            f"  memory per GPU (fullest stage): {size(max(with_lora))} with LoRA vs {size(max(full_bytes))} "
+            f"full fine-tuning" + (" (2 networks instead of 4: reference/reward = adapters off)" if stage == "ppo" else "")]
