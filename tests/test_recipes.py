@@ -54,12 +54,10 @@ def test_stackllama_recipes_hold_trls_settings():
     assert (o.kl_coef, o.adaptive_kl, o.kl_target, o.kl_horizon) == (0.2, True, 6.0, 10000)
     assert (o.policy_epochs, o.policy_steps_per_epoch, o.rollouts_per_iter) == (4, 8, 256)
     assert (o.max_new_tokens, o.min_new_tokens, o.top_k, o.top_p) == (128, 32, 0, 1.0)
-    # LoRA waits for the lora: section of the LoRA branch, in a block the lead enables at merge time
-    for name, rank, alpha, dropout in [("sft", 16, 32, 0.05), ("rm", 8, 32, 0.1), ("ppo", 16, 32, 0.05)]:
-        text = (CONFIGS / f"stackllama-{name}.yaml").read_text()
-        block = text[text.index("\n# LORA-MERGE:") + 1:]
-        lora = yaml.safe_load("\n".join(line[2:] for line in block.splitlines()[1:]))["lora"]
-        assert (lora["rank"], lora["alpha"], lora["dropout"]) == (rank, alpha, dropout), name
+    # TRL's LoraConfig per script (q_proj/v_proj live in megatron's fused linear_qkv)
+    for cfg, rank, alpha, dropout in [(sft, 16, 32, 0.05), (rm, 8, 32, 0.1), (ppo, 16, 32, 0.05)]:
+        assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (rank, alpha, dropout,
+                                                                                      ("linear_qkv",))
 
 
 def test_tulu_and_stable_vicuna_recipes_hold_their_settings():
