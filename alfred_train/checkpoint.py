@@ -72,11 +72,13 @@ def iter_steps(ckpt_root: str | Path) -> dict[int, Path]:
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     """The newest checkpoint under `ckpt_root` by step number that has its manifest and meta.json
-    (a cheap check for reading a finished run, e.g. `ppo.policy_init`; resume verifies fully)."""
-    for _, path in sorted(iter_steps(ckpt_root).items(), reverse=True):
-        if (path / "meta.json").exists() and (path / mf.MANIFEST).exists():
-            return path
-    return None
+    (a cheap check for reading a finished run, e.g. `ppo.policy_init`; resume verifies fully).
+    Checkpoints written before manifests existed (none under `ckpt_root` has one) count by meta.json."""
+    found = sorted(((s, p) for s, p in iter_steps(ckpt_root).items() if (p / "meta.json").exists()), reverse=True)
+    with_manifest = [p for _, p in found if (p / mf.MANIFEST).exists()]
+    if with_manifest:
+        return with_manifest[0]
+    return found[0][1] if found else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

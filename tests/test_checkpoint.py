@@ -248,9 +248,9 @@ def _logged_step(run_dir: Path, step: int):
     return None
 
 
-def _temporaries(run_dir: Path) -> set[tuple[str, int]]:
-    try:
-        return {(p.name, p.stat().st_ino) for p in (run_dir / "checkpoints").glob(".tmp-iter_*")}
+def _temporaries(run_dir: Path) -> set[tuple]:
+    try:  # a directory made again under the same name may reuse the inode, never the change time
+        return {(p.name, p.stat().st_ino, p.stat().st_ctime_ns) for p in (run_dir / "checkpoints").glob(".tmp-iter_*")}
     except OSError:  # renamed while we looked
         return set()
 
@@ -285,8 +285,9 @@ def test_sft_survives_kill_9_and_sigterm_during_a_save(reference, tmp_path):
     time.sleep(rng.uniform(0.0, 0.2))
     assert _kill_group(proc) == -signal.SIGKILL
     # 2) kill -9 inside a save (its temporary directory exists)
+    stale = _temporaries(run)  # attempt 1's, when its kill came inside a save
     proc = _start(run, args, tmp_path / "attempt2.log")
-    _wait_for(proc, lambda: _saving(run), "a save")
+    _wait_for(proc, lambda: _saving(run, stale), "a save")
     time.sleep(rng.uniform(0.0, 0.03))
     assert _kill_group(proc) == -signal.SIGKILL
     # 3) SIGTERM to the whole group inside a save: the save completes, no writer process exists to

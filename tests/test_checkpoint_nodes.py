@@ -31,7 +31,7 @@ ARGS = [str(TINY_SFT), "parallel.tp=1", "parallel.dp=2", "parallel.zero=true", "
         "checkpoint.keep=2", "optim.decay_steps=4"]  # the schedule must not depend on max_steps
 
 
-def two_nodes(dirs: list[Path], steps: int, env: dict) -> list[str]:
+def two_nodes(dirs: list[Path], steps: int, env: dict, node_local: bool = True, expect: int = 0) -> list[str]:
     """Run the SFT stage as two one-process nodes; returns each node's output."""
     port = str(free_port())
     procs = []
@@ -40,11 +40,11 @@ def two_nodes(dirs: list[Path], steps: int, env: dict) -> list[str]:
                     "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "alfred_train", "sft", *ARGS, f"train.max_steps={steps}", f"run.dir={run_dir}",
-             "checkpoint.node_local=true", f"checkpoint.s3_uri={S3_ROOT}"],
+             f"checkpoint.node_local={str(node_local).lower()}", f"checkpoint.s3_uri={S3_ROOT}"],
             cwd=ROOT, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for rank, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"node {rank} exited {p.returncode}\n{out[-5000:]}"
+        assert p.returncode == expect, f"node {rank} exited {p.returncode}\n{out[-5000:]}"
     return outputs
 
 
@@ -58,6 +58,12 @@ def test_node_local_checkpoints_meet_in_s3_and_a_reclaimed_run_resumes_from_s3(m
     client.create_bucket(Bucket=BUCKET)
     env = {"AWS_ENDPOINT_URL_S3": moto}
     nodes = [tmp_path / "node0", tmp_path / "node1"]
+    # node-local directories run as if shared (issue 9: nodes 1-15 failed at the first save): refused
+    # before any step, naming the key
+    out = two_nodes(nodes, 2, env, node_local=False, expect=2)
+    assert "set checkpoint.node_local=true" in out[0] and "Traceback" not in out[0] + out[1]
+    for n in nodes:
+        shutil.rmtree(n, ignore_errors=True)
     two_nodes(nodes, 2, env)
 
     # each node's copy: its own files plus the same manifest; together, every file it lists

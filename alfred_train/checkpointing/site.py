@@ -17,6 +17,7 @@ checkpoint where they meet (S3). A node is found as the ranks that share `rank -
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -40,3 +41,33 @@ class Site:
         dist.all_gather_object(keys, rank - local_rank)
         order = sorted(set(keys))
         return cls(node=order.index(rank - local_rank), nodes=len(order), owner=local_rank == 0, node_local=True)
+
+
+def check_run_dir(run_dir: Path, site: Site) -> None:
+    """Collective: refuse (ConfigError, before any step) a run.dir that is not laid out as
+    `checkpoint.node_local` says. Each directory owner drops a marker named by a token of this
+    run; in the shared layout every rank must see rank 0's, node-local each node only its own."""
+    import uuid
+
+    from alfred_train.errors import ConfigError
+
+    box = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    marker = run_dir / f".probe-{box[0]}-node{site.node}"
+    if site.owner:
+        marker.touch()
+    dist.barrier()
+    seen = list(run_dir.glob(f".probe-{box[0]}-node*"))
+    problem = None
+    if not site.node_local and not seen:
+        problem = (f"checkpoint.node_local: rank {dist.get_rank()} does not see rank 0's {run_dir}: run.dir is "
+                   "local to each node; set checkpoint.node_local=true (or use a shared file system)")
+    elif site.node_local and len(seen) > 1:
+        problem = (f"checkpoint.node_local: {run_dir} is shared by {len(seen)} nodes; set "
+                   "checkpoint.node_local=false for a shared file system")
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    if site.owner:
+        marker.unlink(missing_ok=True)
+    if found := next((p for p in problems if p), None):
+        raise ConfigError(found)

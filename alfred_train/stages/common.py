@@ -14,12 +14,13 @@ import torch
 import torch.distributed as dist
 
 from alfred_train import checkpoint
+from alfred_train.checkpointing.site import Site, check_run_dir
 from alfred_train.config import Config, dump_yaml
 from alfred_train.data.corpus import TINY_SP_MODEL_PATH as TINY_TOKENIZER
 from alfred_train.data.tokenizer import load_tokenizer
 from alfred_train.errors import ConfigError
 from alfred_train.models.build import ModelShape, build_model, resolve_shape, unwrap
-from alfred_train.parallel.init import ParallelRuntime, detect_launch_env
+from alfred_train.parallel.init import ParallelRuntime
 
 log = logging.getLogger("alfred_train")
 PREEMPTED_EXIT_CODE = 3  # a checkpoint was written on SIGUSR1/SIGTERM: requeue and resume
@@ -27,10 +28,15 @@ PREEMPTED_EXIT_CODE = 3  # a checkpoint was written on SIGUSR1/SIGTERM: requeue 
 
 def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     """Create run.dir (and checkpoints/) and write the resolved config atomically on rank 0 (with
-    `checkpoint.node_local`, on every node's local rank 0: each node has its own run.dir)."""
+    `checkpoint.node_local`, on every node's local rank 0: each node has its own run.dir); a run.dir
+    that is not shared, or shared, against what `checkpoint.node_local` says is refused here."""
     run_dir = Path(cfg.run.dir)
-    if runtime.is_main or (cfg.checkpoint.node_local and detect_launch_env().local_rank == 0):
+    site = Site.detect(runtime.rank, cfg.checkpoint.node_local)
+    if site.owner:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    check_run_dir(run_dir, site)
+    if site.owner:
         tmp = run_dir / ".config.yaml.tmp"
         tmp.write_text(dump_yaml(cfg))
         os.replace(tmp, run_dir / "config.yaml")
