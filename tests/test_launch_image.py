@@ -10,11 +10,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def setup_cfg_requirements() -> set[str]:
-    """install_requires (torch excepted: the AWS image's own build) + the gpu and hf extras."""
+    """install_requires (torch excepted: the AWS image's own build) + the gpu, hf and wandb extras."""
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     lines = cfg["options"]["install_requires"].split("\n")
-    lines += cfg["options.extras_require"]["gpu"].split("\n") + cfg["options.extras_require"]["hf"].split("\n")
+    for extra in ("gpu", "hf", "wandb"):
+        lines += cfg["options.extras_require"][extra].split("\n")
     reqs = {line.strip() for line in lines if line.strip() and not line.strip().startswith("#")}
     return {r for r in reqs if not re.match(r"^torch\b", r)}
 

@@ -34,7 +34,7 @@ def test_dry_run_shows_memory_with_and_without_lora():
     (126 GiB per GPU, does not fit); LoRA needs two frozen copies plus small adapters."""
     cfg = load_config(TINY_PPO, ["model.preset=llama2-7b", "parallel.tp=1", "parallel.dp=8", "parallel.zero=true",
                                  "lora.rank=16", "model.max_seq_len=1024", "ppo.rollout_micro_batch=16",
-                                 "ppo.rollouts_per_iter=64", "train.global_batch_size=64"])
+                                 "ppo.rollouts_per_iter=256", "train.global_batch_size=64"])
     text = describe(cfg, "ppo")
     line = next(ln for ln in text.splitlines() if "with LoRA vs" in ln)
     with_lora, full = (float(x.split(" GiB")[0].split()[-1]) for x in line.split(" with LoRA vs "))
