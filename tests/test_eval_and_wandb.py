@@ -1,7 +1,8 @@
 """`alfred-train eval` (lm-evaluation-harness on our checkpoints), `ppo.eval_tasks` and `logging.wandb`.
 
 One tiny PPO run, in two launches (1 iteration, then resumed for a 2nd), carries both features:
-W&B in offline mode (a secret-looking env entry in the config), and `ppo.eval_tasks` with a local
+W&B in offline mode (a credential-looking env entry cannot reach it: the config loader refuses
+it, tests/test_launch_config.py; `tracking.mask_secrets` masks such keys anyway), and `ppo.eval_tasks` with a local
 multiple-choice task (a task YAML + JSONL written here) at the end. Then `alfred-train eval` runs
 the same task on the run's checkpoint with per-example samples. Nothing is downloaded: the HF
 caches point into the test's directory and the eval runs offline.
@@ -73,7 +74,7 @@ def work(tmp_path_factory):
     run_dir = root / "run"
     common = ["ppo", TINY_PPO, f"run.dir={run_dir}", f"ppo.policy_init={root / 'init' / 'sft'}",
               f"ppo.reward_init={root / 'init' / 'rm'}", *SHORT,
-              "logging.wandb={project: alfred-tests, mode: offline}", "launch.slurm.env={HF_TOKEN: hf_s3cr3t}"]
+              "logging.wandb={project: alfred-tests, mode: offline}"]
     first = run_cli(*common, "train.max_steps=1")
     second = run_cli(*common, "train.max_steps=2", f"ppo.eval_tasks=[{task}]", "ppo.eval_limit=3")
     yield {"root": root, "run_dir": run_dir, "task": task, "first": first, "second": second}
@@ -144,8 +145,7 @@ def test_wandb_offline_gets_every_metric_and_resumes_the_same_run(work):
                 continue
             assert key in logged, (row["step"], key)
             assert logged[key] == pytest.approx(value, rel=1e-6), (row["step"], key)
-    assert configs and all(c["slurm"]["env"]["HF_TOKEN"] == "***" for c in configs)
-    assert "hf_s3cr3t" not in "".join(p.read_text(errors="ignore") for d in offline for p in d.rglob("*") if p.is_file())
+    assert configs
 
 
 def test_online_wandb_without_credentials_is_a_config_error(tmp_path, monkeypatch):
