@@ -235,6 +235,8 @@ def test_lora_ppo_learns_on_the_tiny_recipe(tmp_path):
     assert score[-1] > score[0] + 0.2, score
     assert kl[-1] < 10.0, kl
     assert metrics(tmp_path / "ppo", "kl")[0] == 0.0
+    # rollouts are sampled from the adapted policy that is scored and trained (not its base)
+    assert max(metrics(tmp_path / "ppo", "logprob_gap")) < 1e-4
     lora = json.loads((tmp_path / "ppo" / "checkpoints" / "iter_0000012" / "meta.json").read_text())["state"]["lora"]
     assert set(lora) == {"policy", "value"} and lora["value"]["base"]["model"] == "reward"
 

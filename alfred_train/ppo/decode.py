@@ -49,6 +49,9 @@ def unsupported_reason(model, tp: int) -> str | None:
         (getattr(model, "position_embedding_type", None) != "rope", "no RoPE"),
         (cfg.fp32_residual_connection or cfg.apply_residual_connection_post_layernorm, "residual options"),
         (cfg.normalization not in ("RMSNorm", "LayerNorm"), f"normalization {cfg.normalization}"),
+        # models/lora.py adds each adapter's delta in a forward hook on the wrapped linear, which the
+        # fast decoder (it multiplies the weights itself) would skip: sampling from the base model
+        (getattr(model, "lora_spec", None) is not None, "LoRA adapters"),
     ]
     for bad, what in checks:
         if bad:
