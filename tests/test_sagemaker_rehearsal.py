@@ -34,7 +34,7 @@ def submit(moto: str, name: str, inputs: Path, tmp_path: Path) -> dict:
     """`alfred-train launch` of the tiny PPO recipe as a 2 x ml.m5.xlarge job; returns the job."""
     overrides = [
         "parallel.tp=1", "parallel.dp=2", f"train.max_steps={STEPS}", "checkpoint.interval=1", "checkpoint.keep=5",
-        "train.eval_interval=0", "ppo.rollouts_per_iter=16", "ppo.rollout_micro_batch=8", "ppo.train_micro_batch=4",
+        "train.eval_interval=0", "ppo.rollouts_per_iter=16", "ppo.rollout_micro_batch=8", "ppo.train_micro_batch=4", "ppo.value_steps_per_epoch=2",
         "ppo.eval_prompts=8", "logging.progress=false", "logging.plots=false", "logging.tensorboard=false",
         "launch.backend=sagemaker", "launch.stage=ppo", f"launch.name={name}", "launch.nodes=2",
         "launch.gpus_per_node=0", "launch.procs_per_node=1", "launch.sagemaker.instance_type=ml.m5.xlarge",
