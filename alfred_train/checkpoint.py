@@ -235,11 +235,7 @@ def find_resumable(ckpt_root: str | Path, runtime, *, node_local: bool = False,
         if site.owner:
             found = mf.problems(path, expect_step=step) if path.is_dir() else [f"{path.name} is missing"]
             mine = "; ".join(found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "") if found else None
-            if mine and site.node_local:
-                mine = f"node {site.node}: {mine}"
-        verdicts = [None] * dist.get_world_size()
-        dist.all_gather_object(verdicts, mine)
-        bad = [v for v in verdicts if v]
+        bad = site.problems_everywhere(mine)
         if not bad:
             chosen = step
             break

@@ -92,11 +92,7 @@ def fetch_newer(s3_root: str, root: Path, newest_local: int | None, runtime, sit
                 problem = _download(uri, root, iter_name(step), s3.make_client())
             except _sync_errors() as err:
                 problem = str(err)
-            if problem and site.node_local:
-                problem = f"node {site.node}: {problem}"
-        verdicts = [None] * dist.get_world_size()
-        dist.all_gather_object(verdicts, problem)
-        bad = [v for v in verdicts if v]
+        bad = site.problems_everywhere(problem)
         if not bad:
             if runtime.is_main:
                 log.info("downloaded %s from %s (verified)", iter_name(step), uri)

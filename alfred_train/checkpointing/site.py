@@ -42,6 +42,15 @@ class Site:
         order = sorted(set(keys))
         return cls(node=order.index(rank - local_rank), nodes=len(order), owner=local_rank == 0, node_local=True)
 
+    def problems_everywhere(self, problem: str | None) -> list[str]:
+        """Collective: every rank's problem with the same candidate (None: fine on that rank),
+        each named by its node in the node-local layout."""
+        if problem and self.node_local:
+            problem = f"node {self.node}: {problem}"
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, problem)
+        return [p for p in found if p]
+
 
 def check_run_dir(run_dir: Path, site: Site) -> None:
     """Collective: refuse (ConfigError, before any step) a run.dir that is not laid out as
@@ -66,7 +75,7 @@ def check_run_dir(run_dir: Path, site: Site) -> None:
         problem = (f"checkpoint.node_local: {run_dir} is shared by {len(seen)} nodes; set "
                    "checkpoint.node_local=false for a shared file system")
     problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
+    dist.all_gather_object(problems, problem)  # (not problems_everywhere: the message names no node)
     if site.owner:
         marker.unlink(missing_ok=True)
     if found := next((p for p in problems if p), None):

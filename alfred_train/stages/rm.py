@@ -111,13 +111,19 @@ def _pair_loss(eod_index, scores):
 # ---------------------------------------------------------------------------------------------
 # The stage.
 
-def init_from(cfg: Config, chunks, shape) -> None:
-    """Load the trunk of `rm.init` (or `checkpoint.init`): an SFT policy (head skipped) or an RM."""
+def _init_checkpoint(cfg: Config, shape):
+    """(path, meta) of `rm.init` (or `checkpoint.init`), refused unless it holds this model shape."""
     path, meta = load_meta(cfg.rm.init or cfg.checkpoint.init)
     saved = meta["state"].get("model")
     if saved is not None and saved != dataclasses.asdict(shape):
         raise ConfigError(f"rm.init: {path} holds a model of shape {saved}, this config builds "
                           f"{dataclasses.asdict(shape)}; set model.* (and model.tokenizer) as in that run")
+    return path, meta
+
+
+def init_from(cfg: Config, chunks, shape) -> None:
+    """Load the trunk of `rm.init` (or `checkpoint.init`): an SFT policy (head skipped) or an RM."""
+    path, meta = _init_checkpoint(cfg, shape)
     if TRUNK_SOURCE in meta["models"]:
         checkpoint.load_models(path, {f"{MODEL_NAME}={TRUNK_SOURCE}": (chunks, None)}, skip=(HEAD,))
     else:
@@ -128,11 +134,7 @@ def init_from(cfg: Config, chunks, shape) -> None:
 def lora_base_ref(cfg: Config, shape):
     """The frozen base of a LoRA reward model: an SFT policy's trunk (the head trains from its seeded
     init) or an RM (head included, trainable)."""
-    path, meta = load_meta(cfg.rm.init or cfg.checkpoint.init)
-    saved = meta["state"].get("model")
-    if saved is not None and saved != dataclasses.asdict(shape):
-        raise ConfigError(f"rm.init: {path} holds a model of shape {saved}, this config builds "
-                          f"{dataclasses.asdict(shape)}; set model.* (and model.tokenizer) as in that run")
+    path, meta = _init_checkpoint(cfg, shape)
     if TRUNK_SOURCE in meta["models"]:
         return lora_checkpoint.base_ref(path, TRUNK_SOURCE, skip=(HEAD,))
     return lora_checkpoint.base_ref(path, MODEL_NAME)
