@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
+
+import psutil
 
 from alfred_train.launch.s3 import parse_s3_uri
 
@@ -149,16 +150,35 @@ class Host:
 
     def reclaim(self) -> None:
         """A spot reclaim: every process of the instance dies at once, its disk is gone."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        if self.sync is not None:
-            self.sync.stop(final=False)
-        shutil.rmtree(self.root, ignore_errors=True)  # code, channels and checkpoints: a new instance
+        self.kill_quietly()
+        shutil.rmtree(self.root)  # code, channels and checkpoints: a new instance
 
     def kill_quietly(self) -> None:
+        """SIGKILL the entry script and every process under it, and wait until none runs. Not
+        `killpg`: torchrun starts each worker in a session of its own, and a worker that survived
+        its host would go on writing into the wiped directory."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                entry = psutil.Process(self.proc.pid)
+                family = [entry, *entry.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                family = []
+            for p in family:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
             self.proc.wait(timeout=30)
+            deadline = time.monotonic() + 60
+            while any(_running(p) for p in family):
+                assert time.monotonic() < deadline, f"a process of host {self.index} outlived SIGKILL"
+                time.sleep(0.05)
         if self.sync is not None:
             self.sync.stop(final=False)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
