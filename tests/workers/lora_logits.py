@@ -3,46 +3,27 @@
     RANK=.. WORLD_SIZE=.. python tests/workers/lora_logits.py TP PP OUT_DIR CKPT [CKPT ...]
 
 Writes OUT_DIR/<i>.pt: the (2, 24, vocab) logits of CKPT number i (tokens: seed 0, ids < vocab).
+One launch for several checkpoints: each launch costs seconds.
 """
 
 import sys
 from pathlib import Path
 
 import torch
+from logits import policy_logits  # tests/workers/logits.py (this script's directory is on sys.path)
 
 
 def main():
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from alfred_train.config import ParallelConfig
-    from alfred_train.models.from_checkpoint import build_from_checkpoint
     from alfred_train.parallel.dims import ParallelDims
     from alfred_train.parallel.init import init_runtime, shutdown
-    from alfred_train.training import run_schedule
 
     tp, pp, out_dir, ckpts = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
     runtime = init_runtime(ParallelDims(tp, pp, 1))
     for i, ckpt in enumerate(ckpts):
-        chunks, shape, _ = build_from_checkpoint(ckpt, ParallelConfig(tp=tp, pp=pp), runtime, backend_name="sdpa")
-        tokens = torch.randint(0, shape.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-        positions = torch.arange(24).expand(2, 24)
-
-        def forward_step(data_iterator, model):
-            next(data_iterator)
-            logits = model(tokens, positions, None)  # (b, s, V/tp)
-
-            def collect(output):
-                full = gather_from_tensor_model_parallel_region(output)[..., : shape.vocab_size]
-                return output.sum() * 0, torch.tensor(1, dtype=torch.int), {"logits": full.detach()}
-            return logits, collect
-
-        for c in chunks:
-            c.eval()
-        with torch.no_grad():
-            reports = run_schedule(chunks, [None], forward_step, seq_len=24, micro_batch_size=2, forward_only=True)
-        if runtime.is_last_stage and runtime.tp_rank == 0:
+        logits = policy_logits(ckpt, tp, pp, runtime)
+        if logits is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(reports[0]["logits"], out_dir / f"{i}.pt")
+            torch.save(logits, out_dir / f"{i}.pt")
     shutdown()
 
 
