@@ -91,8 +91,8 @@ def ours(prompt_len: int, response_len: int, iters: int, threads: int, clock: st
         rollout, _ = compute_advantages(rollout, kl_estimator=kl_fn, beta=0.01, gamma=1.0, lam=0.95,
                                         whiten_rewards=False, whiten_advantages=True, dp_group=runtime.dp_group)
         t2 = now()
-        _update(policy, rollout, 1, 1, 16, policy_forward_step(runtime, clip=0.2, vocab_size=shape.vocab_size), seed=it)
-        _update(value, rollout, 1, 1, 16, value_forward_step(runtime, clip=0.2), seed=it)
+        _update(policy, rollout, 1, 1, 16, policy_forward_step(runtime, clip=0.2, vocab_size=shape.vocab_size), seed=it, first_row=0)
+        _update(value, rollout, 1, 1, 16, value_forward_step(runtime, clip=0.2), seed=it, first_row=0)
         t3 = now()
         if it >= 2:  # the first iteration of each variant is warm-up
             for phase, t in (("generate", t1 - t0), ("score", t2 - t1), ("train", t3 - t2), ("total", t3 - t0)):

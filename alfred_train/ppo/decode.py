@@ -121,28 +121,36 @@ class StageDecoder:
             dist.all_reduce(x, group=self.runtime.tp_group)
         return x
 
-    def _rope(self, t, cos, sin):  # t (B, s, heads, hn); cos, sin (1, s, 1, rot)
+    def _rope(self, t, cos, sin):  # t (..., hn); cos, sin broadcast to (..., rot)
         if self.rot_dim == t.shape[-1]:
             return t * cos + t.roll(self.rot_dim // 2, dims=-1) * sin
         r, rest = t[..., :self.rot_dim], t[..., self.rot_dim:]
         return torch.cat([r * cos + r.roll(self.rot_dim // 2, dims=-1) * sin, rest], dim=-1)
 
-    def _attention(self, index, att, x, slots, mask, rows):
+    def _rope_tables(self, slots, decode: bool):
+        """cos, sin at the given slots, shaped for (B, s, ng, heads per group + 1, hn): built once per
+        forward, shared by every layer. Decode: slots (B,) -> (B, 1, 1, 1, rot); prefill: (P,) -> (1, P, 1, 1, rot)."""
+        cos, sin = self.cos[slots], self.sin_signed[slots]
+        if decode:
+            return cos[:, None, None, None], sin[:, None, None, None]
+        return cos[None, :, None, None], sin[None, :, None, None]
+
+    def _attention(self, index, att, x, slots, mask, rows, rope):
         """x (B, s, h) normed -> this TP rank's attention output projected (B, s, h), not yet reduced.
 
         Prefill (mask bool (R, 1, P, P), True = attend; None: causal, no padding): slots (P,) = 0 .. P-1; the
         prompt attends to its own fresh keys; they are written to cache rows `rows` (None: all).
         Decode (mask = additive bias (B, 1, 1, w)): slots (B,) each row's own cache slot.
+        rope: `_rope_tables(slots, ...)`. A group's queries and key are rotated in one pass.
         """
         batch, seq, _ = x.shape
         per_group = self.heads // self.groups
-        qkv = F.linear(x, att.linear_qkv.weight).view(batch, seq, self.groups, (per_group + 2) * self.head_dim)
-        q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
-        q = q.reshape(batch, seq, self.heads, self.head_dim)  # (B, s, np, hn)
+        qkv = F.linear(x, att.linear_qkv.weight).view(batch, seq, self.groups, per_group + 2, self.head_dim)
+        qk = self._rope(qkv[:, :, :, :per_group + 1], *rope)  # (B, s, ng, np/ng + 1, hn) rotated
+        q = qk[:, :, :, :per_group].reshape(batch, seq, self.heads, self.head_dim)  # (B, s, np, hn)
+        k, v = qk[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (B, s, ng, hn)
         keys, values = self.keys[index], self.values[index]  # (B, ng, S, hn)
         if mask is None or mask.dtype == torch.bool:  # prefill
-            cos, sin = self.cos[slots][None, :, None], self.sin_signed[slots][None, :, None]  # (1, P, 1, rot)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)  # k (R, P, ng, hn)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (R, ng, P, hn)
             if rows is None:
                 keys[:, :, :seq], values[:, :, :seq] = k, v
@@ -152,8 +160,6 @@ class StageDecoder:
                                                  scale=self.scale, enable_gqa=self.heads != self.groups)  # (R, np, P, hn)
             out = out.transpose(1, 2)  # (R, P, np, hn)
         else:  # one token per row at its own slot; a query head's group is head // (np/ng)
-            cos, sin = self.cos[slots][:, None, None], self.sin_signed[slots][:, None, None]  # (B, 1, 1, rot)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)  # k (B, 1, ng, hn)
             keys[self.row_index, :, slots] = k[:, 0]  # (B, ng, hn) at (row b, slot_b)
             values[self.row_index, :, slots] = v[:, 0]
             width = mask.shape[-1]  # S, or on CPU the slots filled so far
@@ -197,9 +203,10 @@ class StageDecoder:
         cache slots [0, w): 0 where visible, -inf elsewhere."""
         if self.model.pre_process:
             x = self._embed(x)
+        rope = self._rope_tables(slots, decode=mask is not None and mask.dtype != torch.bool)
         for i, layer in enumerate(self.model.decoder.layers):
             normed = self._norm(layer.input_layernorm, x)
-            att = self._attention(i, layer.self_attention, normed, slots, mask, rows)
+            att = self._attention(i, layer.self_attention, normed, slots, mask, rows, rope)
             if self.falcon[i]:  # out = x + Attention(LN_attn(x)) + MLP(LN_mlp(x)), one reduce
                 mlp_in = normed if type(layer.pre_mlp_layernorm).__name__ == "IdentityOp" \
                     else self._norm(layer.pre_mlp_layernorm, x)

@@ -59,6 +59,7 @@ response_ids) of shape (B, L), L = P + T (the `Rollout` layout):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from functools import partial
@@ -70,12 +71,12 @@ from alfred_train.errors import ConfigError
 from alfred_train.kernels.logprobs import vocab_parallel_logprobs_and_entropy
 from alfred_train.models.build import unwrap
 from alfred_train.parallel import cpu as cpu_adapter
-from alfred_train.ppo.decode import (FullReforward, KVCacheForward, MegatronKVCache, _check_attention_backend,  # noqa: F401
-                                     _single_chunk, _stage_rank, attention_mask_for, choose_decoder,
-                                     position_ids_from_mask, stage_forward)
+from alfred_train.ppo.decode import (CudaGraphDecode, FullReforward, KVCacheForward, MegatronKVCache,  # noqa: F401
+                                     _check_attention_backend, _single_chunk, _stage_rank, attention_mask_for,
+                                     choose_decoder, position_ids_from_mask, stage_forward)
 from alfred_train.ppo.pipelined import can_pipeline, pipelined_decode
-from alfred_train.ppo.sampling import (SamplingParams, filter_top_k, filter_top_p, mask_logits, sample_next,  # noqa: F401
-                                       uniform_draws)
+from alfred_train.ppo.sampling import (SamplingParams, draw_table, filter_top_k, filter_top_p, mask_logits,  # noqa: F401
+                                       sample_next, uniform_draws)
 
 PADDED_VOCAB_LOGIT = -1e9  # finite "minus infinity" for the log-prob kernel (exp -> 0, no NaN)
 
@@ -141,14 +142,15 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
     response = torch.full((queue_len, n_new + 1), pad_id, dtype=torch.long, device=device)  # (Q, N + 1)
     response_mask = torch.zeros_like(response)
     logprobs = torch.zeros(response.shape, dtype=torch.float32, device=device)
+    draws = draw_table(seed, keys, n_new) if source and not params.greedy else None  # (Q, N) float64
     if pipelined and can_pipeline(runtime, rows, decoder_cls):
         return _generate_pipelined(model, runtime, prompt_ids, prompt_mask, params, rows, eod_id=eod_id,
-                                   vocab_size=vocab_size, seed=seed, pad_id=pad_id, keys=keys, check_every=check_every)
+                                   vocab_size=vocab_size, draws=draws, pad_id=pad_id, check_every=check_every)
     was_training = model.training
     model.eval()  # megatron uses the inference context only in eval mode
     dec, slot_steps, next_prompt, batch_start = None, 0, rows, 0
     try:
-        with cpu_adapter.suspended():
+        with cpu_adapter.suspended(), _decode_mode(decoder_cls):
             owner = torch.arange(rows, device=device)  # (B,) the prompt each row decodes
             dec = decoder_cls(model, runtime, prompt_ids[:rows], prompt_mask[:rows], n_new)
             logits = dec.prefill()
@@ -156,8 +158,9 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
             active = torch.ones(rows, dtype=torch.bool, device=device)  # (B,)
             for loop_step in itertools.count():
                 slot_steps += rows
-                drawn = sample_next(logits, params, step=step_of, vocab_size=vocab_size, eod_id=eod_id, seed=seed,
-                                    keys=keys[owner]) if source else (None, None)
+                drawn = sample_next(logits, params, step=step_of, vocab_size=vocab_size, eod_id=eod_id,
+                                    draws=None if draws is None else draws[owner, step_of.clamp_max(n_new - 1)]) \
+                    if source else (None, None)
                 tokens = torch.where(active, _share(drawn[0], runtime, (rows,), torch.long), pad_id)  # (B,)
                 lp = _share(drawn[1], runtime, (rows,), torch.float32)
                 column = torch.where(active, step_of, n_new)  # idle rows write to the spill column
@@ -196,15 +199,24 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
     return Generation(response[:, :length], response_mask[:, :length], logprobs[:, :length], slot_steps)
 
 
+def _decode_mode(decoder_cls):
+    """`torch.inference_mode` for the fast decoders (no view / version-counter bookkeeping: ~20% of a
+    small CPU decode step); plain no_grad for megatron's forward, whose lru-cached RoPE tables must
+    not become inference tensors that a later training forward would meet. Every tensor the loop
+    returns is written into (or concatenated to) a normal tensor outside the mode."""
+    fast = decoder_cls in (KVCacheForward, CudaGraphDecode)
+    return torch.inference_mode() if fast else contextlib.nullcontext()
+
+
 def _generate_pipelined(model, runtime, prompt_ids, prompt_mask, params, rows, **kw) -> Generation:
     was_training = model.training
     model.eval()
     parts = []
     try:
-        with cpu_adapter.suspended():
+        with cpu_adapter.suspended(), torch.inference_mode():
             for start in range(0, prompt_ids.shape[0], rows):
                 batch = slice(start, start + rows)
-                kw_batch = dict(kw, keys=kw["keys"][batch])
+                kw_batch = dict(kw, draws=None if kw["draws"] is None else kw["draws"][batch])
                 parts.append(pipelined_decode(model, runtime, prompt_ids[batch], prompt_mask[batch], params,
                                               **kw_batch))
     finally:

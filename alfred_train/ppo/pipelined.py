@@ -46,10 +46,12 @@ def _broadcast(runtime, tensor, shape, dtype):
 
 
 @torch.no_grad()
-def pipelined_decode(model, runtime, prompt_ids, prompt_mask, params, *, eod_id: int, vocab_size: int, seed: int,
-                     pad_id: int, keys: torch.Tensor, check_every: int):
+def pipelined_decode(model, runtime, prompt_ids, prompt_mask, params, *, eod_id: int, vocab_size: int, pad_id: int,
+                     draws: torch.Tensor | None, check_every: int):
     """Decode B prompts (B, P) with G = pp groups in flight: (response (B, N), mask (B, N), logprobs (B, N),
-    slot_steps). Collective over the TP and PP groups; the caller suspends the CPU adapter."""
+    slot_steps). draws (B, N): the rows' uniform draws (`sampling.draw_table`), on the sampling rank
+    (None elsewhere, and for greedy decoding). Collective over the TP and PP groups; the caller
+    suspends the CPU adapter."""
     rt, n_new, device = runtime, params.max_new_tokens, runtime.device
     batch, pp, stage = prompt_ids.shape[0], runtime.dims.pp, runtime.pp_rank
     groups = list(torch.arange(batch, device=device).tensor_split(pp))  # G = pp row groups
@@ -63,8 +65,8 @@ def pipelined_decode(model, runtime, prompt_ids, prompt_mask, params, *, eod_id:
 
     def record(rows, step, logits):
         """Sample token `step` of `rows` on the source, share it, record it; True when all rows ended."""
-        drawn = sample_next(logits, params, step=step, vocab_size=vocab_size, eod_id=eod_id, seed=seed,
-                            keys=keys[rows]) if source else None
+        drawn = sample_next(logits, params, step=step, vocab_size=vocab_size, eod_id=eod_id,
+                            draws=None if draws is None else draws[rows, step]) if source else None
         packet = None
         if source:
             packet = torch.cat([drawn[0].double(), drawn[1].double()])  # (2 R,) ids are exact in float64
