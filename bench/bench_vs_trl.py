@@ -11,9 +11,10 @@ score_rollouts -> compute_advantages -> policy step -> value step), models seede
 Our process times two variants, alternating iteration by iteration:
 
     before   megatron's forward + its StaticInferenceContext, the CPU adapter's mode on every call,
-             the scoring pass recomputes the policy's log-probs (the loop before issue 10)
+             the scoring pass recomputes the policy's log-probs, and scores through megatron's
+             forward-only schedule (the loop before issue 10)
     ours     the fast decoder (`decode.StageDecoder`), the sampler's log-probs
-             (ppo.recompute_logprobs=false)
+             (ppo.recompute_logprobs=false), scoring by `StageDecoder.score`
 
 TRL and our process alternate (--rounds times per shape); medians over iterations after the first.
 On a shared machine, --clock cpu --threads 1 times each side by its process CPU time (TRL: its own
@@ -73,13 +74,14 @@ def ours(prompt_len: int, response_len: int, iters: int, threads: int, clock: st
     gen = torch.Generator().manual_seed(0)
     kl_fn = ppo_math.kl_estimator(o.kl_estimator)
     times: dict = {"before": {}, "ours": {}}
-    real_choose, real_suspended = generation.choose_decoder, cpu_adapter.suspended
+    real_choose, real_suspended, real_fast = generation.choose_decoder, cpu_adapter.suspended, generation._fast_scoring
     now = CLOCKS[clock]
     for it in range(2 * (iters + 1)):
         variant = ("before", "ours")[it % 2]
         if variant == "before":
             generation.choose_decoder = lambda model, rt: generation.MegatronKVCache
             cpu_adapter.suspended = contextlib.nullcontext
+            generation._fast_scoring = lambda chunks, rt: False  # megatron's forward-only schedule scores
         prompts = torch.randint(3, shape.vocab_size, (16, prompt_len), generator=gen).tolist()
         t0 = now()
         rollout, _ = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=16, eod_id=2, pad_id=0,
@@ -93,6 +95,7 @@ def ours(prompt_len: int, response_len: int, iters: int, threads: int, clock: st
         t2 = now()
         _update(policy, rollout, 1, 1, 16, policy_forward_step(runtime, clip=0.2, vocab_size=shape.vocab_size), seed=it, first_row=0)
         _update(value, rollout, 1, 1, 16, value_forward_step(runtime, clip=0.2), seed=it, first_row=0)
+        generation._fast_scoring = real_fast
         t3 = now()
         if it >= 2:  # the first iteration of each variant is warm-up
             for phase, t in (("generate", t1 - t0), ("score", t2 - t1), ("train", t3 - t2), ("total", t3 - t0)):

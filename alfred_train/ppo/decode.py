@@ -79,7 +79,7 @@ class StageDecoder:
     over TP) of the newest position (B, 1, V) on the last stage.
     """
 
-    def __init__(self, model, runtime, batch: int, max_len: int):
+    def __init__(self, model, runtime, batch: int, max_len: int, cache: bool = True):
         cfg = model.config
         self.model, self.runtime = model, runtime
         self.tp = runtime.dims.tp
@@ -96,8 +96,9 @@ class StageDecoder:
         layers = len(model.decoder.layers)
         cache_shape = (layers, batch, self.groups, max_len, self.head_dim)  # (L, B, ng, S, hn)
         self.row_index = torch.arange(batch, device=self.device)  # (B,)
-        self.keys = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
-        self.values = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+        # cache=False: whole sequences only (scoring), nothing kept
+        self.keys = torch.zeros(cache_shape, dtype=self.dtype, device=self.device) if cache else None
+        self.values = torch.zeros(cache_shape, dtype=self.dtype, device=self.device) if cache else None
         emb = model.rotary_pos_emb.get_emb(max_len).to(self.device)[:, 0, 0, :]  # (S, rot) float32
         half = emb.shape[-1] // 2
         self.rot_dim = emb.shape[-1]
@@ -149,6 +150,11 @@ class StageDecoder:
         qk = self._rope(qkv[:, :, :, :per_group + 1], *rope)  # (B, s, ng, np/ng + 1, hn) rotated
         q = qk[:, :, :, :per_group].reshape(batch, seq, self.heads, self.head_dim)  # (B, s, np, hn)
         k, v = qk[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (B, s, ng, hn)
+        if self.keys is None:  # no cache: a whole sequence attends to itself
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, ng, s, hn)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
+                                                 scale=self.scale, enable_gqa=self.heads != self.groups)
+            return F.linear(out.transpose(1, 2).reshape(batch, seq, -1), att.linear_proj.weight)
         keys, values = self.keys[index], self.values[index]  # (B, ng, S, hn)
         if mask is None or mask.dtype == torch.bool:  # prefill
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (R, ng, P, hn)
@@ -185,10 +191,13 @@ class StageDecoder:
             return F.embedding(ids, emb.word_embeddings.weight)  # (B, s, h)
         return emb(input_ids=ids, position_ids=None).transpose(0, 1)  # megatron gives (s, B, h)
 
-    def _logits(self, x):
+    def _logits(self, x, gather: bool = True):
         x = self._norm(self.model.decoder.final_layernorm, x)
-        shard = F.linear(x, self.model.output_layer.weight)  # (B, s, V/tp)
-        if self.tp == 1:
+        head = self.model.output_layer
+        if type(head).__name__ == "ScalarHead":  # a reward / value model: one score per position (B, s, 1)
+            return F.linear(x, head.weight, head.bias)
+        shard = F.linear(x, head.weight)  # (B, s, V/tp)
+        if self.tp == 1 or not gather:
             return shard
         parts = [torch.empty_like(shard) for _ in range(self.tp)]
         dist.all_gather(parts, shard.contiguous(), group=self.runtime.tp_group)
@@ -201,6 +210,19 @@ class StageDecoder:
         mask (R, 1, P, P) bool (True = attend), rows (R,) the cache rows written (None: all B).
         Decode (s = 1): slots (B,) each row's cache slot, mask an additive bias (B, 1, 1, w) over
         cache slots [0, w): 0 where visible, -inf elsewhere."""
+        x = self._layers(x, slots, mask, rows)
+        if self.model.post_process:
+            return self._logits(x[:, -1:])  # only the newest position is ever sampled from: (B, 1, V)
+        return x
+
+    def score(self, ids, mask):
+        """A whole-sequence forward of one stage that is first and last, without a cache (scoring):
+        ids (B, L), mask (B, 1, L, L) bool True = attend (None: causal, no padding) -> this TP rank's
+        vocabulary shard of the logits (B, L, V/tp), or a scalar head's (B, L, 1)."""
+        slots = torch.arange(ids.shape[1], device=ids.device)
+        return self._logits(self._layers(ids, slots, mask, None), gather=False)
+
+    def _layers(self, x, slots, mask, rows):
         if self.model.pre_process:
             x = self._embed(x)
         rope = self._rope_tables(slots, decode=mask is not None and mask.dtype != torch.bool)
@@ -214,8 +236,6 @@ class StageDecoder:
             else:
                 x = x + self._tp_sum(att)
                 x = x + self._tp_sum(self._mlp(layer.mlp, self._norm(layer.pre_mlp_layernorm, x)))
-        if self.model.post_process:
-            return self._logits(x[:, -1:])  # only the newest position is ever sampled from: (B, 1, V)
         return x
 
 
