@@ -55,6 +55,36 @@ def padded_prompts():
     return (ids * mask).to(DEVICE), mask.to(DEVICE)
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+def lora_policy(runtime):
+    """The policy with rank-4 adapters on every target, B random (not PEFT's zero init) and the same
+    global matrices at any layout: the fast decoder must add each delta where megatron's hook does."""
+    from alfred_train.models import lora
+    from alfred_train.models.build import unwrap
+
+    chunks = build(runtime, "lm", seed=3)
+    spec = lora.AdapterSpec({t: {"rank": 4, "scale": 2.0} for t in LORA_TARGETS})
+    lora.attach(chunks, spec, kind="lm")
+    lora.init_adapters(chunks, seed=1)
+    tp, rank = runtime.dims.tp, runtime.tp_rank
+    with torch.no_grad():
+        for layer in unwrap(chunks[0]).decoder.layers:
+            for parent in (layer.self_attention, layer.mlp):
+                for name, adapter in parent.named_children():
+                    if not name.startswith("lora_"):
+                        continue
+                    b = adapter.lora_B  # (n_out / tp, r) column-parallel, (n_out, r) row-parallel
+                    seed = 100 * layer.layer_number + LORA_TARGETS.index(name[len("lora_"):])
+                    full = torch.randn(b.shape[0] * (tp if adapter.column else 1), b.shape[1],
+                                       generator=torch.Generator().manual_seed(seed)) * 0.3
+                    if adapter.column:  # this rank's rows; SwiGLU's fc1: its share of [gate; up] each
+                        full = torch.cat([part.chunk(tp)[rank] for part in (full.chunk(2) if adapter.gated else (full,))])
+                    b.copy_(full.to(b.device))
+    return chunks
+
+
 def layout_results(runtime) -> dict:
     """Everything the layout tests compare, computed at this rank's TP/PP layout."""
     from alfred_train.ppo.generation import (MegatronKVCache, SamplingParams, generate, generate_all,
@@ -91,6 +121,12 @@ def layout_results(runtime) -> dict:
                                         micro_batch_size=1)
     out["values"] = sequence_values(scalar, runtime, sequences, seq_mask, ids.shape[1])
     out["scores"] = score_at_eod(scalar, runtime, sequences, seq_mask, eod_index)
+    adapted = lora_policy(runtime)  # LoRA: the fast decoder and scoring vs megatron's forward with its hooks
+    out["lora_greedy"] = generate(adapted, runtime, ids, mask, greedy, **kw)
+    out["lora_greedy_megatron"] = generate(adapted, runtime, ids, mask, greedy, decoder=MegatronKVCache, **kw)
+    lora_seq = torch.cat([ids, out["lora_greedy"][0]], 1)
+    lora_mask = torch.cat([mask, out["lora_greedy"][1]], 1)
+    out["lora_logprobs"] = sequence_logprobs(adapted, runtime, lora_seq, lora_mask, ids.shape[1], vocab_size=VOCAB)
     return out
 
 
@@ -205,6 +241,27 @@ def test_kv_cache_greedy_equals_full_reforward_and_each_prompt_alone(runtime, po
                             SamplingParams(max_new_tokens=12, greedy=True), eod_id=EOD, vocab_size=VOCAB, seed=0)
         assert alone[0].tolist() == response[row].tolist(), f"row {row} differs when generated alone"
     assert len({tuple(r) for r in response.tolist()}) == 3  # rows really differ: the test can fail
+
+
+def test_lora_policy_decodes_fast_with_its_adapters(runtime, reference):
+    """The fast decoder adds each adapter's delta itself: the same tokens as megatron's forward with
+    the adapters' hooks, not the base model's; scoring likewise (its log-probs of those tokens)."""
+    from alfred_train.ppo import generation
+    from alfred_train.models.build import unwrap
+    from alfred_train.ppo.decode import KVCacheForward, choose_decoder
+
+    adapted = lora_policy(runtime)
+    assert choose_decoder(unwrap(adapted[0]), runtime) is KVCacheForward and generation._fast_scoring(adapted, runtime)
+    fast, megatron = reference["lora_greedy"], reference["lora_greedy_megatron"]
+    assert torch.equal(fast[0], megatron[0]) and torch.equal(fast[1], megatron[1])
+    assert not torch.equal(fast[0], reference["greedy"][0])  # the adapters change the tokens: the test can fail
+    ids, mask = padded_prompts()
+    seq, seq_mask = torch.cat([ids, fast[0]], 1), torch.cat([mask, fast[1]], 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generation, "_fast_scoring", lambda chunks, rt: False)  # megatron's forward, hooks and all
+        slow = generation.sequence_logprobs(adapted, runtime, seq, seq_mask, ids.shape[1], vocab_size=VOCAB)
+    for got, want in zip(reference["lora_logprobs"], slow):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 def test_continuous_batching_gives_each_prompt_its_static_tokens(reference):
@@ -403,7 +460,8 @@ def test_tp_pp_layouts_match_tp1(tmp_path, reference, tp, pp):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(tp * pp)]
     for got in ranks:
         where = f"tp_rank,pp_rank={got['coords']}"
-        for key in ("greedy", "greedy_full", "greedy_megatron"):  # ids and masks, every rank, token for token
+        for key in ("greedy", "greedy_full", "greedy_megatron", "lora_greedy", "lora_greedy_megatron"):
+            # ids and masks, every rank, token for token
             for mine, ref in zip(got[key], reference[key]):
                 assert torch.equal(mine, ref), f"{key} differs from TP=1 on {where}"
         for name in ("greedy", "sampled"):
@@ -414,8 +472,9 @@ def test_tp_pp_layouts_match_tp1(tmp_path, reference, tp, pp):
         ids, ids_mask, sampler_logprobs = got["sampled"]
         assert torch.equal(ids, reference["sampled"][0]) and torch.equal(ids_mask, reference["sampled"][1]), where
         torch.testing.assert_close(sampler_logprobs, reference["sampled"][2], atol=1e-5, rtol=0)
-        for mine, ref in zip(got["logprobs"], reference["logprobs"]):
-            torch.testing.assert_close(mine, ref, atol=1e-5, rtol=0)
+        for key in ("logprobs", "lora_logprobs"):
+            for mine, ref in zip(got[key], reference[key]):
+                torch.testing.assert_close(mine, ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(got["values"], reference["values"], atol=1e-5, rtol=0)
         torch.testing.assert_close(got["scores"], reference["scores"], atol=1e-5, rtol=0)
     assert not torch.equal(reference["sampled"][0], reference["greedy"][0])  # sampling really sampled

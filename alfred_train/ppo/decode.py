@@ -18,8 +18,9 @@ sequence every time (what a CUDA graph needs). Slot-based RoPE (not position ids
 rule too; q.k depends only on slot differences, which left padding shifts equally.
 
 Supported: megatron's local layer spec (torch norms), llama (RMSNorm, SwiGLU) and Falcon's parallel
-layer (LayerNorm, GELU), no linear biases, num_query_groups divisible by TP. `unsupported_reason`
-names what is not; generation then falls back to megatron's own forward.
+layer (LayerNorm, GELU), no linear biases, num_query_groups divisible by TP; LoRA adapters
+(models/lora.py: each delta added where its forward hook adds it), except on Falcon's parallel layer.
+`unsupported_reason` names what is not; generation then falls back to megatron's own forward.
 """
 
 from __future__ import annotations
@@ -49,9 +50,13 @@ def unsupported_reason(model, tp: int) -> str | None:
         (getattr(model, "position_embedding_type", None) != "rope", "no RoPE"),
         (cfg.fp32_residual_connection or cfg.apply_residual_connection_post_layernorm, "residual options"),
         (cfg.normalization not in ("RMSNorm", "LayerNorm"), f"normalization {cfg.normalization}"),
-        # models/lora.py adds each adapter's delta in a forward hook on the wrapped linear, which the
-        # fast decoder (it multiplies the weights itself) would skip: sampling from the base model
-        (getattr(model, "lora_spec", None) is not None, "LoRA adapters"),
+        # models/lora.py adds each adapter's delta in a forward hook on the wrapped linear; the fast
+        # decoder adds the same deltas itself (`_column`, `_row`), but not inside Falcon's one reduce
+        (getattr(model, "lora_spec", None) is not None and
+         any(type(layer).__name__ == "FalconLayer" for layer in model.decoder.layers),
+         "LoRA adapters on Falcon's parallel layers"),
+        # PPO's frozen copies (reference, reward) of an adapted model turn its adapters off in a wrapper
+        (type(model).__name__ == "AdaptersOff", "a frozen copy of an adapted model"),
     ]
     for bad, what in checks:
         if bad:
@@ -94,6 +99,10 @@ class StageDecoder:
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         layers = len(model.decoder.layers)
+        # LoRA adapters by (id(parent module), target linear): a lookup, not a failing getattr, per linear
+        self.adapters = {(id(parent), name[len("lora_"):]): adapter for layer in model.decoder.layers
+                         for parent in (layer.self_attention, layer.mlp)
+                         for name, adapter in parent.named_children() if name.startswith("lora_")}
         cache_shape = (layers, batch, self.groups, max_len, self.head_dim)  # (L, B, ng, S, hn)
         self.row_index = torch.arange(batch, device=self.device)  # (B,)
         # cache=False: whole sequences only (scoring), nothing kept
@@ -122,6 +131,21 @@ class StageDecoder:
             dist.all_reduce(x, group=self.runtime.tp_group)
         return x
 
+    def _lora(self, parent, target, x, y):
+        """y plus the LoRA adapter's delta of `parent.target` for input x, as models/lora.py's hook adds it."""
+        adapter = self.adapters.get((id(parent), target))
+        return y if adapter is None or not adapter.enabled else y + adapter.delta(x).to(y.dtype)
+
+    def _column(self, parent, target, x):
+        """A column-parallel linear: this rank's output shard (+ its adapter's)."""
+        return self._lora(parent, target, x, F.linear(x, getattr(parent, target).weight))
+
+    def _row(self, parent, target, x, reduce: bool = True):
+        """A row-parallel linear, summed over TP (+ its adapter's delta after the sum, as megatron's
+        forward hook sees it); reduce=False: this rank's partial sum (Falcon's one reduce per layer)."""
+        y = F.linear(x, getattr(parent, target).weight)
+        return self._lora(parent, target, x, self._tp_sum(y)) if reduce else y
+
     def _rope(self, t, cos, sin):  # t (..., hn); cos, sin broadcast to (..., rot)
         if self.rot_dim == t.shape[-1]:
             return t * cos + t.roll(self.rot_dim // 2, dims=-1) * sin
@@ -136,8 +160,8 @@ class StageDecoder:
             return cos[:, None, None, None], sin[:, None, None, None]
         return cos[None, :, None, None], sin[None, :, None, None]
 
-    def _attention(self, index, att, x, slots, mask, rows, rope):
-        """x (B, s, h) normed -> this TP rank's attention output projected (B, s, h), not yet reduced.
+    def _attention(self, index, att, x, slots, mask, rows, rope, reduce=True):
+        """x (B, s, h) normed -> attention output projected (B, s, h), summed over TP (reduce=False: not yet).
 
         Prefill (mask bool (R, 1, P, P), True = attend; None: causal, no padding): slots (P,) = 0 .. P-1; the
         prompt attends to its own fresh keys; they are written to cache rows `rows` (None: all).
@@ -146,7 +170,7 @@ class StageDecoder:
         """
         batch, seq, _ = x.shape
         per_group = self.heads // self.groups
-        qkv = F.linear(x, att.linear_qkv.weight).view(batch, seq, self.groups, per_group + 2, self.head_dim)
+        qkv = self._column(att, "linear_qkv", x).view(batch, seq, self.groups, per_group + 2, self.head_dim)
         qk = self._rope(qkv[:, :, :, :per_group + 1], *rope)  # (B, s, ng, np/ng + 1, hn) rotated
         q = qk[:, :, :, :per_group].reshape(batch, seq, self.heads, self.head_dim)  # (B, s, np, hn)
         k, v = qk[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (B, s, ng, hn)
@@ -154,7 +178,7 @@ class StageDecoder:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, ng, s, hn)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
                                                  scale=self.scale, enable_gqa=self.heads != self.groups)
-            return F.linear(out.transpose(1, 2).reshape(batch, seq, -1), att.linear_proj.weight)
+            return self._row(att, "linear_proj", out.transpose(1, 2).reshape(batch, seq, -1), reduce)
         keys, values = self.keys[index], self.values[index]  # (B, ng, S, hn)
         if mask is None or mask.dtype == torch.bool:  # prefill
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (R, ng, P, hn)
@@ -174,16 +198,16 @@ class StageDecoder:
             probs = scores.float().softmax(dim=-1).to(values.dtype)  # (B, ng, np/ng, w)
             out = torch.matmul(probs, values[:, :, :width])  # (B, ng, np/ng, hn) == (B, 1, np, hn) in head order
         out = out.reshape(batch, seq, self.heads * self.head_dim)
-        return F.linear(out, att.linear_proj.weight)  # (B, s, h)
+        return self._row(att, "linear_proj", out, reduce)  # (B, s, h)
 
-    def _mlp(self, mlp, x):
-        y = F.linear(x, mlp.linear_fc1.weight)
+    def _mlp(self, mlp, x, reduce=True):
+        y = self._column(mlp, "linear_fc1", x)
         if self.gated:
             gate, up = torch.chunk(y, 2, dim=-1)
             y = self.activation(gate) * up
         else:
             y = self.activation(y)
-        return F.linear(y, mlp.linear_fc2.weight)
+        return self._row(mlp, "linear_fc2", y, reduce)
 
     def _embed(self, ids):
         emb = self.model.embedding
@@ -228,14 +252,14 @@ class StageDecoder:
         rope = self._rope_tables(slots, decode=mask is not None and mask.dtype != torch.bool)
         for i, layer in enumerate(self.model.decoder.layers):
             normed = self._norm(layer.input_layernorm, x)
-            att = self._attention(i, layer.self_attention, normed, slots, mask, rows, rope)
+            att = self._attention(i, layer.self_attention, normed, slots, mask, rows, rope, reduce=not self.falcon[i])
             if self.falcon[i]:  # out = x + Attention(LN_attn(x)) + MLP(LN_mlp(x)), one reduce
                 mlp_in = normed if type(layer.pre_mlp_layernorm).__name__ == "IdentityOp" \
                     else self._norm(layer.pre_mlp_layernorm, x)
-                x = x + self._tp_sum(att + self._mlp(layer.mlp, mlp_in))
+                x = x + self._tp_sum(att + self._mlp(layer.mlp, mlp_in, reduce=False))
             else:
-                x = x + self._tp_sum(att)
-                x = x + self._tp_sum(self._mlp(layer.mlp, self._norm(layer.pre_mlp_layernorm, x)))
+                x = x + att
+                x = x + self._mlp(layer.mlp, self._norm(layer.pre_mlp_layernorm, x))
         return x
 
 
