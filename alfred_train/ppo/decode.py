@@ -174,22 +174,19 @@ class StageDecoder:
         qk = self._rope(qkv[:, :, :, :per_group + 1], *rope)  # (B, s, ng, np/ng + 1, hn) rotated
         q = qk[:, :, :, :per_group].reshape(batch, seq, self.heads, self.head_dim)  # (B, s, np, hn)
         k, v = qk[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (B, s, ng, hn)
-        if self.keys is None:  # no cache: a whole sequence attends to itself
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, ng, s, hn)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
-                                                 scale=self.scale, enable_gqa=self.heads != self.groups)
-            return self._row(att, "linear_proj", out.transpose(1, 2).reshape(batch, seq, -1), reduce)
-        keys, values = self.keys[index], self.values[index]  # (B, ng, S, hn)
-        if mask is None or mask.dtype == torch.bool:  # prefill
+        if mask is None or mask.dtype == torch.bool:  # prefill, or a whole sequence without a cache (scoring)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (R, ng, P, hn)
-            if rows is None:
-                keys[:, :, :seq], values[:, :, :seq] = k, v
-            else:
-                keys[rows, :, :seq], values[rows, :, :seq] = k, v
+            if self.keys is not None:
+                keys, values = self.keys[index], self.values[index]  # (B, ng, S, hn)
+                if rows is None:
+                    keys[:, :, :seq], values[:, :, :seq] = k, v
+                else:
+                    keys[rows, :, :seq], values[rows, :, :seq] = k, v
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
                                                  scale=self.scale, enable_gqa=self.heads != self.groups)  # (R, np, P, hn)
             out = out.transpose(1, 2)  # (R, P, np, hn)
         else:  # one token per row at its own slot; a query head's group is head // (np/ng)
+            keys, values = self.keys[index], self.values[index]  # (B, ng, S, hn)
             keys[self.row_index, :, slots] = k[:, 0]  # (B, ng, hn) at (row b, slot_b)
             values[self.row_index, :, slots] = v[:, 0]
             width = mask.shape[-1]  # S, or on CPU the slots filled so far
@@ -299,6 +296,18 @@ def _single_chunk(chunks) -> torch.nn.Module:
 
 def _stage_rank(runtime, pp_rank: int) -> int:
     return dist.get_global_rank(runtime.pp_group, pp_rank)
+
+
+def share_from_sampler(tensor, runtime, shape, dtype) -> torch.Tensor:
+    """A tensor from the sampling rank (last stage, TP rank 0) to every rank of its TP and PP groups;
+    `tensor` is None elsewhere (a buffer of `shape`, `dtype` receives it)."""
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype, device=runtime.device)
+    if runtime.dims.tp > 1 and runtime.is_last_stage:
+        dist.broadcast(tensor, src=dist.get_global_rank(runtime.tp_group, 0), group=runtime.tp_group)
+    if runtime.dims.pp > 1:
+        dist.broadcast(tensor, src=_stage_rank(runtime, runtime.dims.pp - 1), group=runtime.pp_group)
+    return tensor
 
 
 def stage_forward(model, runtime, input_ids, position_ids, attention_mask, *, inference_context=None):

@@ -73,8 +73,8 @@ from alfred_train.models.build import unwrap
 from alfred_train.parallel import cpu as cpu_adapter
 from alfred_train.ppo.decode import (CudaGraphDecode, FullReforward, KVCacheForward, MegatronKVCache,  # noqa: F401
                                      StageDecoder, _check_attention_backend, _single_chunk, _stage_rank,
-                                     attention_mask_for, choose_decoder, position_ids_from_mask, stage_forward,
-                                     unsupported_reason)
+                                     attention_mask_for, choose_decoder, position_ids_from_mask, share_from_sampler,
+                                     stage_forward, unsupported_reason)
 from alfred_train.ppo.pipelined import can_pipeline, pipelined_decode
 from alfred_train.ppo.sampling import (SamplingParams, draw_table, filter_top_k, filter_top_p, mask_logits,  # noqa: F401
                                        sample_next, uniform_draws)
@@ -83,17 +83,6 @@ PADDED_VOCAB_LOGIT = -1e9  # finite "minus infinity" for the log-prob kernel (ex
 
 
 # --------------------------------------------------------------------------- the decode loop
-
-def _share(tensor, runtime, shape, dtype) -> torch.Tensor:
-    """A tensor from (last stage, TP rank 0) to every rank of its TP and PP groups."""
-    if tensor is None:
-        tensor = torch.empty(shape, dtype=dtype, device=runtime.device)
-    if runtime.dims.tp > 1 and runtime.is_last_stage:
-        dist.broadcast(tensor, src=dist.get_global_rank(runtime.tp_group, 0), group=runtime.tp_group)
-    if runtime.dims.pp > 1:
-        dist.broadcast(tensor, src=_stage_rank(runtime, runtime.dims.pp - 1), group=runtime.pp_group)
-    return tensor
-
 
 # "Which rows finished?" is asked of the device every step on CPU (free there) and every 16 steps on
 # a GPU (a host sync stalls the launch queue); rows finished in between idle (their tokens dropped).
@@ -162,8 +151,8 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
                 drawn = sample_next(logits, params, step=step_of, vocab_size=vocab_size, eod_id=eod_id,
                                     draws=None if draws is None else draws[owner, step_of.clamp_max(n_new - 1)]) \
                     if source else (None, None)
-                tokens = torch.where(active, _share(drawn[0], runtime, (rows,), torch.long), pad_id)  # (B,)
-                lp = _share(drawn[1], runtime, (rows,), torch.float32)
+                tokens = torch.where(active, share_from_sampler(drawn[0], runtime, (rows,), torch.long), pad_id)  # (B,)
+                lp = share_from_sampler(drawn[1], runtime, (rows,), torch.float32)
                 column = torch.where(active, step_of, n_new)  # idle rows write to the spill column
                 response[owner, column] = tokens
                 response_mask[owner, column] = active.long()
@@ -279,10 +268,10 @@ def _score(chunks, runtime, sequences, attention_mask, reduce, out_shape, micro_
                           "make the rollout batch a multiple of the scoring micro-batch size")
     sequences = sequences.to(runtime.device)
     attention_mask = attention_mask.to(runtime.device)
-    positions = position_ids_from_mask(attention_mask)  # (B, L)
     rows = [slice(i, i + mbs) for i in range(0, batch, mbs)]
     if _fast_scoring(chunks, runtime):
         return _score_fast(unwrap(chunks[0]), runtime, sequences, attention_mask, reduce, rows)
+    positions = position_ids_from_mask(attention_mask)  # (B, L)
 
     def forward_step(data_iterator, model):
         r = next(data_iterator)

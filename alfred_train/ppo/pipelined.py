@@ -27,22 +27,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from alfred_train.ppo.decode import KVCacheForward, _stage_rank
+from alfred_train.ppo.decode import KVCacheForward, _stage_rank, share_from_sampler
 from alfred_train.ppo.sampling import sample_next
 
 
 def can_pipeline(runtime, batch: int, decoder_cls) -> bool:
     return runtime.dims.pp > 1 and batch >= runtime.dims.pp and decoder_cls is KVCacheForward
-
-
-def _broadcast(runtime, tensor, shape, dtype):
-    """From (last stage, TP rank 0) to every rank of its TP and PP groups."""
-    if tensor is None:
-        tensor = torch.empty(shape, dtype=dtype, device=runtime.device)
-    if runtime.dims.tp > 1 and runtime.is_last_stage:
-        dist.broadcast(tensor, src=dist.get_global_rank(runtime.tp_group, 0), group=runtime.tp_group)
-    dist.broadcast(tensor, src=_stage_rank(runtime, runtime.dims.pp - 1), group=runtime.pp_group)
-    return tensor
 
 
 @torch.no_grad()
@@ -70,7 +60,7 @@ def pipelined_decode(model, runtime, prompt_ids, prompt_mask, params, *, eod_id:
         packet = None
         if source:
             packet = torch.cat([drawn[0].double(), drawn[1].double()])  # (2 R,) ids are exact in float64
-        packet = _broadcast(rt, packet, (2 * len(rows),), torch.float64)
+        packet = share_from_sampler(packet, rt, (2 * len(rows),), torch.float64)
         tokens, lp = packet[:len(rows)].long(), packet[len(rows):].float()
         ended = done[rows]
         tokens = torch.where(ended, pad_id, tokens)
