@@ -7,7 +7,7 @@ full length; each stage one thread. Interleaved runs, medians:
 
     before   megatron's forward + StaticInferenceContext on each stage, the CPU adapter's mode on
              every call (the loop before issue 10)
-    unpipelined  the fast decoder (`decode.StageDecoder`) on each stage, the adapter suspended,
+    unpipelined  the fast decoder (`stage_decoder.StageDecoder`) on each stage, the adapter suspended,
              each token through the stages one after the other
     now      the same with the batch split into 2 row groups in flight (`ppo/pipelined.py`)
 

@@ -9,7 +9,7 @@ unpadded prompts (HF and we then agree on positions), fp32. Ours and HF alternat
 HF, ...), then the old loop runs --repeats times; each figure is the median over --repeats; the machine
 may be shared, so only same-run ratios mean much.
 
-    ours     `ppo.generation.generate` (the decode loop of `decode.StageDecoder`, CPU adapter suspended)
+    ours     `ppo.generation.generate` (the decode loop of `stage_decoder.StageDecoder`, CPU adapter suspended)
     before   megatron's own forward with its StaticInferenceContext and the CPU adapter on every call
              (the loop as it was before issue 10: `MegatronKVCache`)
     HF       `LlamaForCausalLM.generate` (KV cache, SDPA), transformers 5.23

@@ -13,7 +13,7 @@ Our process times two variants, alternating iteration by iteration:
     before   megatron's forward + its StaticInferenceContext, the CPU adapter's mode on every call,
              the scoring pass recomputes the policy's log-probs, and scores through megatron's
              forward-only schedule (the loop before issue 10)
-    ours     the fast decoder (`decode.StageDecoder`), the sampler's log-probs
+    ours     the fast decoder (`stage_decoder.StageDecoder`), the sampler's log-probs
              (ppo.recompute_logprobs=false), scoring by `StageDecoder.score`
 
 TRL and our process alternate (--rounds times per shape); medians over iterations after the first.

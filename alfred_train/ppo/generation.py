@@ -3,7 +3,7 @@
 Generation (`generate`): B left-padded prompts (B, P) go through the model once (prefill, filling
 a KV cache of S = P + max_new_tokens slots), then one token per step. The decoder
 (`decode.choose_decoder`): `KVCacheForward` runs this stage's layers straight on their weights
-(`decode.StageDecoder`; RoPE tables and the key mask built once per generation), captured in a
+(`stage_decoder.StageDecoder`; RoPE tables and the key mask built once per generation), captured in a
 CUDA graph on one GPU (`CudaGraphDecode`, eager fallback); megatron's own forward with its
 `StaticInferenceContext` (`MegatronKVCache`) for what the fast decoder does not support. The
 CPU adapter's global function mode is suspended for the loop (`parallel.cpu.suspended`).
@@ -72,12 +72,12 @@ from alfred_train.kernels.logprobs import vocab_parallel_logprobs_and_entropy
 from alfred_train.models.build import unwrap
 from alfred_train.parallel import cpu as cpu_adapter
 from alfred_train.ppo.decode import (CudaGraphDecode, FullReforward, KVCacheForward, MegatronKVCache,  # noqa: F401
-                                     StageDecoder, _check_attention_backend, _single_chunk, _stage_rank,
-                                     attention_mask_for, choose_decoder, position_ids_from_mask, share_from_sampler,
-                                     stage_forward, unsupported_reason)
+                                     _check_attention_backend, _single_chunk, _stage_rank, attention_mask_for,
+                                     choose_decoder, position_ids_from_mask, share_from_sampler, stage_forward)
 from alfred_train.ppo.pipelined import can_pipeline, pipelined_decode
 from alfred_train.ppo.sampling import (SamplingParams, draw_table, filter_top_k, filter_top_p, mask_logits,  # noqa: F401
                                        sample_next, uniform_draws)
+from alfred_train.ppo.stage_decoder import StageDecoder, unsupported_reason
 
 PADDED_VOCAB_LOGIT = -1e9  # finite "minus infinity" for the log-prob kernel (exp -> 0, no NaN)
 
