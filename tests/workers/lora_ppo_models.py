@@ -13,30 +13,19 @@ import sys
 from pathlib import Path
 
 import torch
+from ppo_models import save_seeded_inits  # tests/workers/ppo_models.py (this script's directory is on sys.path)
 
 
 def main():
     from alfred_train import checkpoint
-    from alfred_train.config import load_config
     from alfred_train.models import lora, lora_checkpoint
-    from alfred_train.parallel.dims import ParallelDims
-    from alfred_train.parallel.init import init_runtime, shutdown
+    from alfred_train.parallel.init import shutdown
     from alfred_train.ppo.generation import score_at_eod, sequence_logprobs, sequence_values
     from alfred_train.stages import common, ppo
 
     out = Path(sys.argv[1])
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny-ppo.yaml",
-                      ["parallel.tp=1", f"ppo.policy_init={out / 'sft'}", f"ppo.reward_init={out / 'rm'}",
-                       "lora.rank=4", "lora.targets=[linear_qkv,linear_proj,linear_fc1,linear_fc2]"])
-    runtime = init_runtime(ParallelDims(1, 1, 1))
-    tokenizer = common.tokenizer_for(cfg)
-    shape = common.shape_for(cfg, tokenizer)
-    backend = common.attention_backend(cfg, runtime)
-    state = {"model": dataclasses.asdict(shape), "tokenizer": common.tokenizer_path(cfg)}
-    lm = common.make_model(cfg, runtime, shape, kind="lm", backend=backend, seed=11)
-    scalar = common.make_model(cfg, runtime, shape, kind="scalar", backend=backend, seed=22)
-    checkpoint.save_checkpoint(out / "sft" / "checkpoints", 1, {"policy": (lm, None)}, state, runtime, 1, common.layout(cfg))
-    checkpoint.save_checkpoint(out / "rm" / "checkpoints", 1, {"reward": (scalar, None)}, state, runtime, 1, common.layout(cfg))
+    cfg, runtime, tokenizer, shape, backend, state = save_seeded_inits(
+        out, ["lora.rank=4", "lora.targets=[linear_qkv,linear_proj,linear_fc1,linear_fc2]"])
 
     policy, value, models = ppo.build_lora_models(cfg, runtime, shape, backend)
     reference = ppo._frozen(common.make_model(cfg, runtime, shape, kind="lm", backend=backend, seed=None))

@@ -15,17 +15,18 @@ from pathlib import Path
 import torch
 
 
-def main():
+def save_seeded_inits(out: Path, overrides=(), nan_reward: bool = False):
+    """tiny-ppo.yaml (+ overrides) with OUT/sft and OUT/rm as its inits, and seeded "policy" and
+    "reward" checkpoints written there (NaN reward head weights with nan_reward), one process.
+    Returns (cfg, runtime, tokenizer, shape, backend, state): state is the checkpoints' common state."""
     from alfred_train import checkpoint
     from alfred_train.config import load_config
     from alfred_train.parallel.dims import ParallelDims
-    from alfred_train.parallel.init import init_runtime, shutdown
-    from alfred_train.stages import common, ppo
+    from alfred_train.parallel.init import init_runtime
+    from alfred_train.stages import common
 
-    out = Path(sys.argv[1])
-    nan = len(sys.argv) > 2 and sys.argv[2] == "nan-reward"
-    cfg = load_config(common.Path(__file__).resolve().parents[2] / "configs" / "tiny-ppo.yaml",
-                      ["parallel.tp=1", f"ppo.policy_init={out / 'sft'}", f"ppo.reward_init={out / 'rm'}"])
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny-ppo.yaml",
+                      ["parallel.tp=1", f"ppo.policy_init={out / 'sft'}", f"ppo.reward_init={out / 'rm'}", *overrides])
     runtime = init_runtime(ParallelDims(1, 1, 1))
     tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
@@ -33,11 +34,22 @@ def main():
     state = {"model": dataclasses.asdict(shape), "tokenizer": common.tokenizer_path(cfg)}
     lm = common.make_model(cfg, runtime, shape, kind="lm", backend=backend, seed=11)
     scalar = common.make_model(cfg, runtime, shape, kind="scalar", backend=backend, seed=22)
-    if nan:
+    if nan_reward:
         with torch.no_grad():
             scalar[0].output_layer.weight.fill_(float("nan"))
     checkpoint.save_checkpoint(out / "sft" / "checkpoints", 1, {"policy": (lm, None)}, state, runtime, 1, common.layout(cfg))
     checkpoint.save_checkpoint(out / "rm" / "checkpoints", 1, {"reward": (scalar, None)}, state, runtime, 1, common.layout(cfg))
+    return cfg, runtime, tokenizer, shape, backend, state
+
+
+def main():
+    from alfred_train import checkpoint
+    from alfred_train.parallel.init import shutdown
+    from alfred_train.stages import ppo
+
+    out = Path(sys.argv[1])
+    nan = len(sys.argv) > 2 and sys.argv[2] == "nan-reward"
+    cfg, runtime, _, shape, backend, _ = save_seeded_inits(out, nan_reward=nan)
 
     policy, value, models = ppo.build_models(cfg, runtime, shape, backend)
     checkpoint.load_models(out / "sft", {"policy": (models.policy, None)})
