@@ -124,8 +124,8 @@ def run(cfg: Config, runtime) -> int:
     params = SamplingParams.from_ppo(o)
     kl_fn = ppo_math.kl_estimator(o.kl_estimator)
     common_args = dict(eod_id=tokenizer.eod_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
-    scoring = dict(vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod_id, pad_id=tokenizer.pad_id,
-                   temperature=o.temperature, score_on_eod=o.score_on_eod, missing_eod_penalty=o.missing_eod_penalty)
+    scoring = dict(common_args, temperature=o.temperature, score_on_eod=o.score_on_eod,
+                   missing_eod_penalty=o.missing_eod_penalty)
 
     def save(at_step):
         common.save(cfg, runtime, at_step, trainables, shape, "ppo", kl_controller=kl_ctl.state_dict(),
