@@ -222,8 +222,8 @@ class PPOConfig:
     # a rollout row that reaches EOD takes the iteration's next prompt at once (rollout_micro_batch rows
     # decoded together); false: static micro-batches, each held by its longest response. Same tokens.
     continuous_batching: bool = True
-    # PP > 1: decode with pp row groups in flight across the stages, every stage busy (rollout
-    # micro-batches then static); false: one token through the stages at a time. Same tokens. Off by
+    # PP > 1: decode with pp row groups in flight across the stages, every stage busy (continuously
+    # batched as well); false: one token through the stages at a time. Same tokens. Off by
     # default: it pays when a stage's step is compute-bound (large models); on the tiny CPU model,
     # overhead-bound, half-size groups cost as much as whole batches (bench_pp_generation.py).
     pipelined_decode: bool = False

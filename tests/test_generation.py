@@ -101,7 +101,7 @@ def layout_results(runtime) -> dict:
            "sampled": generate(policy, runtime, ids, mask, sampled, with_logprobs=True, **kw)}
     # continuous batching: 3 prompts through 2 rows; EOD := a token row 0 emits at step 2, so row 0
     # frees its slot early and prompt 2 starts there while row 1 goes on. At PP=2,
-    # "pipe": pipelined (row groups in flight across the stages, the queue in static batches).
+    # "pipe": pipelined (row groups in flight across the stages; "cb_pipe" refills them from the queue).
     eod = int(out["greedy"][0][0, 2])
     for name, params in (("greedy", greedy), ("sampled", sampled)):
         for tag, extra in (("static", {}), ("cb", {"slots": 2}), ("static_pipe", {"pipelined": True}),
@@ -469,6 +469,8 @@ def test_tp_pp_layouts_match_tp1(tmp_path, reference, tp, pp):
                 mine, ref = got[f"{name}_{tag}"], reference[f"{name}_{tag}"]
                 assert torch.equal(mine[0], ref[0]) and torch.equal(mine[1], ref[1]), f"{name}_{tag} on {where}"
         assert all(torch.equal(a, b) for a, b in zip(got["early_stop"], reference["early_stop"])), where
+        if pp > 1:  # the pipelined loop batched continuously: prompt 2 took row 0 when it ended
+            assert got["greedy_cb_pipe_utilisation"] > got["greedy_static_pipe_utilisation"], where
         ids, ids_mask, sampler_logprobs = got["sampled"]
         assert torch.equal(ids, reference["sampled"][0]) and torch.equal(ids_mask, reference["sampled"][1]), where
         torch.testing.assert_close(sampler_logprobs, reference["sampled"][2], atol=1e-5, rtol=0)

@@ -1,6 +1,6 @@
-"""The PPO stage end to end on CPU: model initialization, TP=2, PP=2 and DP=2 parity, learning
-rates per PPO iteration, exact resume, the non-finite guard, and the whole synthetic pipeline
-learning (shortened)."""
+"""The PPO stage end to end on CPU: model initialization, TP=2, PP=2 (pipelined decode or not) and
+DP=2 parity, learning rates per PPO iteration, exact resume, the non-finite guard, and the whole
+synthetic pipeline learning (shortened)."""
 
 from __future__ import annotations
 
@@ -89,9 +89,11 @@ def test_pp2_and_dp2_equal_one_process_with_schedules_in_iterations(inits, tmp_p
     same = ["ppo.top_k=1", "ppo.temperature=0.7", "ppo.train_micro_batch=2", "train.max_steps=3", "parallel.tp=1"]
     _ppo(inits, tmp_path / "one", *same)
     _ppo(inits, tmp_path / "pp2", *same, "parallel.pp=2")
+    # row groups in flight across the two stages, refilled from the iteration's queue (16 rollouts, 8 rows)
+    _ppo(inits, tmp_path / "pp2pipe", *same, "parallel.pp=2", "ppo.pipelined_decode=true")
     _ppo(inits, tmp_path / "dp2", *same, "parallel.dp=2")
     one = tmp_path / "one"
-    for layout in ("pp2", "dp2"):
+    for layout in ("pp2", "pp2pipe", "dp2"):
         for key in COMPARED + ["eval_score", "eval_kl", "approx_kl", "lr", "value_lr"]:
             assert metrics(tmp_path / layout, key) == pytest.approx(metrics(one, key), rel=1e-5, abs=1e-7), \
                 (layout, key)

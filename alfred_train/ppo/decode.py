@@ -126,7 +126,7 @@ class KVCacheForward:
         dist.send(out.contiguous(), dst=_stage_rank(rt, rt.pp_rank + 1), group=rt.pp_group)
         return None
 
-    def _start(self, prompt_ids, prompt_mask, rows):
+    def _start(self, prompt_ids, prompt_mask, rows, stage_input=None):
         prompt_len = prompt_ids.shape[1]
         real = prompt_mask.bool()  # (R, P)
         bias = torch.full((real.shape[0], self.max_len), float("-inf"), dtype=self.key_bias.dtype,
@@ -140,14 +140,21 @@ class KVCacheForward:
             self.slot[rows] = prompt_len
         # (R, 1, P, P) True = attend; without padding plain causal attention (SDPA's fast path)
         mask = None if bool(real.all()) else ~attention_mask_for(real, prompt_len)
-        return self._run(prompt_ids, torch.arange(prompt_len, device=real.device), mask, rows)
+        slots = torch.arange(prompt_len, device=real.device)
+        if stage_input is None:
+            return self._run(prompt_ids, slots, mask, rows)
+        out = self.decoder.forward(stage_input, slots, mask, rows)
+        return out[:, -1] if self.runtime.is_last_stage else out
 
     def prefill(self):
         return self._start(self.prompt_ids, self.prompt_mask, None)
 
-    def refill(self, rows, prompt_ids, prompt_mask):
-        """Start prompts (R, P) (left-padded to the generation's P) in cache rows `rows` (R,): (R, V)."""
-        return self._start(prompt_ids, prompt_mask, rows)
+    def refill(self, rows, prompt_ids, prompt_mask, stage_input=None):
+        """Start prompts (R, P) (left-padded to the generation's P) in cache rows `rows` (R,): (R, V).
+        stage_input: this stage's input from a caller that moves it (the pipelined decoder): the ids on
+        the first stage, the previous stage's hidden states (R, P, h) elsewhere; the output is then
+        returned, not sent: logits (R, V) on the last stage, else hidden states (R, P, h)."""
+        return self._start(prompt_ids, prompt_mask, rows, stage_input)
 
     def step(self, tokens):
         return self.step_local(tokens, communicate=True)

@@ -35,7 +35,7 @@ Parallelism:
     sends its output on with `dist.send`; the last stage samples, and the tokens are broadcast over
     the PP group, so every rank of the model-parallel group returns the same tensors. With the fast
     decoder and `pipelined=True` (`ppo.pipelined_decode`), the B rows go as pp groups in flight, stage s working on
-    group (t - s) mod pp at tick t (`pipelined.py`: every stage busy; the queue in static batches).
+    group (t - s) mod pp at tick t (`pipelined.py`: every stage busy; continuously batched too).
   * DP: each DP rank generates its own prompts; rows differ by their prompt keys (pass the global
     prompt index as `keys`), so a prompt's draws do not depend on its rank, row or layout.
   * One model chunk per rank: virtual pipeline stages (vpp) are refused for generation.
@@ -112,9 +112,9 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
 
     With slots < Q and a decoder that can `refill` (the fast one), a row whose response ends takes
     the next prompt of the queue at once (continuous batching); other decoders run the queue in
-    static batches of `slots`. At PP > 1 with `pipelined` (and the fast decoder), each batch of
-    `slots` rows is decoded with pp row groups in flight across the stages (`pipelined.py`); the
-    queue then goes in static batches. Each prompt's tokens depend only on (seed, its key) (keys (Q,),
+    static batches of `slots`. At PP > 1 with `pipelined` (and the fast decoder), the `slots` rows
+    are decoded as pp row groups in flight across the stages (`pipelined.py`), continuously batched
+    as well. Each prompt's tokens depend only on (seed, its key) (keys (Q,),
     default 0 .. Q-1), not on its row, batch or layout. Collective over the TP and PP groups.
     """
     model = _single_chunk(chunks)
@@ -128,14 +128,14 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
     source = runtime.is_last_stage and runtime.tp_rank == 0
     check_every = FINISHED_CHECK_EVERY.get(torch.device(device).type, 1)
     decoder_cls = choose_decoder(model, runtime) if decoder is None else decoder
-    # one spill column (index N) takes the writes of idle rows, so no step needs to know which rows idle
-    response = torch.full((queue_len, n_new + 1), pad_id, dtype=torch.long, device=device)  # (Q, N + 1)
-    response_mask = torch.zeros_like(response)
-    logprobs = torch.zeros(response.shape, dtype=torch.float32, device=device)
     draws = draw_table(seed, keys, n_new) if source and not params.greedy else None  # (Q, N) float64
     if pipelined and can_pipeline(runtime, rows, decoder_cls):
         return _generate_pipelined(model, runtime, prompt_ids, prompt_mask, params, rows, eod_id=eod_id,
                                    vocab_size=vocab_size, draws=draws, pad_id=pad_id, check_every=check_every)
+    # one spill column (index N) takes the writes of idle rows, so no step needs to know which rows idle
+    response = torch.full((queue_len, n_new + 1), pad_id, dtype=torch.long, device=device)  # (Q, N + 1)
+    response_mask = torch.zeros_like(response)
+    logprobs = torch.zeros(response.shape, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()  # megatron uses the inference context only in eval mode
     dec, slot_steps, next_prompt, batch_start = None, 0, rows, 0
@@ -201,19 +201,15 @@ def _decode_mode(decoder_cls):
 def _generate_pipelined(model, runtime, prompt_ids, prompt_mask, params, rows, **kw) -> Generation:
     was_training = model.training
     model.eval()
-    parts = []
     try:
         with cpu_adapter.suspended(), torch.inference_mode():
-            for start in range(0, prompt_ids.shape[0], rows):
-                batch = slice(start, start + rows)
-                kw_batch = dict(kw, draws=None if kw["draws"] is None else kw["draws"][batch])
-                parts.append(pipelined_decode(model, runtime, prompt_ids[batch], prompt_mask[batch], params,
-                                              **kw_batch))
+            response, mask, logprobs, slot_steps = pipelined_decode(model, runtime, prompt_ids, prompt_mask, params,
+                                                                    rows, **kw)
     finally:
         model.train(was_training)
-    length = max(int(p[1].any(dim=0).sum()) for p in parts)
-    cat = lambda i: torch.cat([p[i][:, :length] for p in parts])  # noqa: E731
-    return Generation(cat(0), cat(1), cat(2), sum(p[3] for p in parts))
+    length = int(mask[:, :params.max_new_tokens].any(dim=0).sum())  # columns are contiguous from 0
+    copy = lambda x: x[:, :length].clone()  # noqa: E731 - outside inference mode: normal tensors
+    return Generation(copy(response), copy(mask), copy(logprobs), slot_steps)
 
 
 def _next_batch(decoder_cls, model, runtime, prompt_ids, prompt_mask, n_new, start, rows, old):
