@@ -1,0 +1,121 @@
+"""Checks across a run configuration's fields, before anything is built: each failure is one
+`ConfigError` line naming the key to change (the CLI exits 2 with it)."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from alfred_train.config_schema import LORA_TARGETS, Config
+from alfred_train.errors import ConfigError
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    for key, val in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.dp", p.dp),
+                     ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                     ("model.num_attention_heads", m.num_attention_heads),
+                     ("train.max_steps", t.max_steps), ("train.micro_batch_size", t.micro_batch_size),
+                     ("train.global_batch_size", t.global_batch_size), ("data.seq_len", cfg.data.seq_len)]:
+        _check(val >= 1, f"{key}: must be >= 1, got {val}")
+    if world_size is not None:
+        _check(cfg.world_size == world_size,
+               f"parallel: dp({p.dp}) * tp({p.tp}) * pp({p.pp}) = {cfg.world_size} != WORLD_SIZE({world_size}); "
+               f"change parallel.dp/tp/pp or the number of processes")
+    _check(m.hidden_size % m.num_attention_heads == 0,
+           f"model.hidden_size: {m.hidden_size} is not divisible by model.num_attention_heads ({m.num_attention_heads})")
+    _check(m.num_attention_heads % p.tp == 0,
+           f"parallel.tp: model.num_attention_heads ({m.num_attention_heads}) is not divisible by tp ({p.tp}); "
+           f"pick a tp that divides it")
+    groups = m.num_query_groups or m.num_attention_heads
+    _check(m.num_attention_heads % groups == 0,
+           f"model.num_query_groups: {groups} does not divide model.num_attention_heads ({m.num_attention_heads})")
+    _check(groups % p.tp == 0,
+           f"parallel.tp: model.num_query_groups ({groups}) is not divisible by tp ({p.tp}); "
+           f"pick a tp that divides the number of key/value groups")
+    layers_per_rank = p.pp * (p.vpp or 1)
+    _check(m.num_layers % layers_per_rank == 0,
+           f"parallel.pp: model.num_layers ({m.num_layers}) is not divisible by pp ({p.pp})"
+           + (f" x vpp ({p.vpp})" if p.vpp else "") + "; pick a pp that divides the layer count")
+    _check(p.vpp is None or p.pp > 1, "parallel.vpp: virtual pipeline stages need parallel.pp > 1")
+    micro_per_step = t.global_batch_size // max(t.micro_batch_size * p.dp, 1)
+    _check(p.vpp is None or micro_per_step % p.pp == 0,
+           f"parallel.vpp: the interleaved schedule needs the micro-batches per step ({micro_per_step} = "
+           f"global_batch_size / (micro_batch_size x dp)) to be a multiple of pp ({p.pp})")
+    _check(t.global_batch_size % (t.micro_batch_size * p.dp) == 0,
+           f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+           f"micro_batch_size ({t.micro_batch_size}) x dp ({p.dp})")
+    _check(m.arch != "falcon" or m.parallel_layernorms in (1, 2),
+           f"model.parallel_layernorms: must be 1 or 2, got {m.parallel_layernorms}")
+    _check(cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr ({cfg.optim.lr})")
+    _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep: must be >= 1, got {cfg.checkpoint.keep}")
+    _check(cfg.checkpoint.s3_uri is None or re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/\S*)?$",
+                                                     cfg.checkpoint.s3_uri) is not None,
+           f"checkpoint.s3_uri: {cfg.checkpoint.s3_uri!r} is not an S3 URI of the form s3://bucket/prefix")
+    _check(cfg.data.synthetic or cfg.data.train is not None or cfg.data.prompts is not None,
+           "data.train: no training data; set data.train to a JSONL or Parquet file, a mixture, or data.synthetic: true")
+    for key, files in [("data.train", cfg.data.train), ("data.valid", cfg.data.valid), ("data.prompts", cfg.data.prompts)]:
+        if isinstance(files, tuple):
+            _check(len(files) > 0, f"{key}: an empty mixture; list at least one {{path: ..., weight: ...}}")
+            for i, source in enumerate(files):
+                _check(source.weight > 0, f"{key}[{i}].weight: must be > 0, got {source.weight}")
+    _check(not (p.sequence_parallel and p.tp == 1), "parallel.sequence_parallel: needs parallel.tp > 1")
+    o = cfg.ppo
+    _check(o.rollouts_per_iter % p.dp == 0,
+           f"ppo.rollouts_per_iter: {o.rollouts_per_iter} is not divisible by parallel.dp ({p.dp})")
+    for key, steps in [("ppo.policy_steps_per_epoch", o.policy_steps_per_epoch),
+                       ("ppo.value_steps_per_epoch", o.value_steps_per_epoch)]:
+        _check(steps >= 1 and o.rollouts_per_iter % (steps * p.dp) == 0,
+               f"{key}: rollouts_per_iter ({o.rollouts_per_iter}) must split into {steps} mini-batches x dp ({p.dp})")
+    _check(0 < o.top_p <= 1.0, f"ppo.top_p: must be in (0, 1], got {o.top_p}")
+    _check(o.temperature > 0, f"ppo.temperature: must be > 0, got {o.temperature}")
+    _check(o.min_new_tokens <= o.max_new_tokens,
+           f"ppo.min_new_tokens: {o.min_new_tokens} is above ppo.max_new_tokens ({o.max_new_tokens})")
+    _validate_extras(cfg)
+    _validate_lora(cfg)
+
+
+def _validate_extras(cfg: Config) -> None:
+    """Optional packages and files the run will need, checked before any model is built."""
+    import importlib.util
+
+    if cfg.logging.wandb is not None:
+        _check(importlib.util.find_spec("wandb") is not None,
+               "logging.wandb: the wandb package is not installed; pip install 'alfred-train[wandb]' "
+               "or remove logging.wandb")
+        from alfred_train.tracking import has_credentials
+
+        _check(cfg.logging.wandb.mode == "offline" or has_credentials(),
+               "logging.wandb.mode: online needs W&B credentials (WANDB_API_KEY or `wandb login`); "
+               "or set logging.wandb.mode: offline and `wandb sync` later")
+    if cfg.ppo.eval_tasks:
+        from alfred_train.evaluation import check_tasks
+
+        check_tasks(cfg.ppo.eval_tasks, "ppo.eval_tasks")
+        _check(cfg.checkpoint.save_final, "ppo.eval_tasks: evaluates the final checkpoint; set "
+               "checkpoint.save_final: true")
+
+
+def _validate_lora(cfg: Config) -> None:
+    """The layer-size check (rank <= the wrapped layer) needs the model shape: models/lora.py."""
+    lo = cfg.lora
+    _check(lo.rank >= 0, f"lora.rank: must be >= 0 (0 = off), got {lo.rank}")
+    if not lo.rank:
+        return
+    for t in lo.targets:
+        _check(t in LORA_TARGETS, f"lora.targets: unknown target {t!r}; megatron's linear names are "
+                                  f"{', '.join(LORA_TARGETS)}")
+    _check(len(lo.targets) > 0, f"lora.targets: empty; name at least one of {', '.join(LORA_TARGETS)}")
+    _check(len(set(lo.targets)) == len(lo.targets), f"lora.targets: {list(lo.targets)} names a layer twice")
+    _check(lo.alpha > 0, f"lora.alpha: must be > 0, got {lo.alpha}")
+    _check(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    _check(not cfg.parallel.sequence_parallel,
+           "lora: adapters do not support parallel.sequence_parallel yet; set it false")
+    _check(not cfg.ppo.offload_frozen,
+           "ppo.offload_frozen: with lora.rank > 0 the reference and reward models are the policy and value "
+           "models with adapters off (no separate copy to offload); set it false")
