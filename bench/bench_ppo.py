@@ -1,6 +1,7 @@
 """One PPO iteration's time split (generate / score / train) on the tiny PPO recipe, CPU.
 
     python bench/bench_ppo.py [--iters 4] [parallel.tp=2 ...]
+    python bench/bench_ppo.py [ppo overrides ...] --model model.num_layers=8 model.hidden_size=2048 ...
 
 Runs the real stages: a short SFT and RM to initialize from, then `alfred-train ppo` for a few
 iterations, and prints a table from metrics.jsonl (the first iteration is warm-up and left out
@@ -29,22 +30,25 @@ def cli(*args: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iters", type=int, default=4)
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--model", nargs="*", default=[],
+                        help="model.* overrides for the SFT, RM and PPO runs alike (the shape they share)")
+    parser.add_argument("overrides", nargs="*", help="overrides of the PPO run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        cli("sft", "configs/tiny-sft.yaml", f"run.dir={out / 'sft'}", "train.max_steps=10", "parallel.tp=1")
+        cli("sft", "configs/tiny-sft.yaml", f"run.dir={out / 'sft'}", "train.max_steps=10", "parallel.tp=1",
+            *args.model)
         cli("rm", "configs/tiny-rm.yaml", f"run.dir={out / 'rm'}", f"rm.init={out / 'sft'}", "train.max_steps=5",
-            "parallel.tp=1")
+            "parallel.tp=1", *args.model)
         cli("ppo", "configs/tiny-ppo.yaml", f"run.dir={out / 'ppo'}", f"ppo.policy_init={out / 'sft'}",
             f"ppo.reward_init={out / 'rm'}", f"train.max_steps={args.iters}", "train.eval_interval=0",
-            "ppo.eval_prompts=0", *args.overrides)
+            "ppo.eval_prompts=0", *args.model, *args.overrides)
         rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time_generate" in r][1:]
     med = {k: statistics.median(r[k] for r in rows) for k in ("time_generate", "time_score", "time_train",
                                                                "tokens_per_s", "response_len")}
     total = med["time_generate"] + med["time_score"] + med["time_train"]
-    print(f"PPO iteration on the tiny recipe ({' '.join(args.overrides) or 'tiny-ppo.yaml as is'}), "
+    print(f"PPO iteration on the tiny recipe ({' '.join(args.model + args.overrides) or 'tiny-ppo.yaml as is'}), "
           f"median of {len(rows)} iterations")
     print(f"{'phase':<10}{'seconds':>10}{'share':>8}")
     for phase in ("generate", "score", "train"):

@@ -1,0 +1,124 @@
+"""Decode tokens/s on one GPU for the ~1.2B Llama shape, before vs now, as a fraction of the HBM floor.
+
+    python bench/bench_gpu_decode.py                       # batch 32 and 128, 128 prompt + 512 new tokens
+    python bench/bench_gpu_decode.py --batches 32 --new-tokens 64 --shape tiny   # a quick run (CPU too)
+
+Issue 10's GPU goal: decode tokens/s for the 1.2B shape (bench_generation.llama_1b_shape, bf16) at
+batch 32 and 128, before and after, as a fraction of the HBM floor; >= 10x the 1,255 tokens/s the
+old loop gave at batch 32 on an H100. Every row greedy and forced to the full length (min = max new
+tokens), unpadded prompts, the same weights for every decoder, which must give the same tokens:
+
+    before   megatron's own forward with its StaticInferenceContext (`MegatronKVCache`)
+    eager    the fast decoder (`KVCacheForward`: `stage_decoder.StageDecoder`), no CUDA graph
+    graphs   the same with its decode step captured in a CUDA graph (`CudaGraphDecode`, the default)
+
+The HBM floor of a decode step is reading every weight once plus the KV cache written so far
+(keys and values of all layers, at the mean length P + N/2), at the card's peak bandwidth
+(--hbm-tbs, default from the device name: H100 SXM 3.35, H100 PCIe 2.0, H200 4.8, A100 2.0 TB/s).
+floor tok/s = batch / floor step time, ms/step = wall time / new tokens; "of floor" = measured / floor (prefill included in the
+measured time, so a slight underestimate). tok/s = batch * new tokens / wall time of a generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+HBM_TBS = {"H200": 4.8, "H100 PCIe": 2.0, "H100": 3.35, "A100": 2.0}
+
+
+def hbm_tbs(name: str) -> float:
+    for key, tbs in HBM_TBS.items():  # most specific first
+        if all(part in name for part in key.split()):
+            return tbs
+    return 0.0
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="32,128")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--shape", choices=("1.2b", "tiny"), default="1.2b")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per decoder (best is reported)")
+    parser.add_argument("--hbm-tbs", type=float, default=None, help="peak HBM bandwidth, TB/s")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+
+    import bench_generation
+
+    from alfred_train.config import ParallelConfig
+    from alfred_train.kernels.backends import choose_backend
+    from alfred_train.models.build import build_model, unwrap
+    from alfred_train.parallel.dims import ParallelDims
+    from alfred_train.parallel.init import init_runtime, seed_everything, shutdown
+    from alfred_train.ppo import decode
+    from alfred_train.ppo.generation import SamplingParams, generate_all
+
+    runtime = init_runtime(ParallelDims(1, 1, 1))
+    seed_everything(0, runtime)
+    device = torch.device(runtime.device)
+    length = args.prompt_len + args.new_tokens
+    shape = (bench_generation.llama_1b_shape if args.shape == "1.2b" else bench_generation.tiny_shape)(length)
+    bf16 = device.type == "cuda"
+    model = unwrap(build_model(shape, ParallelConfig(), kind="lm", bf16=bf16, backend=choose_backend("sdpa"),
+                               device=runtime.device, seed=1)[0])
+    params = sum(p.numel() for p in model.parameters())
+    width = 2 if bf16 else 4
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    tbs = args.hbm_tbs or hbm_tbs(name)
+    decoders = {"before": decode.MegatronKVCache, "eager": decode.KVCacheForward, "graphs": decode.CudaGraphDecode}
+    if device.type != "cuda":
+        del decoders["graphs"]
+    full = SamplingParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, greedy=True)
+    kw = dict(eod_id=2, vocab_size=shape.vocab_size, seed=0)
+    rows = []
+    try:
+        for batch in (int(b) for b in args.batches.split(",")):
+            ids = torch.randint(3, shape.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+            mask = torch.ones_like(ids)
+            kv_bytes = 2 * shape.num_layers * (shape.num_query_groups or shape.num_attention_heads) * \
+                (shape.hidden_size // shape.num_attention_heads) * (args.prompt_len + args.new_tokens / 2) * batch * width
+            floor = batch / ((params * width + kv_bytes) / (tbs * 1e12)) if tbs else float("nan")
+            tokens, seconds = {}, {}
+            for label, cls in decoders.items():
+                generate_all([model], runtime, ids, mask, SamplingParams(max_new_tokens=8, min_new_tokens=8, greedy=True),
+                             decoder=cls, **kw)  # warm-up (kernels, cuBLAS workspaces, the graph's pool)
+                out = {}
+                seconds[label] = min(timed(lambda: out.__setitem__("g", generate_all(
+                    [model], runtime, ids, mask, full, decoder=cls, **kw)), device) for _ in range(args.repeats))
+                tokens[label] = out["g"].response_ids.cpu()
+            for label in decoders:
+                rate = batch * args.new_tokens / seconds[label]
+                rows.append((batch, label, rate, seconds[label] / args.new_tokens * 1e3, rate / floor,
+                             rate / (batch * args.new_tokens / seconds["before"]),
+                             float((tokens[label] == tokens["before"]).float().mean())))
+            rows.append((batch, "floor", floor, batch / floor * 1e3, 1.0, float("nan"), float("nan")))
+    finally:
+        shutdown()
+    print(f"device: {name}, HBM {tbs:g} TB/s, torch {torch.__version__}; {args.shape} shape ({params / 1e6:,.1f}M "
+          f"parameters, {'bf16' if bf16 else 'fp32'}), {args.prompt_len} prompt + {args.new_tokens} new tokens, greedy, "
+          f"best of {args.repeats}")
+    head = f"{'batch':>5}  {'decoder':<8}{'tok/s':>10}{'ms/step':>10}{'of floor':>10}{'vs before':>11}{'same tokens':>13}"
+    print(head)
+    print("-" * len(head))
+    for batch, label, rate, ms, frac, gain, same in rows:
+        extra = f"{gain:>10.1f}x{same:>12.1%}" if label != "floor" else f"{'-':>11}{'-':>13}"
+        print(f"{batch:>5}  {label:<8}{rate:>10.0f}{ms:>10.2f}{frac:>9.1%}{extra}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 10's GPU checks in one run, for a session whose task is lent a device:
+#   here, once:  bash bench/gpu_checks.sh prepare   # megatron-core (pure Python) into .gpu/site, git-ignored
+#   device:      run(command="bash bench/gpu_checks.sh", carry=[".gpu"], timeout_s=600)   # ~8 min on an H100
+# There it installs alfred-train without dependencies (the image has torch, transformers, peft,
+# safetensors, sentencepiece, pyarrow, ...), then runs, each under its own time limit:
+#   pytest -m gpu                 CUDA-graph decode == eager and released, kernels, scoring on the GPU
+#   bench/bench_gpu_decode.py     ~1.2B decode tok/s at batch 32 and 128 (128 + 512): before / eager /
+#                                 CUDA graphs, as a fraction of the HBM floor
+#   bench/bench_ppo.py            the PPO iteration split on a ~0.5B shape (goal: generation <= 50%)
+# Every output is also written under $OUT (it comes back); copy the tables into bench/RESULTS.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ "${1:-}" = prepare ]; then
+  site=$(.venv/bin/python -c "import megatron.core as m, os; print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))")
+  mkdir -p .gpu/site && rm -rf .gpu/site/megatron && cp -r "$site/megatron" .gpu/site/
+  find .gpu -name __pycache__ -prune -exec rm -rf {} + ; find .gpu -name "*.so" -delete
+  exclude=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$exclude")"; grep -qx /.gpu/ "$exclude" 2>/dev/null || echo /.gpu/ >>"$exclude"
+  du -sh .gpu
+  exit 0
+fi
+out=${OUT:-/tmp/gpu_checks}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.gpu/site"
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.txt" 2>&1 \
+  || { cat "$out/install.txt"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+status=0
+timeout 150 python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.txt" || status=1
+timeout 240 python3 bench/bench_gpu_decode.py 2>&1 | tee "$out/decode.txt" || status=1
+timeout 180 python3 bench/bench_ppo.py --iters 3 ppo.max_new_tokens=256 ppo.min_new_tokens=256 \
+  ppo.rollouts_per_iter=64 ppo.rollout_micro_batch=64 ppo.train_micro_batch=8 \
+  --model model.num_layers=8 model.hidden_size=2048 model.ffn_hidden_size=5632 model.num_attention_heads=16 \
+  model.num_query_groups=4 model.max_seq_len=512 2>&1 | tee "$out/ppo.txt" || status=1
+exit $status
