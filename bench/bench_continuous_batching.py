@@ -101,8 +101,9 @@ def main() -> None:
     lengths = results["static"][1].sum(1).float()
     useful = float(lengths.sum())
     print(f"{args.prompts} prompts of {args.prompt_len} tokens, {args.rows} rows, up to {args.new_tokens} new tokens, "
-          f"threads={args.threads}, pp={args.pp}{' (pipelined)' if pipelined else ''}; response lengths min {int(lengths.min())} / median {int(lengths.median())} / "
-          f"max {int(lengths.max())}; same tokens in every mode: {same}; median of {args.repeats} interleaved runs")
+          f"threads={args.threads}, pp={args.pp}{' (pipelined)' if pipelined else ''}; response lengths "
+          f"min {int(lengths.min())} / median {int(lengths.median())} / max {int(lengths.max())}; "
+          f"same tokens in every mode: {same}; median of {args.repeats} interleaved runs")
     head = f"{'mode':<14}{'seconds':>9}{'useful tok/s':>14}{'slot utilisation':>18}"
     print(head)
     print("-" * len(head))

@@ -15,8 +15,9 @@ tokens), unpadded prompts, the same weights for every decoder, which must give t
 The HBM floor of a decode step is reading every weight once plus the KV cache written so far
 (keys and values of all layers, at the mean length P + N/2), at the card's peak bandwidth
 (--hbm-tbs, default from the device name: H100 SXM 3.35, H100 PCIe 2.0, H200 4.8, A100 2.0 TB/s).
-floor tok/s = batch / floor step time, ms/step = wall time / new tokens; "of floor" = measured / floor (prefill included in the
-measured time, so a slight underestimate). tok/s = batch * new tokens / wall time of a generation.
+floor tok/s = batch / floor step time; "of floor" = measured / floor (prefill included in the
+measured time, so a slight underestimate). tok/s = batch * new tokens / wall time of a generation;
+ms/step = wall time / new tokens.
 """
 
 from __future__ import annotations
@@ -85,38 +86,48 @@ def main() -> None:
         del decoders["graphs"]
     full = SamplingParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, greedy=True)
     kw = dict(eod_id=2, vocab_size=shape.vocab_size, seed=0)
+
+    def floor_rate(batch: int) -> float:
+        """Tokens/s if a step only read the weights and the mean KV cache at peak bandwidth."""
+        head_dim = shape.hidden_size // shape.num_attention_heads
+        groups = shape.num_query_groups or shape.num_attention_heads
+        mean_len = args.prompt_len + args.new_tokens / 2
+        kv_bytes = 2 * shape.num_layers * groups * head_dim * mean_len * batch * width
+        return batch / ((params * width + kv_bytes) / (tbs * 1e12)) if tbs else float("nan")
+
+    def timed_run(ids, mask, cls):
+        warm = SamplingParams(max_new_tokens=8, min_new_tokens=8, greedy=True)
+        generate_all([model], runtime, ids, mask, warm, decoder=cls, **kw)  # kernels, cuBLAS workspaces, graph pool
+        out = {}
+        def run():
+            out["g"] = generate_all([model], runtime, ids, mask, full, decoder=cls, **kw)
+
+        return min(timed(run, device) for _ in range(args.repeats)), out["g"].response_ids.cpu()
+
     rows = []
     try:
         for batch in (int(b) for b in args.batches.split(",")):
-            ids = torch.randint(3, shape.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+            ids = torch.randint(3, shape.vocab_size, (batch, args.prompt_len),
+                                generator=torch.Generator().manual_seed(0))
             mask = torch.ones_like(ids)
-            kv_bytes = 2 * shape.num_layers * (shape.num_query_groups or shape.num_attention_heads) * \
-                (shape.hidden_size // shape.num_attention_heads) * (args.prompt_len + args.new_tokens / 2) * batch * width
-            floor = batch / ((params * width + kv_bytes) / (tbs * 1e12)) if tbs else float("nan")
-            tokens, seconds = {}, {}
-            for label, cls in decoders.items():
-                generate_all([model], runtime, ids, mask, SamplingParams(max_new_tokens=8, min_new_tokens=8, greedy=True),
-                             decoder=cls, **kw)  # warm-up (kernels, cuBLAS workspaces, the graph's pool)
-                out = {}
-                seconds[label] = min(timed(lambda: out.__setitem__("g", generate_all(
-                    [model], runtime, ids, mask, full, decoder=cls, **kw)), device) for _ in range(args.repeats))
-                tokens[label] = out["g"].response_ids.cpu()
-            for label in decoders:
-                rate = batch * args.new_tokens / seconds[label]
-                rows.append((batch, label, rate, seconds[label] / args.new_tokens * 1e3, rate / floor,
-                             rate / (batch * args.new_tokens / seconds["before"]),
-                             float((tokens[label] == tokens["before"]).float().mean())))
-            rows.append((batch, "floor", floor, batch / floor * 1e3, 1.0, float("nan"), float("nan")))
+            runs = {label: timed_run(ids, mask, cls) for label, cls in decoders.items()}
+            floor, before = floor_rate(batch), batch * args.new_tokens / runs["before"][0]
+            for label, (seconds, tokens) in runs.items():
+                rate = batch * args.new_tokens / seconds
+                same = float((tokens == runs["before"][1]).float().mean())
+                rows.append((batch, label, rate, seconds / args.new_tokens * 1e3, rate / floor, rate / before, same))
+            rows.append((batch, "floor", floor, batch / floor * 1e3, 1.0, None, None))
     finally:
         shutdown()
-    print(f"device: {name}, HBM {tbs:g} TB/s, torch {torch.__version__}; {args.shape} shape ({params / 1e6:,.1f}M "
-          f"parameters, {'bf16' if bf16 else 'fp32'}), {args.prompt_len} prompt + {args.new_tokens} new tokens, greedy, "
-          f"best of {args.repeats}")
-    head = f"{'batch':>5}  {'decoder':<8}{'tok/s':>10}{'ms/step':>10}{'of floor':>10}{'vs before':>11}{'same tokens':>13}"
+    print(f"device: {name}, HBM {tbs:g} TB/s, torch {torch.__version__}; {args.shape} shape "
+          f"({params / 1e6:,.1f}M parameters, {'bf16' if bf16 else 'fp32'}), {args.prompt_len} prompt + "
+          f"{args.new_tokens} new tokens, greedy, best of {args.repeats}")
+    head = (f"{'batch':>5}  {'decoder':<8}{'tok/s':>10}{'ms/step':>10}{'of floor':>10}{'vs before':>11}"
+            f"{'same tokens':>13}")
     print(head)
     print("-" * len(head))
     for batch, label, rate, ms, frac, gain, same in rows:
-        extra = f"{gain:>10.1f}x{same:>12.1%}" if label != "floor" else f"{'-':>11}{'-':>13}"
+        extra = f"{gain:>10.1f}x{same:>12.1%}" if gain is not None else f"{'-':>11}{'-':>13}"
         print(f"{batch:>5}  {label:<8}{rate:>10.0f}{ms:>10.2f}{frac:>9.1%}{extra}")
 
 
