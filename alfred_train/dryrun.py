@@ -305,7 +305,7 @@ def describe(cfg: Config, stage: str) -> str:
 
         lines += memory_lines(cfg, shape, stage, STAGE_MODELS[stage], per_stage, stage_bytes, _size)
     if stage == "ppo":
-        lines += ["", _ppo_line(cfg)] + [f"  not checked here: {note}" for note in unchecked]
+        lines += ["", _ppo_line(cfg), _rollout_line(cfg)] + [f"  not checked here: {note}" for note in unchecked]
     full = plan if plan.recompute == "full" else peak_plan(cfg, stage, shape, static, kv, bf16, recompute="full")
     check_fits(cfg, plan, full)
     return "\n".join(lines)
@@ -431,3 +431,22 @@ def _ppo_line(cfg: Config) -> str:
             f"value {o.value_epochs} epoch(s) x {o.value_steps_per_epoch} step(s); "
             f"lr {opt.lr:g} (value {o.value_lr or opt.lr:g}) -> {opt.min_lr:g}, {opt.schedule} over "
             f"{opt.decay_steps or cfg.train.max_steps} iterations after {opt.warmup_steps} warm-up (both models)")
+
+
+def _rollout_line(cfg: Config) -> str:
+    """How rollouts are decoded: batching, the pipeline, and where PPO's old log-probs come from."""
+    o, pp = cfg.ppo, cfg.parallel.pp
+    batching = "on (a row that ends takes the next prompt)" if o.continuous_batching else \
+        "off (static micro-batches, each held by its longest response)"
+    parts = [f"Rollouts: {o.rollout_micro_batch} rows decoded together per DP rank, continuous batching {batching}"]
+    if pp > 1 and o.pipelined_decode and o.rollout_micro_batch >= pp:
+        parts.append(f"pipelined decode: {pp} row groups in flight, every stage busy")
+    elif pp > 1 and o.pipelined_decode:
+        parts.append(f"pipelined decode asked for but not possible: {o.rollout_micro_batch} rows cannot form "
+                     f"{pp} groups (raise ppo.rollout_micro_batch to >= {pp})")
+    elif pp > 1:
+        parts.append(f"pipelined decode off: each token crosses the {pp} stages one after another "
+                     f"(ppo.pipelined_decode: true keeps them all busy; it pays where a stage's step is compute-bound)")
+    parts.append("old log-probs: " + ("recomputed by the scoring pass (ppo.recompute_logprobs)"
+                                      if o.recompute_logprobs else "the sampler's (ppo.recompute_logprobs: false)"))
+    return "; ".join(parts)

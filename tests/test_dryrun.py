@@ -90,6 +90,20 @@ def test_alfred_dry_run_prints_layout_params_and_memory(capsys):
     expected = n * (9 + 9 + 2 + 2) + kv
     assert float(memory["total"][1]) == pytest.approx(expected / GIB, abs=0.006)
     assert 20 < float(memory["total"][1]) < 40  # fits an A100 40GB before activations
+    # how rollouts decode: 64 rows, continuous batching, PP=4 without pipelined decode, and the fix named
+    rollouts = next(line for line in out.splitlines() if line.startswith("Rollouts:"))
+    assert "64 rows decoded together" in rollouts and "continuous batching on" in rollouts
+    assert "pipelined decode off: each token crosses the 4 stages" in rollouts and "ppo.pipelined_decode" in rollouts
+
+
+def test_dry_run_says_when_pipelined_decode_cannot_form_its_groups(capsys):
+    code, out, err = dry_run(capsys, "ppo", str(TINY_PPO), "parallel.tp=1", "parallel.pp=2",
+                             "ppo.pipelined_decode=true", "ppo.rollout_micro_batch=1")
+    assert code == 0, err
+    assert "raise ppo.rollout_micro_batch to >= 2" in out
+    code, out, err = dry_run(capsys, "ppo", str(TINY_PPO), "parallel.tp=1", "parallel.pp=2",
+                             "ppo.pipelined_decode=true", "ppo.recompute_logprobs=false")
+    assert "pipelined decode: 2 row groups in flight" in out and "the sampler's" in out
 
 
 def test_alfred_config_equals_the_table_field_by_field():
