@@ -19,7 +19,7 @@ In flight: the 1F1B schedule keeps the activations of up to pp micro-batches on 
 worth of its layers). Temporary buffers: the logits of one micro-batch on the last stage
 (b * s * V / t elements: bf16 output + fp32 log-softmax + fp32 gradient = 10 B each) and the
 pipeline send/receive buffers (2 * s*b*h * 2 B). PPO's generation phase instead holds the KV cache
-(dryrun.kv_cache_bytes), the prefill's transient hidden states for rollout_micro_batch prompts
+(sizing.kv_cache_bytes), the prefill's transient hidden states for rollout_micro_batch prompts
 (B * P * (4 h + 2 f / t) * 2 B, P = max_seq_len - max_new_tokens) and the sampler's fp32 (B, V)
 copies (3 of them). Both phases add to the model states (weights, grads, optimizer), which stay
 resident. A fixed RESERVE_GIB covers the CUDA context, NCCL buffers and allocator fragmentation.

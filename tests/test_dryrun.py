@@ -19,8 +19,7 @@ import pytest
 
 from alfred_train import cli
 from alfred_train.config import load_config
-from alfred_train.dryrun import (bytes_per_param, kv_cache_bytes, model_params, params_per_gpu,
-                                 stage_layers)
+from alfred_train.sizing import bytes_per_param, kv_cache_bytes, model_params, params_per_gpu, stage_layers
 from alfred_train.models.build import resolve_shape
 
 REPO = Path(__file__).resolve().parents[1]

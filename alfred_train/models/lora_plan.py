@@ -5,7 +5,7 @@ Adapter parameters per layer and target (r = rank, tp = tensor-parallel size; mo
     row-parallel    (linear_proj, linear_fc2): A r * n_in / tp + B n_out * r (replicated)
 Memory per GPU with LoRA: every trained model's base is frozen (weights only: 2 B bf16 / 4 B fp32
 per parameter), its adapters (and a value model's head) are trainable (weights + fp32 grads + Adam,
-as dryrun.bytes_per_param). PPO holds two networks: the reference and reward models are the policy
+as sizing.bytes_per_param). PPO holds two networks: the reference and reward models are the policy
 and value model with adapters off, so they cost nothing more.
 """
 
@@ -27,7 +27,7 @@ def adapter_params_per_layer(shape, spec: lora.AdapterSpec, tp: int) -> int:
 def memory_lines(cfg, shape, stage: str, stage_models, per_stage: dict, full_bytes: list[float], size) -> list[str]:
     """Lines for `describe`: stage_models ((name, kind, trainable), ...), per_stage: name -> base params per
     GPU per pipeline stage, full_bytes: per-stage bytes without LoRA (KV cache included), size: formatter."""
-    from alfred_train.dryrun import bytes_per_param
+    from alfred_train.sizing import bytes_per_param
 
     p = cfg.parallel
     spec = lora.AdapterSpec.from_config(cfg.lora)
