@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "alfred_train", *args, "logging.tensorboard=false",
-                    "logging.plots=false", "checkpoint.interval=0"], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "alfred_train", *args, "logging.tensorboard=false",
+                           "logging.plots=false", "checkpoint.interval=0"], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"alfred-train {args[0]} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
 
 
 def main() -> int:

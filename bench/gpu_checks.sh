@@ -9,6 +9,7 @@
 #                                 CUDA graphs, as a fraction of the HBM floor
 #   bench/bench_ppo.py            the PPO iteration split on a ~0.5B shape (goal: generation <= 50%)
 # Every output is also written under $OUT (it comes back); copy the tables into bench/RESULTS.md.
+# A smoke run of the plumbing on a CPU machine: QUICK=1 PY=.venv/bin/python bash bench/gpu_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = prepare ]; then
@@ -20,16 +21,27 @@ if [ "${1:-}" = prepare ]; then
   exit 0
 fi
 out=${OUT:-/tmp/gpu_checks}
+py=${PY:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.gpu/site"
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.txt" 2>&1 \
+"$py" -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.txt" 2>&1 \
   || { cat "$out/install.txt"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
+if [ "${QUICK:-0}" = 1 ]; then
+  decode=(--shape tiny --batches 4 --prompt-len 16 --new-tokens 16 --hbm-tbs 0.02)
+  shape=(model.num_layers=2 model.hidden_size=64 model.max_seq_len=128)
+  ppo=(ppo.max_new_tokens=16 ppo.min_new_tokens=16 ppo.rollouts_per_iter=8 ppo.rollout_micro_batch=8
+       ppo.train_micro_batch=2)
+else
+  decode=()
+  shape=(model.num_layers=8 model.hidden_size=2048 model.ffn_hidden_size=5632 model.num_attention_heads=16
+         model.num_query_groups=4 model.max_seq_len=512)
+  ppo=(ppo.max_new_tokens=256 ppo.min_new_tokens=256 ppo.rollouts_per_iter=64 ppo.rollout_micro_batch=64
+       ppo.train_micro_batch=8)
+fi
 status=0
-timeout 150 python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.txt" || status=1
-timeout 240 python3 bench/bench_gpu_decode.py 2>&1 | tee "$out/decode.txt" || status=1
-timeout 180 python3 bench/bench_ppo.py --iters 3 ppo.max_new_tokens=256 ppo.min_new_tokens=256 \
-  ppo.rollouts_per_iter=64 ppo.rollout_micro_batch=64 ppo.train_micro_batch=8 \
-  --model model.num_layers=8 model.hidden_size=2048 model.ffn_hidden_size=5632 model.num_attention_heads=16 \
-  model.num_query_groups=4 model.max_seq_len=512 2>&1 | tee "$out/ppo.txt" || status=1
+timeout 150 "$py" -m pytest -q -ra -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.txt" || status=1
+timeout 240 "$py" bench/bench_gpu_decode.py "${decode[@]}" 2>&1 | tee "$out/decode.txt" || status=1
+timeout 180 "$py" bench/bench_ppo.py --iters 3 parallel.tp=1 "${ppo[@]}" --model "${shape[@]}" 2>&1 \
+  | tee "$out/ppo.txt" || status=1
 exit $status
