@@ -424,21 +424,45 @@ def test_cuda_graph_decode_equals_eager_and_is_released(runtime, policy, referen
 # ----------------------------------------------------------------------------- TP / PP workers
 
 
-def _worker(out_dir: str, tp: int, pp: int) -> None:
+def _worker(out_dir: str, tp: int, pp: int, compute=None) -> None:
     from alfred_train.parallel.dims import ParallelDims
     from alfred_train.parallel.init import init_runtime, seed_everything, shutdown
 
     rt = init_runtime(ParallelDims(tp, pp, 1))
     seed_everything(0, rt)
     try:
-        results = layout_results(rt)
+        results = (compute or layout_results)(rt)
         results["coords"] = (rt.tp_rank, rt.pp_rank)
         torch.save(results, Path(out_dir) / f"rank{rt.rank}.pt")
     finally:
         shutdown()
 
 
-def _launch_workers(out_dir: Path, tp: int, pp: int) -> None:
+def pipelined_results(runtime) -> dict:
+    """A length mix through the pipelined loop at this rank's PP, continuously batched or not, and
+    through the plain loop: 11 left-padded prompts, sampled hot so that EOD (the token sampled most
+    often) ends responses early and rows refill; min_new_tokens 0 lets a response end at once."""
+    from alfred_train.ppo.generation import SamplingParams, generate_all
+
+    policy = build(runtime, "lm", seed=3)
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(2, 11, (11,), generator=gen)
+    ids = torch.randint(3, VOCAB, (11, 10), generator=gen)
+    mask = (torch.arange(10)[None, :] >= 10 - lengths[:, None]).long()
+    ids, mask = (ids * mask).to(DEVICE), mask.to(DEVICE)
+    params = SamplingParams(max_new_tokens=12, temperature=1.5)
+    kw = dict(vocab_size=VOCAB, seed=3)
+    probe = generate_all(policy, runtime, ids, mask, params, eod_id=1, **kw).response_ids  # 1 is never sampled
+    eod = int(torch.bincount(probe.flatten().cpu(), minlength=VOCAB).argmax())
+    out = {"eod": eod}
+    for slots in (runtime.dims.pp, 7, 11):
+        for pipelined in (False, True):
+            g = generate_all(policy, runtime, ids, mask, params, eod_id=eod, slots=slots, pipelined=pipelined, **kw)
+            out[(slots, pipelined)] = (g.response_ids, g.response_mask, g.logprobs, g.slot_utilisation)
+    return out
+
+
+def _launch_workers(out_dir: Path, tp: int, pp: int, mode: str = "--worker") -> None:
     from alfred_train.parallel.init import _free_port
 
     world, port = tp * pp, _free_port()
@@ -446,7 +470,7 @@ def _launch_workers(out_dir: Path, tp: int, pp: int) -> None:
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", ALFRED_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(out_dir), str(tp), str(pp)], env=env,
+        procs.append(subprocess.Popen([sys.executable, __file__, mode, str(out_dir), str(tp), str(pp)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for rank, (p, log) in enumerate(zip(procs, logs)):
@@ -480,6 +504,25 @@ def test_tp_pp_layouts_match_tp1(tmp_path, reference, tp, pp):
         torch.testing.assert_close(got["values"], reference["values"], atol=1e-5, rtol=0)
         torch.testing.assert_close(got["scores"], reference["scores"], atol=1e-5, rtol=0)
     assert not torch.equal(reference["sampled"][0], reference["greedy"][0])  # sampling really sampled
+
+
+@pytest.mark.slow
+def test_pipelined_decode_at_pp4_refills_rows_with_the_plain_loops_tokens(tmp_path):
+    """Four stages, one layer each, four row groups in flight: with 4 or 7 rows for 11 prompts the
+    groups refill from the queue as responses end (a prompt never refilled would have no tokens);
+    every rank returns the plain loop's tokens and log-probs."""
+    _launch_workers(tmp_path, 1, 4, mode="--pipelined-worker")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    reference = ranks[0][(11, False)]  # one static batch, plain loop
+    lengths = reference[1].sum(1)
+    assert 1 <= int(lengths.min()) and int(lengths.min()) < 12 and int((lengths < 12).sum()) >= 2  # EOD ends some
+    for got in ranks:
+        where = f"pp_rank={got['coords'][1]}"
+        for slots in (4, 7, 11):
+            for pipelined in (False, True):
+                ids, ids_mask, logprobs, _ = got[(slots, pipelined)]
+                assert torch.equal(ids, reference[0]) and torch.equal(ids_mask, reference[1]), (slots, pipelined, where)
+                torch.testing.assert_close(logprobs, reference[2], atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -540,3 +583,5 @@ def test_generate_cli_end_to_end_tp1_and_tp2_pp2(sft_run, tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+if __name__ == "__main__" and sys.argv[1:2] == ["--pipelined-worker"]:
+    _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), compute=pipelined_results)
