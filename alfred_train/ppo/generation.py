@@ -114,8 +114,8 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
     the next prompt of the queue at once (continuous batching); other decoders run the queue in
     static batches of `slots`. At PP > 1 with `pipelined` (and the fast decoder), the `slots` rows
     are decoded as pp row groups in flight across the stages (`pipelined.py`), continuously batched
-    as well. Each prompt's tokens depend only on (seed, its key) (keys (Q,),
-    default 0 .. Q-1), not on its row, batch or layout. Collective over the TP and PP groups.
+    as well. Each prompt's tokens depend only on (seed, its key) (keys (Q,), default 0 .. Q-1), not
+    on its row, batch or layout. Collective over the TP and PP groups.
     """
     model = _single_chunk(chunks)
     _check_attention_backend(model)
