@@ -304,8 +304,7 @@ def check_fits(cfg: Config, plan: PeakPlan, full: PeakPlan) -> None:
 def _ppo_line(cfg: Config) -> str:
     o, opt = cfg.ppo, cfg.optim
     per_rank = o.rollouts_per_iter // cfg.parallel.dp
-    return (f"PPO: {cfg.train.max_steps} iterations x {o.rollouts_per_iter} rollouts ({per_rank} per DP rank, "
-            f"{math.ceil(per_rank / o.rollout_micro_batch)} generation batches of {o.rollout_micro_batch}); "
+    return (f"PPO: {cfg.train.max_steps} iterations x {o.rollouts_per_iter} rollouts ({per_rank} per DP rank); "
             f"policy {o.policy_epochs} epoch(s) x {o.policy_steps_per_epoch} step(s), "
             f"value {o.value_epochs} epoch(s) x {o.value_steps_per_epoch} step(s); "
             f"lr {opt.lr:g} (value {o.value_lr or opt.lr:g}) -> {opt.min_lr:g}, {opt.schedule} over "
@@ -315,8 +314,9 @@ def _ppo_line(cfg: Config) -> str:
 def _rollout_line(cfg: Config) -> str:
     """How rollouts are decoded: batching, the pipeline, and where PPO's old log-probs come from."""
     o, pp = cfg.ppo, cfg.parallel.pp
+    batches = math.ceil(o.rollouts_per_iter // cfg.parallel.dp / o.rollout_micro_batch)
     batching = "on (a row that ends takes the next prompt)" if o.continuous_batching else \
-        "off (static micro-batches, each held by its longest response)"
+        f"off ({batches} static micro-batches, each held by its longest response)"
     parts = [f"Rollouts: {o.rollout_micro_batch} rows decoded together per DP rank, continuous batching {batching}"]
     if pp > 1 and o.pipelined_decode and o.rollout_micro_batch >= pp:
         parts.append(f"pipelined decode: {pp} row groups in flight, every stage busy")
