@@ -25,6 +25,9 @@ layer (LayerNorm, GELU), no linear biases, num_query_groups divisible by TP; LoR
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -68,6 +71,32 @@ def unsupported_reason(model, tp: int) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Linear:
+    """One linear of a layer: this rank's weight shard and its LoRA adapter (models/lora.py), if any."""
+
+    weight: torch.Tensor
+    adapter: torch.nn.Module | None
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """What a decode step reads of one layer, looked up once per generation, not once per step
+    (module attribute lookups are a tenth of a small CPU step)."""
+
+    input_norm: object  # x -> normed x
+    pre_mlp_norm: object | None  # None: Falcon's parallel layer feeds its MLP the attention's input norm
+    qkv: _Linear
+    proj: _Linear
+    fc1: _Linear
+    fc2: _Linear
+    falcon: bool  # Falcon's parallel layer: x + Attention(LN(x)) + MLP(LN'(x)), one TP reduce
+
+
+def _rms_norm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * weight
+
+
 class StageDecoder:
     """This stage's layers + a KV cache for B rows of up to S = P + N slots.
 
@@ -86,21 +115,17 @@ class StageDecoder:
         self.head_dim = cfg.kv_channels  # hn
         self.scale = model.decoder.layers[0].self_attention.core_attention.softmax_scale \
             if self.model.decoder.layers else self.head_dim ** -0.5
-        self.falcon = [type(layer).__name__ == "FalconLayer" for layer in model.decoder.layers]
         self.gated = cfg.gated_linear_unit
         self.activation = cfg.activation_func
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
-        layers = len(model.decoder.layers)
-        # LoRA adapters by (id(parent module), target linear): a lookup, not a failing getattr, per linear
-        self.adapters = {(id(parent), name[len("lora_"):]): adapter for layer in model.decoder.layers
-                         for parent in (layer.self_attention, layer.mlp)
-                         for name, adapter in parent.named_children() if name.startswith("lora_")}
-        cache_shape = (layers, batch, self.groups, max_len, self.head_dim)  # (L, B, ng, S, hn)
+        self.layers = [self._plan(layer) for layer in model.decoder.layers]
+        self.final_norm = self._norm_fn(model.decoder.final_layernorm) if model.post_process else None
+        cache_shape = (len(self.layers), batch, self.groups, max_len, self.head_dim)  # (L, B, ng, S, hn)
         self.row_index = torch.arange(batch, device=self.device)  # (B,)
-        # cache=False: whole sequences only (scoring), nothing kept
-        self.keys = torch.zeros(cache_shape, dtype=self.dtype, device=self.device) if cache else None
-        self.values = torch.zeros(cache_shape, dtype=self.dtype, device=self.device) if cache else None
+        # cache=False: whole sequences only (scoring), nothing kept; per layer: (B, ng, S, hn) views
+        self.keys = list(torch.zeros(cache_shape, dtype=self.dtype, device=self.device)) if cache else None
+        self.values = list(torch.zeros(cache_shape, dtype=self.dtype, device=self.device)) if cache else None
         emb = model.rotary_pos_emb.get_emb(max_len).to(self.device)[:, 0, 0, :]  # (S, rot) float32
         half = emb.shape[-1] // 2
         self.rot_dim = emb.shape[-1]
@@ -109,35 +134,49 @@ class StageDecoder:
         # rotate_half(t) * sin == roll(t, half) * [-sin_1, sin_2]: the same products, one op fewer
         self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # (S, rot)
 
-    # ----------------------------------------------------------------- pieces
+    # ----------------------------------------------------------------- the layers' weights
 
-    def _norm(self, norm, x):
+    def _norm_fn(self, norm):
         """The layer's torch norm; fp32 RMSNorm spelled out (torch's fused CPU kernel costs ~30 us per
-        small call, the four ops below ~8 us; same formula, rounding may differ in the last bit)."""
+        small call, the four ops of `_rms_norm` ~8 us; same formula, rounding may differ in the last bit)."""
         if self.dtype == torch.float32 and isinstance(norm, torch.nn.RMSNorm):
-            eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * norm.weight
-        return norm(x)
+            eps = norm.eps if norm.eps is not None else torch.finfo(self.dtype).eps
+            return partial(_rms_norm, weight=norm.weight, eps=eps)
+        return norm
+
+    def _plan(self, layer) -> _Layer:
+        def linear(parent, name):  # LoRA adapters are the parent's `lora_<name>` children
+            return _Linear(getattr(parent, name).weight, getattr(parent, f"lora_{name}", None))
+
+        att, mlp = layer.self_attention, layer.mlp
+        falcon = type(layer).__name__ == "FalconLayer"
+        shared = falcon and type(layer.pre_mlp_layernorm).__name__ == "IdentityOp"
+        return _Layer(self._norm_fn(layer.input_layernorm), None if shared else self._norm_fn(layer.pre_mlp_layernorm),
+                      linear(att, "linear_qkv"), linear(att, "linear_proj"), linear(mlp, "linear_fc1"),
+                      linear(mlp, "linear_fc2"), falcon)
+
+    # ----------------------------------------------------------------- pieces
 
     def _tp_sum(self, x):
         if self.tp > 1:
             dist.all_reduce(x, group=self.runtime.tp_group)
         return x
 
-    def _lora(self, parent, target, x, y):
-        """y plus the LoRA adapter's delta of `parent.target` for input x, as models/lora.py's hook adds it."""
-        adapter = self.adapters.get((id(parent), target))
+    @staticmethod
+    def _lora(linear: _Linear, x, y):
+        """y plus the linear's LoRA delta for input x, as models/lora.py's hook adds it."""
+        adapter = linear.adapter
         return y if adapter is None or not adapter.enabled else y + adapter.delta(x).to(y.dtype)
 
-    def _column(self, parent, target, x):
+    def _column(self, linear: _Linear, x):
         """A column-parallel linear: this rank's output shard (+ its adapter's)."""
-        return self._lora(parent, target, x, F.linear(x, getattr(parent, target).weight))
+        return self._lora(linear, x, F.linear(x, linear.weight))
 
-    def _row(self, parent, target, x, reduce: bool = True):
+    def _row(self, linear: _Linear, x, reduce: bool = True):
         """A row-parallel linear, summed over TP (+ its adapter's delta after the sum, as megatron's
         forward hook sees it); reduce=False: this rank's partial sum (Falcon's one reduce per layer)."""
-        y = F.linear(x, getattr(parent, target).weight)
-        return self._lora(parent, target, x, self._tp_sum(y)) if reduce else y
+        y = F.linear(x, linear.weight)
+        return self._lora(linear, x, self._tp_sum(y)) if reduce else y
 
     def _rope(self, t, cos, sin):  # t (..., hn); cos, sin broadcast to (..., rot)
         if self.rot_dim == t.shape[-1]:
@@ -153,7 +192,7 @@ class StageDecoder:
             return cos[:, None, None, None], sin[:, None, None, None]
         return cos[None, :, None, None], sin[None, :, None, None]
 
-    def _attention(self, index, att, x, slots, mask, rows, rope, reduce=True):
+    def _attention(self, index, layer: _Layer, x, slots, mask, rows, rope, reduce=True):
         """x (B, s, h) normed -> attention output projected (B, s, h), summed over TP (reduce=False: not yet).
 
         Prefill (mask bool (R, 1, P, P), True = attend; None: causal, no padding): slots (P,) = 0 .. P-1; the
@@ -163,7 +202,7 @@ class StageDecoder:
         """
         batch, seq, _ = x.shape
         per_group = self.heads // self.groups
-        qkv = self._column(att, "linear_qkv", x).view(batch, seq, self.groups, per_group + 2, self.head_dim)
+        qkv = self._column(layer.qkv, x).view(batch, seq, self.groups, per_group + 2, self.head_dim)
         qk = self._rope(qkv[:, :, :, :per_group + 1], *rope)  # (B, s, ng, np/ng + 1, hn) rotated
         q = qk[:, :, :, :per_group].reshape(batch, seq, self.heads, self.head_dim)  # (B, s, np, hn)
         k, v = qk[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (B, s, ng, hn)
@@ -188,16 +227,16 @@ class StageDecoder:
             probs = scores.float().softmax(dim=-1).to(values.dtype)  # (B, ng, np/ng, w)
             out = torch.matmul(probs, values[:, :, :width])  # (B, ng, np/ng, hn) == (B, 1, np, hn) in head order
         out = out.reshape(batch, seq, self.heads * self.head_dim)
-        return self._row(att, "linear_proj", out, reduce)  # (B, s, h)
+        return self._row(layer.proj, out, reduce)  # (B, s, h)
 
-    def _mlp(self, mlp, x, reduce=True):
-        y = self._column(mlp, "linear_fc1", x)
+    def _mlp(self, layer: _Layer, x, reduce=True):
+        y = self._column(layer.fc1, x)
         if self.gated:
             gate, up = torch.chunk(y, 2, dim=-1)
             y = self.activation(gate) * up
         else:
             y = self.activation(y)
-        return self._row(mlp, "linear_fc2", y, reduce)
+        return self._row(layer.fc2, y, reduce)
 
     def _embed(self, ids):
         emb = self.model.embedding
@@ -206,7 +245,7 @@ class StageDecoder:
         return emb(input_ids=ids, position_ids=None).transpose(0, 1)  # megatron gives (s, B, h)
 
     def _logits(self, x, gather: bool = True):
-        x = self._norm(self.model.decoder.final_layernorm, x)
+        x = self.final_norm(x)
         head = self.model.output_layer
         if type(head).__name__ == "ScalarHead":  # a reward / value model: one score per position (B, s, 1)
             return F.linear(x, head.weight, head.bias)
@@ -240,14 +279,13 @@ class StageDecoder:
         if self.model.pre_process:
             x = self._embed(x)
         rope = self._rope_tables(slots, decode=mask is not None and mask.dtype != torch.bool)
-        for i, layer in enumerate(self.model.decoder.layers):
-            normed = self._norm(layer.input_layernorm, x)
-            att = self._attention(i, layer.self_attention, normed, slots, mask, rows, rope, reduce=not self.falcon[i])
-            if self.falcon[i]:  # out = x + Attention(LN_attn(x)) + MLP(LN_mlp(x)), one reduce
-                mlp_in = normed if type(layer.pre_mlp_layernorm).__name__ == "IdentityOp" \
-                    else self._norm(layer.pre_mlp_layernorm, x)
-                x = x + self._tp_sum(att + self._mlp(layer.mlp, mlp_in, reduce=False))
+        for i, layer in enumerate(self.layers):
+            normed = layer.input_norm(x)
+            att = self._attention(i, layer, normed, slots, mask, rows, rope, reduce=not layer.falcon)
+            if layer.falcon:  # out = x + Attention(LN_attn(x)) + MLP(LN_mlp(x)), one reduce
+                mlp_in = normed if layer.pre_mlp_norm is None else layer.pre_mlp_norm(x)
+                x = x + self._tp_sum(att + self._mlp(layer, mlp_in, reduce=False))
             else:
                 x = x + att
-                x = x + self._mlp(layer.mlp, self._norm(layer.pre_mlp_layernorm, x))
+                x = x + self._mlp(layer, layer.pre_mlp_norm(x))
         return x
