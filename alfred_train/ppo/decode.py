@@ -45,6 +45,13 @@ def attention_mask_for(key_is_real: torch.Tensor, num_queries: int) -> torch.Ten
     return ~visible[:, None]  # (B, 1, sq, sk)
 
 
+def sdpa_mask(key_is_real: torch.Tensor) -> torch.Tensor | None:
+    """`attention_mask_for` a whole sequence in SDPA's sense: (B, 1, S, S) bool, True = attend; None
+    without padding, so SDPA takes its plain causal path."""
+    real = key_is_real.bool()
+    return None if bool(real.all()) else ~attention_mask_for(real, real.shape[1])
+
+
 # --------------------------------------------------------------------------- pipeline stage I/O and decoders
 
 def _single_chunk(chunks) -> torch.nn.Module:
@@ -138,8 +145,7 @@ class KVCacheForward:
         else:
             self.key_bias[rows, 0, 0] = bias
             self.slot[rows] = prompt_len
-        # (R, 1, P, P) True = attend; without padding plain causal attention (SDPA's fast path)
-        mask = None if bool(real.all()) else ~attention_mask_for(real, prompt_len)
+        mask = sdpa_mask(real)  # (R, 1, P, P)
         slots = torch.arange(prompt_len, device=real.device)
         if stage_input is None:
             return self._run(prompt_ids, slots, mask, rows)

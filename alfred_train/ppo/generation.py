@@ -73,7 +73,8 @@ from alfred_train.models.build import unwrap
 from alfred_train.parallel import cpu as cpu_adapter
 from alfred_train.ppo.decode import (CudaGraphDecode, FullReforward, KVCacheForward, MegatronKVCache,  # noqa: F401
                                      _check_attention_backend, _single_chunk, _stage_rank, attention_mask_for,
-                                     choose_decoder, position_ids_from_mask, share_from_sampler, stage_forward)
+                                     choose_decoder, position_ids_from_mask, sdpa_mask, share_from_sampler,
+                                     stage_forward)
 from alfred_train.ppo.pipelined import can_pipeline, pipelined_decode
 from alfred_train.ppo.sampling import (SamplingParams, draw_table, filter_top_k, filter_top_p, mask_logits,  # noqa: F401
                                        sample_next, uniform_draws)
@@ -136,11 +137,9 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
     response = torch.full((queue_len, n_new + 1), pad_id, dtype=torch.long, device=device)  # (Q, N + 1)
     response_mask = torch.zeros_like(response)
     logprobs = torch.zeros(response.shape, dtype=torch.float32, device=device)
-    was_training = model.training
-    model.eval()  # megatron uses the inference context only in eval mode
     dec, slot_steps, next_prompt, batch_start = None, 0, rows, 0
     try:
-        with cpu_adapter.suspended(), _decode_mode(decoder_cls):
+        with _inference(model, _decode_mode(decoder_cls)):
             owner = torch.arange(rows, device=device)  # (B,) the prompt each row decodes
             dec = decoder_cls(model, runtime, prompt_ids[:rows], prompt_mask[:rows], n_new)
             logits = dec.prefill()
@@ -180,13 +179,32 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
                     if fresh is not None:
                         logits[refill] = fresh
                     owner[refill], step_of[refill], active[refill] = new, 0, True
-        length = int(response_mask[:, :n_new].any(dim=0).sum())  # columns are contiguous from 0
     finally:
         if hasattr(dec, "close"):
             dec.close()  # a CUDA graph and its memory pool end with the generation
         model.set_input_tensor(None)
+    return _generation(response, response_mask, logprobs, slot_steps, n_new)
+
+
+def _generation(response, response_mask, logprobs, slot_steps: int, n_new: int) -> Generation:
+    """The decoded columns (Q, N + 1 with the spill column) cut to the longest response, as normal
+    tensors (copies: the loop may have made them under inference mode)."""
+    length = int(response_mask[:, :n_new].any(dim=0).sum())  # columns are contiguous from 0
+    cut = lambda x: x[:, :length].clone()  # noqa: E731
+    return Generation(cut(response), cut(response_mask), cut(logprobs), slot_steps)
+
+
+@contextlib.contextmanager
+def _inference(model, mode):
+    """The model in eval mode (megatron uses its inference context only then), the CPU adapter
+    suspended and `mode` (inference mode or no_grad) entered; its training mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with cpu_adapter.suspended(), mode:
+            yield
+    finally:
         model.train(was_training)
-    return Generation(response[:, :length], response_mask[:, :length], logprobs[:, :length], slot_steps)
 
 
 def _decode_mode(decoder_cls):
@@ -199,17 +217,9 @@ def _decode_mode(decoder_cls):
 
 
 def _generate_pipelined(model, runtime, prompt_ids, prompt_mask, params, rows, **kw) -> Generation:
-    was_training = model.training
-    model.eval()
-    try:
-        with cpu_adapter.suspended(), torch.inference_mode():
-            response, mask, logprobs, slot_steps = pipelined_decode(model, runtime, prompt_ids, prompt_mask, params,
-                                                                    rows, **kw)
-    finally:
-        model.train(was_training)
-    length = int(mask[:, :params.max_new_tokens].any(dim=0).sum())  # columns are contiguous from 0
-    copy = lambda x: x[:, :length].clone()  # noqa: E731 - outside inference mode: normal tensors
-    return Generation(copy(response), copy(mask), copy(logprobs), slot_steps)
+    with _inference(model, torch.inference_mode()):
+        decoded = pipelined_decode(model, runtime, prompt_ids, prompt_mask, params, rows, **kw)
+    return _generation(*decoded, params.max_new_tokens)
 
 
 def _next_batch(decoder_cls, model, runtime, prompt_ids, prompt_mask, n_new, start, rows, old):
@@ -301,19 +311,9 @@ def _fast_scoring(chunks, runtime) -> bool:
 
 
 def _score_fast(model, runtime, sequences, attention_mask, reduce, rows):
-    seq = sequences.shape[1]
-    was_training = model.training
-    model.eval()
-    try:
-        with cpu_adapter.suspended(), torch.inference_mode():
-            decoder = StageDecoder(model, runtime, 0, seq, cache=False)
-            collected = []
-            for r in rows:
-                real = attention_mask[r].bool()  # (b, L)
-                mask = None if bool(real.all()) else ~attention_mask_for(real, seq)  # (b, 1, L, L) True = attend
-                collected.append(reduce(decoder.score(sequences[r], mask), r))
-    finally:
-        model.train(was_training)
+    with _inference(model, torch.inference_mode()):
+        decoder = StageDecoder(model, runtime, 0, sequences.shape[1], cache=False)
+        collected = [reduce(decoder.score(sequences[r], sdpa_mask(attention_mask[r])), r) for r in rows]
     return torch.cat(collected)  # outside inference mode: a normal tensor
 
 
