@@ -68,11 +68,12 @@ def pipelined_decode(model, runtime, prompt_ids, prompt_mask, params, slots: int
     # host-side bookkeeping, the same on every rank: per group, its records so far, the record by
     # which all its rows have surely ended, and the refill its next item carries (local rows, prompts)
     records, deadline, refills = [0] * pp, [n_new] * pp, [None] * pp
-    queue = {"next": batch, "slot_steps": 0}
+    next_prompt, slot_steps = batch, 0  # the queue's next prompt; rows x decode steps so far
 
     def record(g, logits) -> bool:
         """Sample the newest token of group g's rows on the source, share and record it, refill the
         rows that ended from the queue; True when every row has ended and the queue is empty."""
+        nonlocal next_prompt, slot_steps
         rows = groups[g]
         live, step = active[rows], step_of[rows]
         drawn = sample_next(logits, params, step=step, vocab_size=vocab_size, eod_id=eod_id,
@@ -88,17 +89,17 @@ def pipelined_decode(model, runtime, prompt_ids, prompt_mask, params, slots: int
         active[rows] = live & (tokens != eod_id) & (step + 1 < n_new)
         step_of[rows] += 1
         last_tokens[rows] = tokens
-        queue["slot_steps"] += len(rows)
+        slot_steps += len(rows)
         records[g] += 1
         if records[g] % check_every and records[g] < deadline[g]:
             return False  # no host sync this time
-        ended = (~active[rows]).nonzero()[:, 0][:queue_len - queue["next"]]  # host sync: local rows
+        ended = (~active[rows]).nonzero()[:, 0][:queue_len - next_prompt]  # host sync: local rows
         if len(ended):
-            new = torch.arange(queue["next"], queue["next"] + len(ended), device=device)
-            queue["next"] += len(ended)
+            new = torch.arange(next_prompt, next_prompt + len(ended), device=device)
+            next_prompt += len(ended)
             owner[rows[ended]], step_of[rows[ended]], active[rows[ended]] = new, 0, True
             refills[g], deadline[g] = (ended, new), records[g] + n_new
-        return queue["next"] >= queue_len and not bool(active.any())
+        return next_prompt >= queue_len and not bool(active.any())
 
     decoders = [KVCacheForward(model, rt, prompt_ids[g], prompt_mask[g], n_new) for g in groups]
     finished = False
@@ -137,7 +138,7 @@ def pipelined_decode(model, runtime, prompt_ids, prompt_mask, params, slots: int
         _receive(rt, (len(groups[(tick - stage) % pp]), 1, hidden_size), decoders[0])
     for work in sends:
         work.wait()
-    return response, response_mask, logprobs, queue["slot_steps"]
+    return response, response_mask, logprobs, slot_steps
 
 
 def _receive(rt, shape, dec) -> torch.Tensor:
