@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -41,8 +40,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages (one process each)")
     args = parser.parse_args()
-    if args.pp > 1 and "RANK" not in os.environ:
-        return _launch(args.pp)
+    if args.pp > 1 and "RANK" not in os.environ:  # one process per stage, the same command line
+        from alfred_train.parallel.spawn import spawn_local
+
+        raise SystemExit(spawn_local(sys.argv[1:], args.pp, script=__file__))
     warnings.filterwarnings("ignore")
 
     from alfred_train.config import ParallelConfig
@@ -112,19 +113,6 @@ def main() -> None:
         print(f"{k:<14}{t:>9.3f}{useful / t:>14.0f}{useful / results[k][2]:>18.1%}")
     t_s, t_c = statistics.median(times["static"]), statistics.median(times["continuous"])
     print(f"continuous batching gain: {t_s / t_c:.2f}x")
-
-
-def _launch(pp: int) -> None:
-    """The same command line in `pp` processes, one per stage (one thread each)."""
-    from alfred_train.parallel.init import _free_port
-
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, *sys.argv], env=dict(
-        os.environ, RANK=str(rank), WORLD_SIZE=str(pp), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port), OMP_NUM_THREADS="1", ALFRED_THREADS="1")) for rank in range(pp)]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"workers failed: exit codes {codes}")
 
 
 if __name__ == "__main__":

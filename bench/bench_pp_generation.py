@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -95,19 +93,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    from alfred_train.parallel.init import _free_port
+    from alfred_train.parallel.spawn import spawn_local
 
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", ALFRED_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(args.batch), str(args.prompt_len),
-                                       str(args.new_tokens), str(args.repeats)], env=env))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"workers failed: exit codes {codes}")
-
+    code = spawn_local(["--worker", str(args.batch), str(args.prompt_len), str(args.new_tokens), str(args.repeats)], 2,
+                       script=__file__)
+    if code:
+        raise SystemExit(f"workers failed: exit code {code}")
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:

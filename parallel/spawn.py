@@ -14,7 +14,8 @@ import sys
 import time
 
 
-def spawn_local(argv: list[str], world_size: int) -> int:
+def spawn_local(argv: list[str], world_size: int, script: str | None = None) -> int:
+    """`python -m alfred_train ARGV` in `world_size` processes (`script`: `python SCRIPT ARGV`)."""
     from alfred_train.parallel.init import _free_port
 
     port = _free_port()
@@ -24,7 +25,8 @@ def spawn_local(argv: list[str], world_size: int) -> int:
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS=str(threads))
-        procs.append(subprocess.Popen([sys.executable, "-m", "alfred_train", *argv], env=env))
+        command = [script] if script else ["-m", "alfred_train"]
+        procs.append(subprocess.Popen([sys.executable, *command, *argv], env=env))
 
     def forward(signum, _frame):  # preemption signals go to every worker
         for p in procs:
