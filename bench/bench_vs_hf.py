@@ -5,11 +5,13 @@
 The model is TRL's reference shape (../shared/peers: Llama, 4 layers, hidden 128, 4 heads, ffn 344,
 vocab 512), built by us and exported with our own converter into a transformers `LlamaForCausalLM`,
 so both sides run the very same weights. Every row forces the full length (min = max new tokens),
-unpadded prompts (HF and we then agree on positions), fp32. Ours and HF alternate (ours, HF, ours,
-HF, ...), then the old loop runs --repeats times; each figure is the median over --repeats; the machine
+unpadded prompts (HF and we then agree on positions), fp32. Ours, compiled and HF alternate (ours,
+compiled, HF, ours, ...), then the old loop runs --repeats times; each figure is the median over --repeats; the machine
 may be shared, so only same-run ratios mean much.
 
     ours     `ppo.generation.generate` (the decode loop of `stage_decoder.StageDecoder`, CPU adapter suspended)
+    compiled the same with its decode step compiled by torch.compile (`ppo.compile_decode`; compiled
+             once in the warm-up run, not timed)
     before   megatron's own forward with its StaticInferenceContext and the CPU adapter on every call
              (the loop as it was before issue 10: `MegatronKVCache`)
     HF       `LlamaForCausalLM.generate` (KV cache, SDPA), transformers 5.23
@@ -91,6 +93,9 @@ def main() -> None:
         def ours():
             return generation.generate([model], runtime, ids, mask, params, **kw)[0]
 
+        def compiled():
+            return generation.generate([model], runtime, ids, mask, params, compiled=True, **kw)[0]
+
         def before():
             real = cpu_adapter.suspended
             cpu_adapter.suspended = contextlib.nullcontext  # the adapter's mode on every call, as before
@@ -106,14 +111,14 @@ def main() -> None:
                                   top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0, eos_token_id=None)
             return out[:, args.prompt_len:]
 
-        runs = {"ours": ours, "before": before, "HF": hf_generate}
+        runs = {"ours": ours, "compiled": compiled, "before": before, "HF": hf_generate}
         times = {k: [] for k in runs}
         outs = {}
         for k, fn in runs.items():
             outs[k] = fn()  # warm-up
         # ours and HF alternate; the old loop runs after them (interleaved three ways, its megatron
         # allocations slowed both others by ~20% here)
-        for pair in (("ours", "HF"), ("before",)):
+        for pair in (("ours", "compiled", "HF"), ("before",)):
             for _ in range(args.repeats):
                 for k in pair:
                     t0 = clock()
@@ -121,19 +126,20 @@ def main() -> None:
                     times[k].append(clock() - t0)
         tok = args.batch * n
         med = {k: statistics.median(v) for k, v in times.items()}
-        same = (outs["ours"] == outs["HF"]).float().mean().item() if greedy else float("nan")
+        same = [(outs[k] == outs["HF"]).float().mean().item() if greedy else float("nan") for k in ("ours", "compiled")]
         rows.append((("greedy" if greedy else "sampled"), med, tok, same))
     shutdown()
     print(f"B={args.batch}, {args.prompt_len}+{n} tokens, fp32, threads={args.threads}, clock={args.clock}, "
           f"torch {torch.__version__}, "
           f"median of {args.repeats} interleaved runs")
-    head = f"{'decoding':<9}{'ours tok/s':>12}{'before tok/s':>14}{'HF tok/s':>10}{'ours/HF':>9}{'ours/before':>13}" \
-           f"{'same tokens as HF':>19}"
+    head = f"{'decoding':<9}{'ours tok/s':>12}{'compiled':>10}{'before':>8}{'HF tok/s':>10}{'ours/HF':>9}" \
+           f"{'compiled/HF':>13}{'ours/before':>13}{'same tokens as HF (ours, compiled)':>36}"
     print(head)
     print("-" * len(head))
     for name, med, tok, same in rows:
-        print(f"{name:<9}{tok / med['ours']:>12.0f}{tok / med['before']:>14.0f}{tok / med['HF']:>10.0f}"
-              f"{med['HF'] / med['ours']:>8.2f}x{med['before'] / med['ours']:>12.2f}x{same:>18.1%}")
+        print(f"{name:<9}{tok / med['ours']:>12.0f}{tok / med['compiled']:>10.0f}{tok / med['before']:>8.0f}"
+              f"{tok / med['HF']:>10.0f}{med['HF'] / med['ours']:>8.2f}x{med['HF'] / med['compiled']:>12.2f}x"
+              f"{med['before'] / med['ours']:>12.2f}x{same[0]:>24.1%}, {same[1]:.1%}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ Each variant runs in its own process (in one process, the "before" variant's all
              forward-only schedule (the loop before issue 10)
     ours     the fast decoder (`stage_decoder.StageDecoder`), the sampler's log-probs
              (ppo.recompute_logprobs=false), scoring by `StageDecoder.score`
+    compiled ours with the decode step and the scoring forward compiled by torch.compile
+             (ppo.compile_decode=true; compiled in the warm-up iteration, which is not timed)
 
-TRL and ours alternate (--rounds times per shape), then "before" runs once; medians over iterations
+TRL, ours and compiled alternate (--rounds times per shape), then "before" runs once; medians over iterations
 after the first.
 On a shared machine, --clock cpu --threads 1 times each side by its process CPU time (TRL: its own
 script, unmodified, with time.perf_counter made time.process_time), which time-slicing does not inflate.
@@ -81,17 +83,18 @@ def ours(prompt_len: int, response_len: int, iters: int, threads: int, clock: st
     now = CLOCKS[clock]
     for it in range(iters + 1):
         if variant == "before":
-            generation.choose_decoder = lambda model, rt: generation.MegatronKVCache
+            generation.choose_decoder = lambda model, rt, compiled: generation.MegatronKVCache
             cpu_adapter.suspended = contextlib.nullcontext
             generation._fast_scoring = lambda chunks, rt: False  # megatron's forward-only schedule scores
         prompts = torch.randint(3, shape.vocab_size, (16, prompt_len), generator=gen).tolist()
         t0 = now()
         rollout, _ = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=16, eod_id=2, pad_id=0,
-                                       vocab_size=shape.vocab_size, seed=it)
+                                       vocab_size=shape.vocab_size, seed=it, compiled=variant == "compiled")
         t1 = now()
         generation.choose_decoder, cpu_adapter.suspended = real_choose, real_suspended
         rollout, _ = score_rollouts(models, runtime, rollout, micro_batch=16, vocab_size=shape.vocab_size,
-                                    eod_id=2, pad_id=0, recompute_logprobs=variant == "before")
+                                    eod_id=2, pad_id=0, recompute_logprobs=variant == "before",
+                                    compiled=variant == "compiled")
         rollout, _ = compute_advantages(rollout, kl_estimator=kl_fn, beta=0.01, gamma=1.0, lam=0.95,
                                         whiten_rewards=False, whiten_advantages=True, dp_group=runtime.dp_group)
         t2 = now()
@@ -141,28 +144,28 @@ def main() -> None:
           f"torch {torch.__version__}; "
           f"TRL and ours alternate {args.rounds}x per shape; medians over iterations after the first")
     head = (f"{'P+R':<9}{'TRL s':>7}{'TRL gen':>9}{'TRL gc':>8}{'before s':>10}{'ours s':>8}{'ours/TRL':>10}"
-            f"{'ours/before':>13}  ours generate / score / train (before)")
+            f"{'compiled s':>12}{'compiled/TRL':>14}  generate / score / train: ours; compiled; before")
     rows = []
     for shape in args.shapes.split(","):
         p, r = (int(x) for x in shape.split("+"))
-        trl, mine = {}, {"before": {}, "ours": {}}
+        trl, mine = {}, {"before": {}, "ours": {}, "compiled": {}}
         for _ in range(args.rounds):
             for k, v in run_trl(args.trl_python, p, r, args.iters, args.threads, args.clock).items():
                 trl.setdefault(k, []).extend(v)
-            for k, v in run_ours(p, r, args.iters, args.threads, args.clock, "ours").items():
-                mine["ours"].setdefault(k, []).extend(v)
+            for variant in ("ours", "compiled"):
+                for k, v in run_ours(p, r, args.iters, args.threads, args.clock, variant).items():
+                    mine[variant].setdefault(k, []).extend(v)
         mine["before"] = run_ours(p, r, args.iters, args.threads, args.clock, "before")
         rows.append((shape, trl, mine))
     print(head)
     print("-" * len(head))
     med = statistics.median
     for shape, trl, mine in rows:
-        o, b = mine["ours"], mine["before"]
-        split = " / ".join(f"{med(o[k]):.3f}" for k in ("generate", "score", "train"))
-        split_b = " / ".join(f"{med(b[k]):.3f}" for k in ("generate", "score", "train"))
+        o, c, b = mine["ours"], mine["compiled"], mine["before"]
+        split = "; ".join(" / ".join(f"{med(x[k]):.3f}" for k in ("generate", "score", "train")) for x in (o, c, b))
         print(f"{shape:<9}{med(trl['total']):>7.3f}{med(trl['generate']):>9.3f}{med(trl['gc']):>8.3f}"
               f"{med(b['total']):>10.3f}{med(o['total']):>8.3f}{med(o['total']) / med(trl['total']):>9.2f}x"
-              f"{med(o['total']) / med(b['total']):>12.2f}x  {split} ({split_b})")
+              f"{med(c['total']):>12.3f}{med(c['total']) / med(trl['total']):>13.2f}x  {split}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     KVCacheForward    the fast path: `stage_decoder.StageDecoder` with a static cache, one token per
                       step, rows refilled in place (continuous batching)
+    CompiledDecode    KVCacheForward with its step compiled by torch.compile (CPU, ppo.compile_decode)
     CudaGraphDecode   KVCacheForward with its step captured in a CUDA graph (one GPU rank)
     MegatronKVCache   megatron's own forward with its StaticInferenceContext: reference and fallback
     FullReforward     no cache, the whole sequence every step: the slowest reference
@@ -13,6 +14,7 @@ here are megatron's (and the reference decoders').
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -121,13 +123,19 @@ class KVCacheForward:
         self.width = None if device.type == "cuda" else prompt_len
         self.hidden_size = model.config.hidden_size
 
-    def _run(self, x, slots, mask, rows=None):
+    def _decode(self, x, slots, key_bias):
+        """This stage's forward of one token per row (`CompiledDecode` compiles it)."""
+        return self.decoder.forward(x, slots, key_bias)
+
+    def _run(self, x, forward):
+        """This stage's `forward(x)`, its input received from the previous stage (x: the ids (B, s) on
+        the first stage, there only their shape) and its output sent to the next; (B, V) on the last."""
         rt = self.runtime
         if not rt.is_first_stage:
             batch, seq = x.shape
             x = torch.empty(batch, seq, self.hidden_size, dtype=self.decoder.dtype, device=rt.device)
             dist.recv(x, src=_stage_rank(rt, rt.pp_rank - 1), group=rt.pp_group)  # (B, s, h)
-        out = self.decoder.forward(x, slots, mask, rows)
+        out = forward(x)
         if rt.is_last_stage:
             return out[:, -1]  # (B, V)
         dist.send(out.contiguous(), dst=_stage_rank(rt, rt.pp_rank + 1), group=rt.pp_group)
@@ -147,9 +155,10 @@ class KVCacheForward:
             self.slot[rows] = prompt_len
         mask = sdpa_mask(real)  # (R, 1, P, P)
         slots = torch.arange(prompt_len, device=real.device)
+        forward = partial(self.decoder.forward, slots=slots, mask=mask, rows=rows)
         if stage_input is None:
-            return self._run(prompt_ids, slots, mask, rows)
-        out = self.decoder.forward(stage_input, slots, mask, rows)
+            return self._run(prompt_ids, forward)
+        out = forward(stage_input)
         return out[:, -1] if self.runtime.is_last_stage else out
 
     def prefill(self):
@@ -175,9 +184,25 @@ class KVCacheForward:
             self.width = min(self.width + 1, self.max_len)
             bias = bias[..., :self.width]  # (B, 1, 1, w)
         x = x[:, None] if x.dim() == 1 else x
-        out = self._run(x, self.slot, bias) if communicate else self.decoder.forward(x, self.slot, bias)
+        forward = partial(self._decode, slots=self.slot, key_bias=bias)
+        out = self._run(x, forward) if communicate else forward(x)
         self.slot.add_(1).clamp_max_(self.max_len - 1)  # a finished row may idle on: keep its slot in range
         return out
+
+
+class CompiledDecode(KVCacheForward):
+    """`KVCacheForward` with its decode step compiled by torch.compile (`compiled.decode_step`; CPU,
+    `ppo.compile_decode`). Every step attends over the whole cache (static shapes, as on a GPU):
+    one compiled step for the whole generation, however far it has got."""
+
+    def __init__(self, model, runtime, prompt_ids, prompt_mask, max_new_tokens: int):
+        super().__init__(model, runtime, prompt_ids, prompt_mask, max_new_tokens)
+        self.width = None
+
+    def _decode(self, x, slots, key_bias):
+        from alfred_train.ppo import compiled
+
+        return compiled.decode_step(self.decoder, x, slots, key_bias)
 
 
 class MegatronKVCache:
@@ -302,9 +327,10 @@ class CudaGraphDecode:
         self.graph = self.tokens = self.logits = None
 
 
-def choose_decoder(model, runtime):
+def choose_decoder(model, runtime, compiled: bool = False):
     """The fastest decoder this model and layout allow: `CudaGraphDecode` on one GPU rank,
-    `KVCacheForward` where `StageDecoder` supports the model, else megatron's `MegatronKVCache`."""
+    `KVCacheForward` where `StageDecoder` supports the model (`CompiledDecode` on CPU with
+    compiled), else megatron's `MegatronKVCache`."""
     reason = unsupported_reason(model, runtime.dims.tp)
     if reason:
         log.info("generation: megatron's own forward decodes (the fast decoder does not support %s)", reason)
@@ -312,7 +338,7 @@ def choose_decoder(model, runtime):
     on_gpu = torch.device(runtime.device).type == "cuda"
     if on_gpu and CUDA_GRAPHS and runtime.dims.tp == 1 and runtime.dims.pp == 1:
         return CudaGraphDecode
-    return KVCacheForward
+    return CompiledDecode if compiled and not on_gpu else KVCacheForward
 
 
 CUDA_GRAPHS = True  # the one switch for tests and benchmarks (before/after on a GPU)

@@ -48,12 +48,13 @@ def _pad_right(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
 
 def generate_rollouts(policy, runtime, prompts: list[list[int]], params: SamplingParams, *, micro_batch: int,
                       eod_id: int, pad_id: int, vocab_size: int, seed: int, keys: list[int] | None = None,
-                      continuous: bool = False, pipelined: bool = False) -> tuple[Rollout, float]:
+                      continuous: bool = False, pipelined: bool = False, compiled: bool = False) -> tuple[Rollout, float]:
     """Sample one response per prompt, `micro_batch` rows decoded together; a (B, P) x (B, T) Rollout
     with P the longest prompt and T = max_new_tokens (shapes fixed for the pipeline schedule), whose
     old_logprobs are the sampler's, and the slot utilisation (useful tokens / slot-steps).
     keys: each prompt's key for the random stream (its global index; default its position), so a
-    prompt's response depends neither on the micro-batching nor on continuous batching (on/off)."""
+    prompt's response depends neither on the micro-batching nor on continuous batching (on/off).
+    compiled: the decode step compiled on CPU (`ppo.compile_decode`)."""
     width = max(len(p) for p in prompts)
     keys = torch.tensor(keys if keys is not None else range(len(prompts)), dtype=torch.long)
     ids, mask = left_pad(prompts, pad_id, width)
@@ -61,7 +62,7 @@ def generate_rollouts(policy, runtime, prompts: list[list[int]], params: Samplin
     chunks = [slice(0, len(prompts))] if continuous else \
         [slice(i, i + micro_batch) for i in range(0, len(prompts), micro_batch)]
     parts = [generate_all(policy, runtime, ids[c], mask[c], params, keys=keys[c], slots=micro_batch,
-                          pipelined=pipelined, **kw) for c in chunks]
+                          pipelined=pipelined, compiled=compiled, **kw) for c in chunks]
     n = params.max_new_tokens
     rollout = Rollout(prompt_ids=ids, prompt_mask=mask,
                       response_ids=torch.cat([_pad_right(g.response_ids.cpu(), n, pad_id) for g in parts]),
@@ -94,24 +95,26 @@ def scoring_input(rollout: Rollout, *, eod_id: int, pad_id: int, score_on_eod: b
 @torch.no_grad()
 def score_rollouts(models: Models, runtime, rollout: Rollout, *, micro_batch: int, vocab_size: int, eod_id: int,
                    pad_id: int, temperature: float = 1.0, score_on_eod: bool = True,
-                   missing_eod_penalty: float | None = None, recompute_logprobs: bool = True):
+                   missing_eod_penalty: float | None = None, recompute_logprobs: bool = True,
+                   compiled: bool = False):
     """Fill old_logprobs, ref_logprobs (both under logits / temperature, the sampling distribution),
     values, scores (the RM's, minus `missing_eod_penalty` for a response without EOD); also return
     the policy's entropy (B, T). recompute_logprobs=False keeps the sampler's old_logprobs (no policy
     forward); the entropy is then the per-token estimate -log p(sampled token) (its expectation is
-    the entropy)."""
+    the entropy). compiled: the fast scoring forward compiled on CPU (`ppo.compile_decode`)."""
+    fwd = dict(micro_batch_size=micro_batch, compiled=compiled)
     seqs, mask, p = rollout.sequences(), rollout.attention_mask(), rollout.prompt_len
     if recompute_logprobs or rollout.old_logprobs is None:
         old_logprobs, entropy = sequence_logprobs(models.policy, runtime, seqs, mask, p, vocab_size=vocab_size,
-                                                  micro_batch_size=micro_batch, temperature=temperature)
+                                                  temperature=temperature, **fwd)
     else:
         old_logprobs, entropy = rollout.old_logprobs, -rollout.old_logprobs * rollout.response_mask
     ref_logprobs, _ = sequence_logprobs(models.reference, runtime, seqs, mask, p, vocab_size=vocab_size,
-                                        micro_batch_size=micro_batch, temperature=temperature)
-    values = sequence_values(models.value, runtime, seqs, mask, p, micro_batch_size=micro_batch)
+                                        temperature=temperature, **fwd)
+    values = sequence_values(models.value, runtime, seqs, mask, p, **fwd)
     rm_seqs, rm_mask, at, ends_with_eod = scoring_input(rollout, eod_id=eod_id, pad_id=pad_id,
                                                         score_on_eod=score_on_eod)
-    scores = score_at_eod(models.reward, runtime, rm_seqs, rm_mask, at, micro_batch_size=micro_batch).cpu()
+    scores = score_at_eod(models.reward, runtime, rm_seqs, rm_mask, at, **fwd).cpu()
     if missing_eod_penalty:
         scores = scores - missing_eod_penalty * (~ends_with_eod).float()  # (B,)
     cpu = torch.device("cpu")

@@ -108,7 +108,7 @@ class Generation:
 @torch.no_grad()
 def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams, *,
                  eod_id: int, vocab_size: int, seed: int, pad_id: int | None = None, keys: torch.Tensor | None = None,
-                 slots: int | None = None, decoder=None, pipelined: bool = False) -> Generation:
+                 slots: int | None = None, decoder=None, pipelined: bool = False, compiled: bool = False) -> Generation:
     """Responses to Q prompts (Q, P), `slots` rows decoded together (default Q: one static batch).
 
     With slots < Q and a decoder that can `refill` (the fast one), a row whose response ends takes
@@ -116,7 +116,8 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
     static batches of `slots`. At PP > 1 with `pipelined` (and the fast decoder), the `slots` rows
     are decoded as pp row groups in flight across the stages (`pipelined.py`), continuously batched
     as well. Each prompt's tokens depend only on (seed, its key) (keys (Q,), default 0 .. Q-1), not
-    on its row, batch or layout. Collective over the TP and PP groups.
+    on its row, batch or layout. compiled: on CPU, the decode step compiled by torch.compile
+    (`ppo.compile_decode`, `decode.CompiledDecode`). Collective over the TP and PP groups.
     """
     model = _single_chunk(chunks)
     _check_attention_backend(model)
@@ -128,11 +129,12 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
     rows = min(slots or queue_len, queue_len)
     source = runtime.is_last_stage and runtime.tp_rank == 0
     check_every = FINISHED_CHECK_EVERY.get(torch.device(device).type, 1)
-    decoder_cls = choose_decoder(model, runtime) if decoder is None else decoder
+    decoder_cls = choose_decoder(model, runtime, compiled) if decoder is None else decoder
     draws = draw_table(seed, keys, n_new) if source and not params.greedy else None  # (Q, N) float64
     if pipelined and can_pipeline(runtime, rows, decoder_cls):
         return _generate_pipelined(model, runtime, prompt_ids, prompt_mask, params, rows, eod_id=eod_id,
-                                   vocab_size=vocab_size, draws=draws, pad_id=pad_id, check_every=check_every)
+                                   vocab_size=vocab_size, draws=draws, pad_id=pad_id, check_every=check_every,
+                                   decoder_cls=decoder_cls)
     # one spill column (index N) takes the writes of idle rows, so no step needs to know which rows idle
     response = torch.full((queue_len, n_new + 1), pad_id, dtype=torch.long, device=device)  # (Q, N + 1)
     response_mask = torch.zeros_like(response)
@@ -212,7 +214,7 @@ def _decode_mode(decoder_cls):
     small CPU decode step); plain no_grad for megatron's forward, whose lru-cached RoPE tables must
     not become inference tensors that a later training forward would meet. Every tensor the loop
     returns is written into (or concatenated to) a normal tensor outside the mode."""
-    fast = decoder_cls in (KVCacheForward, CudaGraphDecode)
+    fast = issubclass(decoder_cls, (KVCacheForward, CudaGraphDecode))
     return torch.inference_mode() if fast else contextlib.nullcontext()
 
 
@@ -234,19 +236,20 @@ def _next_batch(decoder_cls, model, runtime, prompt_ids, prompt_mask, n_new, sta
 
 def generate(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams, *,
              eod_id: int, vocab_size: int, seed: int, pad_id: int | None = None, keys: torch.Tensor | None = None,
-             with_logprobs: bool = False, decoder=None):
+             with_logprobs: bool = False, decoder=None, compiled: bool = False):
     """Sample responses with the KV cache: (response_ids (B, T), response_mask (B, T)), T <= max_new_tokens,
     and with_logprobs: the sampler's log-prob of each token (B, T) float32 (0 after a row's end).
 
     chunks: this rank's model chunk (one; unwrapped or not); prompt_ids (B, P) left-padded,
     prompt_mask (B, P) 1 on prompt tokens. vocab_size: the tokenizer's (ids >= it never sampled).
     pad_id fills the ids after EOD (default eod_id). keys (B,): each row's prompt key for the random
-    stream (default 0 .. B-1). decoder: a decoder class (default `choose_decoder`). Collective over
+    stream (default 0 .. B-1). decoder: a decoder class (default `choose_decoder`; compiled: its
+    step compiled on CPU, `decode.CompiledDecode`). Collective over
     the TP and PP groups; every rank of them returns the same tensors. Deterministic given
     (seed, keys), whatever the layout.
     """
     out = generate_all(chunks, runtime, prompt_ids, prompt_mask, params, eod_id=eod_id, vocab_size=vocab_size,
-                       seed=seed, pad_id=pad_id, keys=keys, decoder=decoder)
+                       seed=seed, pad_id=pad_id, keys=keys, decoder=decoder, compiled=compiled)
     ids_mask = (out.response_ids, out.response_mask)
     return (*ids_mask, out.logprobs) if with_logprobs else ids_mask
 
@@ -261,10 +264,12 @@ def generate_full_reforward(chunks, runtime, prompt_ids: torch.Tensor, prompt_ma
 
 # --------------------------------------------------------------------------- scoring
 
-def _score(chunks, runtime, sequences, attention_mask, reduce, out_shape, micro_batch_size: int | None):
+def _score(chunks, runtime, sequences, attention_mask, reduce, out_shape, micro_batch_size: int | None,
+           compiled: bool = False):
     """Forward-only pass of (B, L) sequences through the pipeline; `reduce(output, rows)` on the last
     stage maps each micro-batch's output (b, L, ...) to a float32 (b, ...) tensor. Returns the
-    concatenated (B, ...) result on every rank of the PP group."""
+    concatenated (B, ...) result on every rank of the PP group. compiled: the fast scoring forward
+    compiled by torch.compile (`compiled.score`)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch, seq = sequences.shape
@@ -276,7 +281,7 @@ def _score(chunks, runtime, sequences, attention_mask, reduce, out_shape, micro_
     attention_mask = attention_mask.to(runtime.device)
     rows = [slice(i, i + mbs) for i in range(0, batch, mbs)]
     if _fast_scoring(chunks, runtime):
-        return _score_fast(unwrap(chunks[0]), runtime, sequences, attention_mask, reduce, rows)
+        return _score_fast(unwrap(chunks[0]), runtime, sequences, attention_mask, reduce, rows, compiled)
     positions = position_ids_from_mask(attention_mask)  # (B, L)
 
     def forward_step(data_iterator, model):
@@ -310,10 +315,13 @@ def _fast_scoring(chunks, runtime) -> bool:
     return not model.config.sequence_parallel and unsupported_reason(model, runtime.dims.tp) is None
 
 
-def _score_fast(model, runtime, sequences, attention_mask, reduce, rows):
+def _score_fast(model, runtime, sequences, attention_mask, reduce, rows, compiled: bool):
+    from alfred_train.ppo import compiled as compiled_forwards
+
+    score = compiled_forwards.score if compiled else StageDecoder.score
     with _inference(model, torch.inference_mode()):
         decoder = StageDecoder(model, runtime, 0, sequences.shape[1], cache=False)
-        collected = [reduce(decoder.score(sequences[r], sdpa_mask(attention_mask[r])), r) for r in rows]
+        collected = [reduce(score(decoder, sequences[r], sdpa_mask(attention_mask[r])), r) for r in rows]
     return torch.cat(collected)  # outside inference mode: a normal tensor
 
 
@@ -339,7 +347,8 @@ def response_logprobs(logits: torch.Tensor, targets: torch.Tensor, prompt_len: i
 
 
 def sequence_logprobs(chunks, runtime, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                      *, vocab_size: int, micro_batch_size: int | None = None, temperature: float = 1.0):
+                      *, vocab_size: int, micro_batch_size: int | None = None, temperature: float = 1.0,
+                      compiled: bool = False):
     """log p(response token t) and the entropy of the distribution it was drawn from: (B, T) each.
 
     sequences (B, L) = cat(prompt_ids, response_ids), attention_mask (B, L) 1 on real tokens,
@@ -355,27 +364,30 @@ def sequence_logprobs(chunks, runtime, sequences: torch.Tensor, attention_mask: 
                                               temperature)
         return torch.stack([logprobs, entropy], dim=-1)  # (b, T, 2)
 
-    out = _score(chunks, runtime, sequences, attention_mask, reduce, (batch, seq - prompt_len, 2), micro_batch_size)
+    out = _score(chunks, runtime, sequences, attention_mask, reduce, (batch, seq - prompt_len, 2), micro_batch_size,
+                 compiled)
     return out[..., 0], out[..., 1]
 
 
 def sequence_values(chunks, runtime, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                    *, micro_batch_size: int | None = None) -> torch.Tensor:
+                    *, micro_batch_size: int | None = None, compiled: bool = False) -> torch.Tensor:
     """Scalar-head outputs at positions P-1 .. L-2 (V_t: the state before response token t): (B, T)."""
     batch, seq = sequences.shape
 
     def reduce(scores, rows):  # (b, L, 1)
         return scores[:, prompt_len - 1:seq - 1, 0].float()  # (b, T)
 
-    return _score(chunks, runtime, sequences, attention_mask, reduce, (batch, seq - prompt_len), micro_batch_size)
+    return _score(chunks, runtime, sequences, attention_mask, reduce, (batch, seq - prompt_len), micro_batch_size,
+                  compiled)
 
 
 def score_at_eod(chunks, runtime, sequences: torch.Tensor, attention_mask: torch.Tensor, eod_index: torch.Tensor,
-                 *, micro_batch_size: int | None = None) -> torch.Tensor:
+                 *, micro_batch_size: int | None = None, compiled: bool = False) -> torch.Tensor:
     """Scalar-head output at sequence position eod_index (B,) of each row (its EOD token): (B,)."""
     index = eod_index.to(runtime.device).long()  # (B,)
 
     def reduce(scores, rows):  # (b, L, 1)
         return scores[..., 0].float().gather(1, index[rows, None])[:, 0]  # (b,)
 
-    return _score(chunks, runtime, sequences, attention_mask, reduce, (sequences.shape[0],), micro_batch_size)
+    return _score(chunks, runtime, sequences, attention_mask, reduce, (sequences.shape[0],), micro_batch_size,
+                  compiled)

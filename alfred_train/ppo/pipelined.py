@@ -41,12 +41,12 @@ from alfred_train.ppo.sampling import sample_next
 
 
 def can_pipeline(runtime, batch: int, decoder_cls) -> bool:
-    return runtime.dims.pp > 1 and batch >= runtime.dims.pp and decoder_cls is KVCacheForward
+    return runtime.dims.pp > 1 and batch >= runtime.dims.pp and issubclass(decoder_cls, KVCacheForward)
 
 
 @torch.no_grad()
 def pipelined_decode(model, runtime, prompt_ids, prompt_mask, params, slots: int, *, eod_id: int, vocab_size: int,
-                     pad_id: int, draws: torch.Tensor | None, check_every: int):
+                     pad_id: int, draws: torch.Tensor | None, check_every: int, decoder_cls=KVCacheForward):
     """Decode Q prompts (Q, P), `slots` rows at a time in G = pp groups in flight, a row that ends
     taking the queue's next prompt: (response (Q, N + 1), mask, logprobs (Q, N + 1), slot_steps);
     column N is a spill column (the writes of idle rows). draws (Q, N): the prompts' uniform draws
@@ -101,7 +101,7 @@ def pipelined_decode(model, runtime, prompt_ids, prompt_mask, params, slots: int
             refills[g], deadline[g] = (ended, new), records[g] + n_new
         return next_prompt >= queue_len and not bool(active.any())
 
-    decoders = [KVCacheForward(model, rt, prompt_ids[g], prompt_mask[g], n_new) for g in groups]
+    decoders = [decoder_cls(model, rt, prompt_ids[g], prompt_mask[g], n_new) for g in groups]
     finished = False
     for g, dec in enumerate(decoders):  # prefill, group by group through the stages
         finished = record(g, dec.prefill())
