@@ -326,9 +326,9 @@ def _rollout_line(cfg: Config) -> str:
     elif pp > 1:
         parts.append(f"pipelined decode off: each token crosses the {pp} stages one after another "
                      f"(ppo.pipelined_decode: true keeps them all busy; it pays where a stage's step is compute-bound)")
-    if o.compile_decode:
-        parts.append("on CPU the decode step and scoring forwards compiled by torch.compile at the first iteration "
-                     "(ppo.compile_decode; a GPU captures the decode step in a CUDA graph instead)")
+    if o.compile:
+        parts.append("on CPU the decode step and the scoring forwards compiled by torch.compile in the first "
+                     "iteration (ppo.compile; not used on a GPU, which captures the decode step in a CUDA graph)")
     parts.append("old log-probs: " + ("recomputed by the scoring pass (ppo.recompute_logprobs)"
                                       if o.recompute_logprobs else "the sampler's (ppo.recompute_logprobs: false)"))
     return "; ".join(parts)

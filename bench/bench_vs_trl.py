@@ -16,8 +16,8 @@ Each variant runs in its own process (in one process, the "before" variant's all
              forward-only schedule (the loop before issue 10)
     ours     the fast decoder (`stage_decoder.StageDecoder`), the sampler's log-probs
              (ppo.recompute_logprobs=false), scoring by `StageDecoder.score`
-    compiled ours with the decode step and the scoring forward compiled by torch.compile
-             (ppo.compile_decode=true; compiled in the warm-up iteration, which is not timed)
+    compiled ours with the decode step and the scoring forwards compiled by torch.compile
+             (ppo.compile=true; compiled in the warm-up iteration, which is not timed)
 
 TRL, ours and compiled alternate (--rounds times per shape), then "before" runs once; medians over iterations
 after the first.

@@ -110,7 +110,7 @@ def layout_results(runtime) -> dict:
             gen = generate_all(policy, runtime, ids, mask, params, eod_id=eod, vocab_size=VOCAB, seed=11, **extra)
             out[f"{name}_{tag}"] = (gen.response_ids, gen.response_mask, gen.logprobs)
             out[f"{name}_{tag}_utilisation"] = gen.slot_utilisation
-    # the decode step and scoring compiled by torch.compile (ppo.compile_decode): continuously batched,
+    # the decode step and scoring compiled by torch.compile (ppo.compile): continuously batched,
     # pipelined at PP=2, TP all-reduces inside the compiled step at TP=2
     for name, params in (("greedy", greedy), ("sampled", sampled)):
         gen = generate_all(policy, runtime, ids, mask, params, eod_id=eod, vocab_size=VOCAB, seed=11, slots=2,
@@ -432,7 +432,7 @@ def test_cuda_graph_decode_equals_eager_and_is_released(runtime, policy, referen
 
 def test_compiled_decode_and_scoring_equal_eager_and_fall_back_when_compilation_fails(runtime, policy, reference,
                                                                                      monkeypatch, caplog):
-    """ppo.compile_decode at TP=1: the compiled decode step (continuously batched) and scoring forwards
+    """ppo.compile at TP=1: the compiled decode step (continuously batched) and scoring forwards
     give the eager loop's tokens and, to rounding, its log-probs and values. A backend that cannot
     compile (as inductor without a C++ compiler) costs one warning: the same tokens, eagerly."""
     import logging

@@ -43,8 +43,8 @@ def _ppo(inits, run_dir, *extra, check=True):
 def test_tp2_step_equals_tp1_and_resume_is_exact(inits, tmp_path):
     _ppo(inits, tmp_path / "tp1", "parallel.tp=1", "train.max_steps=3")
     _ppo(inits, tmp_path / "tp2", "parallel.tp=2", "train.max_steps=3")
-    # ppo.compile_decode: the decode step and scoring forwards compiled by torch.compile, same run to rounding
-    _ppo(inits, tmp_path / "compiled", "parallel.tp=1", "train.max_steps=3", "ppo.compile_decode=true")
+    # ppo.compile: the decode step and scoring forwards compiled by torch.compile, the same run to rounding
+    _ppo(inits, tmp_path / "compiled", "parallel.tp=1", "train.max_steps=3", "ppo.compile=true")
     for layout in ("tp2", "compiled"):
         for key in COMPARED:
             assert metrics(tmp_path / layout, key) == pytest.approx(metrics(tmp_path / "tp1", key), rel=1e-4,

@@ -54,7 +54,7 @@ def generate_rollouts(policy, runtime, prompts: list[list[int]], params: Samplin
     old_logprobs are the sampler's, and the slot utilisation (useful tokens / slot-steps).
     keys: each prompt's key for the random stream (its global index; default its position), so a
     prompt's response depends neither on the micro-batching nor on continuous batching (on/off).
-    compiled: the decode step compiled on CPU (`ppo.compile_decode`)."""
+    compiled: the decode step compiled on CPU (`ppo.compile`)."""
     width = max(len(p) for p in prompts)
     keys = torch.tensor(keys if keys is not None else range(len(prompts)), dtype=torch.long)
     ids, mask = left_pad(prompts, pad_id, width)
@@ -101,7 +101,7 @@ def score_rollouts(models: Models, runtime, rollout: Rollout, *, micro_batch: in
     values, scores (the RM's, minus `missing_eod_penalty` for a response without EOD); also return
     the policy's entropy (B, T). recompute_logprobs=False keeps the sampler's old_logprobs (no policy
     forward); the entropy is then the per-token estimate -log p(sampled token) (its expectation is
-    the entropy). compiled: the fast scoring forward compiled on CPU (`ppo.compile_decode`)."""
+    the entropy). compiled: the fast scoring forward compiled on CPU (`ppo.compile`)."""
     fwd = dict(micro_batch_size=micro_batch, compiled=compiled)
     seqs, mask, p = rollout.sequences(), rollout.attention_mask(), rollout.prompt_len
     if recompute_logprobs or rollout.old_logprobs is None:

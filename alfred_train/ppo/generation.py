@@ -4,7 +4,8 @@ Generation (`generate`): B left-padded prompts (B, P) go through the model once 
 a KV cache of S = P + max_new_tokens slots), then one token per step. The decoder
 (`decode.choose_decoder`): `KVCacheForward` runs this stage's layers straight on their weights
 (`stage_decoder.StageDecoder`; RoPE tables and the key mask built once per generation), captured in a
-CUDA graph on one GPU (`CudaGraphDecode`, eager fallback); megatron's own forward with its
+CUDA graph on one GPU (`CudaGraphDecode`, eager fallback) or, on CPU with `ppo.compile`, compiled
+by torch.compile (`CompiledDecode`, `compiled.py`; eager fallback); megatron's own forward with its
 `StaticInferenceContext` (`MegatronKVCache`) for what the fast decoder does not support. The
 CPU adapter's global function mode is suspended for the loop (`parallel.cpu.suspended`).
 
@@ -117,7 +118,7 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
     are decoded as pp row groups in flight across the stages (`pipelined.py`), continuously batched
     as well. Each prompt's tokens depend only on (seed, its key) (keys (Q,), default 0 .. Q-1), not
     on its row, batch or layout. compiled: on CPU, the decode step compiled by torch.compile
-    (`ppo.compile_decode`, `decode.CompiledDecode`). Collective over the TP and PP groups.
+    (`ppo.compile`, `decode.CompiledDecode`). Collective over the TP and PP groups.
     """
     model = _single_chunk(chunks)
     _check_attention_backend(model)
@@ -319,9 +320,11 @@ def _score_fast(model, runtime, sequences, attention_mask, reduce, rows, compile
     from alfred_train.ppo import compiled as compiled_forwards
 
     score = compiled_forwards.score if compiled else StageDecoder.score
+    # compiled: always a mask (one graph whether a micro-batch has padding or not); eager: None without padding
+    mask_of = (lambda real: ~attention_mask_for(real, real.shape[1])) if compiled else sdpa_mask
     with _inference(model, torch.inference_mode()):
         decoder = StageDecoder(model, runtime, 0, sequences.shape[1], cache=False)
-        collected = [reduce(score(decoder, sequences[r], sdpa_mask(attention_mask[r])), r) for r in rows]
+        collected = [reduce(score(decoder, sequences[r], mask_of(attention_mask[r])), r) for r in rows]
     return torch.cat(collected)  # outside inference mode: a normal tensor
 
 
