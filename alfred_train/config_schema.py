@@ -214,13 +214,13 @@ class PPOConfig:
     # default: it pays when a stage's step is compute-bound (large models); on the tiny CPU model,
     # overhead-bound, half-size groups cost as much as whole batches (bench_pp_generation.py).
     pipelined_decode: bool = False
-    # CPU: the fast decoder's decode step and scoring forwards compiled by torch.compile (inductor fuses
-    # each layer's small ops: ~40% off a tiny decode step, ~15% off a scoring forward; bench_vs_hf.py,
-    # bench_vs_trl.py). Costs a C++ compiler and ~20 s of compilation in the first iteration (a few
-    # seconds from inductor's disk cache); a failure to compile warns once and runs eagerly. Rounding
-    # differs from eager in the last bits. The updates stay eager (ppo/compiled.py says why). Not used
-    # on a GPU, where the decode step is captured in a CUDA graph.
-    compile: bool = False
+    # CPU: the fast decoder's decode step compiled by torch.compile (inductor fuses each layer's small
+    # ops: ~40% off a tiny decode step; bench_vs_hf.py). Costs a C++ compiler and ~10-20 s of
+    # compilation in the first iteration (a few seconds from inductor's disk cache); a failure to
+    # compile warns once and decodes eagerly. Rounding differs from eager in the last bits. Scoring and
+    # the updates stay eager (ppo/compiled.py says why). Not used on a GPU, where the decode step is
+    # captured in a CUDA graph.
+    compile_decode: bool = False
 
 
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")  # megatron's linear layer names

@@ -326,9 +326,9 @@ def _rollout_line(cfg: Config) -> str:
     elif pp > 1:
         parts.append(f"pipelined decode off: each token crosses the {pp} stages one after another "
                      f"(ppo.pipelined_decode: true keeps them all busy; it pays where a stage's step is compute-bound)")
-    if o.compile:
-        parts.append("on CPU the decode step and the scoring forwards compiled by torch.compile in the first "
-                     "iteration (ppo.compile; not used on a GPU, which captures the decode step in a CUDA graph)")
+    if o.compile_decode:
+        parts.append("on CPU the decode step compiled by torch.compile in the first iteration "
+                     "(ppo.compile_decode; not used on a GPU, which captures it in a CUDA graph)")
     parts.append("old log-probs: " + ("recomputed by the scoring pass (ppo.recompute_logprobs)"
                                       if o.recompute_logprobs else "the sampler's (ppo.recompute_logprobs: false)"))
     return "; ".join(parts)

@@ -10,7 +10,7 @@ compiled, HF, ours, ...), then the old loop runs --repeats times; each figure is
 may be shared, so only same-run ratios mean much.
 
     ours     `ppo.generation.generate` (the decode loop of `stage_decoder.StageDecoder`, CPU adapter suspended)
-    compiled the same with its decode step compiled by torch.compile (`ppo.compile`; compiled
+    compiled the same with its decode step compiled by torch.compile (`ppo.compile_decode`; compiled
              once in the warm-up run, not timed)
     before   megatron's own forward with its StaticInferenceContext and the CPU adapter on every call
              (the loop as it was before issue 10: `MegatronKVCache`)

@@ -16,8 +16,8 @@ Each variant runs in its own process (in one process, the "before" variant's all
              forward-only schedule (the loop before issue 10)
     ours     the fast decoder (`stage_decoder.StageDecoder`), the sampler's log-probs
              (ppo.recompute_logprobs=false), scoring by `StageDecoder.score`
-    compiled ours with the decode step and the scoring forwards compiled by torch.compile
-             (ppo.compile=true; compiled in the warm-up iteration, which is not timed)
+    compiled ours with the decode step compiled by torch.compile (ppo.compile_decode=true; compiled
+             in the warm-up iteration, which is not timed)
 
 TRL, ours and compiled alternate (--rounds times per shape), then "before" runs once; medians over iterations
 after the first.
@@ -93,8 +93,7 @@ def ours(prompt_len: int, response_len: int, iters: int, threads: int, clock: st
         t1 = now()
         generation.choose_decoder, cpu_adapter.suspended = real_choose, real_suspended
         rollout, _ = score_rollouts(models, runtime, rollout, micro_batch=16, vocab_size=shape.vocab_size,
-                                    eod_id=2, pad_id=0, recompute_logprobs=variant == "before",
-                                    compiled=variant == "compiled")
+                                    eod_id=2, pad_id=0, recompute_logprobs=variant == "before")
         rollout, _ = compute_advantages(rollout, kl_estimator=kl_fn, beta=0.01, gamma=1.0, lam=0.95,
                                         whiten_rewards=False, whiten_advantages=True, dp_group=runtime.dp_group)
         t2 = now()

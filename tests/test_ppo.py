@@ -43,13 +43,13 @@ def _ppo(inits, run_dir, *extra, check=True):
 def test_tp2_step_equals_tp1_and_resume_is_exact(inits, tmp_path):
     _ppo(inits, tmp_path / "tp1", "parallel.tp=1", "train.max_steps=3")
     _ppo(inits, tmp_path / "tp2", "parallel.tp=2", "train.max_steps=3")
-    # ppo.compile: the decode step and scoring forwards compiled by torch.compile, the same run to rounding
-    _ppo(inits, tmp_path / "compiled", "parallel.tp=1", "train.max_steps=3", "ppo.compile=true")
+    # ppo.compile_decode: the decode step compiled by torch.compile, the same run to rounding
+    _ppo(inits, tmp_path / "compiled", "parallel.tp=1", "train.max_steps=3", "ppo.compile_decode=true")
     for layout in ("tp2", "compiled"):
         for key in COMPARED:
             assert metrics(tmp_path / layout, key) == pytest.approx(metrics(tmp_path / "tp1", key), rel=1e-4,
                                                                     abs=1e-6), (layout, key)
-    assert max(metrics(tmp_path / "compiled", "logprob_gap")) < 1e-4  # compiled sampler vs compiled scoring
+    assert max(metrics(tmp_path / "compiled", "logprob_gap")) < 1e-4  # the compiled sampler vs the scoring pass
     # stop after 2 iterations, resume for the 3rd: identical to the uninterrupted run, bit for bit
     # (with the frozen models offloaded between phases: a no-op move on CPU, but the code path runs;
     # and with static rollout micro-batches where tp1 used continuous batching: the same tokens)

@@ -2,7 +2,7 @@
 
     KVCacheForward    the fast path: `stage_decoder.StageDecoder` with a static cache, one token per
                       step, rows refilled in place (continuous batching)
-    CompiledDecode    KVCacheForward with its step compiled by torch.compile (CPU, ppo.compile)
+    CompiledDecode    KVCacheForward with its step compiled by torch.compile (CPU, ppo.compile_decode)
     CudaGraphDecode   KVCacheForward with its step captured in a CUDA graph (one GPU rank)
     MegatronKVCache   megatron's own forward with its StaticInferenceContext: reference and fallback
     FullReforward     no cache, the whole sequence every step: the slowest reference
@@ -192,7 +192,7 @@ class KVCacheForward:
 
 class CompiledDecode(KVCacheForward):
     """`KVCacheForward` with its decode step compiled by torch.compile (`compiled.decode_step`; CPU,
-    `ppo.compile`). Every step attends over the whole cache (static shapes, as on a GPU):
+    `ppo.compile_decode`). Every step attends over the whole cache (static shapes, as on a GPU):
     one compiled step for the whole generation, however far it has got."""
 
     def __init__(self, model, runtime, prompt_ids, prompt_mask, max_new_tokens: int):

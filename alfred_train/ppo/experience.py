@@ -54,7 +54,7 @@ def generate_rollouts(policy, runtime, prompts: list[list[int]], params: Samplin
     old_logprobs are the sampler's, and the slot utilisation (useful tokens / slot-steps).
     keys: each prompt's key for the random stream (its global index; default its position), so a
     prompt's response depends neither on the micro-batching nor on continuous batching (on/off).
-    compiled: the decode step compiled on CPU (`ppo.compile`)."""
+    compiled: the decode step compiled on CPU (`ppo.compile_decode`)."""
     width = max(len(p) for p in prompts)
     keys = torch.tensor(keys if keys is not None else range(len(prompts)), dtype=torch.long)
     ids, mask = left_pad(prompts, pad_id, width)
@@ -95,26 +95,24 @@ def scoring_input(rollout: Rollout, *, eod_id: int, pad_id: int, score_on_eod: b
 @torch.no_grad()
 def score_rollouts(models: Models, runtime, rollout: Rollout, *, micro_batch: int, vocab_size: int, eod_id: int,
                    pad_id: int, temperature: float = 1.0, score_on_eod: bool = True,
-                   missing_eod_penalty: float | None = None, recompute_logprobs: bool = True,
-                   compiled: bool = False):
+                   missing_eod_penalty: float | None = None, recompute_logprobs: bool = True):
     """Fill old_logprobs, ref_logprobs (both under logits / temperature, the sampling distribution),
     values, scores (the RM's, minus `missing_eod_penalty` for a response without EOD); also return
     the policy's entropy (B, T). recompute_logprobs=False keeps the sampler's old_logprobs (no policy
     forward); the entropy is then the per-token estimate -log p(sampled token) (its expectation is
-    the entropy). compiled: the fast scoring forward compiled on CPU (`ppo.compile`)."""
-    fwd = dict(micro_batch_size=micro_batch, compiled=compiled)
+    the entropy)."""
     seqs, mask, p = rollout.sequences(), rollout.attention_mask(), rollout.prompt_len
     if recompute_logprobs or rollout.old_logprobs is None:
         old_logprobs, entropy = sequence_logprobs(models.policy, runtime, seqs, mask, p, vocab_size=vocab_size,
-                                                  temperature=temperature, **fwd)
+                                                  micro_batch_size=micro_batch, temperature=temperature)
     else:
         old_logprobs, entropy = rollout.old_logprobs, -rollout.old_logprobs * rollout.response_mask
     ref_logprobs, _ = sequence_logprobs(models.reference, runtime, seqs, mask, p, vocab_size=vocab_size,
-                                        temperature=temperature, **fwd)
-    values = sequence_values(models.value, runtime, seqs, mask, p, **fwd)
+                                        micro_batch_size=micro_batch, temperature=temperature)
+    values = sequence_values(models.value, runtime, seqs, mask, p, micro_batch_size=micro_batch)
     rm_seqs, rm_mask, at, ends_with_eod = scoring_input(rollout, eod_id=eod_id, pad_id=pad_id,
                                                         score_on_eod=score_on_eod)
-    scores = score_at_eod(models.reward, runtime, rm_seqs, rm_mask, at, **fwd).cpu()
+    scores = score_at_eod(models.reward, runtime, rm_seqs, rm_mask, at, micro_batch_size=micro_batch).cpu()
     if missing_eod_penalty:
         scores = scores - missing_eod_penalty * (~ends_with_eod).float()  # (B,)
     cpu = torch.device("cpu")

@@ -4,7 +4,7 @@ Generation (`generate`): B left-padded prompts (B, P) go through the model once 
 a KV cache of S = P + max_new_tokens slots), then one token per step. The decoder
 (`decode.choose_decoder`): `KVCacheForward` runs this stage's layers straight on their weights
 (`stage_decoder.StageDecoder`; RoPE tables and the key mask built once per generation), captured in a
-CUDA graph on one GPU (`CudaGraphDecode`, eager fallback) or, on CPU with `ppo.compile`, compiled
+CUDA graph on one GPU (`CudaGraphDecode`, eager fallback) or, on CPU with `ppo.compile_decode`, compiled
 by torch.compile (`CompiledDecode`, `compiled.py`; eager fallback); megatron's own forward with its
 `StaticInferenceContext` (`MegatronKVCache`) for what the fast decoder does not support. The
 CPU adapter's global function mode is suspended for the loop (`parallel.cpu.suspended`).
@@ -118,7 +118,7 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
     are decoded as pp row groups in flight across the stages (`pipelined.py`), continuously batched
     as well. Each prompt's tokens depend only on (seed, its key) (keys (Q,), default 0 .. Q-1), not
     on its row, batch or layout. compiled: on CPU, the decode step compiled by torch.compile
-    (`ppo.compile`, `decode.CompiledDecode`). Collective over the TP and PP groups.
+    (`ppo.compile_decode`, `decode.CompiledDecode`). Collective over the TP and PP groups.
     """
     model = _single_chunk(chunks)
     _check_attention_backend(model)
@@ -265,12 +265,10 @@ def generate_full_reforward(chunks, runtime, prompt_ids: torch.Tensor, prompt_ma
 
 # --------------------------------------------------------------------------- scoring
 
-def _score(chunks, runtime, sequences, attention_mask, reduce, out_shape, micro_batch_size: int | None,
-           compiled: bool = False):
+def _score(chunks, runtime, sequences, attention_mask, reduce, out_shape, micro_batch_size: int | None):
     """Forward-only pass of (B, L) sequences through the pipeline; `reduce(output, rows)` on the last
     stage maps each micro-batch's output (b, L, ...) to a float32 (b, ...) tensor. Returns the
-    concatenated (B, ...) result on every rank of the PP group. compiled: the fast scoring forward
-    compiled by torch.compile (`compiled.score`)."""
+    concatenated (B, ...) result on every rank of the PP group."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch, seq = sequences.shape
@@ -282,7 +280,7 @@ def _score(chunks, runtime, sequences, attention_mask, reduce, out_shape, micro_
     attention_mask = attention_mask.to(runtime.device)
     rows = [slice(i, i + mbs) for i in range(0, batch, mbs)]
     if _fast_scoring(chunks, runtime):
-        return _score_fast(unwrap(chunks[0]), runtime, sequences, attention_mask, reduce, rows, compiled)
+        return _score_fast(unwrap(chunks[0]), runtime, sequences, attention_mask, reduce, rows)
     positions = position_ids_from_mask(attention_mask)  # (B, L)
 
     def forward_step(data_iterator, model):
@@ -316,15 +314,10 @@ def _fast_scoring(chunks, runtime) -> bool:
     return not model.config.sequence_parallel and unsupported_reason(model, runtime.dims.tp) is None
 
 
-def _score_fast(model, runtime, sequences, attention_mask, reduce, rows, compiled: bool):
-    from alfred_train.ppo import compiled as compiled_forwards
-
-    score = compiled_forwards.score if compiled else StageDecoder.score
-    # compiled: always a mask (one graph whether a micro-batch has padding or not); eager: None without padding
-    mask_of = (lambda real: ~attention_mask_for(real, real.shape[1])) if compiled else sdpa_mask
+def _score_fast(model, runtime, sequences, attention_mask, reduce, rows):
     with _inference(model, torch.inference_mode()):
         decoder = StageDecoder(model, runtime, 0, sequences.shape[1], cache=False)
-        collected = [reduce(score(decoder, sequences[r], mask_of(attention_mask[r])), r) for r in rows]
+        collected = [reduce(decoder.score(sequences[r], sdpa_mask(attention_mask[r])), r) for r in rows]
     return torch.cat(collected)  # outside inference mode: a normal tensor
 
 
@@ -350,8 +343,7 @@ def response_logprobs(logits: torch.Tensor, targets: torch.Tensor, prompt_len: i
 
 
 def sequence_logprobs(chunks, runtime, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                      *, vocab_size: int, micro_batch_size: int | None = None, temperature: float = 1.0,
-                      compiled: bool = False):
+                      *, vocab_size: int, micro_batch_size: int | None = None, temperature: float = 1.0):
     """log p(response token t) and the entropy of the distribution it was drawn from: (B, T) each.
 
     sequences (B, L) = cat(prompt_ids, response_ids), attention_mask (B, L) 1 on real tokens,
@@ -367,30 +359,27 @@ def sequence_logprobs(chunks, runtime, sequences: torch.Tensor, attention_mask: 
                                               temperature)
         return torch.stack([logprobs, entropy], dim=-1)  # (b, T, 2)
 
-    out = _score(chunks, runtime, sequences, attention_mask, reduce, (batch, seq - prompt_len, 2), micro_batch_size,
-                 compiled)
+    out = _score(chunks, runtime, sequences, attention_mask, reduce, (batch, seq - prompt_len, 2), micro_batch_size)
     return out[..., 0], out[..., 1]
 
 
 def sequence_values(chunks, runtime, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                    *, micro_batch_size: int | None = None, compiled: bool = False) -> torch.Tensor:
+                    *, micro_batch_size: int | None = None) -> torch.Tensor:
     """Scalar-head outputs at positions P-1 .. L-2 (V_t: the state before response token t): (B, T)."""
     batch, seq = sequences.shape
 
     def reduce(scores, rows):  # (b, L, 1)
         return scores[:, prompt_len - 1:seq - 1, 0].float()  # (b, T)
 
-    return _score(chunks, runtime, sequences, attention_mask, reduce, (batch, seq - prompt_len), micro_batch_size,
-                  compiled)
+    return _score(chunks, runtime, sequences, attention_mask, reduce, (batch, seq - prompt_len), micro_batch_size)
 
 
 def score_at_eod(chunks, runtime, sequences: torch.Tensor, attention_mask: torch.Tensor, eod_index: torch.Tensor,
-                 *, micro_batch_size: int | None = None, compiled: bool = False) -> torch.Tensor:
+                 *, micro_batch_size: int | None = None) -> torch.Tensor:
     """Scalar-head output at sequence position eod_index (B,) of each row (its EOD token): (B,)."""
     index = eod_index.to(runtime.device).long()  # (B,)
 
     def reduce(scores, rows):  # (b, L, 1)
         return scores[..., 0].float().gather(1, index[rows, None])[:, 0]  # (b,)
 
-    return _score(chunks, runtime, sequences, attention_mask, reduce, (sequences.shape[0],), micro_batch_size,
-                  compiled)
+    return _score(chunks, runtime, sequences, attention_mask, reduce, (sequences.shape[0],), micro_batch_size)

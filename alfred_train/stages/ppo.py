@@ -124,9 +124,8 @@ def run(cfg: Config, runtime) -> int:
     params = SamplingParams.from_ppo(o)
     kl_fn = ppo_math.kl_estimator(o.kl_estimator)
     common_args = dict(eod_id=tokenizer.eod_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
-    compiled = o.compile and torch.device(runtime.device).type == "cpu"  # ppo.compile: CPU only
     scoring = dict(common_args, temperature=o.temperature, score_on_eod=o.score_on_eod,
-                   missing_eod_penalty=o.missing_eod_penalty, compiled=compiled)
+                   missing_eod_penalty=o.missing_eod_penalty)
 
     def save(at_step):
         common.save(cfg, runtime, at_step, trainables, shape, "ppo", kl_controller=kl_ctl.state_dict(),
@@ -153,7 +152,7 @@ def run(cfg: Config, runtime) -> int:
         rollout, utilisation = generate_rollouts(models.policy, runtime, prompts, params,
                                                  micro_batch=o.rollout_micro_batch, seed=t.seed * 1000 + step,
                                                  keys=list(position.indices), continuous=o.continuous_batching,
-                                                 pipelined=o.pipelined_decode, compiled=compiled, **common_args)
+                                                 pipelined=o.pipelined_decode, compiled=o.compile_decode, **common_args)
         t1 = time.perf_counter()
         # -- score
         if o.offload_frozen:
@@ -288,7 +287,7 @@ def evaluate_policy(models: Models, runtime, prompts, keys, params, o, tokenizer
     of every rank."""
     rollout, _ = generate_rollouts(models.policy, runtime, prompts, params, micro_batch=o.rollout_micro_batch,
                                    seed=seed + 99991, keys=keys, continuous=o.continuous_batching,
-                                   pipelined=o.pipelined_decode, compiled=scoring["compiled"], **common_args)
+                                   pipelined=o.pipelined_decode, compiled=o.compile_decode, **common_args)
     rollout, _ = score_rollouts(models, runtime, rollout, micro_batch=min(o.train_micro_batch, len(prompts)),
                                 **scoring)
     kl = (rollout.old_logprobs - rollout.ref_logprobs) * rollout.response_mask  # (B, T)
