@@ -10,6 +10,8 @@ full length; each stage one thread. Interleaved runs, medians:
     unpipelined  the fast decoder (`stage_decoder.StageDecoder`) on each stage, the adapter suspended,
              each token through the stages one after the other
     now      the same with the batch split into 2 row groups in flight (`ppo/pipelined.py`)
+    unpipelined compiled, now compiled   the same two with each stage's decode step compiled by
+             torch.compile (`ppo.compile_decode`; compiled in the first, untimed run)
 
 Both return the same tokens (checked). tokens/s = batch * new tokens / wall time of a generation.
 """
@@ -62,10 +64,16 @@ def worker(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> None:
     def unpipelined():
         return generation.generate_all(chunks, rt, ids, mask, params, pipelined=False, **kw).response_ids
 
-    def now():
-        return generation.generate_all(chunks, rt, ids, mask, params, pipelined=True, **kw).response_ids
+    def now(compiled=False):
+        return generation.generate_all(chunks, rt, ids, mask, params, pipelined=True, compiled=compiled,
+                                       **kw).response_ids
 
-    runs = {"before": before, "unpipelined": unpipelined, "now": now}
+    def unpipelined_compiled():
+        return generation.generate_all(chunks, rt, ids, mask, params, pipelined=False, compiled=True,
+                                       **kw).response_ids
+
+    runs = {"before": before, "unpipelined": unpipelined, "now": now, "unpipelined compiled": unpipelined_compiled,
+            "now compiled": lambda: now(compiled=True)}
     tokens = {k: fn() for k, fn in runs.items()}
     times = {k: [] for k in runs}
     for _ in range(repeats):
@@ -80,9 +88,9 @@ def worker(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> None:
         print(f"PP=2 (2 processes, 1 thread each), B={batch}, {prompt_len}+{new_tokens} tokens, fp32, greedy; "
               f"median of {repeats} interleaved runs; same tokens: "
               f"{all(torch.equal(tokens['before'], t) for t in tokens.values())}")
-        print(f"{'decoder':<13}{'seconds':>9}{'tok/s':>9}{'vs before':>11}")
+        print(f"{'decoder':<22}{'seconds':>9}{'tok/s':>9}{'vs before':>11}")
         for k in runs:
-            print(f"{k:<13}{med[k]:>9.3f}{tok / med[k]:>9.0f}{med['before'] / med[k]:>10.2f}x")
+            print(f"{k:<22}{med[k]:>9.3f}{tok / med[k]:>9.0f}{med['before'] / med[k]:>10.2f}x")
     shutdown()
 
 
