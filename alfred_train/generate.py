@@ -2,6 +2,7 @@
 
     alfred-train generate CKPT_DIR [parallel.tp=2 parallel.pp=2] --prompts IN.jsonl --output OUT.jsonl
         [--max-new-tokens N] [--greedy | --temperature T --top-p P --top-k K] [--template NAME]
+        [--batch-size B] [--compile-decode]
 
 (`parallel.*` overrides come right after CKPT_DIR, as they follow CONFIG in `alfred-train sft`.)
 
@@ -9,7 +10,9 @@ CKPT_DIR is a checkpoint, a `checkpoints/` root or a run directory (the latest c
 model is rebuilt from the checkpoint alone: `meta.json` state.model (the ModelShape) and
 state.tokenizer (else the tiny shipped tokenizer, or --tokenizer), then the model named by --model
 (default `policy`) is loaded, resharded to the requested layout. With tp * pp > 1 and no launcher,
-local worker processes are spawned.
+local worker processes are spawned. --batch-size rows decode together, continuously batched (a
+row whose completion ends takes the next prompt at once); each prompt's draws are keyed by its
+index in the file, so the output does not depend on --batch-size.
 
 Input records: {"prompt": "text"} (or chat `messages`), rendered through --template (default: the
 template recorded in the run's config.yaml next to the checkpoint, else `plain`) and encoded as
@@ -27,6 +30,7 @@ from pathlib import Path
 from alfred_train.errors import ConfigError
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k")
+QUEUE_CHUNK = 32  # prompts per continuously batched queue: 32 x --batch-size
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +49,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--template", help="prompt template (default: the run's data.template, else plain)")
     p.add_argument("--model", default="policy", help="model name inside the checkpoint")
     p.add_argument("--tokenizer", help="tokenizer file/dir (default: the one recorded in the checkpoint)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows decoded together; a row whose completion ends takes the next prompt at once")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="CPU: compile the decode step with torch.compile (as ppo.compile_decode; ~10-20 s once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU")
     p.add_argument("--attention-backend", default="sdpa", help="sdpa | eager (generation needs padding masks)")
@@ -58,6 +65,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     parallel = parallel_config(args.overrides)
     sampling_params(args)  # refuse bad flags before any process starts
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     resolve_checkpoint(args.checkpoint)
     world = parallel.tp * parallel.pp
     if world > 1 and detect_launch_env().launcher == "single":
@@ -99,9 +108,9 @@ def _argv(args) -> list[str]:
             "--max-new-tokens", str(args.max_new_tokens), "--min-new-tokens", str(args.min_new_tokens),
             "--model", args.model, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
             "--precision", args.precision, "--attention-backend", args.attention_backend]
-    for flag in ("greedy",):
+    for flag in ("greedy", "compile_decode"):
         if getattr(args, flag):
-            argv.append(f"--{flag}")
+            argv.append(f"--{flag.replace('_', '-')}")
     for name in (*SAMPLING_FLAGS, "template", "tokenizer"):
         if getattr(args, name) is not None:
             argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
@@ -200,7 +209,7 @@ def _run_worker(args, parallel) -> int:
     from alfred_train.data.templates import get_template
     from alfred_train.parallel.dims import ParallelDims
     from alfred_train.parallel.init import init_runtime, shutdown
-    from alfred_train.ppo.generation import generate
+    from alfred_train.ppo.generation import generate_all
 
     params = sampling_params(args)
     ckpt = resolve_checkpoint(args.checkpoint)
@@ -213,15 +222,19 @@ def _run_worker(args, parallel) -> int:
                               f"model's max_seq_len ({shape.max_seq_len}); lower it")
         template = get_template(args.template or run_template(ckpt))
         prompts = read_prompts(args.prompts, tokenizer, template, max_prompt)
-        out = []
-        for start in range(0, len(prompts), args.batch_size):
-            batch = prompts[start:start + args.batch_size]
-            ids, mask = left_pad([p.ids for p in batch], tokenizer.pad_id)
-            keys = torch.arange(start, start + len(batch))  # a prompt's draws do not depend on --batch-size
-            response, response_mask = generate(models, runtime, ids, mask, params, eod_id=tokenizer.eod_id,
-                                               vocab_size=tokenizer.vocab_size, seed=args.seed, keys=keys,
-                                               pad_id=tokenizer.pad_id)
-            for prompt, row, row_mask in zip(batch, response.cpu(), response_mask.cpu()):
+        out, useful, slot_steps = [], 0.0, 0
+        # continuous batching: --batch-size rows decode together and a row that ends takes the queue's next
+        # prompt; the queue is cut into chunks so that a huge prompt file is not padded and held at once
+        chunk = args.batch_size * QUEUE_CHUNK
+        for start in range(0, len(prompts), chunk):
+            queue = prompts[start:start + chunk]
+            ids, mask = left_pad([p.ids for p in queue], tokenizer.pad_id)
+            keys = torch.arange(start, start + len(queue))  # a prompt's draws do not depend on --batch-size
+            done = generate_all(models, runtime, ids, mask, params, eod_id=tokenizer.eod_id,
+                                vocab_size=tokenizer.vocab_size, seed=args.seed, keys=keys, pad_id=tokenizer.pad_id,
+                                slots=args.batch_size, compiled=args.compile_decode)
+            useful, slot_steps = useful + float(done.response_mask.sum()), slot_steps + done.slot_steps
+            for prompt, row, row_mask in zip(queue, done.response_ids.cpu(), done.response_mask.cpu()):
                 tokens = row[row_mask.bool()].tolist()
                 finished = bool(tokens) and tokens[-1] == tokenizer.eod_id
                 tokens = tokens[:-1] if finished else tokens
@@ -230,7 +243,8 @@ def _run_worker(args, parallel) -> int:
         if runtime.is_main:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             write_jsonl(args.output, out)
-            print(f"generate: {len(out)} completions written to {args.output}", flush=True)
+            print(f"generate: {len(out)} completions written to {args.output} (slot utilisation "
+                  f"{useful / max(slot_steps, 1):.0%}: completion tokens / rows x decode steps)", flush=True)
         torch.distributed.barrier()
         return 0
     finally:

@@ -590,6 +590,7 @@ def test_generate_cli_rejects_bad_flags_before_loading(tmp_path):
 
     assert main(["generate", str(tmp_path), "--prompts", "x", "--output", "y", "--greedy", "--top-k", "3"]) == 2
     assert main(["generate", str(tmp_path), "optim.lr=1", "--prompts", "x", "--output", "y"]) == 2
+    assert main(["generate", str(tmp_path), "--prompts", "x", "--output", "y", "--batch-size", "0"]) == 2
     assert main(["generate", str(tmp_path), "--prompts", "x", "--output", "y"]) == 2  # no checkpoint there
 
 
@@ -603,11 +604,15 @@ def test_generate_cli_end_to_end_tp1_and_tp2_pp2(sft_run, tmp_path):
                {"prompt_ids": [1, 50, 60, 70]}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
     outputs = {}
-    for name, layout in (("tp1", []), ("tp2pp2", ["parallel.tp=2", "parallel.pp=2"])):
+    # 3 prompts through 2 rows: the row that ends first takes the third prompt (continuous batching);
+    # --compile-decode: the decode step compiled, the same greedy tokens
+    for name, layout, flags in (("tp1", [], []), ("tp2pp2", ["parallel.tp=2", "parallel.pp=2"], []),
+                                ("compiled", [], ["--compile-decode"]), ("one_row", [], ["--batch-size", "1"])):
         out = tmp_path / f"{name}.jsonl"
         done = _cli("generate", str(sft_run), *layout, "--prompts", str(prompts), "--output", str(out),
-                    "--max-new-tokens", "10", "--min-new-tokens", "4", "--greedy", "--batch-size", "2")
+                    "--max-new-tokens", "10", "--min-new-tokens", "4", "--greedy", "--batch-size", "2", *flags)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert "3 completions written" in done.stdout and "slot utilisation" in done.stdout, done.stdout
         outputs[name] = [json.loads(line) for line in out.read_text().splitlines()]
     tok = load_tokenizer(TINY_TOKENIZER)
     rows = outputs["tp1"]
@@ -620,6 +625,7 @@ def test_generate_cli_end_to_end_tp1_and_tp2_pp2(sft_run, tmp_path):
         assert row["completion"] == tok.decode(ids)
         assert row["finish_reason"] == ("length" if len(ids) == 10 else "eod")
     assert outputs["tp2pp2"] == rows  # resharded TP=2 x PP=2 greedy == TP=1, token for token
+    assert outputs["compiled"] == rows and outputs["one_row"] == rows
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
