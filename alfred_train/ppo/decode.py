@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from alfred_train.errors import ConfigError
 from alfred_train.models.build import unwrap
+from alfred_train.ppo import compiled as compiled_steps
 from alfred_train.ppo.stage_decoder import StageDecoder, unsupported_reason
 
 log = logging.getLogger("alfred_train")
@@ -200,9 +201,7 @@ class CompiledDecode(KVCacheForward):
         self.width = None
 
     def _decode(self, x, slots, key_bias):
-        from alfred_train.ppo import compiled
-
-        return compiled.decode_step(self.decoder, x, slots, key_bias)
+        return compiled_steps.decode_step(self.decoder, x, slots, key_bias)
 
 
 class MegatronKVCache:

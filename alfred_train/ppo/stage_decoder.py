@@ -112,7 +112,6 @@ class StageDecoder:
         self.tp = runtime.dims.tp
         self.heads = cfg.num_attention_heads // self.tp  # np on this TP rank
         self.groups = cfg.num_query_groups // self.tp  # ng
-        self.gqa = bool(self.heads != self.groups)  # a plain bool (torch.compile's dynamic shapes make ints symbolic)
         self.head_dim = cfg.kv_channels  # hn
         self.scale = model.decoder.layers[0].self_attention.core_attention.softmax_scale \
             if self.model.decoder.layers else self.head_dim ** -0.5
@@ -216,7 +215,7 @@ class StageDecoder:
                 else:
                     keys[rows, :, :seq], values[rows, :, :seq] = k, v
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
-                                                 scale=self.scale, enable_gqa=self.gqa)  # (R, np, P, hn)
+                                                 scale=self.scale, enable_gqa=self.heads != self.groups)  # (R, np, P, hn)
             out = out.transpose(1, 2)  # (R, P, np, hn)
         else:  # one token per row at its own slot; a query head's group is head // (np/ng)
             keys, values = self.keys[index], self.values[index]  # (B, ng, S, hn)
