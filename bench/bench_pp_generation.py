@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 
@@ -61,19 +62,12 @@ def worker(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> None:
         finally:
             cpu_adapter.suspended = real
 
-    def unpipelined():
-        return generation.generate_all(chunks, rt, ids, mask, params, pipelined=False, **kw).response_ids
-
-    def now(compiled=False):
-        return generation.generate_all(chunks, rt, ids, mask, params, pipelined=True, compiled=compiled,
+    def fast(pipelined: bool, compiled: bool = False):
+        return generation.generate_all(chunks, rt, ids, mask, params, pipelined=pipelined, compiled=compiled,
                                        **kw).response_ids
 
-    def unpipelined_compiled():
-        return generation.generate_all(chunks, rt, ids, mask, params, pipelined=False, compiled=True,
-                                       **kw).response_ids
-
-    runs = {"before": before, "unpipelined": unpipelined, "now": now, "unpipelined compiled": unpipelined_compiled,
-            "now compiled": lambda: now(compiled=True)}
+    runs = {"before": before, "unpipelined": partial(fast, False), "now": partial(fast, True),
+            "unpipelined compiled": partial(fast, False, True), "now compiled": partial(fast, True, True)}
     tokens = {k: fn() for k, fn in runs.items()}
     times = {k: [] for k in runs}
     for _ in range(repeats):

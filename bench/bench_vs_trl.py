@@ -141,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"CPU, {torch.get_num_threads()} cores visible, threads={args.threads}, clock={args.clock}, "
           f"torch {torch.__version__}; "
-          f"TRL and ours alternate {args.rounds}x per shape; medians over iterations after the first")
+          f"TRL, ours and compiled alternate {args.rounds}x per shape; medians over iterations after the first")
     head = (f"{'P+R':<9}{'TRL s':>7}{'TRL gen':>9}{'TRL gc':>8}{'before s':>10}{'ours s':>8}{'ours/TRL':>10}"
             f"{'compiled s':>12}{'compiled/TRL':>14}  generate / score / train: ours; compiled; before")
     rows = []
