@@ -57,6 +57,11 @@ def main() -> int:
         print(f"{phase:<10}{t:>10.3f}{t / total:>8.0%}")
     print(f"{'total':<10}{total:>10.3f}   rollout tokens/s {med['tokens_per_s']:.0f}, "
           f"mean response {med['response_len']:.1f} tokens")
+    extra = [f"{key} {statistics.median(r[key] for r in rows):.3g}" for key in ("logprob_gap", "policy_ratio_first",
+                                                                               "slot_utilisation")
+             if all(key in r for r in rows)]
+    if extra:  # one set of log-probs: the sampler's vs the scoring pass's, and the first mini-batch's ratio
+        print("median " + ", ".join(extra))
     return 0
 
 

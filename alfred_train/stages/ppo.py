@@ -143,7 +143,7 @@ def run(cfg: Config, runtime) -> int:
     preemption = common.Preemption()
     code = 0
     while step < t.max_steps:
-        t0 = time.perf_counter()
+        t0 = _clock(runtime)
         position = next(batches)
         prompts = [train_prompts[i] for i in position.indices]
         # -- generate
@@ -153,7 +153,7 @@ def run(cfg: Config, runtime) -> int:
                                                  micro_batch=o.rollout_micro_batch, seed=t.seed * 1000 + step,
                                                  keys=list(position.indices), continuous=o.continuous_batching,
                                                  pipelined=o.pipelined_decode, compiled=o.compile_decode, **common_args)
-        t1 = time.perf_counter()
+        t1 = _clock(runtime)
         # -- score
         if o.offload_frozen:
             _offload(models.reference + models.reward, runtime.device)
@@ -163,7 +163,7 @@ def run(cfg: Config, runtime) -> int:
         rollout, kl = compute_advantages(rollout, kl_estimator=kl_fn, beta=kl_ctl.kl_coef, gamma=o.gamma, lam=o.lam,
                                          whiten_rewards=o.whiten_rewards, whiten_advantages=o.whiten_advantages,
                                          dp_group=runtime.dp_group)
-        t2 = time.perf_counter()
+        t2 = _clock(runtime)
         # -- train
         first_row = runtime.dp_rank * rollout.batch_size  # this rank's rows in the iteration's global batch
         policy_reports = _update(policy, rollout, o.policy_epochs, o.policy_steps_per_epoch, o.train_micro_batch,
@@ -175,7 +175,7 @@ def run(cfg: Config, runtime) -> int:
                                 first_row=first_row)
         for trainable in (policy, value):  # both schedules count PPO iterations
             trainable.advance_schedule()
-        t3 = time.perf_counter()
+        t3 = _clock(runtime)
         step, consumed = step + 1, position.consumed_samples
         stats = rollout_stats(rollout, kl, entropy, runtime.dp_group, tokenizer.eod_id)
         stats["prompts_cut"] = _count_cut(position.indices, prompt_set.cut, runtime.dp_group)
@@ -237,6 +237,13 @@ def _update(trainable: Trainable, rollout, epochs: int, steps_per_epoch: int, mi
     out = {k: v / max(weight, 1.0) for k, v in totals.items()}
     # the first mini-batch sees the policy that sampled: its ratio pi/pi_old is 1 when log-probs agree
     return {**out, "skipped": skipped, "lr": lr, "ratio_first": first.get("ratio", float("nan"))}
+
+
+def _clock(runtime) -> float:
+    """Seconds, after the GPU has finished what was queued (the phase times split the iteration)."""
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def logprob_gap(rollout, sampler_logprobs, dp_group) -> float:
