@@ -25,6 +25,7 @@ ms/step = wall time / new tokens.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=("1.2b", "tiny"), default="1.2b")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per decoder (best is reported)")
     parser.add_argument("--hbm-tbs", type=float, default=None, help="peak HBM bandwidth, TB/s")
+    parser.add_argument("--decoders", default="before,eager,graphs", help="which of before, eager, graphs")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -71,6 +73,11 @@ def main() -> None:
     from alfred_train.ppo import decode
     from alfred_train.ppo.generation import SamplingParams, generate_all
 
+    start = time.perf_counter()
+
+    def progress(what: str) -> None:  # to stderr, with the time since start: where a slow run spends it
+        print(f"[{time.perf_counter() - start:6.1f} s] {what}", file=sys.stderr, flush=True)
+
     runtime = init_runtime(ParallelDims(1, 1, 1))
     seed_everything(0, runtime)
     device = torch.device(runtime.device)
@@ -83,9 +90,10 @@ def main() -> None:
     width = 2 if bf16 else 4
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     tbs = args.hbm_tbs or hbm_tbs(name)
+    progress(f"model built ({params / 1e6:,.1f}M parameters)")
     decoders = {"before": decode.MegatronKVCache, "eager": decode.KVCacheForward, "graphs": decode.CudaGraphDecode}
-    if device.type != "cuda":
-        del decoders["graphs"]
+    decoders = {k: v for k, v in decoders.items() if k in args.decoders.split(",")
+                and (k != "graphs" or device.type == "cuda")}
     full = SamplingParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, greedy=True)
     kw = dict(eod_id=2, vocab_size=shape.vocab_size, seed=0)
 
@@ -100,6 +108,7 @@ def main() -> None:
     def timed_run(ids, mask, cls):
         warm = SamplingParams(max_new_tokens=8, min_new_tokens=8, greedy=True)
         generate_all([model], runtime, ids, mask, warm, decoder=cls, **kw)  # kernels, cuBLAS workspaces, graph pool
+        progress(f"{cls.__name__} batch {ids.shape[0]}: warmed up")
         out = {}
         def run():
             out["g"] = generate_all([model], runtime, ids, mask, full, decoder=cls, **kw)
@@ -109,7 +118,7 @@ def main() -> None:
     print(f"device: {name}, HBM {tbs:g} TB/s, torch {torch.__version__}; {args.shape} shape "
           f"({params / 1e6:,.1f}M parameters, {'bf16' if bf16 else 'fp32'}), {args.prompt_len} prompt + "
           f"{args.new_tokens} new tokens, greedy, best of {args.repeats}")
-    head = (f"{'batch':>5}  {'decoder':<8}{'tok/s':>10}{'ms/step':>10}{'of floor':>10}{'vs before':>11}"
+    head = (f"{'batch':>5}  {'decoder':<8}{'tok/s':>10}{'ms/step':>10}{'of floor':>10}{'vs ' + next(iter(decoders)):>11}"
             f"{'= row above':>13}")
     print(head)
     print("-" * len(head), flush=True)  # each row as soon as it is measured: a cut-off run keeps what it got
@@ -123,7 +132,7 @@ def main() -> None:
                 seconds, tokens = timed_run(ids, mask, cls)
                 rate = batch * args.new_tokens / seconds
                 before = before or rate
-                same = float((tokens == previous).float().mean()) if label != "before" else 1.0
+                same = float((tokens == previous).float().mean()) if before != rate else 1.0
                 previous = tokens
                 print(f"{batch:>5}  {label:<8}{rate:>10.0f}{seconds / args.new_tokens * 1e3:>10.2f}"
                       f"{rate / floor:>9.1%}{rate / before:>10.1f}x{same:>12.1%}", flush=True)

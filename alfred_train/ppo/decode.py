@@ -119,6 +119,8 @@ class KVCacheForward:
         self.decoder = StageDecoder(model, runtime, batch, self.max_len)
         self.key_bias = torch.empty(batch, 1, 1, self.max_len, dtype=self.decoder.dtype, device=device)  # (B,1,1,S)
         self.slot = torch.empty(batch, dtype=torch.long, device=device)  # (B,) each row's next cache slot
+        # a device 0 (a Python 0.0 would be a CPU tensor copied in every step: no CUDA-graph capture)
+        self.visible = torch.zeros((), dtype=self.decoder.dtype, device=device)
         # on a GPU every step attends over all S slots (static shapes, one kernel sequence); on CPU a
         # step reads only the slots filled so far (its width, counted on the host, costs nothing there)
         self.width = None if device.type == "cuda" else prompt_len
@@ -179,7 +181,7 @@ class KVCacheForward:
         """One decode step; x: tokens (B,) on the first stage, else the previous stage's hidden states
         (B, 1, h) (with communicate=True: received here). Without communication: this stage's output,
         hidden (B, 1, h) or logits (B, 1, V), for a caller that moves it (the pipelined decoder)."""
-        self.key_bias[self.decoder.row_index, 0, 0, self.slot] = 0.0  # each new token sees itself
+        self.key_bias[self.decoder.row_index, 0, 0, self.slot] = self.visible  # each new token sees itself
         bias = self.key_bias
         if self.width is not None:
             self.width = min(self.width + 1, self.max_len)
