@@ -42,7 +42,7 @@ else
 fi
 status=0
 # the files that hold GPU tests (the others import boto3/moto/... at module level, not installed there)
-timeout 120 "$py" -m pytest -q -ra -m gpu tests/test_generation.py tests/test_kernels.py tests/test_ppo_scoring.py \
+timeout 120 "$py" -m pytest -q -ra -m gpu tests/test_generation.py tests/test_kernels.py tests/test_ppo_scoring.py tests/test_model_init.py \
   -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.txt" || status=1
 timeout 200 "$py" bench/bench_gpu_decode.py "${decode[@]}" 2>&1 | tee "$out/decode.txt" || status=1
 timeout 200 "$py" bench/bench_ppo.py --iters 3 parallel.tp=1 "${ppo[@]}" --model "${shape[@]}" 2>&1 \

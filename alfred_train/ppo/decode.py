@@ -275,16 +275,18 @@ class CudaGraphDecode:
     bias and the cache are device tensors updated in place, shapes are static (every step attends
     over all S slots). Two eager warm-up steps run on a side stream (CUDA's lazy init, cuBLAS
     workspaces), the third is captured (capture records, it runs nothing) and replayed. Any failure
-    to capture logs one warning and the generation goes on eagerly: the same tokens, slower. The
+    to capture logs one warning and the generation goes on eagerly: the same tokens, slower (later
+generations in the process decode eagerly without trying again). The
     graph and its memory pool live only inside one `generate` call (`close`), so the training phase
     that follows never holds them. TP/PP collectives are not captured: one rank, one stage only.
     """
 
     WARMUP_STEPS = 2
+    capture_failed = False  # once per process: a step that cannot be captured is not tried again
 
     def __init__(self, model, runtime, prompt_ids, prompt_mask, max_new_tokens: int):
         self.eager = KVCacheForward(model, runtime, prompt_ids, prompt_mask, max_new_tokens)
-        self.graph, self.failed, self.steps = None, False, 0
+        self.graph, self.failed, self.steps = None, CudaGraphDecode.capture_failed, 0
         self.tokens = self.logits = None  # the graph's static input (B,) and output (B, V)
 
     def prefill(self):
@@ -319,6 +321,7 @@ class CudaGraphDecode:
             self.graph = graph
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager step
             self.failed, self.tokens, self.logits = True, None, None
+            CudaGraphDecode.capture_failed = True
             log.warning("generation: CUDA-graph capture of the decode step failed (%s: %s); decoding eagerly",
                         type(err).__name__, err)
 
