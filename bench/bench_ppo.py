@@ -16,12 +16,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+START = time.perf_counter()
+
+
 def cli(*args: str) -> None:
+    print(f"[{time.perf_counter() - START:6.1f} s] alfred-train {args[0]}", file=sys.stderr, flush=True)
     done = subprocess.run([sys.executable, "-m", "alfred_train", *args, "logging.tensorboard=false",
                            "logging.plots=false", "checkpoint.interval=0"], cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
