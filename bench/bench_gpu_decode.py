@@ -127,12 +127,12 @@ def main() -> None:
             ids = torch.randint(3, shape.vocab_size, (batch, args.prompt_len),
                                 generator=torch.Generator().manual_seed(0))
             mask = torch.ones_like(ids)
-            floor, before = floor_rate(batch), None
+            floor, before, previous = floor_rate(batch), None, None
             for label, cls in decoders.items():
                 seconds, tokens = timed_run(ids, mask, cls)
                 rate = batch * args.new_tokens / seconds
                 before = before or rate
-                same = float((tokens == previous).float().mean()) if before != rate else 1.0
+                same = 1.0 if previous is None else float((tokens == previous).float().mean())
                 previous = tokens
                 print(f"{batch:>5}  {label:<8}{rate:>10.0f}{seconds / args.new_tokens * 1e3:>10.2f}"
                       f"{rate / floor:>9.1%}{rate / before:>10.1f}x{same:>12.1%}", flush=True)
