@@ -277,7 +277,8 @@ class CudaGraphDecode:
     workspaces), the third is captured (capture records, it runs nothing) and replayed. Any failure
     to capture logs one warning and the generation goes on eagerly: the same tokens, slower (later
     generations in the process decode eagerly without trying again). The graph and its memory pool
-    live only inside one `generate` call (`close`), so the training phase that follows never holds them. TP/PP collectives are not captured: one rank, one stage only.
+    live only inside one `generate` call (`close`), so the training phase that follows never holds
+    them. TP/PP collectives are not captured: one rank, one stage only.
     """
 
     WARMUP_STEPS = 2
