@@ -134,8 +134,9 @@ def main() -> None:
                 before = before or rate
                 same = 1.0 if previous is None else float((tokens == previous).float().mean())
                 previous = tokens
+                fell_back = "  (capture failed: eager)" if label == "graphs" and decode.CudaGraphDecode.capture_failed else ""
                 print(f"{batch:>5}  {label:<8}{rate:>10.0f}{seconds / args.new_tokens * 1e3:>10.2f}"
-                      f"{rate / floor:>9.1%}{rate / before:>10.1f}x{same:>12.1%}", flush=True)
+                      f"{rate / floor:>9.1%}{rate / before:>10.1f}x{same:>12.1%}{fell_back}", flush=True)
             print(f"{batch:>5}  {'floor':<8}{floor:>10.0f}{batch / floor * 1e3:>10.2f}{1:>9.1%}{'-':>11}{'-':>13}",
                   flush=True)
     finally:
