@@ -118,8 +118,8 @@ def main() -> None:
     print(f"device: {name}, HBM {tbs:g} TB/s, torch {torch.__version__}; {args.shape} shape "
           f"({params / 1e6:,.1f}M parameters, {'bf16' if bf16 else 'fp32'}), {args.prompt_len} prompt + "
           f"{args.new_tokens} new tokens, greedy, best of {args.repeats}")
-    head = (f"{'batch':>5}  {'decoder':<8}{'tok/s':>10}{'ms/step':>10}{'of floor':>10}{'vs ' + next(iter(decoders)):>11}"
-            f"{'= row above':>13}")
+    first = "vs " + next(iter(decoders))
+    head = f"{'batch':>5}  {'decoder':<8}{'tok/s':>10}{'ms/step':>10}{'of floor':>10}{first:>11}{'= row above':>13}"
     print(head)
     print("-" * len(head), flush=True)  # each row as soon as it is measured: a cut-off run keeps what it got
     try:
@@ -134,9 +134,10 @@ def main() -> None:
                 before = before or rate
                 same = 1.0 if previous is None else float((tokens == previous).float().mean())
                 previous = tokens
-                fell_back = "  (capture failed: eager)" if label == "graphs" and decode.CudaGraphDecode.capture_failed else ""
+                fell_back = label == "graphs" and decode.CudaGraphDecode.capture_failed
+                note = "  (capture failed: decoded eagerly)" if fell_back else ""
                 print(f"{batch:>5}  {label:<8}{rate:>10.0f}{seconds / args.new_tokens * 1e3:>10.2f}"
-                      f"{rate / floor:>9.1%}{rate / before:>10.1f}x{same:>12.1%}{fell_back}", flush=True)
+                      f"{rate / floor:>9.1%}{rate / before:>10.1f}x{same:>12.1%}{note}", flush=True)
             print(f"{batch:>5}  {'floor':<8}{floor:>10.0f}{batch / floor * 1e3:>10.2f}{1:>9.1%}{'-':>11}{'-':>13}",
                   flush=True)
     finally:
