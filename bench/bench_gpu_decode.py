@@ -41,16 +41,6 @@ def hbm_tbs(name: str) -> float:
     return 0.0
 
 
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="32,128")
@@ -113,7 +103,7 @@ def main() -> None:
         def run():
             out["g"] = generate_all([model], runtime, ids, mask, full, decoder=cls, **kw)
 
-        return min(timed(run, device) for _ in range(args.repeats)), out["g"].response_ids.cpu()
+        return min(bench_generation.timed(run) for _ in range(args.repeats)), out["g"].response_ids.cpu()
 
     print(f"device: {name}, HBM {tbs:g} TB/s, torch {torch.__version__}; {args.shape} shape "
           f"({params / 1e6:,.1f}M parameters, {'bf16' if bf16 else 'fp32'}), {args.prompt_len} prompt + "

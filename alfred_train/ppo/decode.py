@@ -286,7 +286,7 @@ class CudaGraphDecode:
 
     def __init__(self, model, runtime, prompt_ids, prompt_mask, max_new_tokens: int):
         self.eager = KVCacheForward(model, runtime, prompt_ids, prompt_mask, max_new_tokens)
-        self.graph, self.failed, self.steps = None, CudaGraphDecode.capture_failed, 0
+        self.graph, self.steps = None, 0
         self.tokens = self.logits = None  # the graph's static input (B,) and output (B, V)
 
     def prefill(self):
@@ -297,7 +297,7 @@ class CudaGraphDecode:
 
     def step(self, tokens):
         self.steps += 1
-        if self.graph is None and not self.failed:
+        if self.graph is None and not CudaGraphDecode.capture_failed:
             if self.steps <= self.WARMUP_STEPS:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -320,7 +320,7 @@ class CudaGraphDecode:
                 self.logits = self.eager.step(self.tokens)
             self.graph = graph
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager step
-            self.failed, self.tokens, self.logits = True, None, None
+            self.tokens = self.logits = None
             CudaGraphDecode.capture_failed = True
             log.warning("generation: CUDA-graph capture of the decode step failed (%s: %s); decoding eagerly",
                         type(err).__name__, err)
