@@ -5,9 +5,10 @@ Tiny random Llama (GQA 4 heads / 2 groups, vocab 520 -> padded 640, sharded with
 Falcon (new decoder architecture, GQA, tied embeddings, vocab 300 -> 384) are made locally with
 transformers. Four launches do the distributed work (each checks several things):
     1. `alfred-train convert hf-to-mcore falcon --tp 2`        (the CLI spawning 2 workers)
-    2. 2 workers at TP=2: convert llama at TP=2; logits of llama and falcon vs transformers
+    2. 2 workers at TP=2: convert llama at TP=2; logits of llama and falcon vs transformers; greedy
+       rollouts of both (the fast decoder's TP path, Falcon's one reduce per layer)
     3. 2 workers at PP=2: convert falcon + reward at PP=2; logits of llama (TP=2 ckpt, resharded),
-       falcon and the reward model vs transformers
+       falcon and the reward model vs transformers; greedy rollouts of llama and falcon across stages
     4. 1 process: convert all three at TP=1, logits vs transformers, export every checkpoint back
 This file is also the worker: `python tests/test_convert.py JOB.json` under RANK/WORLD_SIZE env.
 """
@@ -56,8 +57,8 @@ def _forward(chunks, tokens: torch.Tensor, runtime):
     return out
 
 
-def _greedy(ckpt: str, prompts: list[list[int]], max_new: int, runtime) -> list[list[int]]:
-    """Our KV-cache greedy decoding of left-padded prompts; each row up to and including EOD."""
+def _greedy(ckpt: str, prompts: list[list[int]], max_new: int, runtime, tp: int, pp: int) -> list[list[int]]:
+    """Our KV-cache greedy decoding of left-padded prompts at TP x PP; each row up to and including EOD."""
     from alfred_train import checkpoint
     from alfred_train.config import ParallelConfig
     from alfred_train.data.tokenizer import load_tokenizer
@@ -68,7 +69,7 @@ def _greedy(ckpt: str, prompts: list[list[int]], max_new: int, runtime) -> list[
     state = json.loads((checkpoint.resolve_checkpoint(ckpt) / "meta.json").read_text())["state"]
     shape = ModelShape(**state["model"])
     eod = load_tokenizer(state["tokenizer"]).eod_id
-    chunks = build_model(shape, ParallelConfig(), kind="lm", bf16=False, backend=choose_backend("sdpa"),
+    chunks = build_model(shape, ParallelConfig(tp=tp, pp=pp), kind="lm", bf16=False, backend=choose_backend("sdpa"),
                          device=runtime.device)
     checkpoint.load_models(ckpt, {"policy": (chunks, None)})
     width = max(len(p) for p in prompts)
@@ -116,7 +117,7 @@ def run_job(job: dict) -> None:
                     "padded_logits_max": out[..., want.shape[-1]:].abs().max().item() if kind == "lm" else 0.0,
                     "width": out.shape[-1]}
         for label, ckpt, prompts, max_new in job.get("generate", []):
-            results[label] = _greedy(ckpt, prompts, max_new, runtime)
+            results[label] = _greedy(ckpt, prompts, max_new, runtime, tp, pp)
         for ckpt, out_dir in job.get("export", []):
             mcore_to_hf(ckpt, out_dir, runtime)
     finally:
@@ -252,13 +253,19 @@ def work(tmp_path_factory):
     assert done.returncode == 0, done.stderr[-4000:]
     tp2 = launch_workers({"tp": 2, "pp": 1, "convert": [[hf["llama"], ck("llama_tp2"), None, "auto"]],
                           "check": [["llama", ck("llama_tp2"), str(refs["llama"])],
-                                    ["falcon", ck("falcon_tp2"), str(refs["falcon"])]]}, 2, root, "tp2")
+                                    ["falcon", ck("falcon_tp2"), str(refs["falcon"])]],
+                          "generate": [["greedy_llama", ck("llama_tp2"), PROMPTS["llama"], GREEDY_TOKENS],
+                                       ["greedy_falcon", ck("falcon_tp2"), PROMPTS["falcon"], GREEDY_TOKENS]]},
+                         2, root, "tp2")
     pp2 = launch_workers({"tp": 1, "pp": 2,
                           "convert": [[hf["falcon"], ck("falcon_pp2"), None, "auto"],
                                       [hf["reward"], ck("reward_pp2"), None, "auto"]],
                           "check": [["llama_from_tp2", ck("llama_tp2"), str(refs["llama"])],
                                     ["falcon", ck("falcon_pp2"), str(refs["falcon"])],
-                                    ["reward", ck("reward_pp2"), str(refs["reward"])]]}, 2, root, "pp2")
+                                    ["reward", ck("reward_pp2"), str(refs["reward"])]],
+                          "generate": [["greedy_llama", ck("llama_tp2"), PROMPTS["llama"], GREEDY_TOKENS],
+                                       ["greedy_falcon", ck("falcon_pp2"), PROMPTS["falcon"], GREEDY_TOKENS]]},
+                         2, root, "pp2")
     tp1_models = ("llama", "falcon", "falcon7b", "reward")
     tp1 = launch_workers({"tp": 1, "pp": 1,
                           "convert": [[hf[k], ck(f"{k}_tp1"), None, "auto"] for k in tp1_models]
@@ -298,11 +305,12 @@ def test_logits_match_transformers(work, layout, labels):
         assert widths["reward"] == 1
 
 
-def test_greedy_generation_matches_transformers(work):
-    """Our KV-cache greedy decoding == transformers' generate, token for token, left-padded prompts."""
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+def test_greedy_generation_matches_transformers(work, layout):
+    """Our KV-cache greedy decoding == transformers' generate, token for token, left-padded prompts, on
+    every rank of TP=2 and PP=2 too (Falcon's parallel attention + MLP is the Alfred recipe's layer)."""
     for label in ("llama", "falcon"):
         model = work["models"][label]
-        ours = work["results"]["tp1"][f"greedy_{label}"][0]
         eos = model.config.eos_token_id
         width = max(len(p) for p in PROMPTS[label])
         ids = torch.zeros(len(PROMPTS[label]), width, dtype=torch.long)  # (B, P)
@@ -313,10 +321,12 @@ def test_greedy_generation_matches_transformers(work):
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=GREEDY_TOKENS,
                                  min_new_tokens=0, pad_token_id=0, eos_token_id=eos)
-        for row, got in zip(out[:, width:].tolist(), ours):
-            want = row[: row.index(eos) + 1] if eos in row else row
-            assert got == want, (label, got, want)
-        assert sum(len(r) for r in ours) >= len(ours) * 3  # something was generated
+        want = [row[: row.index(eos) + 1] if eos in row else row for row in out[:, width:].tolist()]
+        ranks = work["results"][layout][f"greedy_{label}"]
+        assert len(ranks) == (1 if layout == "tp1" else 2), (layout, label)
+        for ours in ranks:
+            assert ours == want, (layout, label, ours, want)
+        assert sum(len(r) for r in want) >= len(want) * 3  # something was generated
 
 
 def _tensors(path: Path) -> dict:
