@@ -39,6 +39,7 @@ CASES = [
     (["model.attention_backend=flash"], "model.attention_backend"),
     (["model.attention_backend=te"], "model.attention_backend"),
     (["ppo.max_prompt_tokens=120"], "ppo.max_prompt_tokens"),  # 120 + 12 + 1 > max_seq_len 128
+    (["ppo.max_new_tokens=126"], "ppo.max_new_tokens"),  # 126 + 1 leaves 1 of 128 for the prompt (derived limit)
     (["data.synthetic_size=20"], "ppo.rollouts_per_iter"),  # 20 prompts < 32 rollouts
     (["ppo.missing_eod_penalty=-1"], "ppo.missing_eod_penalty"),
 ]

@@ -82,10 +82,15 @@ def check_config(cfg: Config) -> None:
         _fail(f"ppo.missing_eod_penalty: is subtracted from the score, so it must be >= 0 (got {o.missing_eod_penalty})")
     limit = prompt_token_limit(cfg)
     eod = int(o.score_on_eod)
+    eod_part = " + 1 EOD for scoring" if eod else ""
+    if o.max_prompt_tokens is None and limit < 2:  # the prompt limit is what max_seq_len leaves: name the response
+        _fail(f"ppo.max_new_tokens: {o.max_new_tokens} response tokens{eod_part} leave no room for a prompt of 2+ "
+              f"tokens within model.max_seq_len ({m.max_seq_len}); lower it to at most "
+              f"{m.max_seq_len - 2 - eod} or raise model.max_seq_len")
     if limit < 2 or limit + o.max_new_tokens + eod > m.max_seq_len:
-        _fail(f"ppo.max_prompt_tokens: {limit} prompt + {o.max_new_tokens} response tokens"
-              + (" + 1 EOD for scoring" if eod else "") + f" exceed model.max_seq_len ({m.max_seq_len}) "
-              f"or leave no room for a prompt; lower ppo.max_prompt_tokens or ppo.max_new_tokens")
+        _fail(f"ppo.max_prompt_tokens: {limit} prompt + {o.max_new_tokens} response tokens{eod_part} exceed "
+              f"model.max_seq_len ({m.max_seq_len}) or leave no room for a prompt; lower ppo.max_prompt_tokens "
+              f"or ppo.max_new_tokens")
 
 
 # ---------------------------------------------------------------------------------------------
