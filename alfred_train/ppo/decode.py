@@ -121,9 +121,9 @@ class KVCacheForward:
         self.slot = torch.empty(batch, dtype=torch.long, device=device)  # (B,) each row's next cache slot
         # a device 0 (a Python 0.0 would be a CPU tensor copied in every step: no CUDA-graph capture)
         self.visible = torch.zeros((), dtype=self.decoder.dtype, device=device)
-        # on a GPU every step attends over all S slots (static shapes, one kernel sequence); on CPU a
-        # step reads only the slots filled so far (its width, counted on the host, costs nothing there)
-        self.width = None if device.type == "cuda" else prompt_len
+        # a step reads only the slots filled so far (its width, counted on the host: no sync, no cost);
+        # a captured or compiled step (CudaGraphDecode, CompiledDecode) sets None: all S slots, static shapes
+        self.width = prompt_len
         self.hidden_size = model.config.hidden_size
 
     def _decode(self, x, slots, key_bias):
@@ -195,7 +195,7 @@ class KVCacheForward:
 
 class CompiledDecode(KVCacheForward):
     """`KVCacheForward` with its decode step compiled by torch.compile (`compiled.decode_step`; CPU,
-    `ppo.compile_decode`). Every step attends over the whole cache (static shapes, as on a GPU):
+    `ppo.compile_decode`). Every step attends over the whole cache (static shapes, as a captured CUDA-graph step):
     one compiled step for the whole generation, however far it has got."""
 
     def __init__(self, model, runtime, prompt_ids, prompt_mask, max_new_tokens: int):
@@ -286,6 +286,7 @@ class CudaGraphDecode:
 
     def __init__(self, model, runtime, prompt_ids, prompt_mask, max_new_tokens: int):
         self.eager = KVCacheForward(model, runtime, prompt_ids, prompt_mask, max_new_tokens)
+        self.eager.width = None  # the captured step's shapes are static: it attends over all S slots
         self.graph, self.steps = None, 0
         self.tokens = self.logits = None  # the graph's static input (B,) and output (B, V)
 

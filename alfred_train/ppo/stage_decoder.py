@@ -12,10 +12,11 @@ a new mask per step. Here the same math is a short list of tensor ops per layer:
                 -> SDPA(q, cache, mask) -> proj (+ TP all-reduce) -> residual; MLP likewise
     last stage: final norm -> logits shard (B, s, V/tp) -> TP all-gather -> (B, s, V)
 
-Static shapes for a decode step: every step attends over the whole cache (B, ng, S, hn) and an
-additive (B, 1, 1, S) key bias (-inf) hides padding and not-yet-written slots, so the step is the same kernel
-sequence every time (what a CUDA graph needs). Slot-based RoPE (not position ids) is megatron's
-rule too; q.k depends only on slot differences, which left padding shifts equally.
+A decode step attends over the first w slots of the cache (B, ng, w, hn), and an additive
+(B, 1, 1, w) key bias (-inf) hides padding and not-yet-written slots. Eagerly, w = the slots filled so
+far; a captured or compiled step takes w = S, the whole cache: static shapes, the same kernel sequence
+every step (what a CUDA graph needs). Slot-based RoPE (not position ids) is megatron's rule too; q.k
+depends only on slot differences, which left padding shifts equally.
 
 Supported: megatron's local layer spec (torch norms), llama (RMSNorm, SwiGLU) and Falcon's parallel
 layer (LayerNorm, GELU), no linear biases, num_query_groups divisible by TP; LoRA adapters
@@ -221,7 +222,7 @@ class StageDecoder:
             keys, values = self.keys[index], self.values[index]  # (B, ng, S, hn)
             keys[self.row_index, :, slots] = k[:, 0]  # (B, ng, hn) at (row b, slot_b)
             values[self.row_index, :, slots] = v[:, 0]
-            width = mask.shape[-1]  # S, or on CPU the slots filled so far
+            width = mask.shape[-1]  # the slots filled so far, or S (a captured or compiled step)
             q = q.view(batch, self.groups, per_group, self.head_dim)  # (B, ng, np/ng, hn)
             scores = torch.matmul(q, keys[:, :, :width].transpose(-1, -2)).mul_(self.scale).add_(mask)
             probs = scores.float().softmax(dim=-1).to(values.dtype)  # (B, ng, np/ng, w)
