@@ -42,6 +42,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from alfred_train.errors import ConfigError
+from alfred_train.kernels.sdpa import sdpa
 
 CAUSAL_MASK_TYPES = frozenset(
     {AttnMaskType.causal, AttnMaskType.causal_bottom_right, AttnMaskType.padding_causal}
@@ -150,14 +151,10 @@ class SDPAAttention(_CoreAttention):
                 allowed = allowed & bottom_right_causal_mask(sq, sk, query.device)
         elif causal and sq != sk and sq > 1:
             allowed = bottom_right_causal_mask(sq, sk, query.device)  # (sq, sk)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=allowed,
+        out = sdpa(
+            q, k, v, allowed,
             is_causal=causal and allowed is None and sq == sk,  # top-left == bottom-right here
             scale=self.softmax_scale,
-            enable_gqa=np_ != k.shape[1],
         )  # (b, np, sq, hn)
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)  # (sq, b, np*hn)
 

@@ -186,6 +186,38 @@ def test_attention_padding_mask_and_qk_layer_scaling(megatron_world, backend_nam
     assert (unpadded[3:, 1] - want[0][3:, 1]).abs().max() > 1e-2
 
 
+def _masked_gqa_inputs(device, dtype, b=2, heads=8, groups=2, s=24, d=16):
+    """q (b, np, s, hn), k, v (b, ng, s, hn), a causal + left-padding bool mask (b, 1, s, s) True = attend."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, n, s, d, generator=gen) for n in (heads, groups, groups))
+    allowed = torch.ones(s, s, dtype=torch.bool).tril().expand(b, 1, s, s).clone()
+    allowed[1, :, :, :4] = False  # sample 1: four padding keys
+    allowed[1, 0].diagonal().fill_(True)  # a padding query sees itself (no empty softmax row)
+    return [t.to(device, dtype) for t in (q, k, v)] + [allowed.to(device)]
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_sdpa_expanded_kv_heads_equal_grouped_ones(masked):
+    """kernels.sdpa expands grouped KV heads for a masked call on CUDA (so the memory-efficient kernel
+    takes it); expanded or grouped, the output and the gradients are the same."""
+    from alfred_train.kernels.sdpa import sdpa
+
+    q, k, v, allowed = _masked_gqa_inputs("cpu", torch.float32)
+    mask = allowed if masked else None
+    results = []
+    for expand in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = sdpa(*leaves, mask, is_causal=mask is None, scale=0.25, expand_kv=expand)
+        out.square().sum().backward()
+        results.append([out] + [t.grad for t in leaves])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    want = reference_attention(*(t.permute(2, 0, 1, 3) for t in (q, k, v)), 0.25, causal=True,
+                               masked=None if mask is None else ~mask)  # (s, b, np * hn)
+    torch.testing.assert_close(results[0][0].permute(2, 0, 1, 3).reshape(want.shape).double(), want,
+                               atol=1e-5, rtol=1e-5)
+
+
 def tiny_gpt(backend, seed=0):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -380,6 +412,27 @@ def test_gpu_bf16_attention_vs_fp32_reference(megatron_world, backend_name, sq, 
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         err = (g.double() - w).abs().max().item()
         assert err < 2e-2 * max(1.0, w.abs().max().item()), f"{backend_name} {name}: max error {err}"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_masked_gqa_attention_runs_on_the_memory_efficient_kernel():
+    """A padding mask with grouped KV heads (PPO's training and prefill on a GQA model): with only the
+    memory-efficient kernel allowed, kernels.sdpa runs forward and backward (passed grouped heads, that
+    kernel would refuse and SDPA would need its O(s^2) math kernel) and matches the grouped call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from alfred_train.kernels.sdpa import sdpa
+
+    q, k, v, allowed = _masked_gqa_inputs("cuda", torch.bfloat16, s=256, d=64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        out = sdpa(*leaves, allowed, is_causal=False, scale=0.125)
+        out.float().square().sum().backward()
+    with sdpa_kernel([SDPBackend.MATH]):
+        want = sdpa(q, k, v, allowed, is_causal=False, scale=0.125, expand_kv=False)
+    assert (out.float() - want.float()).abs().max() < 2e-2
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
 
 
 @pytest.mark.gpu

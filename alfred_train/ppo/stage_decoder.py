@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from alfred_train.kernels.sdpa import sdpa
+
 
 def unsupported_reason(model, tp: int) -> str | None:
     """Why `StageDecoder` cannot run this model chunk (None: it can)."""
@@ -215,8 +217,7 @@ class StageDecoder:
                     keys[:, :, :seq], values[:, :, :seq] = k, v
                 else:
                     keys[rows, :, :seq], values[rows, :, :seq] = k, v
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
-                                                 scale=self.scale, enable_gqa=self.heads != self.groups)  # (R, np, P, hn)
+            out = sdpa(q.transpose(1, 2), k, v, mask, is_causal=mask is None, scale=self.scale)  # (R, np, P, hn)
             out = out.transpose(1, 2)  # (R, P, np, hn)
         else:  # one token per row at its own slot; a query head's group is head // (np/ng)
             keys, values = self.keys[index], self.values[index]  # (B, ng, S, hn)
