@@ -128,8 +128,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_metrics(run_dir: str | Path, keys: list[str], out_name: str = "metrics.png") -> Path | None:
-    """One small panel per metric against step; returns the PNG path (None without matplotlib)."""
+def plot_metrics(run_dir: str | Path, keys: list, out_name: str = "metrics.png") -> Path | None:
+    """One small panel per metric against step; a tuple of keys shares one panel (a line each, with a
+    legend). Metrics never logged are left out. Returns the PNG path (None without matplotlib)."""
     try:
         import matplotlib
 
@@ -138,19 +139,27 @@ def plot_metrics(run_dir: str | Path, keys: list[str], out_name: str = "metrics.
     except ImportError:
         return None
     rows = read_metrics(run_dir)
-    keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
-    if not keys:
+
+    def points(key):
+        return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+
+    panels = [[k for k in (group if isinstance(group, tuple) else (group,)) if points(k)] for group in keys]
+    panels = [p for p in panels if p]
+    if not panels:
         return None
-    cols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / cols)
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
-        ax.set_title(key)
+    for ax, panel in zip(axes.flat, panels):
+        for key in panel:
+            pts = points(key)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None, label=key)
+        ax.set_title(" / ".join(panel))
+        if len(panel) > 1:
+            ax.legend(fontsize="small")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
     out = Path(run_dir) / out_name

@@ -208,7 +208,9 @@ def run(cfg: Config, runtime) -> int:
     if runtime.is_main:
         if cfg.logging.plots:
             plot_metrics(run_dir, ["score", "eval_score", "kl", "entropy", "value_loss", "response_len",
-                                   "clipfrac", "explained_var", "eval_property"], "ppo.png")
+                                   "clipfrac", "explained_var", "eval_property",
+                                   ("time_generate", "time_score", "time_train"), "slot_utilisation",
+                                   "tokens_per_s"], "ppo.png")
         print(f"ppo: {step} iterations done; run directory: {run_dir} (metrics.jsonl, samples.jsonl, ppo.png, "
               f"checkpoints/)", flush=True)
     if code == 0:
