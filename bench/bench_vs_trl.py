@@ -20,7 +20,8 @@ Each variant runs in its own process (in one process, the "before" variant's all
              in the warm-up iteration, which is not timed)
 
 TRL, ours and compiled alternate (--rounds times per shape), then "before" runs once; medians over iterations
-after the first.
+after the first, pooled over the rounds. A last line gives compiled/TRL per round (each round's own medians):
+the spread behind the pooled ratio.
 On a shared machine, --clock cpu --threads 1 times each side by its process CPU time (TRL: its own
 script, unmodified, with time.perf_counter made time.process_time), which time-slicing does not inflate.
 """
@@ -148,23 +149,29 @@ def main() -> None:
     for shape in args.shapes.split(","):
         p, r = (int(x) for x in shape.split("+"))
         trl, mine = {}, {"before": {}, "ours": {}, "compiled": {}}
+        rounds = []  # compiled / TRL of each round's own medians: the spread behind the pooled figure
         for _ in range(args.rounds):
-            for k, v in run_trl(args.trl_python, p, r, args.iters, args.threads, args.clock).items():
+            trl_round = run_trl(args.trl_python, p, r, args.iters, args.threads, args.clock)
+            for k, v in trl_round.items():
                 trl.setdefault(k, []).extend(v)
             for variant in ("ours", "compiled"):
-                for k, v in run_ours(p, r, args.iters, args.threads, args.clock, variant).items():
+                mine_round = run_ours(p, r, args.iters, args.threads, args.clock, variant)
+                for k, v in mine_round.items():
                     mine[variant].setdefault(k, []).extend(v)
+            rounds.append(statistics.median(mine_round["total"]) / statistics.median(trl_round["total"]))
         mine["before"] = run_ours(p, r, args.iters, args.threads, args.clock, "before")
-        rows.append((shape, trl, mine))
+        rows.append((shape, trl, mine, rounds))
     print(head)
     print("-" * len(head))
     med = statistics.median
-    for shape, trl, mine in rows:
+    for shape, trl, mine, rounds in rows:
         o, c, b = mine["ours"], mine["compiled"], mine["before"]
         split = "; ".join(" / ".join(f"{med(x[k]):.3f}" for k in ("generate", "score", "train")) for x in (o, c, b))
         print(f"{shape:<9}{med(trl['total']):>7.3f}{med(trl['generate']):>9.3f}{med(trl['gc']):>8.3f}"
               f"{med(b['total']):>10.3f}{med(o['total']):>8.3f}{med(o['total']) / med(trl['total']):>9.2f}x"
               f"{med(c['total']):>12.3f}{med(c['total']) / med(trl['total']):>13.2f}x  {split}")
+    print("compiled/TRL per round (each round's own medians): "
+          + "; ".join(f"{shape}: " + ", ".join(f"{x:.2f}x" for x in rounds) for shape, _, _, rounds in rows))
 
 
 if __name__ == "__main__":
