@@ -195,8 +195,8 @@ class KVCacheForward:
 
 class CompiledDecode(KVCacheForward):
     """`KVCacheForward` with its decode step compiled by torch.compile (`compiled.decode_step`; CPU,
-    `ppo.compile_decode`). Every step attends over the whole cache (static shapes, as a captured CUDA-graph step):
-    one compiled step for the whole generation, however far it has got."""
+    `ppo.compile_decode`). Every step attends over the whole cache (static shapes, as a captured
+    CUDA-graph step): one compiled step for the whole generation, however far it has got."""
 
     def __init__(self, model, runtime, prompt_ids, prompt_mask, max_new_tokens: int):
         super().__init__(model, runtime, prompt_ids, prompt_mask, max_new_tokens)
