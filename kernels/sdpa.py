@@ -16,11 +16,11 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_causal: 
 
     With a mask and grouped KV heads (np > ng) on CUDA, k and v are expanded to np heads first
     (expand_kv; default: exactly then). Flash attention takes no mask, and torch's memory-efficient
-    kernel takes no grouped heads in the torch source we read (`can_use_mem_efficient_attention`:
-    `check_batch_size_and_num_heads_dense<false>`), so SDPA would fall back to its math kernel:
-    O(sq * sk) memory per head (GiBs for a 64 x 1,024-token prefill of 16 heads). The copies cost
-    (np / ng - 1) x the keys and values, far less. Elsewhere grouped heads go in as they are
-    (`enable_gqa`: CUDA flash and CPU flash take them, the CPU one with a mask too)."""
+    kernel took no grouped heads before pytorch#191085 (July 2026; the GPU machines' torch 2.11 is
+    older), so SDPA would fall back to its math kernel: O(sq * sk) memory per head (GiBs for a
+    64 x 1,024-token prefill of 16 heads). The copies cost (np / ng - 1) x the keys and values, far
+    less. Elsewhere grouped heads go in as they are (`enable_gqa`: CUDA flash and CPU flash take
+    them, the CPU one with a mask too)."""
     groups = k.shape[1]
     if expand_kv is None:
         expand_kv = mask is not None and q.shape[1] != groups and q.is_cuda
