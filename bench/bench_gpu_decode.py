@@ -20,8 +20,8 @@ The HBM floor of a decode step is reading every weight once plus the KV cache wr
 floor tok/s = batch / floor step time; "of floor" = measured / floor (prefill included in the
 measured time, so a slight underestimate). The eager step reads only the cache filled so far; the
 captured one reads all P + N slots every step (static shapes), so its own ceiling is lower: for the
-1.2B shape, 128 + 512 tokens, about 91% of the floor at batch 32 and 79% at batch 128. tok/s = batch * new tokens / wall time of a generation;
-ms/step = wall time / new tokens.
+1.2B shape, 128 + 512 tokens, about 91% of the floor at batch 32 and 79% at batch 128.
+tok/s = batch * new tokens / wall time of a generation; ms/step = wall time / new tokens.
 """
 
 from __future__ import annotations
