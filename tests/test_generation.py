@@ -427,6 +427,23 @@ def test_cuda_graph_decode_equals_eager_and_is_released(runtime, policy, referen
     assert torch.cuda.memory_allocated() <= before  # nothing of the graph outlives the call
 
 
+def test_a_failed_capture_makes_later_generations_choose_the_plain_eager_decoder(runtime, policy, monkeypatch):
+    """The choice for one GPU rank: CUDA graphs, until a capture has failed in the process; then the plain
+    eager step (it reads only the filled cache, the graph's fallback all of it). The choice reads the
+    runtime's device and layout, so a CPU model with a GPU rank's runtime shows it."""
+    from types import SimpleNamespace
+
+    from alfred_train.models.build import unwrap
+    from alfred_train.ppo import decode
+
+    model = unwrap(policy[0])
+    gpu_rank = SimpleNamespace(device=torch.device("cuda"), dims=runtime.dims)
+    assert decode.choose_decoder(model, gpu_rank) is decode.CudaGraphDecode
+    monkeypatch.setattr(decode.CudaGraphDecode, "capture_failed", True)
+    assert decode.choose_decoder(model, gpu_rank) is decode.KVCacheForward
+    assert decode.choose_decoder(model, runtime) is decode.KVCacheForward  # the CPU rank: never graphs
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="ppo.compile_decode is a CPU option (a GPU captures the "
                     "decode step in a CUDA graph instead)")
 def test_compiled_decode_equals_eager_and_falls_back_when_compilation_fails(runtime, policy, reference, monkeypatch,

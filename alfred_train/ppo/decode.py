@@ -276,9 +276,9 @@ class CudaGraphDecode:
     over all S slots). Two eager warm-up steps run on a side stream (CUDA's lazy init, cuBLAS
     workspaces), the third is captured (capture records, it runs nothing) and replayed. Any failure
     to capture logs one warning and the generation goes on eagerly: the same tokens, slower (later
-    generations in the process decode eagerly without trying again). The graph and its memory pool
-    live only inside one `generate` call (`close`), so the training phase that follows never holds
-    them. TP/PP collectives are not captured: one rank, one stage only.
+    generations in the process get `KVCacheForward` from `choose_decoder`, without trying again).
+    The graph and its memory pool live only inside one `generate` call (`close`), so the training
+    phase that follows never holds them. TP/PP collectives are not captured: one rank, one stage only.
     """
 
     WARMUP_STEPS = 2
@@ -333,15 +333,17 @@ class CudaGraphDecode:
 
 
 def choose_decoder(model, runtime, compiled: bool = False):
-    """The fastest decoder this model and layout allow: `CudaGraphDecode` on one GPU rank,
-    `KVCacheForward` where `StageDecoder` supports the model (`CompiledDecode` on CPU with
-    compiled), else megatron's `MegatronKVCache`."""
+    """The fastest decoder this model and layout allow: `CudaGraphDecode` on one GPU rank (until a
+    capture fails in the process), `KVCacheForward` where `StageDecoder` supports the model
+    (`CompiledDecode` on CPU with compiled), else megatron's `MegatronKVCache`."""
     reason = unsupported_reason(model, runtime.dims.tp)
     if reason:
         log.info("generation: megatron's own forward decodes (the fast decoder does not support %s)", reason)
         return MegatronKVCache
     on_gpu = torch.device(runtime.device).type == "cuda"
-    if on_gpu and CUDA_GRAPHS and runtime.dims.tp == 1 and runtime.dims.pp == 1:
+    one_rank = runtime.dims.tp == 1 and runtime.dims.pp == 1
+    # after a failed capture, the plain eager step: it reads only the filled cache, the graph's fallback all of it
+    if on_gpu and CUDA_GRAPHS and one_rank and not CudaGraphDecode.capture_failed:
         return CudaGraphDecode
     return CompiledDecode if compiled and not on_gpu else KVCacheForward
 
