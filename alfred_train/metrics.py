@@ -143,7 +143,8 @@ def plot_metrics(run_dir: str | Path, keys: list, out_name: str = "metrics.png")
     def points(key):
         return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
 
-    panels = [[k for k in (group if isinstance(group, tuple) else (group,)) if points(k)] for group in keys]
+    # {key: its points} per panel, for the keys that were logged
+    panels = [{k: pts for k in (g if isinstance(g, tuple) else (g,)) if (pts := points(k))} for g in keys]
     panels = [p for p in panels if p]
     if not panels:
         return None
@@ -151,8 +152,7 @@ def plot_metrics(run_dir: str | Path, keys: list, out_name: str = "metrics.png")
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
-        for key in panel:
-            pts = points(key)
+        for key, pts in panel.items():
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None, label=key)
         ax.set_title(" / ".join(panel))
         if len(panel) > 1:
