@@ -254,10 +254,11 @@ def test_lora_policy_decodes_fast_with_its_adapters(runtime, reference):
     the adapters' hooks, not the base model's; scoring likewise (its log-probs of those tokens)."""
     from alfred_train.ppo import generation
     from alfred_train.models.build import unwrap
-    from alfred_train.ppo.decode import KVCacheForward, choose_decoder
+    from alfred_train.ppo.decode import CudaGraphDecode, KVCacheForward, choose_decoder
 
     adapted = lora_policy(runtime)
-    assert choose_decoder(unwrap(adapted[0]), runtime) is KVCacheForward and generation._fast_scoring(adapted, runtime)
+    fast_decoders = (KVCacheForward, CudaGraphDecode)  # CudaGraphDecode on one GPU
+    assert choose_decoder(unwrap(adapted[0]), runtime) in fast_decoders and generation._fast_scoring(adapted, runtime)
     fast, megatron = reference["lora_greedy"], reference["lora_greedy_megatron"]
     assert torch.equal(fast[0], megatron[0]) and torch.equal(fast[1], megatron[1])
     assert not torch.equal(fast[0], reference["greedy"][0])  # the adapters change the tokens: the test can fail
@@ -293,6 +294,7 @@ def test_finished_check_every_n_steps_gives_the_same_tokens(runtime, policy, ref
     from alfred_train.ppo.generation import MegatronKVCache, SamplingParams, generate_all
 
     monkeypatch.setitem(generation.FINISHED_CHECK_EVERY, "cpu", 5)
+    monkeypatch.setattr(generation, "IDLE_SHARE", 1)  # every 5 steps, though max_new_tokens is short
     ids, mask = padded_prompts()
     eod = int(reference["greedy"][0][0, 2])
     greedy = SamplingParams(max_new_tokens=12, greedy=True)
@@ -302,6 +304,25 @@ def test_finished_check_every_n_steps_gives_the_same_tokens(runtime, policy, ref
         assert torch.equal(got.response_ids, want[0]) and torch.equal(got.response_mask, want[1]), tag
     early = generate_all(policy, runtime, ids[[0, 0]], mask[[0, 0]], greedy, eod_id=eod, vocab_size=VOCAB, seed=11)
     assert torch.equal(early.response_ids, reference["early_stop"][0])  # 3 tokens, though checked at step 5
+
+
+def test_short_generations_check_often_enough_to_refill_rows(runtime, policy, reference, monkeypatch):
+    """The GPU's 16-step interval on a 12-token generation would check only at its end: continuous
+    batching would never refill a row (an H100 measured utilisation 0.42 against static's 0.75).
+    The interval shrinks with max_new_tokens, so short generations refill as on CPU."""
+    from alfred_train.ppo import generation
+    from alfred_train.ppo.generation import SamplingParams, generate_all
+
+    monkeypatch.setitem(generation.FINISHED_CHECK_EVERY, "cpu", 16)  # the GPU's rule, on this CPU
+    ids, mask = padded_prompts()
+    eod = int(reference["greedy"][0][0, 2])
+    greedy = SamplingParams(max_new_tokens=12, greedy=True)
+    got = generate_all(policy, runtime, ids, mask, greedy, eod_id=eod, vocab_size=VOCAB, seed=11, slots=2)
+    assert torch.equal(got.response_ids, reference["greedy_cb"][0])
+    assert got.slot_utilisation == reference["greedy_cb_utilisation"] > reference["greedy_static_utilisation"]
+    assert generation.finished_check_interval("cuda", 512) == 16
+    assert generation.finished_check_interval("cuda", 128) == 4
+    assert generation.finished_check_interval("cuda", 12) == 1
 
 
 def test_greedy_margins_are_decisive(runtime, policy, reference):

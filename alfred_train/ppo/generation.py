@@ -86,9 +86,18 @@ PADDED_VOCAB_LOGIT = -1e9  # finite "minus infinity" for the log-prob kernel (ex
 
 # --------------------------------------------------------------------------- the decode loop
 
-# "Which rows finished?" is asked of the device every step on CPU (free there) and every 16 steps on
-# a GPU (a host sync stalls the launch queue); rows finished in between idle (their tokens dropped).
+# "Which rows finished?" is asked of the device every step on CPU (free there) and on a GPU every 16
+# steps (a host sync stalls the launch queue), or fewer for short responses: a row that finished
+# between checks idles (its tokens dropped) for at most 1/IDLE_SHARE of max_new_tokens, so continuous
+# batching still refills rows in a 12-token generation (checked every step there, as on CPU).
 FINISHED_CHECK_EVERY = {"cpu": 1, "cuda": 16}
+IDLE_SHARE = 32
+
+
+def finished_check_interval(device, max_new_tokens: int) -> int:
+    """Decode steps between two "which rows finished?" host syncs (see FINISHED_CHECK_EVERY)."""
+    most = FINISHED_CHECK_EVERY.get(torch.device(device).type, 1)
+    return max(1, min(most, max_new_tokens // IDLE_SHARE))
 
 
 @dataclass
@@ -129,7 +138,7 @@ def generate_all(chunks, runtime, prompt_ids: torch.Tensor, prompt_mask: torch.T
     keys = (torch.arange(queue_len) if keys is None else torch.as_tensor(keys)).to(device).long()  # (Q,)
     rows = min(slots or queue_len, queue_len)
     source = runtime.is_last_stage and runtime.tp_rank == 0
-    check_every = FINISHED_CHECK_EVERY.get(torch.device(device).type, 1)
+    check_every = finished_check_interval(device, n_new)
     decoder_cls = choose_decoder(model, runtime, compiled) if decoder is None else decoder
     draws = draw_table(seed, keys, n_new) if source and not params.greedy else None  # (Q, N) float64
     if pipelined and can_pipeline(runtime, rows, decoder_cls):
