@@ -204,7 +204,8 @@ class PPOConfig:
     eval_tasks: tuple[str, ...] = ()  # lm-eval task names or task YAML files run on the final policy
     eval_limit: Optional[int] = None  # at most this many examples per eval task (None: all)
     # true: the scoring pass re-computes the policy's log-probs (and reports the largest difference to
-    # the sampler's as logprob_gap); false: PPO uses the sampler's own log-probs, one forward fewer
+    # the sampler's as logprob_gap); false: PPO uses the sampler's own log-probs, one forward fewer.
+    # They agree to rounding: 1e-6 in fp32, at most 0.065 in bf16 on an H100 (a first ratio of 1.07)
     recompute_logprobs: bool = True
     # a rollout row that reaches EOD takes the iteration's next prompt at once (rollout_micro_batch rows
     # decoded together); false: static micro-batches, each held by its longest response. Same tokens.

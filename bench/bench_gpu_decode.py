@@ -6,9 +6,11 @@
 Issue 10's GPU goal: decode tokens/s for the 1.2B shape (bench_generation.llama_1b_shape, bf16) at
 batch 32 and 128, before and after, as a fraction of the HBM floor; >= 10x the 1,255 tokens/s the
 old loop gave at batch 32 on an H100. Every row greedy and forced to the full length (min = max new
-tokens), unpadded prompts, the same weights for every decoder. "= row above": the share of greedy
-tokens equal to the decoder above's (graphs vs eager must be 100%; before vs eager differ in bf16
-rounding, and a random model's near-flat logits turn that into other tokens):
+tokens), unpadded prompts, the same weights for every decoder. "same tokens": the share of greedy
+tokens equal to a reference's. eager vs before: they differ in bf16 rounding, and a random model's
+near-flat logits turn that into other tokens. graphs vs the eager step over all S cache slots
+(`AllSlots`, untimed), the computation the graph captured: must be 100%. (Against the timed eager
+step, which reads only the filled slots, softmax rounds differently: 6-7% equal tokens on the H100.)
 
     before   megatron's own forward with its StaticInferenceContext (`MegatronKVCache`)
     eager    the fast decoder (`KVCacheForward`: `stage_decoder.StageDecoder`), no CUDA graph
@@ -41,6 +43,18 @@ def hbm_tbs(name: str) -> float:
         if all(part in name for part in key.split()):
             return tbs
     return 0.0
+
+
+def all_slots_decoder():
+    """The eager decoder attending over all S cache slots every step, as the captured step does."""
+    from alfred_train.ppo.decode import KVCacheForward
+
+    class AllSlots(KVCacheForward):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.width = None
+
+    return AllSlots
 
 
 def main() -> None:
@@ -97,6 +111,9 @@ def main() -> None:
         kv_bytes = 2 * shape.num_layers * groups * head_dim * mean_len * batch * width
         return batch / ((params * width + kv_bytes) / (tbs * 1e12)) if tbs else float("nan")
 
+    def tokens_of(ids, mask, cls):
+        return generate_all([model], runtime, ids, mask, full, decoder=cls, **kw).response_ids.cpu()
+
     def timed_run(ids, mask, cls):
         warm = SamplingParams(max_new_tokens=8, min_new_tokens=8, greedy=True)
         generate_all([model], runtime, ids, mask, warm, decoder=cls, **kw)  # kernels, cuBLAS workspaces, graph pool
@@ -111,7 +128,7 @@ def main() -> None:
           f"({params / 1e6:,.1f}M parameters, {'bf16' if bf16 else 'fp32'}), {args.prompt_len} prompt + "
           f"{args.new_tokens} new tokens, greedy, best of {args.repeats}")
     first = "vs " + next(iter(decoders))
-    head = f"{'batch':>5}  {'decoder':<8}{'tok/s':>10}{'ms/step':>10}{'of floor':>10}{first:>11}{'= row above':>13}"
+    head = f"{'batch':>5}  {'decoder':<8}{'tok/s':>10}{'ms/step':>10}{'of floor':>10}{first:>11}{'same tokens':>13}"
     print(head)
     print("-" * len(head), flush=True)  # each row as soon as it is measured: a cut-off run keeps what it got
     try:
@@ -124,7 +141,8 @@ def main() -> None:
                 seconds, tokens = timed_run(ids, mask, cls)
                 rate = batch * args.new_tokens / seconds
                 before = before or rate
-                same = 1.0 if previous is None else float((tokens == previous).float().mean())
+                reference = tokens_of(ids, mask, all_slots_decoder()) if label == "graphs" else previous
+                same = 1.0 if reference is None else float((tokens == reference).float().mean())
                 previous = tokens
                 fell_back = label == "graphs" and decode.CudaGraphDecode.capture_failed
                 note = "  (capture failed: decoded eagerly)" if fell_back else ""
