@@ -2,6 +2,7 @@
 
     python bench/bench_ppo.py [--iters 4] [parallel.tp=2 ...]
     python bench/bench_ppo.py [ppo overrides ...] --model model.num_layers=8 model.hidden_size=2048 ...
+    python bench/bench_ppo.py ... --then ppo.recompute_logprobs=false   # a second PPO run, same SFT and RM
 
 Runs the real stages: a short SFT and RM to initialize from, then `alfred-train ppo` for a few
 iterations, and prints a table from metrics.jsonl (the first iteration is warm-up and left out
@@ -36,6 +37,8 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("--model", nargs="*", default=[],
                         help="model.* overrides for the SFT, RM and PPO runs alike (the shape they share)")
+    parser.add_argument("--then", nargs="*", default=None,
+                        help="a second PPO run from the same SFT and RM, with these overrides added")
     parser.add_argument("overrides", nargs="*", help="overrides of the PPO run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,16 +47,24 @@ def main() -> int:
             *args.model)
         cli("rm", "configs/tiny-rm.yaml", f"run.dir={out / 'rm'}", f"rm.init={out / 'sft'}", "train.max_steps=5",
             "parallel.tp=1", *args.model)
-        cli("ppo", "configs/tiny-ppo.yaml", f"run.dir={out / 'ppo'}", f"ppo.policy_init={out / 'sft'}",
-            f"ppo.reward_init={out / 'rm'}", f"train.max_steps={args.iters}", "train.eval_interval=0",
-            "ppo.eval_prompts=0", *args.model, *args.overrides)
-        rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+        runs = [args.overrides] + ([args.overrides + args.then] if args.then is not None else [])
+        for i, overrides in enumerate(runs):
+            run_dir = out / f"ppo{i}"
+            cli("ppo", "configs/tiny-ppo.yaml", f"run.dir={run_dir}", f"ppo.policy_init={out / 'sft'}",
+                f"ppo.reward_init={out / 'rm'}", f"train.max_steps={args.iters}", "train.eval_interval=0",
+                "ppo.eval_prompts=0", *args.model, *overrides)
+            report([json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()],
+                   " ".join(args.model + overrides) or "tiny-ppo.yaml as is")
+    return 0
+
+
+def report(rows: list[dict], label: str) -> None:
+    """The phase table of one PPO run's metrics.jsonl (the first iteration left out)."""
     rows = [r for r in rows if "time_generate" in r][1:]
     med = {k: statistics.median(r[k] for r in rows) for k in ("time_generate", "time_score", "time_train",
                                                                "tokens_per_s", "response_len")}
     total = med["time_generate"] + med["time_score"] + med["time_train"]
-    print(f"PPO iteration on the tiny recipe ({' '.join(args.model + args.overrides) or 'tiny-ppo.yaml as is'}), "
-          f"median of {len(rows)} iterations")
+    print(f"PPO iteration on the tiny recipe ({label}), median of {len(rows)} iterations")
     print(f"{'phase':<10}{'seconds':>10}{'share':>8}")
     for phase in ("generate", "score", "train"):
         t = med[f"time_{phase}"]
@@ -64,8 +75,7 @@ def main() -> int:
                                                                                "slot_utilisation")
              if all(key in r for r in rows)]
     if extra:  # one set of log-probs: the sampler's vs the scoring pass's, and the first mini-batch's ratio
-        print("median " + ", ".join(extra))
-    return 0
+        print("median " + ", ".join(extra), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Issue 10's GPU checks in one run, for a session whose task is lent a device:
 #   here, once:  bash bench/gpu_checks.sh prepare   # megatron-core (pure Python) into .gpu/site, git-ignored
-#   device:      run(command="bash bench/gpu_checks.sh", carry=[".gpu"], timeout_s=580)   # ~5 min on an H100
+#   device:      run(command="bash bench/gpu_checks.sh", carry=[".gpu"], timeout_s=580)   # ~7 min on an H100
 # There it installs alfred-train without dependencies (the image has torch, transformers, peft,
 # safetensors, sentencepiece, pyarrow, ...), then runs, each under its own time limit:
 #   pytest -m gpu                 CUDA-graph decode == eager and released, kernels, scoring on the GPU
 #   bench/bench_gpu_decode.py     ~1.2B decode tok/s at batch 32 and 128 (128 + 512): before / eager /
 #                                 CUDA graphs, as a fraction of the HBM floor
 #   bench/bench_ppo.py            the PPO iteration split on a ~0.4B shape (goal: generation <= 50%), and
-#                                 with time left, again with ppo.recompute_logprobs=false
+#                                 again with ppo.recompute_logprobs=false (same SFT and RM)
 # Every output is also written under $OUT (it comes back); copy the tables into bench/RESULTS.md.
 # A smoke run of the plumbing on a CPU machine: QUICK=1 PY=.venv/bin/python bash bench/gpu_checks.sh
 set -uo pipefail
@@ -48,12 +48,8 @@ timeout 120 "$py" -m pytest -q -ra -m "gpu or not slow" tests/test_generation.py
   2>&1 | grep -v DEBUG | tee "$out/pytest_generation.txt" || status=1
 timeout 60 "$py" -m pytest -q -ra -m gpu tests/test_kernels.py tests/test_ppo_scoring.py tests/test_model_init.py \
   -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v DEBUG | tee "$out/pytest_gpu.txt" || status=1
-timeout 180 "$py" bench/bench_gpu_decode.py "${decode[@]}" 2>&1 | tee "$out/decode.txt" || status=1
-timeout 180 "$py" bench/bench_ppo.py --iters 3 parallel.tp=1 "${ppo[@]}" --model "${shape[@]}" 2>&1 \
-  | tee "$out/ppo.txt" || status=1
-# time left (a ~9-minute call): the same PPO split without the scoring pass's policy forward
-if [ "$SECONDS" -lt 330 ]; then
-  timeout 150 "$py" bench/bench_ppo.py --iters 3 parallel.tp=1 "${ppo[@]}" ppo.recompute_logprobs=false \
-    --model "${shape[@]}" 2>&1 | tee "$out/ppo_no_recompute.txt" || status=1
-fi
+timeout 220 "$py" bench/bench_gpu_decode.py "${decode[@]}" 2>&1 | tee "$out/decode.txt" || status=1
+# the PPO split, then again from the same SFT and RM without the scoring pass's policy forward
+timeout 260 "$py" bench/bench_ppo.py --iters 3 parallel.tp=1 "${ppo[@]}" --then ppo.recompute_logprobs=false \
+  --model "${shape[@]}" 2>&1 | tee "$out/ppo.txt" || status=1
 exit $status
