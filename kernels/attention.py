@@ -155,7 +155,6 @@ class SDPAAttention(_CoreAttention):
             q, k, v, allowed,
             is_causal=causal and allowed is None and sq == sk,  # top-left == bottom-right here
             scale=self.softmax_scale,
-            causal_mask=causal and sq == sk,  # a padding mask made causal above
         )  # (b, np, sq, hn)
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)  # (sq, b, np*hn)
 

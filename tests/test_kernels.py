@@ -218,24 +218,6 @@ def test_sdpa_expanded_kv_heads_equal_grouped_ones(masked):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("s", [64, 67])
-def test_sdpa_causal_mask_in_two_query_halves_equals_one_call(s):
-    """A masked causal call on CPU runs as two query halves, the first over the first half of the
-    keys: the same output and gradients as one call (an odd length included), with a padded row."""
-    from alfred_train.kernels.sdpa import CPU_CAUSAL_SPLIT_MIN, sdpa
-
-    assert s >= CPU_CAUSAL_SPLIT_MIN  # the split really runs
-    q, k, v, allowed = _masked_gqa_inputs("cpu", torch.float32, s=s)
-    results = []
-    for split in (False, True):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = sdpa(*leaves, allowed, is_causal=False, scale=0.25, causal_mask=split)
-        out.square().sum().backward()
-        results.append([out] + [t.grad for t in leaves])
-    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
-
-
 def tiny_gpt(backend, seed=0):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec

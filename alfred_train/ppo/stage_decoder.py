@@ -217,8 +217,7 @@ class StageDecoder:
                     keys[:, :, :seq], values[:, :, :seq] = k, v
                 else:
                     keys[rows, :, :seq], values[rows, :, :seq] = k, v
-            out = sdpa(q.transpose(1, 2), k, v, mask, is_causal=mask is None, scale=self.scale,
-                       causal_mask=True)  # (R, np, P, hn)
+            out = sdpa(q.transpose(1, 2), k, v, mask, is_causal=mask is None, scale=self.scale)  # (R, np, P, hn)
             out = out.transpose(1, 2)  # (R, P, np, hn)
         else:  # one token per row at its own slot; a query head's group is head // (np/ng)
             keys, values = self.keys[index], self.values[index]  # (B, ng, S, hn)
