@@ -45,18 +45,6 @@ def hbm_tbs(name: str) -> float:
     return 0.0
 
 
-def all_slots_decoder():
-    """The eager decoder attending over all S cache slots every step, as the captured step does."""
-    from alfred_train.ppo.decode import KVCacheForward
-
-    class AllSlots(KVCacheForward):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.width = None
-
-    return AllSlots
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="32,128")
@@ -101,6 +89,14 @@ def main() -> None:
     decoders = {k: v for k, v in decoders.items() if k in args.decoders.split(",")
                 and (k != "graphs" or device.type == "cuda")}
     full = SamplingParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, greedy=True)
+
+    class AllSlots(decode.KVCacheForward):
+        """The eager step over all S cache slots, as the captured one: the reference for graphs' tokens."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.width = None
+
     kw = dict(eod_id=2, vocab_size=shape.vocab_size, seed=0)
 
     def floor_rate(batch: int) -> float:
@@ -111,16 +107,16 @@ def main() -> None:
         kv_bytes = 2 * shape.num_layers * groups * head_dim * mean_len * batch * width
         return batch / ((params * width + kv_bytes) / (tbs * 1e12)) if tbs else float("nan")
 
-    def tokens_of(ids, mask, cls):
-        return generate_all([model], runtime, ids, mask, full, decoder=cls, **kw).response_ids.cpu()
+    def generation(ids, mask, cls, params=full):
+        return generate_all([model], runtime, ids, mask, params, decoder=cls, **kw)
 
     def timed_run(ids, mask, cls):
         warm = SamplingParams(max_new_tokens=8, min_new_tokens=8, greedy=True)
-        generate_all([model], runtime, ids, mask, warm, decoder=cls, **kw)  # kernels, cuBLAS workspaces, graph pool
+        generation(ids, mask, cls, warm)  # kernels, cuBLAS workspaces, graph pool
         progress(f"{cls.__name__} batch {ids.shape[0]}: warmed up")
         out = {}
         def run():
-            out["g"] = generate_all([model], runtime, ids, mask, full, decoder=cls, **kw)
+            out["g"] = generation(ids, mask, cls)
 
         return min(bench_generation.timed(run) for _ in range(args.repeats)), out["g"].response_ids.cpu()
 
@@ -141,7 +137,7 @@ def main() -> None:
                 seconds, tokens = timed_run(ids, mask, cls)
                 rate = batch * args.new_tokens / seconds
                 before = before or rate
-                reference = tokens_of(ids, mask, all_slots_decoder()) if label == "graphs" else previous
+                reference = generation(ids, mask, AllSlots).response_ids.cpu() if label == "graphs" else previous
                 same = 1.0 if reference is None else float((tokens == reference).float().mean())
                 previous = tokens
                 fell_back = label == "graphs" and decode.CudaGraphDecode.capture_failed
