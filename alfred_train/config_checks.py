@@ -27,6 +27,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(cfg.world_size == world_size,
                f"parallel: dp({p.dp}) * tp({p.tp}) * pp({p.pp}) = {cfg.world_size} != WORLD_SIZE({world_size}); "
                f"change parallel.dp/tp/pp or the number of processes")
+    _check(cfg.logging.profile_step is None or 1 <= cfg.logging.profile_step <= t.max_steps,
+           f"logging.profile_step: {cfg.logging.profile_step} is not a step of this run (1 .. train.max_steps = "
+           f"{t.max_steps}); pick one in that range or remove it")
     _check(m.hidden_size % m.num_attention_heads == 0,
            f"model.hidden_size: {m.hidden_size} is not divisible by model.num_attention_heads ({m.num_attention_heads})")
     _check(m.num_attention_heads % p.tp == 0,

@@ -142,6 +142,9 @@ class LoggingConfig:
     progress: bool = True  # progress bar with ETA on rank 0
     plots: bool = True  # write metrics.png at the end of the run
     wandb: Optional[WandbConfig] = None  # also send metrics.jsonl rows and the config to Weights & Biases
+    # profile this step (1-based; PPO: an iteration) with torch.profiler: per phase and rank, a Chrome
+    # trace and a table of the top ops under run_dir/profile/ (alfred_train/profiling.py); that step runs slower
+    profile_step: Optional[int] = None
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
     python bench/bench_ppo.py [--iters 4] [parallel.tp=2 ...]
     python bench/bench_ppo.py [ppo overrides ...] --model model.num_layers=8 model.hidden_size=2048 ...
     python bench/bench_ppo.py ... --then ppo.recompute_logprobs=false   # a second PPO run, same SFT and RM
+    python bench/bench_ppo.py ... logging.profile_step=4   # also print rank 0's top ops of each phase at step 4
 
 Runs the real stages: a short SFT and RM to initialize from, then `alfred-train ppo` for a few
 iterations, and prints a table from metrics.jsonl (the first iteration is warm-up and left out
@@ -55,6 +56,8 @@ def main() -> int:
                 "ppo.eval_prompts=0", *args.model, *overrides)
             report([json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()],
                    " ".join(args.model + overrides) or "tiny-ppo.yaml as is")
+            for table in sorted((run_dir / "profile").glob("*_rank0.txt")):  # logging.profile_step=N
+                print(table.read_text(), flush=True)
     return 0
 
 

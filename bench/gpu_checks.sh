@@ -8,7 +8,8 @@
 #   bench/bench_gpu_decode.py     ~1.2B decode tok/s at batch 32 and 128 (128 + 512): before / eager /
 #                                 CUDA graphs, as a fraction of the HBM floor
 #   bench/bench_ppo.py            the PPO iteration split on a ~0.4B shape (goal: generation <= 50%), and
-#                                 again with ppo.recompute_logprobs=false (same SFT and RM)
+#                                 again with ppo.recompute_logprobs=false (same SFT and RM), its last
+#                                 iteration profiled (logging.profile_step): top kernels per phase
 # Every output is also written under $OUT (it comes back); copy the tables into bench/RESULTS.md.
 # A smoke run of the plumbing on a CPU machine: QUICK=1 PY=.venv/bin/python bash bench/gpu_checks.sh
 set -uo pipefail
@@ -50,6 +51,8 @@ timeout 60 "$py" -m pytest -q -ra -m gpu tests/test_kernels.py tests/test_ppo_sc
   -p no:cacheprovider -o log_level=WARNING 2>&1 | grep -v DEBUG | tee "$out/pytest_gpu.txt" || status=1
 timeout 220 "$py" bench/bench_gpu_decode.py "${decode[@]}" 2>&1 | tee "$out/decode.txt" || status=1
 # the PPO split, then again from the same SFT and RM without the scoring pass's policy forward
-timeout 260 "$py" bench/bench_ppo.py --iters 3 parallel.tp=1 "${ppo[@]}" --then ppo.recompute_logprobs=false \
-  --model "${shape[@]}" 2>&1 | tee "$out/ppo.txt" || status=1
+# (the second run profiles its last iteration: each phase's top CUDA kernels, to see why scoring, four
+# forwards, cost more than training, two forward + backward passes, in the eighth session)
+timeout 260 "$py" bench/bench_ppo.py --iters 4 parallel.tp=1 "${ppo[@]}" \
+  --then ppo.recompute_logprobs=false logging.profile_step=4 --model "${shape[@]}" 2>&1 | tee "$out/ppo.txt" || status=1
 exit $status

@@ -107,6 +107,8 @@ def test_malformed_override(capsys):
     (["parallel.tp=1", "parallel.pp=3"], "parallel.pp", ["num_layers (4)", "pp (3)"]),
     (["train.global_batch_size=12"], "train.global_batch_size", ["12", "micro_batch_size (8)", "dp (1)"]),
     (["parallel.dp=3", "train.global_batch_size=16"], "train.global_batch_size", ["16", "dp (3)"]),
+    (["logging.profile_step=0"], "logging.profile_step", ["0", "train.max_steps"]),
+    (["train.max_steps=4", "logging.profile_step=5"], "logging.profile_step", ["5", "max_steps = 4"]),
 ])
 def test_impossible_layouts(capsys, overrides, key, numbers):
     msg = cli_error(capsys, "sft", str(TINY_SFT), *overrides)

@@ -93,7 +93,8 @@ def test_pp2_and_dp2_equal_one_process_with_schedules_in_iterations(inits, tmp_p
     mini-batches are the same global rows at any DP size (update.minibatch_rows)."""
     same = ["ppo.top_k=1", "ppo.temperature=0.7", "ppo.train_micro_batch=2", "train.max_steps=3", "parallel.tp=1"]
     _ppo(inits, tmp_path / "one", *same)
-    _ppo(inits, tmp_path / "pp2", *same, "parallel.pp=2")
+    # profiled at iteration 2 (logging.profile_step): the numbers stay those of the run without it
+    _ppo(inits, tmp_path / "pp2", *same, "parallel.pp=2", "logging.profile_step=2")
     # row groups in flight across the two stages, refilled from the iteration's queue (16 rollouts, 8 rows)
     _ppo(inits, tmp_path / "pp2pipe", *same, "parallel.pp=2", "ppo.pipelined_decode=true")
     _ppo(inits, tmp_path / "dp2", *same, "parallel.dp=2")
@@ -109,6 +110,14 @@ def test_pp2_and_dp2_equal_one_process_with_schedules_in_iterations(inits, tmp_p
     assert max(abs(x) for x in metrics(one, "approx_kl")) < 1e-6 and set(metrics(one, "clipfrac")) == {0.0}
     assert all(rate < 1 for rate in metrics(one, "eod_rate"))  # responses cut at max length: EOD appended to score
     assert len(metrics(one, "eval_score")) == 2 and metrics(one, "prompts_cut") == [0.0] * 3
+    # each stage rank wrote a trace and a top-ops table of each phase of iteration 2, and nothing else
+    profile = tmp_path / "pp2" / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == sorted(
+        f"step2_{phase}_rank{rank}.{ext}" for phase in ("generate", "score", "train") for rank in (0, 1)
+        for ext in ("json", "txt"))
+    train = (profile / "step2_train_rank1.txt").read_text()
+    assert train.startswith("step 2, phase train, rank 1: ") and "aten::mm" in train  # the output layer's GEMMs
+    assert json.loads((profile / "step2_generate_rank0.json").read_text())["traceEvents"]
 
 
 def test_non_finite_updates_stop_the_run(tmp_path):

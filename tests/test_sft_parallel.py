@@ -33,7 +33,8 @@ def _overrides(run_dir, tp, pp, dp, zero, vpp, *extra):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     for name, layout in LAYOUTS.items():
-        run_cli("sft", *_overrides(root / name, *layout))
+        profiled = ["logging.profile_step=3"] if name == "tp2pp2" else []  # must not change a number
+        run_cli("sft", *_overrides(root / name, *layout, *profiled))
     return root
 
 
@@ -77,3 +78,8 @@ def test_run_directory_contract(runs):
 
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(first)
+    # logging.profile_step=3: each of the 4 ranks profiled step 3, and only it
+    profile = runs / "tp2pp2" / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == sorted(f"step3_step_rank{r}.{ext}" for r in range(4)
+                                                               for ext in ("json", "txt"))
+    assert "aten::mm" in (profile / "step3_step_rank3.txt").read_text()

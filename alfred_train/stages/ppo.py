@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import torch
 
@@ -28,6 +27,7 @@ from alfred_train.ppo.checks import preflight
 from alfred_train.ppo.experience import Models, compute_advantages, generate_rollouts, score_rollouts
 from alfred_train.ppo.generation import SamplingParams
 from alfred_train.ppo.update import minibatch_rows, policy_forward_step, value_forward_step
+from alfred_train.profiling import Phases
 from alfred_train.models.build import unwrap
 from alfred_train.stages import common
 from alfred_train.training import Trainable
@@ -141,41 +141,39 @@ def run(cfg: Config, runtime) -> int:
     if step == 0 and eval_prompts:
         metrics.log(0, evaluate(0))
     preemption = common.Preemption()
+    phases = Phases(run_dir, cfg.logging.profile_step, runtime.rank, runtime.device)
     code = 0
     while step < t.max_steps:
-        t0 = _clock(runtime)
         position = next(batches)
         prompts = [train_prompts[i] for i in position.indices]
-        # -- generate
-        if o.offload_frozen:
-            _offload(models.reference + models.reward, "cpu")
-        rollout, utilisation = generate_rollouts(models.policy, runtime, prompts, params,
-                                                 micro_batch=o.rollout_micro_batch, seed=t.seed * 1000 + step,
-                                                 keys=list(position.indices), continuous=o.continuous_batching,
-                                                 pipelined=o.pipelined_decode, compiled=o.compile_decode, **common_args)
-        t1 = _clock(runtime)
-        # -- score
-        if o.offload_frozen:
-            _offload(models.reference + models.reward, runtime.device)
-        sampler_logprobs = rollout.old_logprobs
-        rollout, entropy = score_rollouts(models, runtime, rollout, micro_batch=o.train_micro_batch,
-                                          recompute_logprobs=o.recompute_logprobs, **scoring)
-        rollout, kl = compute_advantages(rollout, kl_estimator=kl_fn, beta=kl_ctl.kl_coef, gamma=o.gamma, lam=o.lam,
-                                         whiten_rewards=o.whiten_rewards, whiten_advantages=o.whiten_advantages,
-                                         dp_group=runtime.dp_group)
-        t2 = _clock(runtime)
-        # -- train
-        first_row = runtime.dp_rank * rollout.batch_size  # this rank's rows in the iteration's global batch
-        policy_reports = _update(policy, rollout, o.policy_epochs, o.policy_steps_per_epoch, o.train_micro_batch,
-                                 policy_forward_step(runtime, clip=o.clip_policy, vocab_size=tokenizer.vocab_size,
-                                                     temperature=o.temperature),
-                                 seed=t.seed + step, first_row=first_row)
-        value_reports = _update(value, rollout, o.value_epochs, o.value_steps_per_epoch, o.train_micro_batch,
-                                value_forward_step(runtime, clip=o.clip_value), seed=t.seed + 7919 * (step + 1),
-                                first_row=first_row)
-        for trainable in (policy, value):  # both schedules count PPO iterations
-            trainable.advance_schedule()
-        t3 = _clock(runtime)
+        with phases("generate", step + 1):
+            if o.offload_frozen:
+                _offload(models.reference + models.reward, "cpu")
+            rollout, utilisation = generate_rollouts(models.policy, runtime, prompts, params,
+                                                     micro_batch=o.rollout_micro_batch, seed=t.seed * 1000 + step,
+                                                     keys=list(position.indices), continuous=o.continuous_batching,
+                                                     pipelined=o.pipelined_decode, compiled=o.compile_decode,
+                                                     **common_args)
+        with phases("score", step + 1):
+            if o.offload_frozen:
+                _offload(models.reference + models.reward, runtime.device)
+            sampler_logprobs = rollout.old_logprobs
+            rollout, entropy = score_rollouts(models, runtime, rollout, micro_batch=o.train_micro_batch,
+                                              recompute_logprobs=o.recompute_logprobs, **scoring)
+            rollout, kl = compute_advantages(rollout, kl_estimator=kl_fn, beta=kl_ctl.kl_coef, gamma=o.gamma,
+                                             lam=o.lam, whiten_rewards=o.whiten_rewards,
+                                             whiten_advantages=o.whiten_advantages, dp_group=runtime.dp_group)
+        with phases("train", step + 1):
+            first_row = runtime.dp_rank * rollout.batch_size  # this rank's rows in the iteration's global batch
+            policy_reports = _update(policy, rollout, o.policy_epochs, o.policy_steps_per_epoch, o.train_micro_batch,
+                                     policy_forward_step(runtime, clip=o.clip_policy, vocab_size=tokenizer.vocab_size,
+                                                         temperature=o.temperature),
+                                     seed=t.seed + step, first_row=first_row)
+            value_reports = _update(value, rollout, o.value_epochs, o.value_steps_per_epoch, o.train_micro_batch,
+                                    value_forward_step(runtime, clip=o.clip_value), seed=t.seed + 7919 * (step + 1),
+                                    first_row=first_row)
+            for trainable in (policy, value):  # both schedules count PPO iterations
+                trainable.advance_schedule()
         step, consumed = step + 1, position.consumed_samples
         stats = rollout_stats(rollout, kl, entropy, runtime.dp_group, tokenizer.eod_id)
         stats["prompts_cut"] = _count_cut(position.indices, prompt_set.cut, runtime.dp_group)
@@ -192,8 +190,8 @@ def run(cfg: Config, runtime) -> int:
                "value_clipfrac": value_reports["clipfrac"], "skipped_updates": bad,
                "lr": policy_reports["lr"], "value_lr": value_reports["lr"],
                "policy_ratio_first": policy_reports["ratio_first"], "slot_utilisation": utilisation,
-               "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2,
-               "tokens_per_s": gen_tokens / (t3 - t0)}
+               **{f"time_{name}": seconds for name, seconds in phases.seconds.items()},
+               "tokens_per_s": gen_tokens / sum(phases.seconds.values())}
         if eval_prompts and ((t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps):
             row.update(evaluate(step))
         metrics.log(step, row)
@@ -239,13 +237,6 @@ def _update(trainable: Trainable, rollout, epochs: int, steps_per_epoch: int, mi
     out = {k: v / max(weight, 1.0) for k, v in totals.items()}
     # the first mini-batch sees the policy that sampled: its ratio pi/pi_old is 1 when log-probs agree
     return {**out, "skipped": skipped, "lr": lr, "ratio_first": first.get("ratio", float("nan"))}
-
-
-def _clock(runtime) -> float:
-    """Seconds, after the GPU has finished what was queued (the phase times split the iteration)."""
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def logprob_gap(rollout, sampler_logprobs, dp_group) -> float:

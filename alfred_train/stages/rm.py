@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from functools import partial
 
 import torch
@@ -39,6 +38,7 @@ from alfred_train.models.from_checkpoint import load_meta
 from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import unwrap
+from alfred_train.profiling import Phases
 from alfred_train.stages import common
 from alfred_train.training import Trainable, reduce_reports, run_schedule
 
@@ -181,15 +181,16 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     preemption = common.Preemption()
     batches = iterate_batches(len(train_set), t.global_batch_size, runtime.dp_rank, cfg.parallel.dp,
                               t.seed, consumed)
+    phases = Phases(run_dir, cfg.logging.profile_step, runtime.rank, runtime.device)
     code = 0
     while step < t.max_steps:
-        t0 = time.perf_counter()
         position = next(batches)
-        mbs = micro_batches(train_set, position.indices, t.micro_batch_size, tokenizer, cfg.data.seq_len)
-        result = trainable.step(mbs, rm_forward_step, seq_len=cfg.data.seq_len,
-                                micro_batch_size=2 * t.micro_batch_size)
+        with phases("step", step + 1):
+            mbs = micro_batches(train_set, position.indices, t.micro_batch_size, tokenizer, cfg.data.seq_len)
+            result = trainable.step(mbs, rm_forward_step, seq_len=cfg.data.seq_len,
+                                    micro_batch_size=2 * t.micro_batch_size)
         step, consumed = step + 1, position.consumed_samples
-        dt = time.perf_counter() - t0
+        dt = phases.seconds["step"]
         row = {"loss": result.loss, "accuracy": result.reports["correct"], "margin": result.reports["margin"],
                "lr": result.lr, "grad_norm": result.grad_norm, "pairs_per_s": t.global_batch_size / dt,
                "step_time": dt, "skipped": int(not result.ok)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from functools import partial
 
 import torch
@@ -19,6 +18,7 @@ from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import unwrap
+from alfred_train.profiling import Phases
 from alfred_train.stages import common
 from alfred_train.training import Trainable, reduce_reports, run_schedule
 
@@ -86,14 +86,15 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
                             log_interval=t.log_interval)
     preemption = common.Preemption()
     batches = train_set.batches(t.global_batch_size, runtime.dp_rank, cfg.parallel.dp, t.seed, consumed)
+    phases = Phases(run_dir, cfg.logging.profile_step, runtime.rank, runtime.device)
     code = 0
     while step < t.max_steps:
-        t0 = time.perf_counter()
         position, rows = next(batches)
-        result = trainable.step(micro_batches(rows, t.micro_batch_size), lm_forward_step,
-                                seq_len=cfg.data.seq_len, micro_batch_size=t.micro_batch_size)
+        with phases("step", step + 1):
+            result = trainable.step(micro_batches(rows, t.micro_batch_size), lm_forward_step,
+                                    seq_len=cfg.data.seq_len, micro_batch_size=t.micro_batch_size)
         step, consumed = step + 1, position.consumed_samples
-        dt = time.perf_counter() - t0
+        dt = phases.seconds["step"]
         row = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                "tokens_per_s": t.global_batch_size * cfg.data.seq_len / dt, "step_time": dt,
                "skipped": int(not result.ok)}
