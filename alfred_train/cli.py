@@ -19,8 +19,9 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
-from alfred_train.errors import AlfredError
+from alfred_train.errors import AlfredError, ConfigError
 
 STAGES = ("sft", "rm", "ppo")
 
@@ -99,6 +100,7 @@ def _split_config_arg(args) -> tuple[str | None, list[str]]:
 
 
 def run_stage(args) -> int:
+    from alfred_train.checkpointing.site import run_dir_problem
     from alfred_train.config import default_config_path, load_config
     from alfred_train.data.formats import STAGE_KINDS
     from alfred_train.data.mixture import check_formats
@@ -109,6 +111,8 @@ def run_stage(args) -> int:
         config = str(default_config_path().with_name(f"tiny-{args.command}.yaml"))
     cfg = load_config(config, overrides)
     check_formats(cfg.data, STAGE_KINDS[args.command])  # dolly cannot feed the RM: say so before any work
+    if problem := run_dir_problem(Path(cfg.run.dir), profile=cfg.logging.profile_step is not None):
+        raise ConfigError(problem)  # a file where run.dir/ or its profile/ goes: before the dry run or any worker
     if args.dry_run:
         from alfred_train.dryrun import describe
 

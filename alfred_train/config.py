@@ -105,6 +105,18 @@ def _optional_inner(tp: Any) -> Any:
     return tp
 
 
+def _override_value(override: str, raw: str) -> Any:
+    """The YAML value of `key=raw`; empty is null. A value that is not YAML names the override."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or e
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({problem}); "
+                          "fix it, or quote it to pass a string") from None
+
+
 def apply_override(data: dict, override: str) -> None:
     """Set `a.b.c=value` in nested dict `data`; the value is parsed as YAML."""
     if "=" not in override:
@@ -119,7 +131,7 @@ def apply_override(data: dict, override: str) -> None:
             valid = f" (valid keys here: {', '.join(sorted(hints))})" if hints else ""
             raise ConfigError(f"{where}: unknown key in override {override!r}{valid}")
         if i == len(parts) - 1:
-            node[part] = yaml.safe_load(raw) if raw.strip() else None
+            node[part] = _override_value(override, raw)
         else:
             cls = _optional_inner(hints[part])  # logging.wandb.project=x reaches into Optional[WandbConfig]
             node = node.setdefault(part, {})

@@ -23,7 +23,7 @@ template recorded in the run's config.yaml next to the checkpoint, else `plain`)
 from __future__ import annotations
 
 import argparse
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling_params(args)  # refuse bad flags before any process starts
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_output(args.prompts, args.output)
     resolve_checkpoint(args.checkpoint)
     world = parallel.tp * parallel.pp
     if world > 1 and detect_launch_env().launcher == "single":
@@ -74,6 +75,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         return spawn_local(_argv(args), world)
     return _run_worker(args, parallel)
+
+
+def check_output(prompts: str, output: str) -> None:
+    """Refuse an --output that would overwrite the --prompts file, or that cannot be written."""
+    from alfred_train.checkpointing.site import file_in_the_way
+
+    out, src = Path(output), Path(prompts)
+    if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
+        raise ConfigError(f"--output {output} is the --prompts file and would overwrite it; "
+                          "write the completions to another path")
+    if out.is_dir():
+        raise ConfigError(f"--output {output} is a directory; name a .jsonl file to write")
+    if blocked := file_in_the_way(out.parent):
+        raise ConfigError(f"--output {output}: {blocked} is a file, not a directory; name another path")
 
 
 def parallel_config(overrides: list[str]):
@@ -126,20 +141,17 @@ class PromptRecord:
 def read_prompts(path: str | Path, tokenizer, template, max_len: int) -> list[PromptRecord]:
     """Prompt records of a JSONL file; errors name file:line. Prompts keep their last max_len tokens."""
     from alfred_train.data.datasets import encode_prompt
+    from alfred_train.data.files import jsonl_rows
     from alfred_train.data.records import parse_prompt
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--prompts {path}: no such file")
     records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    for row in jsonl_rows(path):
+        where, obj = row.where, row.value
+        if row.error:
+            raise ConfigError(f"{where}: {row.error}")
         if isinstance(obj, dict) and "prompt_ids" in obj:
             ids = obj["prompt_ids"]
             if not (isinstance(ids, list) and ids and all(

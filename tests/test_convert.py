@@ -500,6 +500,18 @@ def test_apply_delta_refuses_mismatch(tmp_path, capsys):
     assert "model.norm.weight: base shape (2,) != delta shape (3,)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["mcore-to-hf", "ckpt"], ["hf-to-mcore", "hf"], ["apply-delta", "base", "delta"]])
+def test_output_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, command):
+    from alfred_train.cli import main
+
+    plain = tmp_path / "out"
+    plain.write_text("keep me")
+    for out in (plain, plain / "sub"):
+        assert main(["convert", *command, str(out)]) == 2
+        assert capsys.readouterr().err.endswith(f"{plain} is a file, not a directory; name a directory to write into\n")
+    assert plain.read_text() == "keep me"
+
+
 def test_qkv_grouping_is_inverse_and_matches_falcon_layout():
     from alfred_train.convert.hf import grouped_to_qkv, qkv_to_grouped
 

@@ -112,6 +112,22 @@ def test_load_tokenizer_picks_by_name_and_contents(tmp_path):
         load_tokenizer(tmp_path / "vocab.txt")
 
 
+
+def test_damaged_tokenizer_files_are_config_errors(tmp_path):
+    garbage = tmp_path / "tokenizer.model"
+    garbage.write_text("garbage\n")
+    with pytest.raises(ConfigError, match=r"tokenizer.model is not a valid SentencePiece model"):
+        load_tokenizer(garbage)
+    not_a_tokenizer = tmp_path / "tokenizer.json"
+    not_a_tokenizer.write_text('{"a": 1}\n')
+    with pytest.raises(ConfigError, match=r"tokenizer.json is not a valid Hugging Face tokenizer file \(.+\)") as err:
+        load_tokenizer(not_a_tokenizer)
+    assert "\n" not in str(err.value)
+    garbage.unlink()
+    with pytest.raises(ConfigError, match="not a valid Hugging Face tokenizer file"):  # found in a directory too
+        load_tokenizer(tmp_path)
+
+
 # ---------------------------------------------------------------- templates
 
 

@@ -188,6 +188,33 @@ def test_gzip_jsonl_and_globbed_shards_as_the_hubs_ship_them(tmp_path):
         mixture.load(f"{tmp_path}/nowhere/*.parquet", "sft", cfg.data, 0, "data.train")
 
 
+def test_undecodable_lines_and_broken_gzip_are_one_line_errors(tmp_path, capsys):
+    import gzip
+
+    good = json.dumps({"prompt": "cafe", "response": "x"}).encode()
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "caf\xe9", "response": "x"}\n' + good + b"\n")
+    with pytest.raises(ConfigError) as err:
+        read(latin1, "sft")
+    assert str(err.value) == (f"{latin1}:1: not UTF-8 text (byte 0xe9 at column 16); re-save the file as UTF-8 "
+                              "(fix it, or set data.skip_bad_records: true to skip such records)")
+    fmt, records, found = read(latin1, "sft", skip=True)  # one bad line is one skipped record
+    assert len(records) == 1 and records[0].context[0].content == "cafe" and found[0].startswith(f"{latin1}:1: ")
+    not_gz = tmp_path / "not.jsonl.gz"
+    not_gz.write_bytes(good + b"\n")
+    with pytest.raises(ConfigError, match=r"not.jsonl.gz is not gzip-compressed; rename it to not.jsonl"):
+        read(not_gz, "sft")
+    whole = gzip.compress(b"".join(good + b"\n" for _ in range(2000)))
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ConfigError, match=r"cut.jsonl.gz:\d+: the gzip stream ends early \(truncated\)"):
+        read(truncated, "sft", skip=True)  # the rest of the file is lost: skipping cannot help
+    for path in (not_gz, truncated):  # the CLI: one line, exit 2
+        assert cli.main(["data", "inspect", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"alfred-train: error: data file {path}") and len(err.splitlines()) == 1
+
+
 def test_ppo_prompts_default_to_the_contexts_of_train(tmp_path):
     hh = fx.write(tmp_path / "hh.parquet", fx.hh_rlhf_rows(6))
     cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={hh}"])

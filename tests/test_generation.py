@@ -634,6 +634,37 @@ def test_generate_cli_rejects_bad_flags_before_loading(tmp_path):
     assert main(["generate", str(tmp_path), "--prompts", "x", "--output", "y"]) == 2  # no checkpoint there
 
 
+
+def test_generate_refuses_to_overwrite_its_prompts(tmp_path, capsys):
+    from alfred_train.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    (tmp_path / "link.jsonl").symlink_to(prompts)
+    for output in (prompts, tmp_path / "link.jsonl", tmp_path / "." / "prompts.jsonl"):
+        assert main(["generate", str(tmp_path), "--prompts", str(prompts), "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"alfred-train: error: --output {output} is the --prompts file and would overwrite it; "
+                       "write the completions to another path\n")
+    assert main(["generate", str(tmp_path), "--prompts", str(prompts), "--output", str(prompts / "out.jsonl")]) == 2
+    assert f"{prompts} is a file, not a directory" in capsys.readouterr().err
+    assert prompts.read_text() == '{"prompt": "hi"}\n'
+
+
+
+def test_read_prompts_names_an_undecodable_line(tmp_path):
+    from alfred_train.data.corpus import TINY_SP_MODEL_PATH
+    from alfred_train.data.templates import get_template
+    from alfred_train.data.tokenizer import load_tokenizer
+    from alfred_train.errors import ConfigError
+    from alfred_train.generate import read_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b'{"prompt": "hi"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"prompts.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        read_prompts(prompts, load_tokenizer(TINY_SP_MODEL_PATH), get_template("plain"), 32)
+
+
 @pytest.mark.slow
 def test_generate_cli_end_to_end_tp1_and_tp2_pp2(sft_run, tmp_path):
     from alfred_train.data.tokenizer import load_tokenizer

@@ -253,3 +253,28 @@ def test_fsx_inputs_and_shared_run_dir_request(tmp_path, capsys):
 
     report = describe(run.config, "ppo")
     assert "layout: shared run directory on FSx (/fsx/alfred/runs/ppo-1)" in report
+
+
+def test_missing_aws_credentials_is_one_line_exit_2(monkeypatch, tmp_path, capsys):
+    import os
+
+    import boto3
+
+    from alfred_train.cli import main
+
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # a fresh credential chain, not one cached by a test
+    how = "set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run `aws configure`"
+    for action, call in (("logs", "logs of nope"), ("status", "describe_training_job nope")):
+        assert main(["jobs", action, "nope", "--backend", "sagemaker", "--endpoint-url", "http://127.0.0.1:9"]) == 2
+        want = f"alfred-train: error: {call}: no usable AWS credentials (Unable to locate credentials); {how}\n"
+        assert capsys.readouterr().err == want
+    monkeypatch.setenv("AWS_PROFILE", "nope")
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    assert main(["jobs", "cancel", "nope", "--backend", "sagemaker"]) == 2
+    err = capsys.readouterr().err
+    assert "sagemaker client: no usable AWS credentials (The config profile (nope) could not be found)" in err

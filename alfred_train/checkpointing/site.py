@@ -80,3 +80,29 @@ def check_run_dir(run_dir: Path, site: Site) -> None:
         marker.unlink(missing_ok=True)
     if found := next((p for p in problems if p), None):
         raise ConfigError(found)
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """`path`, or its nearest existing ancestor, when that is not a directory: where
+    `path.mkdir(parents=True)` would fail. None when the directory exists or can be made."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def run_dir_problem(run_dir: Path, profile: bool) -> str | None:
+    """What stops a run from laying out run.dir (checkpoints/, config.yaml, and profile/ when
+    `logging.profile_step` is set), as a one-line message naming the key to change; None if nothing.
+    Checked by the CLI before a dry run or any worker starts, and by `prepare_run_dir` on every rank."""
+    blocked = file_in_the_way(run_dir)
+    if blocked is not None:
+        return f"run.dir: {blocked} is a file, not a directory; set run.dir to a directory path"
+    if (run_dir / "config.yaml").is_dir():
+        return f"run.dir: {run_dir / 'config.yaml'} is a directory; move it away or set run.dir elsewhere"
+    if (run_dir / "checkpoints").exists() and not (run_dir / "checkpoints").is_dir():
+        return f"run.dir: {run_dir / 'checkpoints'} is a file; move it away or set run.dir elsewhere"
+    if profile and (run_dir / "profile").exists() and not (run_dir / "profile").is_dir():
+        return (f"logging.profile_step: {run_dir / 'profile'} is a file, so the profiler has nowhere to write; "
+                "move it away, set run.dir elsewhere or logging.profile_step=null")
+    return None

@@ -14,6 +14,7 @@ and no launcher started us, runs tp*pp local workers (like the stages do).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from alfred_train.convert.safetensors_io import DEFAULT_SHARD_BYTES
 from alfred_train.errors import ConfigError
@@ -65,6 +66,15 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=run_apply_delta)
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Refuse an output that a file stands in the way of, before any weight is read."""
+    from alfred_train.checkpointing.site import file_in_the_way
+
+    if blocked := file_in_the_way(Path(out_dir)):
+        where = "" if blocked == Path(out_dir) else f": {blocked}"
+        raise ConfigError(f"output {out_dir}{where} is a file, not a directory; name a directory to write into")
+
+
 def _single_process_runtime(tp: int = 1, pp: int = 1):
     from alfred_train.parallel.dims import ParallelDims
     from alfred_train.parallel.init import init_runtime
@@ -80,6 +90,7 @@ def run_hf_to_mcore(args) -> int:
 
     if args.tp < 1 or args.pp < 1:
         raise ConfigError(f"--tp {args.tp} --pp {args.pp}: both must be >= 1")
+    check_out_dir(args.out_dir)
     plan = plan_import(args.hf_dir, KINDS[args.kind], args.dtype)  # config errors before any weight
     if is_zero_checkpoint(args.hf_dir):  # assembled (and its tensors checked) once, in the workers
         require_deepspeed(args.hf_dir)
@@ -109,6 +120,7 @@ def run_mcore_to_hf(args) -> int:
 
     if detect_launch_env().world_size != 1:
         raise ConfigError("convert mcore-to-hf runs as one process; start it without torchrun/srun")
+    check_out_dir(args.out_dir)
     max_bytes = parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_SHARD_BYTES
     runtime = _single_process_runtime()
     try:
@@ -122,5 +134,6 @@ def run_mcore_to_hf(args) -> int:
 def run_apply_delta(args) -> int:
     from alfred_train.convert.delta import apply_delta
 
+    check_out_dir(args.out_dir)
     apply_delta(args.base_dir, args.delta_dir, args.out_dir, parse_size(args.max_shard_size))
     return 0

@@ -4,15 +4,18 @@
         .jsonl / .json   one JSON value per non-blank line; where = "path:LINE" (from 1)
         .jsonl.gz        the same, gzip-compressed (hh-rlhf and oasst1 ship so)
         .parquet         one mapping per table row (pyarrow); where = "path:row ROW" (from 1)
-A line that is not valid JSON comes back as a Row whose `error` says so (the caller decides whether
-that stops the run or is skipped and counted, see `records.BadRecords`). `column_names(path)` is the
-first row's keys (JSONL) or the Parquet schema's names, for telling a file's format.
+A line that is not valid JSON, or not UTF-8, comes back as a Row whose `error` says so (the caller
+decides whether that stops the run or is skipped and counted, see `formats.BadRecords`); a file that
+cannot be read on (not gzip, a truncated or damaged gzip stream) raises ConfigError naming it and the
+line. `column_names(path)` is the first row's keys (JSONL) or the Parquet schema's names, for
+telling a file's format.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -38,17 +41,39 @@ def _check_file(path: Path) -> None:
         raise ConfigError(f"data file {path}: unknown file type {path.suffix!r}; use .jsonl, .jsonl.gz or .parquet")
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                yield Row(where, json.loads(line))
-            except json.JSONDecodeError as err:
-                yield Row(where, None, f"invalid JSON ({err.msg} at column {err.colno})")
+def jsonl_rows(path: Path) -> Iterator[Row]:
+    """Rows of a JSONL file whatever its name (`generate --prompts` takes any); gzip when it ends in .gz.
+
+    Lines are decoded one by one, so a line that is not UTF-8 is one bad row, not an unreadable file."""
+    line_no = 0
+    try:
+        with gzip.open(path) if path.suffix == ".gz" else path.open("rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                where = f"{path}:{line_no}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    byte = f"byte 0x{raw[err.start]:02x} at column {err.start + 1}"
+                    yield Row(where, None, f"not UTF-8 text ({byte}); re-save the file as UTF-8")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    yield Row(where, json.loads(line))
+                except json.JSONDecodeError as err:
+                    yield Row(where, None, f"invalid JSON ({err.msg} at column {err.colno})")
+    except gzip.BadGzipFile as err:
+        if line_no == 0:
+            raise ConfigError(f"data file {path} is not gzip-compressed; rename it to {path.name[:-3]} "
+                              "if it is plain JSONL, or compress it with gzip") from None
+        raise ConfigError(f"data file {path}:{line_no + 1}: the gzip stream is damaged ({err}); "
+                          "download or compress the file again") from None
+    except (EOFError, zlib.error) as err:
+        what = "ends early (truncated)" if isinstance(err, EOFError) else f"is damaged ({err})"
+        raise ConfigError(f"data file {path}:{line_no + 1}: the gzip stream {what}; "
+                          "download or compress the file again") from None
+    except OSError as err:
+        raise ConfigError(f"data file {path}: cannot read it ({err.strerror or err})") from None
 
 
 def _parquet_file(path: Path):
@@ -73,7 +98,7 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
 def rows(path: str | Path) -> Iterator[Row]:
     path = Path(path)
     _check_file(path)
-    return _parquet_rows(path) if path.suffix in PARQUET_SUFFIXES else _jsonl_rows(path)
+    return _parquet_rows(path) if path.suffix in PARQUET_SUFFIXES else jsonl_rows(path)
 
 
 def column_names(path: str | Path) -> list[str]:
@@ -82,7 +107,7 @@ def column_names(path: str | Path) -> list[str]:
     _check_file(path)
     if path.suffix in PARQUET_SUFFIXES:
         return list(_parquet_file(path).schema_arrow.names)
-    for row in _jsonl_rows(path):
+    for row in jsonl_rows(path):
         if isinstance(row.value, dict):
             return list(row.value)
     return []

@@ -248,6 +248,7 @@ def format_of_keys(obj: Mapping[str, Any]) -> str | None:
 
 def detect(path: str | Path) -> str:
     """The format of `path`, told by the keys of its first object (data.format: auto)."""
+    first_bad = None
     for row in files.rows(path):
         if isinstance(row.value, dict):
             fmt = format_of_keys(row.value)
@@ -255,6 +256,9 @@ def detect(path: str | Path) -> str:
                 raise ConfigError(f"{row.where}: cannot tell the data format from the keys "
                                   f"{sorted(row.value)}; set data.format to one of {', '.join(FORMATS)}")
             return fmt
+        first_bad = first_bad or (row.error and f"{row.where}: {row.error}")
+    if first_bad:  # every line unreadable: say why the first one is, not only that no object was found
+        raise ConfigError(f"data file {path} has no readable JSON object to tell its format by ({first_bad})")
     raise ConfigError(f"data file {path} has no JSON object to tell its format by; set data.format")
 
 

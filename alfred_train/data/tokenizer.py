@@ -41,7 +41,11 @@ class SentencePieceTokenizer:
         if not path.is_file():
             raise ConfigError(f"sentencepiece model {path} does not exist; set model.tokenizer to a .model file")
         self.path = path
-        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError):  # "INTERNAL: could not parse ModelProto from ..."
+            raise ConfigError(f"{path} is not a valid SentencePiece model (sentencepiece cannot parse it); "
+                              "point model.tokenizer / --tokenizer at a tokenizer.model file") from None
         self.vocab_size = self._sp.vocab_size()
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         if self._sp.eos_id() < 0:
@@ -86,7 +90,12 @@ class HFJsonTokenizer:
             roles = ", ".join(FALCON_SPECIAL_TOKENS)
             raise ConfigError(f"unknown special token role(s) {sorted(unknown)}; use {roles}")
         self.path = path
-        self._tok = _HFTokenizer.from_file(str(path))
+        try:
+            self._tok = _HFTokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for JSON it cannot read as a tokenizer
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"{path} is not a valid Hugging Face tokenizer file ({reason}); "
+                              "point model.tokenizer / --tokenizer at a tokenizer.json") from None
         names = {**FALCON_SPECIAL_TOKENS, **(special_tokens or {})}
         ids = {role: self._token_id(role, token) for role, token in names.items()}
         if ids["eod"] is None or ids["eos"] is None:

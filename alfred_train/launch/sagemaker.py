@@ -25,7 +25,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError,
+                                 ProfileNotFound)
 
 import alfred_train
 from alfred_train.errors import AlfredError, ConfigError
@@ -43,6 +44,17 @@ LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 
 class SageMakerError(AlfredError):
     """A SageMaker or S3 call failed."""
+
+
+NO_CREDENTIALS = (NoCredentialsError, PartialCredentialsError, ProfileNotFound)
+
+
+def aws_error(what: str, err: Exception) -> AlfredError:
+    """The error to raise for a failed boto3 call: missing credentials are the user's to fix (exit 2)."""
+    if isinstance(err, NO_CREDENTIALS):
+        return ConfigError(f"{what}: no usable AWS credentials ({err}); set AWS_PROFILE, or "
+                           "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run `aws configure`")
+    return SageMakerError(f"{what}: {type(err).__name__}: {err}")
 
 
 def job_name(launch: LaunchConfig, now: _dt.datetime | None = None) -> str:
@@ -155,7 +167,10 @@ def clients(launch: LaunchConfig) -> tuple[Any, Any]:
 def make_client(service: str, region: str, endpoint_url: str = "") -> Any:
     import boto3
 
-    return boto3.client(service, region_name=region, endpoint_url=endpoint_url or None)
+    try:
+        return boto3.client(service, region_name=region, endpoint_url=endpoint_url or None)
+    except BotoCoreError as err:  # e.g. AWS_PROFILE names a profile that does not exist
+        raise aws_error(f"{service} client", err) from err
 
 
 def _job_exists(sm_client: Any, name: str) -> bool:
@@ -200,7 +215,7 @@ def submit(launch: LaunchConfig, *, name: str, job_config_yaml: str, sm_client: 
         s3_client.put_object(Bucket=loc.bucket, Key=loc.key, Body=pack_source(source_root(), job_config_yaml))
         sm_client.create_training_job(**request)
     except (BotoCoreError, ClientError) as err:
-        raise SageMakerError(f"submitting {name}: {type(err).__name__}: {err}") from err
+        raise aws_error(f"submitting {name}", err) from err
     return request
 
 
@@ -208,7 +223,7 @@ def describe(sm_client: Any, name: str) -> dict:
     try:
         return sm_client.describe_training_job(TrainingJobName=name)
     except (BotoCoreError, ClientError) as err:
-        raise SageMakerError(f"describe_training_job {name}: {err}") from err
+        raise aws_error(f"describe_training_job {name}", err) from err
 
 
 def status_line(info: dict) -> str:
@@ -223,7 +238,7 @@ def stop(sm_client: Any, name: str) -> None:
     try:
         sm_client.stop_training_job(TrainingJobName=name)
     except (BotoCoreError, ClientError) as err:
-        raise SageMakerError(f"stop_training_job {name}: {err}") from err
+        raise aws_error(f"stop_training_job {name}", err) from err
 
 
 def log_text(logs_client: Any, name: str) -> str:
@@ -238,5 +253,7 @@ def log_text(logs_client: Any, name: str) -> str:
             out += [f"[{stream['logStreamName']}] {e['message']}\n" for e in events.get("events", [])]
     except ClientError as err:
         if err.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
-            raise SageMakerError(f"logs of {name}: {err}") from err
+            raise aws_error(f"logs of {name}", err) from err
+    except BotoCoreError as err:  # no credentials, endpoint unreachable
+        raise aws_error(f"logs of {name}", err) from err
     return "".join(out)
