@@ -57,6 +57,17 @@ def test_resume_is_bit_exact(runs, tmp_path, name):
     assert metrics(run_dir) == metrics(runs / name)  # exact float equality
 
 
+def test_extended_run_follows_the_new_schedule(runs, tmp_path):
+    """2 steps decaying over 2, then resumed with train.max_steps=4 (optim.decay_steps unset): steps 3-4
+    take the 4-step schedule's rates (megatron's default kept the checkpoint's: the floor rate)."""
+    layout = [o for o in _overrides(tmp_path / "ext", *LAYOUTS["tp1"]) if not o.startswith("optim.decay_steps")]
+    run_cli("sft", *layout, "train.max_steps=2")
+    proc = run_cli("sft", *layout)
+    assert ("the learning-rate schedule follows this config, not the checkpoint's "
+            "(lr_warmup_steps 1 -> 2, lr_decay_steps 2 -> 4)") in proc.stderr
+    assert metrics(tmp_path / "ext", "lr")[2:] == pytest.approx(metrics(runs / "tp1", "lr")[2:], rel=1e-12)
+
+
 def test_checkpoint_reshards_tp2_to_tp1_pp2(runs, tmp_path):
     ckpt = runs / "tp2" / "checkpoints" / "iter_0000004"
     worker = ROOT / "tests" / "workers" / "logits.py"
