@@ -51,7 +51,8 @@ def generate_rollouts(policy, runtime, prompts: list[list[int]], params: Samplin
                       continuous: bool = False, pipelined: bool = False, compiled: bool = False) -> tuple[Rollout, float]:
     """Sample one response per prompt, `micro_batch` rows decoded together; a (B, P) x (B, T) Rollout
     with P the longest prompt and T = max_new_tokens (shapes fixed for the pipeline schedule), whose
-    old_logprobs are the sampler's, and the slot utilisation (useful tokens / slot-steps).
+    old_logprobs are the sampler's, and the slot utilisation (useful tokens / slot-steps, over every
+    DP rank: collective over the DP group too).
     keys: each prompt's key for the random stream (its global index; default its position), so a
     prompt's response depends neither on the micro-batching nor on continuous batching (on/off).
     compiled: the decode step compiled on CPU (`ppo.compile_decode`)."""
@@ -68,8 +69,11 @@ def generate_rollouts(policy, runtime, prompts: list[list[int]], params: Samplin
                       response_ids=torch.cat([_pad_right(g.response_ids.cpu(), n, pad_id) for g in parts]),
                       response_mask=torch.cat([_pad_right(g.response_mask.cpu(), n, 0) for g in parts]),
                       old_logprobs=torch.cat([_pad_right(g.logprobs.cpu(), n, 0) for g in parts]))
-    useful = sum(float(g.response_mask.sum()) for g in parts)
-    return rollout, useful / max(sum(g.slot_steps for g in parts), 1)
+    # useful tokens and slot-steps summed over the DP ranks: the iteration's utilisation, not this rank's
+    counts = torch.tensor([sum(float(g.response_mask.sum()) for g in parts), sum(g.slot_steps for g in parts)],
+                          dtype=torch.float64)
+    useful, slot_steps = ppo_math.all_reduce_sum(counts, runtime.dp_group).tolist()
+    return rollout, useful / max(slot_steps, 1)
 
 
 def scoring_input(rollout: Rollout, *, eod_id: int, pad_id: int, score_on_eod: bool):
