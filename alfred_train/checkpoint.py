@@ -93,6 +93,34 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise ConfigError(f"{path}: no checkpoint found (expected meta.json, or iter_* checkpoints with a manifest)")
 
 
+def locate(where: str | Path, key: str, *, required: bool) -> Path | None:
+    """`resolve_checkpoint` for the config key `key` naming `where`: None when `where` does not exist
+    and not `required` (a dry run on a machine that does not mount it); a ConfigError naming `key`
+    when it is required and missing, or exists (a file, an empty or unrelated directory) but holds
+    no checkpoint."""
+    p = Path(where)
+    try:
+        return resolve_checkpoint(p)
+    except ConfigError:
+        if not p.exists() and not required:
+            return None
+    problem = "does not exist" if not p.exists() else "is a file, not a checkpoint directory" if not p.is_dir() \
+        else "holds no checkpoint (no meta.json, no iter_* checkpoint with a manifest, here or under checkpoints/)"
+    raise ConfigError(f"{key}: {where} {problem}; point {key} at a run directory or one of its checkpoints")
+
+
+# Model shape fields the weights do not hold: an init or resume may differ in them.
+SHAPE_FREE = ("init_std", "max_seq_len")  # used only by a fresh init; rotary positions (no weights)
+
+
+def shape_differences(saved: dict | None, built: dict) -> list[tuple[str, object, object]]:
+    """(field, saved value, built value) of each model shape field (`ModelShape`) where a checkpoint's
+    `meta.json` state.model differs from the model this run builds; [] for a checkpoint that
+    records no shape, or for the fields it does not record (written before they existed)."""
+    saved = saved or {}
+    return [(k, saved[k], v) for k, v in built.items() if k not in SHAPE_FREE and k in saved and saved[k] != v]
+
+
 def _model_sd(chunks, name: str) -> dict:
     """Each chunk's sharded state dict with tensor keys under `name.` (several models per checkpoint)."""
     return {f"{name}.chunk{i}": c.sharded_state_dict(prefix=f"{name}.") for i, c in enumerate(chunks)}
@@ -141,13 +169,29 @@ def _set_adam_step(optimizer, step: float) -> None:
                 state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
-def _optimizer_sd(optimizer, model_sd: dict, is_loading: bool) -> dict:
+# megatron-core 0.16.1's distributed optimizer keys its state "optimizer.distributed.dp_group_idx_N...",
+# the same for every model, so two in one checkpoint (PPO's policy and value) collided. Since this
+# format (meta.json "optimizer_keys") those keys carry the model's name; older checkpoints still load.
+OPTIMIZER_KEYS = "per-model"
+
+
+def _optimizer_sd(optimizer, model_sd: dict, is_loading: bool, prefix: str = "") -> dict:
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
     merged = {f"{chunk}/{k}": v for chunk, sd in model_sd.items() for k, v in sd.items()}  # vpp chunks share local names
     # The distributed optimizer (ZeRO) is saved per DP shard ("dp_reshardable"): megatron-core
     # 0.16.1's default fully-sharded format rejects fp32 params (flattened_range unsupported).
     metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
     with torch.no_grad():
-        return optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=metadata)
+        sd = optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=metadata)
+
+    def named(item):
+        if isinstance(item, ShardedBase) and item.key.startswith("optimizer.distributed."):
+            item.key = prefix + item.key
+        return item
+
+    return dict_list_map_inplace(named, sd) if prefix else sd
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict, runtime,
@@ -172,7 +216,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
         msd = _model_sd(chunks, name)
         sharded.update(msd)
         if optimizer is not None:
-            sharded[f"{name}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=False)
+            sharded[f"{name}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=False, prefix=f"{name}.")
     with _preemption_signals_blocked():
         writer.save(sharded, tmp)
         if site.owner:
@@ -182,7 +226,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
         if runtime.is_main:
             adam_steps = {name: _adam_step(opt) for name, (_, opt) in models.items() if opt is not None}
             meta = {"step": step, "layout": layout, "models": sorted(models), "state": state,
-                    "adam_steps": adam_steps}
+                    "adam_steps": adam_steps, "optimizer_keys": OPTIMIZER_KEYS}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         dist.barrier()
         t1 = time.perf_counter()
@@ -319,7 +363,8 @@ def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | Non
                 raise ConfigError(f"{path}: optimizer state was saved at layout {meta['layout']}, "
                                   f"this run is {strict_layout}; resume at the same parallel.tp/pp/dp/zero")
             _prime_optimizer_state(optimizer)
-            sharded[f"{src}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=True)
+            prefix = f"{src}." if meta.get("optimizer_keys") == OPTIMIZER_KEYS else ""
+            sharded[f"{src}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=True, prefix=prefix)
     loaded = dist_checkpointing.load(sharded, str(path))
     with torch.no_grad():
         for spec, (chunks, optimizer, src, _) in wanted.items():

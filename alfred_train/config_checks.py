@@ -56,6 +56,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(m.arch != "falcon" or m.parallel_layernorms in (1, 2),
            f"model.parallel_layernorms: must be 1 or 2, got {m.parallel_layernorms}")
     _check(cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr ({cfg.optim.lr})")
+    _validate_ranges(cfg)
     _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep: must be >= 1, got {cfg.checkpoint.keep}")
     _check(cfg.checkpoint.s3_uri is None or re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/\S*)?$",
                                                      cfg.checkpoint.s3_uri) is not None,
@@ -81,6 +82,38 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"ppo.min_new_tokens: {o.min_new_tokens} is above ppo.max_new_tokens ({o.max_new_tokens})")
     _validate_extras(cfg)
     _validate_lora(cfg)
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Single values outside the range where they mean something: refused here, not by a traceback
+    (or a NaN loss, or a silent no-op) once the models are built."""
+    m, o, op, d = cfg.model, cfg.optim, cfg.ppo, cfg.data
+    positive = [("model.max_seq_len", m.max_seq_len), ("model.rotary_base", m.rotary_base),
+                ("model.norm_eps", m.norm_eps), ("model.init_std", m.init_std), ("optim.lr", o.lr),
+                ("optim.eps", o.eps), ("ppo.max_new_tokens", op.max_new_tokens), ("ppo.kl_target", op.kl_target),
+                ("ppo.kl_horizon", op.kl_horizon), ("ppo.policy_epochs", op.policy_epochs),
+                ("ppo.value_epochs", op.value_epochs), ("ppo.max_bad_steps", op.max_bad_steps),
+                ("ppo.clip_policy", op.clip_policy), ("ppo.clip_value", op.clip_value)]
+    if d.synthetic:
+        positive.append(("data.synthetic_size", d.synthetic_size))
+    for key, value in [("model.vocab_size", m.vocab_size), ("model.ffn_hidden_size", m.ffn_hidden_size),
+                       ("optim.decay_steps", o.decay_steps), ("ppo.value_lr", op.value_lr)]:
+        if value is not None:
+            positive.append((key, value))
+    for key, value in positive:
+        _check(value > 0, f"{key}: must be > 0, got {value}")
+    for key, value in [("optim.min_lr", o.min_lr), ("optim.weight_decay", o.weight_decay),
+                       ("optim.clip_grad", o.clip_grad), ("optim.warmup_steps", o.warmup_steps),
+                       ("ppo.top_k", op.top_k), ("ppo.min_new_tokens", op.min_new_tokens), ("ppo.kl_coef", op.kl_coef),
+                       ("ppo.eval_prompts", op.eval_prompts), ("ppo.samples_per_iter", op.samples_per_iter)]:
+        _check(value >= 0, f"{key}: must be >= 0, got {value}")
+    for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2), ("data.valid_fraction", d.valid_fraction)]:
+        _check(0 <= value < 1, f"{key}: must be in [0, 1), got {value}")
+    for key, value in [("ppo.gamma", op.gamma), ("ppo.lam", op.lam)]:
+        _check(0 <= value <= 1, f"{key}: must be in [0, 1], got {value}")
+    _check(not (cfg.rm.init and cfg.checkpoint.init and cfg.rm.init != cfg.checkpoint.init),
+           f"rm.init: {cfg.rm.init} and checkpoint.init: {cfg.checkpoint.init} both name the checkpoint the reward "
+           f"model starts from; keep one")
 
 
 def _validate_extras(cfg: Config) -> None:

@@ -8,8 +8,9 @@ adds, per pipeline stage, the larger of the training phase (1F1B activations of 
 micro-batches, per `train.recompute`; the logits buffer) and, for PPO, the generation phase (KV
 cache, prefill and sampler buffers), plus a fixed reserve for the CUDA context. A plan above the
 GPU's memory (launch.gpu_memory_gib, or the SageMaker instance type's GPU) is refused naming what
-to change. Checkpoints: their size, and for SageMaker the disk each instance needs and the S3
-traffic (launch/sagemaker_plan.py).
+to change. The checkpoints the run loads (inits, the one it resumes) are checked as the run checks
+them (`stages.common.check_checkpoints`: meta.json only), where reachable. Checkpoint size, and
+for SageMaker the disk each instance needs and the S3 traffic (launch/sagemaker_plan.py).
 """
 
 from __future__ import annotations
@@ -63,10 +64,14 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _vocab_size(cfg: Config) -> int:
-    if cfg.model.vocab_size:
-        return cfg.model.vocab_size
-    from alfred_train.stages.common import tokenizer_for
+    """The tokenizer's vocabulary (`resolve_shape` refuses a model.vocab_size below it), or
+    model.vocab_size when the tokenizer is not reachable here."""
+    from pathlib import Path
 
+    from alfred_train.stages.common import tokenizer_for, tokenizer_path
+
+    if cfg.model.vocab_size and not Path(tokenizer_path(cfg)).exists():
+        return cfg.model.vocab_size
     return tokenizer_for(cfg).vocab_size
 
 
@@ -129,6 +134,10 @@ def describe(cfg: Config, stage: str) -> str:
     p = cfg.parallel
     shape = resolve_shape(cfg.model, _vocab_size(cfg))
     _check_shards(shape, p.tp)
+    if stage != "ppo":  # the checkpoints it loads (PPO's preflight checks its own)
+        from alfred_train.stages.common import check_checkpoints
+
+        unchecked = check_checkpoints(cfg, stage, shape, required=False)[1]
     bf16 = _use_bf16(cfg)
     lines = [f"alfred-train {stage} --dry-run: the configuration is valid; nothing was started.",
              _shape_line(cfg, shape), *_layout_lines(cfg, shape), ""]
@@ -184,7 +193,9 @@ def describe(cfg: Config, stage: str) -> str:
 
         lines += memory_lines(cfg, shape, stage, STAGE_MODELS[stage], per_stage, stage_bytes, _size)
     if stage == "ppo":
-        lines += ["", _ppo_line(cfg), _rollout_line(cfg)] + [f"  not checked here: {note}" for note in unchecked]
+        lines += ["", _ppo_line(cfg), _rollout_line(cfg)]
+    if unchecked:
+        lines += ([] if stage == "ppo" else [""]) + [f"  not checked here: {note}" for note in unchecked]
     full = plan if plan.recompute == "full" else peak_plan(cfg, stage, shape, static, kv, bf16, recompute="full")
     check_fits(cfg, plan, full)
     return "\n".join(lines)

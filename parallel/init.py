@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from alfred_train.errors import ConfigError
 from alfred_train.parallel import cpu
 from alfred_train.parallel.dims import ParallelDims
 
@@ -96,6 +97,9 @@ def init_runtime(dims: ParallelDims, backend: str = "auto", timeout_minutes: int
     use_cpu = cpu.install()
     if backend == "auto":
         backend = "gloo" if use_cpu else "nccl"
+    if backend == "nccl" and (use_cpu or not dist.is_nccl_available()):
+        raise ConfigError("parallel.backend: nccl needs CUDA GPUs, and none is visible here; use gloo or auto"
+                          if use_cpu else "parallel.backend: this torch is built without NCCL; use gloo or auto")
     if use_cpu:
         device = torch.device("cpu")
         threads = int(os.environ.get("ALFRED_THREADS", 0)) or max(1, (os.cpu_count() or 1) // launch.world_size)

@@ -98,6 +98,13 @@ def test_malformed_override(capsys):
     assert msg == "override 'optim.lr': expected KEY.PATH=VALUE, e.g. optim.lr=1e-5"
 
 
+
+def test_override_value_that_is_not_yaml(capsys):
+    msg = cli_error(capsys, "sft", str(TINY_SFT), "--dry-run", "optim.lr=[1")
+    assert msg.startswith("override 'optim.lr=[1': the value is not valid YAML (expected ',' or ']'")
+    assert msg.endswith("fix it, or quote it to pass a string")
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks across fields.
 
@@ -115,6 +122,42 @@ def test_impossible_layouts(capsys, overrides, key, numbers):
     assert msg.startswith(f"{key}: "), msg
     for text in numbers:
         assert text in msg, (text, msg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.top_k=-1", "ppo.top_k: must be >= 0, got -1"),
+    ("ppo.max_new_tokens=0", "ppo.max_new_tokens: must be > 0, got 0"),
+    ("ppo.kl_coef=-1", "ppo.kl_coef: must be >= 0, got -1.0"),
+    ("ppo.policy_epochs=0", "ppo.policy_epochs: must be > 0, got 0"),
+    ("ppo.max_bad_steps=0", "ppo.max_bad_steps: must be > 0, got 0"),  # it stopped a healthy run
+    ("ppo.value_lr=-1", "ppo.value_lr: must be > 0, got -1.0"),
+    ("ppo.eval_prompts=-4", "ppo.eval_prompts: must be >= 0, got -4"),
+    ("ppo.lam=1.5", "ppo.lam: must be in [0, 1], got 1.5"),
+    ("optim.beta1=2", "optim.beta1: must be in [0, 1), got 2.0"),
+    ("optim.eps=-1", "optim.eps: must be > 0, got -1.0"),
+    ("optim.weight_decay=-1", "optim.weight_decay: must be >= 0, got -1.0"),
+    ("model.init_std=-1", "model.init_std: must be > 0, got -1.0"),
+    ("model.rotary_base=0", "model.rotary_base: must be > 0, got 0"),  # a NaN loss, exit 0, before
+    ("model.norm_eps=-1", "model.norm_eps: must be > 0, got -1.0"),
+    ("data.valid_fraction=2", "data.valid_fraction: must be in [0, 1), got 2.0"),
+    ("data.synthetic_size=0", "data.synthetic_size: must be > 0, got 0"),
+    ("rm.init=/a", "rm.init: /a and checkpoint.init: /b both name the checkpoint the reward model starts from; "
+                   "keep one"),
+])
+def test_values_out_of_range_are_refused_before_any_model(capsys, override, message):
+    """Each of these failed after the models were built (a torch traceback, a NaN loss with exit 0,
+    or a misleading message) and passed --dry-run."""
+    extra = ["checkpoint.init=/b"] if override.startswith("rm.init") else []
+    assert cli_error(capsys, "sft", str(TINY_SFT), "--dry-run", override, *extra) == message
+
+
+def test_vocab_below_the_tokenizer_and_nccl_without_gpus_are_one_line(capsys, tmp_path):
+    for dry in ([], ["--dry-run"]):
+        msg = cli_error(capsys, "sft", str(TINY_SFT), "parallel.tp=1", f"run.dir={tmp_path / 'v'}",
+                        "model.vocab_size=10", *dry)
+        assert msg.startswith("model.vocab_size: 10 is below the tokenizer's vocabulary (512)"), msg
+    msg = cli_error(capsys, "sft", str(TINY_SFT), "parallel.tp=1", f"run.dir={tmp_path / 'n'}", "parallel.backend=nccl")
+    assert msg == "parallel.backend: nccl needs CUDA GPUs, and none is visible here; use gloo or auto"
 
 
 def test_layout_errors_name_what_to_change(capsys):
@@ -178,6 +221,32 @@ def test_override_values_are_parsed_as_yaml():
 def test_load_config_raises_config_error_with_key_path():
     with pytest.raises(ConfigError, match=r"^data\.seq_len: must be >= 1, got 0$"):
         load_config(TINY_SFT, ["data.seq_len=0"])
+
+
+def test_a_file_where_run_dir_or_profile_goes_is_refused_before_any_step(tmp_path, capsys):
+    from alfred_train.parallel.dims import ParallelDims
+    from alfred_train.parallel.init import init_runtime, shutdown
+    from alfred_train.stages.common import prepare_run_dir
+
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    for run_dir in (plain, plain / "sub"):  # run.dir, or a folder above it, is a file
+        msg = cli_error(capsys, "sft", str(TINY_SFT), "--dry-run", f"run.dir={run_dir}")
+        assert msg == f"run.dir: {plain} is a file, not a directory; set run.dir to a directory path"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "profile").write_text("")
+    assert main(["sft", str(TINY_SFT), "--dry-run", f"run.dir={run_dir}"]) == 0  # not profiling: no matter
+    msg = cli_error(capsys, "sft", str(TINY_SFT), "--dry-run", f"run.dir={run_dir}", "logging.profile_step=1")
+    assert msg.startswith(f"logging.profile_step: {run_dir / 'profile'} is a file")
+    cfg = load_config(TINY_SFT, ["parallel.tp=1", f"run.dir={run_dir}", "logging.profile_step=1"])
+    runtime = init_runtime(ParallelDims(1, 1, 1))
+    try:  # the workers check again, every rank together, before any step
+        with pytest.raises(ConfigError, match=r"^logging.profile_step: .*profile is a file"):
+            prepare_run_dir(cfg, runtime)
+    finally:
+        shutdown()
+    assert not (run_dir / "config.yaml").exists()
 
 
 def test_resolved_config_in_run_dir_round_trips(tmp_path):

@@ -53,8 +53,17 @@ def inits(tmp_path_factory):
     cfg = load_config(TINY_PPO)
     root = tmp_path_factory.mktemp("inits")
     state = {"template": cfg.data.template, "tokenizer": tokenizer_path(cfg),
-             "tokenizer_sha256": tokenizer_digest(tokenizer_path(cfg))}
-    return [f"ppo.policy_init={_checkpoint(root / 'sft', state)}", f"ppo.reward_init={_checkpoint(root / 'rm', state)}"]
+             "tokenizer_sha256": tokenizer_digest(tokenizer_path(cfg)), "model": _shape(cfg)}
+    return [f"ppo.policy_init={_checkpoint(root / 'sft', state, ['policy'])}",
+            f"ppo.reward_init={_checkpoint(root / 'rm', state, ['reward'])}"]
+
+
+def _shape(cfg) -> dict:
+    import dataclasses
+
+    from alfred_train.stages.common import shape_for, tokenizer_for
+
+    return dataclasses.asdict(shape_for(cfg, tokenizer_for(cfg)))
 
 
 @pytest.mark.parametrize("overrides,key", CASES, ids=[c[1] + ":" + c[0][-1] for c in CASES])
@@ -84,9 +93,9 @@ def test_auto_never_picks_a_backend_without_padding_masks():
             choose_backend(name, needs_padding_mask=True)
 
 
-def _checkpoint(root, state: dict):
+def _checkpoint(root, state: dict, models: list[str], layout: dict | None = None):
     root.mkdir(parents=True)
-    (root / "meta.json").write_text(json.dumps({"step": 1, "layout": {}, "models": [], "state": state}))
+    (root / "meta.json").write_text(json.dumps({"step": 1, "layout": layout or {}, "models": models, "state": state}))
     return root
 
 
@@ -95,11 +104,10 @@ def test_checkpoints_recorded_with_another_template_or_tokenizer_are_refused(cap
     good = json.loads((Path(sft) / "meta.json").read_text())["state"]
     cases = [({**good, "template": "tulu"}, "data.template"), ({**good, "tokenizer_sha256": "0" * 64}, "model.tokenizer")]
     for i, (state, key) in enumerate(cases):
-        rm = _checkpoint(tmp_path / f"rm{i}", state)
+        rm = _checkpoint(tmp_path / f"rm{i}", state, ["reward"])
         code, err = _run(capsys, "ppo", TINY_PPO, f"ppo.policy_init={sft}", f"ppo.reward_init={rm}", "--dry-run")
         assert code == 2 and err.startswith(f"alfred-train: error: {key}") and "ppo.reward_init" in err, err
-    code, out = cli.main(["ppo", TINY_PPO, f"ppo.policy_init={sft}", f"ppo.reward_init={sft}", "--dry-run"]), \
-        capsys.readouterr().out
+    code, out = cli.main(["ppo", TINY_PPO, *inits, "--dry-run"]), capsys.readouterr().out
     assert code == 0 and "not checked here" not in out, out
     # the real run needs the checkpoints: a missing one is an error, not a note
     code, err = _run(capsys, "ppo", TINY_PPO, f"run.dir={tmp_path / 'run'}", f"ppo.policy_init={tmp_path / 'nope'}",
@@ -140,3 +148,70 @@ def test_minibatches_are_the_same_global_rows_at_any_dp_size():
     assert [set(r.tolist()) for r in minibatch_rows(n, k, first_row=0, seed=7, epoch=1)] != \
         [set(r.tolist()) for r in minibatch_rows(n, k, first_row=0, seed=7, epoch=0)]  # reshuffled per epoch
     assert torch.cat(minibatch_rows(8, 1, first_row=8, seed=7, epoch=0)).tolist() == list(range(8))
+
+
+def _prompt_file(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"question {path.stem} {i}?"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_a_prompt_mixture_is_checked_source_by_source(capsys, tmp_path, inits):
+    a, b, c = (_prompt_file(tmp_path / f"{name}.jsonl", 60) for name in "abc")
+
+    def mixture(*paths):
+        return "data.prompts=[" + ", ".join(f"{{path: {p}, format: records, weight: 0.5}}" for p in paths) + "]"
+
+    run = ["ppo", TINY_PPO, f"run.dir={tmp_path / 'run'}", *inits, "--dry-run"]  # 32 rollouts + 32 held out
+    code, out = cli.main([*run, mixture(a, b, c)]), capsys.readouterr()  # 30 + 30 + 30 prompts
+    assert code == 0 and "not checked here" not in out.out, out.err
+    code, err = _run(capsys, *run, mixture(a, b))  # 60 prompts: too few, found through the mixture
+    assert code == 2 and err.startswith("alfred-train: error: ppo.rollouts_per_iter: data.prompts holds 60"), err
+    code, out = cli.main([*run, mixture(a, tmp_path / "absent.jsonl", tmp_path / "shards-*.jsonl")]), \
+        capsys.readouterr().out
+    assert code == 0, out
+    assert f"not checked here: data.prompts[1]: {tmp_path / 'absent.jsonl'} is not reachable" in out
+    assert "not checked here: data.prompts[2]" in out and "data.prompts[0]" not in out
+
+
+def test_the_alfred_recipe_dry_run_with_a_readable_tokenizer_notes_each_prompt_source(capsys):
+    from alfred_train.data.corpus import TINY_SP_MODEL_PATH
+
+    code, out = cli.main(["ppo", ALFRED, "--dry-run", f"model.tokenizer={TINY_SP_MODEL_PATH}"]), capsys.readouterr()
+    assert code == 0, out.err
+    assert all(f"not checked here: data.prompts[{i}]: /fsx/" in out.out for i in range(5)), out.out
+    assert "not checked here: ppo.policy_init: /fsx/" in out.out
+
+
+def test_checkpoints_of_another_kind_or_shape_or_none_exit_2_in_dry_run_and_real_run(capsys, tmp_path, inits):
+    sft, rm = (i.split("=", 1)[1] for i in inits)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "plain").write_text("not a checkpoint")
+    cases = [([f"ppo.policy_init={tmp_path / 'empty'}"], "ppo.policy_init", "holds no checkpoint"),
+             ([f"ppo.policy_init={tmp_path / 'plain'}"], "ppo.policy_init", "is a file"),
+             ([f"ppo.policy_init={rm}"], "ppo.policy_init", "holds the models ['reward']"),
+             ([f"ppo.reward_init={sft}"], "ppo.reward_init", "holds the models ['policy']"),
+             (["model.num_layers=2"], "ppo.policy_init", "num_layers=4, this config builds num_layers=2"),
+             (["model.arch=falcon"], "ppo.policy_init", "arch=llama, this config builds arch=falcon")]
+    for overrides, key, says in cases:
+        for extra in (["--dry-run"], []):  # the real run (2 processes) stops before spawning them
+            code, err = _run(capsys, "ppo", TINY_PPO, f"run.dir={tmp_path / 'run'}", *inits, *overrides, *extra)
+            assert code == 2 and err.startswith(f"alfred-train: error: {key}: ") and says in err, (extra, err)
+            assert err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+    # a path not mounted here is a note in the dry run (an /fsx path on a login node), an error in the run
+    code, out = cli.main(["ppo", TINY_PPO, *inits, "ppo.reward_init=/fsx/nowhere/rm", "--dry-run"]), \
+        capsys.readouterr().out
+    assert code == 0 and "not checked here: ppo.reward_init: /fsx/nowhere/rm is not reachable here" in out, out
+
+
+def test_the_checkpoint_a_ppo_run_resumes_is_checked_too(capsys, tmp_path, inits):
+    cfg = load_config(TINY_PPO)
+    run = tmp_path / "run"
+    state = {"model": {**_shape(cfg), "num_layers": 2}, "stage": "ppo"}
+    layout = {"tp": 2, "pp": 1, "dp": 1, "vpp": None, "zero": False}
+    _checkpoint(run / "checkpoints" / "iter_0000004", state, ["policy", "value"], layout)
+    for extra in (["--dry-run"], []):
+        code, err = _run(capsys, "ppo", TINY_PPO, f"run.dir={run}", *inits, *extra)
+        assert code == 2 and err.startswith("alfred-train: error: checkpoint.resume: ") and "num_layers=2" in err, err
+    code, _ = _run(capsys, "ppo", TINY_PPO, f"run.dir={run}", *inits, "checkpoint.resume=none", "--dry-run")
+    assert code == 0

@@ -51,6 +51,9 @@ class ModelShape:
 
 def resolve_shape(model_cfg, vocab_size: int) -> ModelShape:
     m = model_cfg
+    if m.vocab_size is not None and m.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size: {m.vocab_size} is below the tokenizer's vocabulary ({vocab_size}); "
+                          f"raise it or remove it (unset: the tokenizer's)")
     vocab = m.vocab_size or vocab_size
     if m.ffn_hidden_size:
         ffn = m.ffn_hidden_size

@@ -13,14 +13,18 @@ key to change:
   * lengths: prompt (max_prompt_tokens) + response (max_new_tokens) + the EOD appended for scoring
     fit model.max_seq_len;
   * files (read, never a model): enough prompts for one iteration after the held-out ones; the
-    tokenizer and the template recorded in the SFT and RM checkpoints equal the run's.
+    SFT and RM checkpoints (and the one resumed) hold the right models of this model shape
+    (`stages.common.check_checkpoints`); the tokenizer and the template recorded in the SFT and RM
+    checkpoints equal the run's.
 
 The dry run checks the files it can reach and says which it could not (placeholders such as
-/fsx/... on a laptop); the real run requires them.
+/fsx/... on a laptop, each source of a prompt mixture); the real run requires them. A path that
+exists but is not a checkpoint is an error in both.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,40 +148,51 @@ def load_prompts(cfg: Config, tokenizer) -> Prompts:
     return Prompts(encoded[o.eval_prompts:], encoded[:o.eval_prompts], frozenset(cut))
 
 
-def check_checkpoints(cfg: Config, tokenizer_path: str, *, required: bool) -> list[str]:
-    """ppo.policy_init and ppo.reward_init record the tokenizer and template this run uses.
-    Returns what could not be checked (only when not `required`, i.e. the dry run)."""
-    from alfred_train import checkpoint
-    from alfred_train.models.from_checkpoint import load_meta
-    from alfred_train.stages.common import tokenizer_digest
+def check_checkpoints(cfg: Config, tokenizer, tokenizer_path: str, *, required: bool) -> list[str]:
+    """Every checkpoint the run loads (ppo.policy_init, ppo.reward_init, the one it resumes) holds
+    the right models of this model shape (`stages.common.check_checkpoints`); the inits record the
+    tokenizer and template this run uses. Returns what could not be checked (only when not
+    `required`, i.e. the dry run)."""
+    from alfred_train.stages import common
 
-    o, notes = cfg.ppo, []
+    o = cfg.ppo
     if not o.policy_init or not o.reward_init:
         _fail("ppo.policy_init and ppo.reward_init: PPO starts from an SFT and an RM checkpoint; set both")
-    digest = tokenizer_digest(tokenizer_path) if Path(tokenizer_path).exists() else None
-    for key, where in [("ppo.policy_init", o.policy_init), ("ppo.reward_init", o.reward_init)]:
-        try:
-            checkpoint.resolve_checkpoint(where)
-        except ConfigError:
-            if required:
-                raise ConfigError(f"{key}: {where}: no checkpoint found (expected meta.json, or a 'latest' "
-                                  "file); train the SFT / RM stage first or fix the path") from None
-            notes.append(f"{key}: {where} is not reachable here: its tokenizer and template are checked "
-                         "when the run starts, before any model is built")
+    found, notes = common.check_checkpoints(cfg, "ppo", common.shape_for(cfg, tokenizer), required=required)
+    digest = common.tokenizer_digest(tokenizer_path) if Path(tokenizer_path).exists() else None
+    for use, path, meta in found:
+        if use.resume:
             continue
-        path, meta = load_meta(where)
-        state = meta.get("state") or {}
+        key, state = use.key, meta.get("state") or {}
         recorded = state.get("template")
         if recorded is not None and recorded != cfg.data.template:
             _fail(f"data.template: {cfg.data.template!r}, but {key} ({path}) was trained with {recorded!r}; "
                   f"set data.template={recorded}")
         theirs = state.get("tokenizer_sha256")
         if theirs is None and state.get("tokenizer") and Path(state["tokenizer"]).exists():
-            theirs = tokenizer_digest(state["tokenizer"])
+            theirs = common.tokenizer_digest(state["tokenizer"])
         if theirs is not None and digest is not None and theirs != digest:
             _fail(f"model.tokenizer: {tokenizer_path} is not the tokenizer {key} ({path}) was trained with "
                   f"({state.get('tokenizer')}); set model.tokenizer to that one")
     return notes
+
+
+def unreachable_prompts(cfg: Config) -> list[str]:
+    """The prompt files (data.prompts, else data.train; each source of a mixture, each a path or a
+    glob) that do not exist here: the dry run notes them and checks the prompts only without any."""
+    from alfred_train.data import mixture
+
+    d = cfg.data
+    files = d.prompts if d.prompts is not None else (d.train if not d.synthetic else None)
+    if files is None:
+        return []
+    key = "data.prompts" if d.prompts is not None else "data.train"
+    missing = []
+    for i, source in enumerate(mixture.sources(files, d.format)):
+        glob_chars = any(c in source.path for c in "*?[")
+        if not (glob.glob(source.path) if glob_chars else Path(source.path).exists()):
+            missing.append(f"{key}{'' if isinstance(files, str) else f'[{i}]'}: {source.path}")
+    return missing
 
 
 def preflight(cfg: Config, *, dry_run: bool):
@@ -191,8 +206,9 @@ def preflight(cfg: Config, *, dry_run: bool):
         return None, None, [f"model.tokenizer: {path} is not reachable here: the prompts and the checkpoints' "
                             "tokenizer are checked when the run starts, before any model is built"]
     tokenizer = tokenizer_for(cfg)
-    notes = check_checkpoints(cfg, path, required=not dry_run)
-    if dry_run and cfg.data.prompts and not Path(cfg.data.prompts).exists():
-        return tokenizer, None, notes + [f"data.prompts: {cfg.data.prompts} is not reachable here: its size and "
-                                         "prompt lengths are checked when the run starts"]
+    notes = check_checkpoints(cfg, tokenizer, path, required=not dry_run)
+    missing = unreachable_prompts(cfg) if dry_run else []
+    if missing:
+        return tokenizer, None, notes + [f"{m} is not reachable here: the prompts' number and lengths are checked "
+                                         "when the run starts" for m in missing]
     return tokenizer, load_prompts(cfg, tokenizer), notes

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from alfred_train import checkpoint
-from alfred_train.checkpointing.site import Site, check_run_dir
+from alfred_train.checkpointing.site import Site, check_run_dir, run_dir_problem
 from alfred_train.config import Config, dump_yaml
 from alfred_train.data import mixture
 from alfred_train.data.corpus import TINY_SP_MODEL_PATH as TINY_TOKENIZER
@@ -33,12 +33,18 @@ PREEMPTED_EXIT_CODE = 3  # a checkpoint was written on SIGUSR1/SIGTERM: requeue 
 def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     """Create run.dir (and checkpoints/) and write the resolved config atomically on rank 0 (with
     `checkpoint.node_local`, on every node's local rank 0: each node has its own run.dir); a run.dir
-    that is not shared, or shared, against what `checkpoint.node_local` says is refused here."""
+    that is not shared, or shared, against what `checkpoint.node_local` says is refused here, as is
+    one a file stands in the way of (`site.run_dir_problem`), before any step."""
     run_dir = Path(cfg.run.dir)
     site = Site.detect(runtime.rank, cfg.checkpoint.node_local)
-    if site.owner:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    problem = run_dir_problem(run_dir, profile=cfg.logging.profile_step is not None)
+    if site.owner and problem is None:
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            problem = f"run.dir: cannot create {run_dir / 'checkpoints'} ({err.strerror}); set run.dir elsewhere"
+    if problems := site.problems_everywhere(problem):  # collective: every rank stops, none waits
+        raise ConfigError(problems[0])
     check_run_dir(run_dir, site)
     if site.owner:
         tmp = run_dir / ".config.yaml.tmp"
@@ -93,6 +99,106 @@ def shape_for(cfg: Config, tokenizer) -> ModelShape:
     if cfg.lora.rank:
         lora.check_shape(lora.AdapterSpec.from_config(cfg.lora), shape)
     return shape
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoints a run loads, checked against the config before any model is built.
+
+TRAINED = {"sft": ("policy",), "rm": ("reward",), "ppo": ("policy", "value")}  # what a stage's checkpoints hold
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointUse:
+    """A checkpoint a run will load: the config key that names it, the path as given, and the
+    models it must hold (all of one of the `holds` alternatives)."""
+
+    key: str
+    where: str
+    holds: tuple[tuple[str, ...], ...]
+    what: str  # the kind of checkpoint the key takes, for the message
+    resume: bool = False  # optimizer states load too: the layout must be the one saved
+
+
+def init_uses(cfg: Config, stage: str) -> list[CheckpointUse]:
+    """The checkpoints `stage` starts its models from (when it does not resume)."""
+    c, o = cfg.checkpoint, cfg.ppo
+    if stage == "sft" and c.init:
+        return [CheckpointUse("checkpoint.init", c.init, (("policy",),), 'an SFT or converted model ("policy")')]
+    if stage == "rm" and (cfg.rm.init or c.init):
+        return [CheckpointUse("rm.init" if cfg.rm.init else "checkpoint.init", cfg.rm.init or c.init,
+                              (("policy",), ("reward",)), 'an SFT policy or an RM ("policy" or "reward")')]
+    if stage == "ppo":
+        return [CheckpointUse(key, where, ((name,),), what) for key, where, name, what in [
+            ("ppo.policy_init", o.policy_init, "policy", 'an SFT checkpoint ("policy")'),
+            ("ppo.reward_init", o.reward_init, "reward", 'an RM checkpoint ("reward")')] if where]
+    return []
+
+
+def checkpoints_to_load(cfg: Config, stage: str) -> list[CheckpointUse]:
+    """Every checkpoint `stage` loads with this config, in the order the run meets them. A resumed
+    SFT/RM run loads no init (a LoRA one does: the frozen base); PPO always loads both inits (the
+    reference and the reward model start there). checkpoint.resume=auto resumes the newest of
+    run.dir (a damaged one is skipped at run time for the one before it, from the same run)."""
+    c = cfg.checkpoint
+    own = f"this {stage} stage's own checkpoints ({', '.join(repr(m) for m in TRAINED[stage])})"
+    resume = []
+    if c.resume not in ("auto", "none"):
+        resume = [CheckpointUse("checkpoint.resume", c.resume, (TRAINED[stage],), own, resume=True)]
+    elif c.resume == "auto" and (found := checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints")):
+        resume = [CheckpointUse("checkpoint.resume", str(found), (TRAINED[stage],), f"{own} (auto: run.dir's newest)",
+                                resume=True)]
+    loads_init = stage == "ppo" or cfg.lora.rank or not resume
+    return resume + (init_uses(cfg, stage) if loads_init else [])
+
+
+def check_checkpoints(cfg: Config, stage: str, shape: ModelShape, *,
+                      required: bool) -> tuple[list[tuple[CheckpointUse, Path, dict]], list[str]]:
+    """Check every checkpoint `stage` loads (`checkpoints_to_load`) against the config, as `checked`
+    does. Returns ((use, path, meta.json) of each one found, notes on those not reachable here)."""
+    found, notes = [], []
+    for use in checkpoints_to_load(cfg, stage):
+        got = checked(cfg, use, shape, required=required)
+        if got is None:
+            notes.append(f"{use.key}: {use.where} is not reachable here: it is checked when the run starts, "
+                         "before any model is built")
+        else:
+            found.append((use, *got))
+    return found, notes
+
+
+def checked(cfg: Config, use: CheckpointUse, shape: ModelShape, *, required: bool) -> tuple[Path, dict] | None:
+    """(path, meta.json) of `use`, refused (ConfigError naming its key) unless it holds the models
+    the run loads from it, of this model shape, at parallel.vpp (resumed: at the run's layout).
+    None when its path does not exist and not `required` (a dry run where /fsx is not mounted); a
+    path that exists but holds no checkpoint is an error either way."""
+    path = checkpoint.locate(use.where, use.key, required=required)
+    if path is None:
+        return None
+    meta = json.loads((path / "meta.json").read_text())
+    _check_checkpoint(cfg, use, path, meta, shape)
+    return path, meta
+
+
+def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, shape: ModelShape) -> None:
+    key, state = use.key, meta.get("state") or {}
+    held = meta.get("models") or []
+    if not any(set(names) <= set(held) for names in use.holds):
+        stage = f" of a {state['stage']} run" if state.get("stage") else ""
+        fix = "set a new run.dir (or checkpoint.resume=none)" if use.resume else "point it there"
+        raise ConfigError(f"{key}: {path} holds the models {held}{stage}; {key} takes {use.what}: {fix}")
+    differ = checkpoint.shape_differences(state.get("model"), dataclasses.asdict(shape))
+    if differ:
+        saved = ", ".join(f"{k}={v}" for k, v, _ in differ)
+        built = ", ".join(f"{k}={v}" for k, _, v in differ)
+        raise ConfigError(f"{key}: {path} holds a model of shape {saved}, this config builds {built}; set model.* "
+                          "(and model.tokenizer) as in that run" + (", or set a new run.dir" if use.resume else ""))
+    saved_layout = meta.get("layout") or {}
+    if use.resume and saved_layout != layout(cfg):
+        raise ConfigError(f"{key}: {path} holds optimizer states saved at layout {saved_layout}, this run is "
+                          f"{layout(cfg)}; resume at the same parallel.tp/pp/dp/vpp/zero, or set a new run.dir")
+    if (saved_layout.get("vpp") or 1) != (cfg.parallel.vpp or 1):
+        raise ConfigError(f"parallel.vpp: {key} ({path}) was saved with parallel.vpp={saved_layout.get('vpp')}; "
+                          "set parallel.vpp as when saved")
 
 
 def build_trainable(cfg: Config, runtime: ParallelRuntime, shape: ModelShape, backend, *, kind: str,

@@ -17,7 +17,6 @@ model from it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from functools import partial
 
@@ -32,9 +31,7 @@ from alfred_train.data.packing import PaddedBatch, collate_pairs
 from alfred_train.data.records import parse_preference
 from alfred_train.data.sampler import iterate_batches
 from alfred_train.data.templates import get_template
-from alfred_train.errors import ConfigError
 from alfred_train.metrics import MetricsLogger, plot_metrics
-from alfred_train.models.from_checkpoint import load_meta
 from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import unwrap
@@ -112,13 +109,10 @@ def _pair_loss(eod_index, scores):
 # The stage.
 
 def _init_checkpoint(cfg: Config, shape):
-    """(path, meta) of `rm.init` (or `checkpoint.init`), refused unless it holds this model shape."""
-    path, meta = load_meta(cfg.rm.init or cfg.checkpoint.init)
-    saved = meta["state"].get("model")
-    if saved is not None and saved != dataclasses.asdict(shape):
-        raise ConfigError(f"rm.init: {path} holds a model of shape {saved}, this config builds "
-                          f"{dataclasses.asdict(shape)}; set model.* (and model.tokenizer) as in that run")
-    return path, meta
+    """(path, meta) of `rm.init` (or `checkpoint.init`), refused unless it holds an SFT policy or an
+    RM of this model shape (`common.checked`)."""
+    use, = common.init_uses(cfg, "rm")
+    return common.checked(cfg, use, shape, required=True)
 
 
 def init_from(cfg: Config, chunks, shape) -> None:
@@ -143,9 +137,10 @@ def lora_base_ref(cfg: Config, shape):
 def run(cfg: Config, runtime: ParallelRuntime) -> int:
     t = cfg.train
     train_pairs, valid_pairs = load_preference_pairs(cfg)  # a bad record stops the run before any model is built
-    run_dir = common.prepare_run_dir(cfg, runtime)
     tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
+    common.check_checkpoints(cfg, "rm", shape, required=True)  # init and resume, before anything is written
+    run_dir = common.prepare_run_dir(cfg, runtime)
     backend = common.attention_backend(cfg, runtime)
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind="scalar", total_steps=t.max_steps)
     trainables = {MODEL_NAME: trainable}

@@ -54,9 +54,10 @@ def micro_batches(rows, micro_batch_size: int) -> list:
 def run(cfg: Config, runtime: ParallelRuntime) -> int:
     t = cfg.train
     train_ex, valid_ex = load_sft_examples(cfg)  # a bad record stops the run before any model is built
-    run_dir = common.prepare_run_dir(cfg, runtime)
     tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
+    common.check_checkpoints(cfg, "sft", shape, required=True)  # init and resume, before run.dir is written
+    run_dir = common.prepare_run_dir(cfg, runtime)
     backend = common.attention_backend(cfg, runtime)
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind="lm", total_steps=t.max_steps)
     trainables = {MODEL_NAME: trainable}

@@ -1,0 +1,120 @@
+"""Every checkpoint a run loads is checked against the config before any model is built
+(stages/common.py `check_checkpoints`): in `--dry-run` and at the start of the real run, one line
+naming the key, exit 2. In process and fast: the checkpoints are meta.json stand-ins.
+
+SFT: checkpoint.init (a "policy"); RM: rm.init (a "policy" or a "reward"); every stage: the
+checkpoint it resumes (its own models, the same shape and layout). A path that does not exist is a
+dry-run note (not mounted here); one that exists but is no checkpoint is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from alfred_train import cli
+from alfred_train.config import load_config
+from alfred_train.errors import ConfigError
+from alfred_train.stages import common
+from tests.helpers import ROOT
+
+TINY_SFT = str(ROOT / "configs" / "tiny-sft.yaml")
+TINY_RM = str(ROOT / "configs" / "tiny-rm.yaml")
+TP1 = {"tp": 1, "pp": 1, "dp": 1, "vpp": None, "zero": False}
+
+
+def _shape(config: str, *overrides: str) -> dict:
+    cfg = load_config(config, ["parallel.tp=1", *overrides])
+    return dataclasses.asdict(common.shape_for(cfg, common.tokenizer_for(cfg)))
+
+
+def _checkpoint(path: Path, models: list[str], stage: str, shape: dict, layout: dict = TP1) -> Path:
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": 1, "layout": layout, "models": models,
+                                                "state": {"stage": stage, "model": shape}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("ckpts")
+    shape = _shape(TINY_SFT)
+    (root / "empty").mkdir()
+    (root / "plain").write_text("not a checkpoint")
+    return {"sft": _checkpoint(root / "sft" / "checkpoints" / "iter_0000003", ["policy"], "sft", shape).parents[1],
+            "rm": _checkpoint(root / "rm", ["reward"], "rm", shape), "empty": root / "empty",
+            "plain": root / "plain", "root": root}
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _error(capsys, key: str, says: str, *argv: str) -> None:
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and err.startswith(f"alfred-train: error: {key}: ") and says in err, (argv, err)
+    assert err.count("\n") == 1, err
+
+
+def test_sft_dry_run_checks_checkpoint_init(capsys, tmp_path, ckpts):
+    sft = [TINY_SFT, "parallel.tp=1", f"run.dir={tmp_path / 'run'}", "--dry-run"]
+    code, out, err = _run(capsys, "sft", *sft, f"checkpoint.init={ckpts['sft']}")
+    assert code == 0 and "not checked here" not in out, err
+    _error(capsys, "checkpoint.init", "num_layers=4, this config builds num_layers=2; set model.*",
+           "sft", *sft, f"checkpoint.init={ckpts['sft']}", "model.num_layers=2")
+    _error(capsys, "checkpoint.init", "holds the models ['reward'] of a rm run", "sft", *sft, f"checkpoint.init={ckpts['rm']}")
+    _error(capsys, "checkpoint.init", "holds no checkpoint", "sft", *sft, f"checkpoint.init={ckpts['empty']}")
+    _error(capsys, "checkpoint.init", "is a file", "sft", *sft, f"checkpoint.init={ckpts['plain']}")
+    code, out, _ = _run(capsys, "sft", *sft, "checkpoint.init=/fsx/nowhere/sft")
+    assert code == 0 and "not checked here: checkpoint.init: /fsx/nowhere/sft is not reachable here" in out, out
+    # init_std (a fresh init's) and max_seq_len (rotary positions) are not in the weights: no refusal
+    code, _, err = _run(capsys, "sft", *sft, f"checkpoint.init={ckpts['sft']}", "model.init_std=0.01",
+                        "model.max_seq_len=256")
+    assert code == 0, err
+
+
+def test_a_resumed_run_is_checked_against_its_checkpoint(capsys, tmp_path, ckpts):
+    run = tmp_path / "run"
+    _checkpoint(run / "checkpoints" / "iter_0000002", ["policy"], "sft", _shape(TINY_SFT))
+    sft = ["sft", TINY_SFT, "parallel.tp=1", f"run.dir={run}", "--dry-run"]
+    assert _run(capsys, *sft)[0] == 0
+    _error(capsys, "checkpoint.resume", "num_layers=4, this config builds num_layers=2", *sft, "model.num_layers=2")
+    _error(capsys, "checkpoint.resume", "parallel.tp/pp/dp/vpp/zero", *sft, "parallel.tp=2")
+    _error(capsys, "checkpoint.resume", "holds the models ['policy'] of a sft run", "rm", TINY_RM, "parallel.tp=1",
+           f"run.dir={run}", "--dry-run")
+    # resumed, an SFT run loads no init: a bad checkpoint.init is not in the way
+    assert _run(capsys, *sft, f"checkpoint.init={ckpts['rm']}")[0] == 0
+    assert _run(capsys, *sft, "model.num_layers=2", "checkpoint.resume=none")[0] == 0
+    _error(capsys, "checkpoint.resume", "holds no checkpoint", *sft, f"checkpoint.resume={ckpts['empty']}")
+
+
+def test_rm_init_is_checked_in_dry_run_and_before_the_real_run_builds_anything(capsys, tmp_path, ckpts):
+    for init in (ckpts["sft"], ckpts["rm"]):  # an SFT policy or an RM
+        code, _, err = _run(capsys, "rm", TINY_RM, "parallel.tp=1", f"rm.init={init}", f"run.dir={tmp_path / 'r'}",
+                            "--dry-run")
+        assert code == 0, err
+    values_only = _checkpoint(ckpts["root"] / "value", ["value"], "ppo", _shape(TINY_SFT))
+    cases = [(["model.num_layers=2"], "rm.init", "num_layers=4, this config builds num_layers=2"),
+             ([f"rm.init={values_only}"], "rm.init", "holds the models ['value'] of a ppo run"),
+             ([f"rm.init={ckpts['plain']}"], "rm.init", "is a file"),
+             ([f"rm.init={ckpts['empty']}"], "rm.init", "holds no checkpoint")]
+    for overrides, key, says in cases:
+        for extra in (["--dry-run"], []):  # the real run: one process (tp=1), stopped before any model
+            _error(capsys, key, says, "rm", TINY_RM, "parallel.tp=1", f"rm.init={ckpts['sft']}",
+                   f"run.dir={tmp_path / 'run'}", "train.max_steps=1", *overrides, *extra)
+    assert not (tmp_path / "run").exists()  # stopped before the run directory was written
+
+
+def test_check_checkpoints_for_the_sft_run():
+    """What `stages/sft.py` calls before building its model: the same checks as its dry run."""
+    cfg = load_config(TINY_SFT, ["parallel.tp=1", "run.dir=/nonexistent/run",
+                                 f"checkpoint.init={ROOT / 'nonexistent'}", "model.num_layers=2"])
+    shape = common.shape_for(cfg, common.tokenizer_for(cfg))
+    assert common.check_checkpoints(cfg, "sft", shape, required=False)[1][0].startswith("checkpoint.init: ")
+    with pytest.raises(ConfigError, match=r"^checkpoint.init: .* does not exist; point checkpoint.init at"):
+        common.check_checkpoints(cfg, "sft", shape, required=True)
