@@ -215,12 +215,14 @@ def test_eval_cli_scores_every_choice_and_writes_json(work, tmp_path):
 @pytest.mark.parametrize("task,message", [
     ("missing.yaml", "task file missing.yaml does not exist"),
     ("no-name.yaml", "has no `task:` name"),
+    ("no-data.yaml", "names no `dataset_path:`"),  # lm-eval's own traceback, before
 ])
 def test_eval_task_errors_are_one_line(tmp_path, capsys, monkeypatch, task, message):
     from alfred_train.cli import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "no-name.yaml").write_text("dataset_path: json\n")
+    (tmp_path / "no-data.yaml").write_text("task: foo\n")
     assert main(["eval", str(tmp_path), "--tasks", task]) == 2  # before the checkpoint is even looked for
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
