@@ -19,8 +19,9 @@ returns the newest sound one; with `checkpoint.s3_uri` a newer sound checkpoint 
 and verified first. Checkpoints that exist but none sound: DamagedCheckpointsError, never step 0.
 
 Node-local run directories (one per node, `checkpoint.node_local`) are described in
-`checkpointing/site.py`. Model weights load at any TP/PP layout; optimizer states at the layout
-they were saved with (checked, with a clear error otherwise). A checkpoint holds any number of
+`checkpointing/site.py`. Model weights load at any TP/PP layout. A resume may change the layout too
+(`reshard_problem`): plain optimizer states reshard across TP, PP and DP like the weights, ZeRO's
+across DP (a 16-node job resumed on 8 nodes); anything else is refused in one line. A checkpoint holds any number of
 named models (`policy`, `value`, ...), each with an optional optimizer; `meta.json["state"]`
 carries the JSON-able trainer state.
 """
@@ -327,13 +328,40 @@ def _latest_hint(root: Path) -> str | None:
     return None
 
 
+def reshard_problem(saved: dict, now: dict) -> str | None:
+    """Why optimizer states saved at layout `saved` cannot be resumed at layout `now`; None if they can.
+
+    megatron-core's plain optimizer keeps each state tensor beside its parameter, sharded as the
+    weight is (`optim_state_to_sharding_state`), so it reshards across TP, PP and DP as the weights
+    do. The distributed optimizer (parallel.zero) saves the DP shards of its flat buffers
+    (`dp_reshardable`, see `_optimizer_sd`): the buffers' layout is fixed by TP and PP, so it
+    reshards across DP only. The two optimizers' formats differ, and vpp changes the model chunks."""
+    zero = bool(saved.get("zero"))
+    if zero != bool(now["zero"]):
+        return (f"parallel.zero={str(zero).lower()} when saved (the plain and the distributed optimizer store "
+                f"their states differently); resume with parallel.zero={str(zero).lower()}")
+    if (saved.get("vpp") or 1) != (now.get("vpp") or 1):
+        return f"parallel.vpp={saved.get('vpp')} when saved; resume with parallel.vpp={saved.get('vpp')}"
+    if zero and (saved.get("tp"), saved.get("pp")) != (now["tp"], now["pp"]):
+        return (f"ZeRO optimizer states saved at parallel.tp={saved.get('tp')} parallel.pp={saved.get('pp')} "
+                f"reshard across parallel.dp only; resume at tp={saved.get('tp')} pp={saved.get('pp')} (any dp)")
+    return None
+
+
+def layout_note(saved: dict, now: dict) -> str | None:
+    """One line for a resume at another layout ("tp 2 -> 1, dp 1 -> 2"), None at the same one."""
+    changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in ("tp", "pp", "dp") if saved.get(k) != now[k]]
+    return ", ".join(changed) or None
+
+
 def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | None = None,
                 skip: tuple[str, ...] = ()) -> dict:
     """Load the named models (and optimizers, when given) in place; returns meta.json.
 
     models: name -> (chunks, optimizer or None). `name` may be given as "dst=src" to load the
     checkpoint's model `src` into `dst` (e.g. value model from the reward model).
-    Optimizer states need the layout they were saved at (`strict_layout`).
+    `strict_layout`: this run's layout, which optimizer states must be able to reshard to
+    (`reshard_problem`).
     skip: partial load of weights only. Parameters whose name contains one of these strings are
     left as they are (e.g. `skip=("output_layer",)` loads an SFT trunk into a scalar-head model);
     every other parameter must be in the checkpoint, as in a full load.
@@ -359,9 +387,9 @@ def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | Non
         sharded.update(msd)
         wanted[spec] = (chunks, optimizer, src, msd)
         if optimizer is not None:
-            if strict_layout is not None and meta["layout"] != strict_layout:
-                raise ConfigError(f"{path}: optimizer state was saved at layout {meta['layout']}, "
-                                  f"this run is {strict_layout}; resume at the same parallel.tp/pp/dp/zero")
+            problem = reshard_problem(meta["layout"], strict_layout) if strict_layout is not None else None
+            if problem:
+                raise ConfigError(f"{path}: {problem}")
             _prime_optimizer_state(optimizer)
             prefix = f"{src}." if meta.get("optimizer_keys") == OPTIMIZER_KEYS else ""
             sharded[f"{src}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=True, prefix=prefix)

@@ -187,7 +187,7 @@ def describe(cfg: Config, stage: str) -> str:
     plan = peak_plan(cfg, stage, shape, static, kv, bf16)
     lines += ["", *plan.lines]
     trainable = [mp.total for _, t, mp in models if t]
-    lines += ["", *checkpoint_lines(cfg, trainable, bf16)]
+    lines += ["", *checkpoint_lines(cfg, trainable, bf16), *_resume_lines(cfg, stage)]
     if cfg.lora.rank:
         from alfred_train.models.lora_plan import memory_lines
 
@@ -199,6 +199,23 @@ def describe(cfg: Config, stage: str) -> str:
     full = plan if plan.recompute == "full" else peak_plan(cfg, stage, shape, static, kv, bf16, recompute="full")
     check_fits(cfg, plan, full)
     return "\n".join(lines)
+
+
+def _resume_lines(cfg: Config, stage: str) -> list[str]:
+    """The checkpoint the run resumes (already checked by `check_checkpoints`), and at which layout."""
+    import json
+
+    from alfred_train import checkpoint
+    from alfred_train.stages.common import checkpoints_to_load, layout
+
+    for use in checkpoints_to_load(cfg, stage):
+        path = checkpoint.locate(use.where, use.key, required=False) if use.resume else None
+        if path is not None:
+            meta = json.loads((path / "meta.json").read_text())
+            moved = checkpoint.layout_note(meta.get("layout") or {}, layout(cfg))
+            return [f"  resumes {path} (step {meta['step']})"
+                    + (f" at another layout ({moved}): weights and optimizer states reshard" if moved else "")]
+    return []
 
 
 def checkpoint_lines(cfg: Config, trainable_params: list[int], bf16: bool) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -94,7 +95,7 @@ def test_pp2_and_dp2_equal_one_process_with_schedules_in_iterations(inits, tmp_p
     same = ["ppo.top_k=1", "ppo.temperature=0.7", "ppo.train_micro_batch=2", "train.max_steps=3", "parallel.tp=1"]
     _ppo(inits, tmp_path / "one", *same)
     # profiled at iteration 2 (logging.profile_step): the numbers stay those of the run without it
-    _ppo(inits, tmp_path / "pp2", *same, "parallel.pp=2", "logging.profile_step=2")
+    _ppo(inits, tmp_path / "pp2", *same, "parallel.pp=2", "logging.profile_step=2", "checkpoint.interval=2")
     # row groups in flight across the two stages, refilled from the iteration's queue (16 rollouts, 8 rows)
     _ppo(inits, tmp_path / "pp2pipe", *same, "parallel.pp=2", "ppo.pipelined_decode=true")
     _ppo(inits, tmp_path / "dp2", *same, "parallel.dp=2")
@@ -110,6 +111,15 @@ def test_pp2_and_dp2_equal_one_process_with_schedules_in_iterations(inits, tmp_p
             if layout == "dp2zero" and key.startswith("eval_"):  # the 2-iteration run also evaluated at its end
                 ours = ours[:1] + ours[-1:]
             assert ours == pytest.approx(metrics(one, key), rel=1e-5, abs=1e-7), (layout, key)
+    # a resume may change the layout (a 16-node job resumed on 8): iteration 3 from the dp2zero run's
+    # checkpoint at DP=1 (ZeRO states reshard across DP), from the pp2 run's at TP=2 (plain ones across TP/PP)
+    for saved, layout, moved in (("dp2zero", ["parallel.zero=true"], "dp 2 -> 1"),
+                                 ("pp2", ["parallel.tp=2"], "tp 1 -> 2, pp 2 -> 1")):
+        moved_dir = tmp_path / f"{saved}-moved"
+        shutil.copytree(tmp_path / saved / "checkpoints" / "iter_0000002", moved_dir / "checkpoints" / "iter_0000002")
+        assert f"resumed at another layout ({moved})" in _ppo(inits, moved_dir, *same, *layout).stderr
+        for key in COMPARED + ["approx_kl", "kl_coef", "lr", "value_lr"]:
+            assert metrics(moved_dir, key) == pytest.approx(metrics(one, key)[2:], rel=1e-5, abs=1e-7), (saved, key)
     # both schedules count PPO iterations (4 value steps per iteration): the value rate equals the policy's
     assert metrics(one, "lr") == pytest.approx([_lr(k) for k in (1, 2, 3)], rel=1e-6)
     assert metrics(one, "value_lr") == metrics(one, "lr")

@@ -6,6 +6,8 @@ losses are compared at 1e-5 relative; measured differences are ~1e-7. Resume is 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -55,6 +57,43 @@ def test_resume_is_bit_exact(runs, tmp_path, name):
     proc = run_cli("sft", *_overrides(run_dir, *layout))
     assert "resumed from" in proc.stderr
     assert metrics(run_dir) == metrics(runs / name)  # exact float equality
+
+
+def _from_step2(saved_run, run_dir):
+    """A new run directory holding only `saved_run`'s step-2 checkpoint: a run to resume elsewhere."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(saved_run / "checkpoints" / "iter_0000002", run_dir / "checkpoints" / "iter_0000002")
+    return run_dir
+
+
+@pytest.mark.parametrize("saved, layout, moved", [
+    ("tp2", (1, 2, 1, False, None), "tp 2 -> 1, pp 1 -> 2"),  # plain Adam states reshard like the weights
+    ("dp2", (2, 1, 1, False, None), "tp 1 -> 2, dp 2 -> 1"),
+    ("dp2zero", (1, 1, 1, True, None), "dp 2 -> 1"),  # ZeRO's reshard across DP: 16 nodes resumed on 8
+])
+def test_resume_at_another_layout_continues_the_run(runs, tmp_path, saved, layout, moved):
+    run_dir = _from_step2(runs / saved, tmp_path / "run")
+    assert f"at another layout ({moved})" in run_cli("sft", *_overrides(run_dir, *layout), "--dry-run").stdout
+    proc = run_cli("sft", *_overrides(run_dir, *layout))
+    assert f"resumed at another layout ({moved})" in proc.stderr
+    # steps 3-4 are the uninterrupted run's, to the rounding of any layout change (Adam's moments
+    # restarted from zero would move step 4's loss by far more)
+    for key in ("loss", "grad_norm"):
+        assert metrics(run_dir, key) == pytest.approx(metrics(runs / "tp1", key)[2:], rel=1e-5), key
+
+
+@pytest.mark.parametrize("saved, layout, problem", [
+    ("dp2zero", (2, 1, 1, True, None), "ZeRO optimizer states saved at parallel.tp=1 parallel.pp=1 reshard across "
+                                       "parallel.dp only; resume at tp=1 pp=1 (any dp)"),
+    ("tp2", (2, 1, 1, True, None), "parallel.zero=false when saved"),
+])
+def test_resume_refuses_a_layout_its_optimizer_states_cannot_reach(runs, tmp_path, saved, layout, problem):
+    run_dir = _from_step2(runs / saved, tmp_path / "run")
+    for dry in (["--dry-run"], []):
+        proc = run_cli("sft", *_overrides(run_dir, *layout), *dry, check=False)
+        assert proc.returncode == 2 and problem in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]  # nothing written
 
 
 def test_extended_run_follows_the_new_schedule(runs, tmp_path):

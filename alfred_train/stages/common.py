@@ -116,7 +116,7 @@ class CheckpointUse:
     where: str
     holds: tuple[tuple[str, ...], ...]
     what: str  # the kind of checkpoint the key takes, for the message
-    resume: bool = False  # optimizer states load too: the layout must be the one saved
+    resume: bool = False  # optimizer states load too: they must reshard to this layout
 
 
 def init_uses(cfg: Config, stage: str) -> list[CheckpointUse]:
@@ -193,9 +193,8 @@ def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, s
         raise ConfigError(f"{key}: {path} holds a model of shape {saved}, this config builds {built}; set model.* "
                           "(and model.tokenizer) as in that run" + (", or set a new run.dir" if use.resume else ""))
     saved_layout = meta.get("layout") or {}
-    if use.resume and saved_layout != layout(cfg):
-        raise ConfigError(f"{key}: {path} holds optimizer states saved at layout {saved_layout}, this run is "
-                          f"{layout(cfg)}; resume at the same parallel.tp/pp/dp/vpp/zero, or set a new run.dir")
+    if use.resume and (problem := checkpoint.reshard_problem(saved_layout, layout(cfg))):
+        raise ConfigError(f"{key}: {path}: {problem}, or set a new run.dir")
     if (saved_layout.get("vpp") or 1) != (cfg.parallel.vpp or 1):
         raise ConfigError(f"parallel.vpp: {key} ({path}) was saved with parallel.vpp={saved_layout.get('vpp')}; "
                           "set parallel.vpp as when saved")
@@ -262,7 +261,13 @@ def resume(cfg: Config, runtime: ParallelRuntime, trainables: dict) -> tuple[int
     for name, t in trainables.items():
         restore_scheduler(t.scheduler, state[f"{name}_scheduler"])
         t.steps = state[f"{name}_steps"]
-    checkpoint.load_rng(path, runtime.rank)
+    moved = checkpoint.layout_note(meta["layout"], layout(cfg))
+    if moved is None:
+        checkpoint.load_rng(path, runtime.rank)
+    elif runtime.is_main:  # rank r's saved RNG states were another role's; data order and sampling are
+        # keyed by (seed, step, sample), so only a layer's dropout (e.g. lora.dropout) draws differently
+        log.warning("resumed at another layout (%s): weights and optimizer states resharded, RNG states from "
+                    "train.seed", moved)
     log.info("resumed from %s at step %d", path, meta["step"])
     return meta["step"], state
 
