@@ -84,7 +84,9 @@ def test_a_resumed_run_is_checked_against_its_checkpoint(capsys, tmp_path, ckpts
     sft = ["sft", TINY_SFT, "parallel.tp=1", f"run.dir={run}", "--dry-run"]
     assert _run(capsys, *sft)[0] == 0
     _error(capsys, "checkpoint.resume", "num_layers=4, this config builds num_layers=2", *sft, "model.num_layers=2")
-    _error(capsys, "checkpoint.resume", "parallel.tp/pp/dp/vpp/zero", *sft, "parallel.tp=2")
+    code, out, err = _run(capsys, *sft, "parallel.tp=2")  # plain optimizer states reshard like the weights
+    assert code == 0 and "(step 1) at another layout (tp 1 -> 2): weights and optimizer states reshard" in out, err
+    _error(capsys, "checkpoint.resume", "parallel.zero=false when saved", *sft, "parallel.zero=true")
     _error(capsys, "checkpoint.resume", "holds the models ['policy'] of a sft run", "rm", TINY_RM, "parallel.tp=1",
            f"run.dir={run}", "--dry-run")
     # resumed, an SFT run loads no init: a bad checkpoint.init is not in the way
