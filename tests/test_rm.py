@@ -149,6 +149,18 @@ def test_init_loads_sft_trunk_across_layouts(runs):
 
 
 @pytest.mark.slow
+def test_a_held_out_split_too_small_to_evaluate_trains_without_valid_metrics(runs, tmp_path):
+    """5 held-out pairs, micro-batch 8: the dry run passes, so the run must not fail on it (it once
+    did, after building the model); it trains and says why there is no valid_accuracy, as SFT does."""
+    argv = [str(TINY_RM), f"rm.init={runs / 'sft'}", "parallel.tp=1", "data.synthetic_size=100",
+            f"run.dir={tmp_path / 'rm'}", "train.max_steps=2", "train.eval_interval=1", *QUIET]
+    assert run_cli("rm", *argv, "--dry-run").returncode == 0
+    proc = run_cli("rm", *argv)
+    assert "no valid_accuracy: the held-out split has 5 samples, too few for one evaluation" in proc.stderr
+    assert metrics(tmp_path / "rm") and not metrics(tmp_path / "rm", "valid_accuracy")
+
+
+@pytest.mark.slow
 def test_init_rejects_a_checkpoint_of_another_shape(runs, tmp_path):
     proc = run_cli("rm", str(TINY_RM), f"rm.init={runs / 'sft'}", "parallel.tp=1", "model.num_layers=2",
                    f"run.dir={tmp_path / 'rm'}", "train.max_steps=1", *QUIET, check=False)

@@ -31,6 +31,7 @@ from alfred_train.data.packing import PaddedBatch, collate_pairs
 from alfred_train.data.records import parse_preference
 from alfred_train.data.sampler import iterate_batches
 from alfred_train.data.templates import get_template
+from alfred_train.errors import ConfigError
 from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.models import lora_checkpoint
@@ -164,8 +165,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     def save(at_step, consumed_samples):
         common.save(cfg, runtime, at_step, trainables, shape, "rm", consumed_samples=consumed_samples)
 
-    valid_batches = micro_batches(valid_set, common.eval_indices(len(valid_set), cfg, runtime.dp_rank),
-                                  t.micro_batch_size, tokenizer, cfg.data.seq_len) if valid_set else []
+    valid_batches = _valid_batches(valid_set, cfg, runtime, tokenizer)
 
     def evaluate_now() -> dict:
         return evaluate(trainable, valid_batches, cfg, runtime)
@@ -189,11 +189,11 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
         row = {"loss": result.loss, "accuracy": result.reports["correct"], "margin": result.reports["margin"],
                "lr": result.lr, "grad_norm": result.grad_norm, "pairs_per_s": t.global_batch_size / dt,
                "step_time": dt, "skipped": int(not result.ok)}
-        if valid_set and t.eval_interval and step % t.eval_interval == 0:
+        if valid_batches and t.eval_interval and step % t.eval_interval == 0:
             row.update(evaluate_now())
         metrics.log(step, row)
         last = step == t.max_steps
-        if last and valid_set and "valid_loss" not in row:
+        if last and valid_batches and "valid_loss" not in row:
             metrics.log(step, evaluate_now())
         if common.checkpoint_or_stop(cfg, step, lambda at: save(at, consumed), preemption, runtime, metrics):
             code = common.PREEMPTED_EXIT_CODE
@@ -205,6 +205,20 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
         print(f"rm: {step} steps done; run directory: {run_dir} "
               f"(metrics.jsonl, tb/, checkpoints/{checkpoint.iter_name(step)})", flush=True)
     return code
+
+
+def _valid_batches(valid_set, cfg: Config, runtime: ParallelRuntime, tokenizer) -> list:
+    """The held-out micro-batches this rank evaluates; [] (with a warning) when the split cannot fill
+    one evaluation: the RM still trains, only the valid_* metrics are missing (as SFT's valid_loss)."""
+    if not valid_set:
+        return []
+    try:
+        indices = common.eval_indices(len(valid_set), cfg, runtime.dp_rank)
+    except ConfigError as err:
+        if runtime.is_main:
+            log.warning("no valid_accuracy: %s", err)
+        return []
+    return micro_batches(valid_set, indices, cfg.train.micro_batch_size, tokenizer, cfg.data.seq_len)
 
 
 @torch.no_grad()
