@@ -138,6 +138,11 @@ def test_tiny_sft_on_slurm_and_requeue_resumes_to_the_same_loss(slurm_cluster, t
     status = launch_cli("jobs", "status", job_id, "--backend", "slurm")
     s_out, _ = status.communicate(timeout=60)
     assert s_out.startswith(f"{job_id} COMPLETED exit=0 restarts=")
+    # a job Slurm does not know: scontrol's complaint in one line, not its several
+    unknown = launch_cli("jobs", "status", "999999", "--backend", "slurm")
+    u_err = unknown.communicate(timeout=60)[1]
+    assert unknown.returncode != 0 and u_err.count("\n") == 1, u_err
+    assert "scontrol show job -o 999999 failed (exit 1): " in u_err and "Traceback" not in u_err, u_err
     logs = launch_cli("jobs", "logs", job_id, "--backend", "slurm", "--tail", "1")
     assert logs.communicate(timeout=60)[0] == "alfred: workers exited with 0\n"
 

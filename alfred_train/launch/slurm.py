@@ -161,8 +161,9 @@ def _run(argv: list[str]) -> str:
         )
     except FileNotFoundError as err:
         raise SlurmError(f"{argv[0]} not found: run this on a Slurm login node") from err
-    if done.returncode != 0:
-        raise SlurmError(f"{shlex.join(argv)} failed: {done.stderr.strip() or done.stdout.strip()}")
+    if done.returncode != 0:  # one line: Slurm's tools may say it over several (retries, hints)
+        said = [line.strip() for line in (done.stderr.strip() or done.stdout).splitlines() if line.strip()]
+        raise SlurmError(f"{shlex.join(argv)} failed (exit {done.returncode}): {' | '.join(dict.fromkeys(said))}")
     return done.stdout
 
 
