@@ -193,11 +193,20 @@ def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, s
         raise ConfigError(f"{key}: {path} holds a model of shape {saved}, this config builds {built}; set model.* "
                           "(and model.tokenizer) as in that run" + (", or set a new run.dir" if use.resume else ""))
     saved_layout = meta.get("layout") or {}
-    if use.resume and (problem := checkpoint.reshard_problem(saved_layout, layout(cfg))):
-        raise ConfigError(f"{key}: {path}: {problem}, or set a new run.dir")
+    if use.resume:
+        check_resume_layout(cfg, use, path, meta)
     if (saved_layout.get("vpp") or 1) != (cfg.parallel.vpp or 1):
         raise ConfigError(f"parallel.vpp: {key} ({path}) was saved with parallel.vpp={saved_layout.get('vpp')}; "
                           "set parallel.vpp as when saved")
+
+
+def check_resume_layout(cfg: Config, use: CheckpointUse, path: Path, meta: dict) -> str | None:
+    """Refuse (ConfigError naming `use.key`) a resume whose optimizer states cannot reshard to this
+    run's layout (`checkpoint.reshard_problem`); returns the layout change, None at the same layout."""
+    saved = meta.get("layout") or {}
+    if problem := checkpoint.reshard_problem(saved, layout(cfg)):
+        raise ConfigError(f"{use.key}: {path}: {problem}, or set a new run.dir")
+    return checkpoint.layout_note(saved, layout(cfg))
 
 
 def build_trainable(cfg: Config, runtime: ParallelRuntime, shape: ModelShape, backend, *, kind: str,
