@@ -188,6 +188,15 @@ def test_gzip_jsonl_and_globbed_shards_as_the_hubs_ship_them(tmp_path):
         mixture.load(f"{tmp_path}/nowhere/*.parquet", "sft", cfg.data, 0, "data.train")
 
 
+def test_every_line_ending_reads_as_lines(tmp_path):
+    records = [json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() for i in range(3)]
+    for name, end in (("unix", b"\n"), ("windows", b"\r\n"), ("classic-mac", b"\r")):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(end.join(records) + end)
+        _, got, _ = read(path, "sft")
+        assert [r.context[0].content for r in got] == ["q0", "q1", "q2"], name  # a bare \r once made one line
+
+
 def test_undecodable_lines_and_broken_gzip_are_one_line_errors(tmp_path, capsys):
     import gzip
 

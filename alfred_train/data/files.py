@@ -44,11 +44,13 @@ def _check_file(path: Path) -> None:
 def jsonl_rows(path: Path) -> Iterator[Row]:
     """Rows of a JSONL file whatever its name (`generate --prompts` takes any); gzip when it ends in .gz.
 
-    Lines are decoded one by one, so a line that is not UTF-8 is one bad row, not an unreadable file."""
+    Lines are decoded one by one, so a line that is not UTF-8 is one bad row, not an unreadable file.
+    A line ends at \\n, \\r\\n or a bare \\r (JSON holds no raw carriage return in a value)."""
     line_no = 0
     try:
         with gzip.open(path) if path.suffix == ".gz" else path.open("rb") as f:
-            for line_no, raw in enumerate(f, start=1):
+            for raw in (line for chunk in f for line in chunk.splitlines()):
+                line_no += 1
                 where = f"{path}:{line_no}"
                 try:
                     line = raw.decode("utf-8")
