@@ -21,7 +21,7 @@ from alfred_train.config import Config, dump_yaml
 from alfred_train.data import mixture
 from alfred_train.data.corpus import TINY_SP_MODEL_PATH as TINY_TOKENIZER
 from alfred_train.data.tokenizer import load_tokenizer
-from alfred_train.errors import ConfigError
+from alfred_train.errors import AlfredError, ConfigError
 from alfred_train.models import lora, lora_checkpoint
 from alfred_train.models.build import ModelShape, build_model, resolve_shape, unwrap
 from alfred_train.parallel.init import ParallelRuntime
@@ -149,6 +149,26 @@ def checkpoints_to_load(cfg: Config, stage: str) -> list[CheckpointUse]:
                                 resume=True)]
     loads_init = stage == "ppo" or cfg.lora.rank or not resume
     return resume + (init_uses(cfg, stage) if loads_init else [])
+
+
+def on_every_rank(runtime: ParallelRuntime, check):
+    """`check()` (each rank reads its own files), refused on every rank if it is refused on any.
+
+    Node-local run directories differ by node: a checkpoint refused on one node only (after a shrink
+    the survivors are renumbered) left the other ranks to die in the next collective with a gloo
+    traceback, and the one line unprinted where the refusing rank was not rank 0 (only rank 0 prints
+    config errors). Each rank raises its own error, or the first other rank's as a ConfigError."""
+    try:
+        result, problem = check(), None
+    except AlfredError as err:
+        result, problem = None, err
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        said = [None] * dist.get_world_size()
+        dist.all_gather_object(said, None if problem is None else str(problem))
+        problem = problem or next((ConfigError(f"rank {r}: {p}") for r, p in enumerate(said) if p), None)
+    if problem is not None:
+        raise problem
+    return result
 
 
 def check_checkpoints(cfg: Config, stage: str, shape: ModelShape, *,

@@ -140,7 +140,8 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     train_pairs, valid_pairs = load_preference_pairs(cfg)  # a bad record stops the run before any model is built
     tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
-    common.check_checkpoints(cfg, "rm", shape, required=True)  # init and resume, before anything is written
+    # the init and the resumed checkpoint, before anything is written (refused everywhere if on any rank)
+    common.on_every_rank(runtime, lambda: common.check_checkpoints(cfg, "rm", shape, required=True))
     run_dir = common.prepare_run_dir(cfg, runtime)
     backend = common.attention_backend(cfg, runtime)
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind="scalar", total_steps=t.max_steps)

@@ -56,7 +56,8 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     train_ex, valid_ex = load_sft_examples(cfg)  # a bad record stops the run before any model is built
     tokenizer = common.tokenizer_for(cfg)
     shape = common.shape_for(cfg, tokenizer)
-    common.check_checkpoints(cfg, "sft", shape, required=True)  # init and resume, before run.dir is written
+    # the init and the resumed checkpoint, before run.dir is written (refused everywhere if on any rank)
+    common.on_every_rank(runtime, lambda: common.check_checkpoints(cfg, "sft", shape, required=True))
     run_dir = common.prepare_run_dir(cfg, runtime)
     backend = common.attention_backend(cfg, runtime)
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind="lm", total_steps=t.max_steps)
