@@ -108,7 +108,7 @@ def resolve_tasks(tasks) -> tuple[list[str], list[str]]:
     return names, folders
 
 
-def task_manager(names: list[str], folders: list[str]):
+def task_manager(names: list[str], folders: list[str], key: str = "--tasks"):
     """lm-eval's TaskManager over our YAML folders (plus its own registry when a name needs it)."""
     from lm_eval.tasks import TaskManager
 
@@ -116,9 +116,16 @@ def task_manager(names: list[str], folders: list[str]):
     manager = TaskManager(include_path=folders or None, include_defaults=builtin)
     missing = [n for n in names if n not in manager.all_tasks]
     if missing:
-        raise ConfigError(f"--tasks: lm-eval knows no task {', '.join(missing)}; give a task YAML file or a "
+        raise ConfigError(f"{key}: lm-eval knows no task {', '.join(missing)}; give a task YAML file or a "
                           "name from `lm-eval ls tasks`")
     return manager
+
+
+def check_task_names(tasks, key: str) -> None:
+    """Every task name is known to lm-eval: its index of ~15k task files takes ~10 s to build, so
+    this runs in the dry run and once before training, not at each config load (`check_tasks`)."""
+    check_tasks(tasks, key)
+    task_manager(*resolve_tasks(tasks), key)
 
 
 def _names_in(folders: list[str]) -> set[str]:

@@ -236,3 +236,15 @@ def test_ppo_eval_tasks_are_checked_at_config_load(tmp_path):
         load_config(TINY_PPO, [f"ppo.eval_tasks=[{tmp_path / 'nope.yaml'}]"])
     with pytest.raises(ConfigError, match="checkpoint.save_final: true"):
         load_config(TINY_PPO, [f"ppo.eval_tasks=[{write_task(tmp_path)}]", "checkpoint.save_final=false"])
+
+
+def test_ppo_eval_task_names_are_checked_before_training(tmp_path, capsys, monkeypatch):
+    """A misspelt lm-eval task name is refused by the dry run (and the run's preflight, the same
+    function), not found after the last PPO iteration."""
+    from alfred_train.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["ppo", TINY_PPO, "ppo.eval_tasks=[hellaswagg]", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "ppo.eval_tasks: lm-eval knows no task hellaswagg" in err and len(err.strip().splitlines()) == 1
+    assert main(["ppo", TINY_PPO, "ppo.eval_tasks=[hellaswag]", "--dry-run"]) == 0  # a name lm-eval ships

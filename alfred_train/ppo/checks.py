@@ -12,6 +12,7 @@ key to change:
     prompts split over DP ranks into whole micro-batches;
   * lengths: prompt (max_prompt_tokens) + response (max_new_tokens) + the EOD appended for scoring
     fit model.max_seq_len;
+  * ppo.eval_tasks: lm-eval knows every task name (rank 0);
   * files (read, never a model): enough prompts for one iteration after the held-out ones; the
     SFT and RM checkpoints (and the one resumed) hold the right models of this model shape
     (`stages.common.check_checkpoints`); the tokenizer and the template recorded in the SFT and RM
@@ -195,12 +196,17 @@ def unreachable_prompts(cfg: Config) -> list[str]:
     return missing
 
 
-def preflight(cfg: Config, *, dry_run: bool):
+def preflight(cfg: Config, *, dry_run: bool, main: bool = True):
     """All of PPO's checks, in the order a run meets them; nothing is built. Returns (tokenizer,
-    Prompts, notes on what the dry run could not reach)."""
+    Prompts, notes on what the dry run could not reach). main=False (a rank other than 0) skips
+    the lm-eval task names, which rank 0 checks for every rank."""
     from alfred_train.stages.common import tokenizer_for, tokenizer_path
 
     check_config(cfg)
+    if cfg.ppo.eval_tasks and main:  # before training: a misspelt task must not wait for the run's end
+        from alfred_train.evaluation import check_task_names
+
+        check_task_names(cfg.ppo.eval_tasks, "ppo.eval_tasks")
     path = tokenizer_path(cfg)
     if dry_run and not Path(path).exists():
         return None, None, [f"model.tokenizer: {path} is not reachable here: the prompts and the checkpoints' "

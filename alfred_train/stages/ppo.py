@@ -92,7 +92,8 @@ def build_lora_models(cfg: Config, runtime, shape, backend):
 def run(cfg: Config, runtime) -> int:
     o, t = cfg.ppo, cfg.train
     # every config error before a model is built, on every rank if any rank's files are refused
-    tokenizer, prompt_set, _ = common.on_every_rank(runtime, lambda: preflight(cfg, dry_run=False))
+    tokenizer, prompt_set, _ = common.on_every_rank(
+        runtime, lambda: preflight(cfg, dry_run=False, main=runtime.is_main))
     run_dir = common.prepare_run_dir(cfg, runtime)
     shape = common.shape_for(cfg, tokenizer)
     backend = choose_backend(cfg.model.attention_backend, needs_padding_mask=True)  # left-padded rollouts
