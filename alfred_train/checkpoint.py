@@ -444,8 +444,12 @@ def _preemption_signals_blocked():
 
 def _prune(root: Path, keep: int, written: int) -> None:
     """Keep the newest `keep` checkpoints by step number up to `written` (just written, so never
-    removed). Newer ones are left alone: a run resumed from an older step skipped them as damaged,
+    removed), and remove the parts of saves that never finished. Newer ones are left alone: a run resumed from an older step skipped them as damaged,
     and it replaces each when it reaches its step; they do not push out the sound ones before it."""
     done = sorted((step, path) for step, path in iter_steps(root).items() if step <= written)
     for _, old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    # a save killed mid-way (Slurm's KILL after TERM) left its .tmp- part (a whole checkpoint's size), or
+    # the .old- copy of a step it replaced; the save just published is whole, so these are stale
+    for stale in [*root.glob(".tmp-iter_*"), *root.glob(".old-iter_*")]:
+        shutil.rmtree(stale, ignore_errors=True)

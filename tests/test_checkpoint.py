@@ -84,6 +84,20 @@ def test_pruning_goes_by_step_and_keeps_the_one_just_written(tmp_path):
     assert sorted(checkpoint.iter_steps(tmp_path / "checkpoints")) == [3, 4, 10, 12]
 
 
+def test_pruning_removes_the_parts_of_saves_killed_mid_way(tmp_path):
+    """A save KILLed after Slurm's TERM leaves .tmp-iter_N (every shard: a whole checkpoint's size);
+    a step it never reaches again would keep it forever. The next save removes it."""
+    from alfred_train import checkpoint
+
+    root = tmp_path / "checkpoints"
+    ckpt(tmp_path, 10).mkdir(parents=True)
+    for stale in (".tmp-iter_0000015", ".old-iter_0000012"):
+        (root / stale).mkdir()
+        (root / stale / "__0_0.distcp").write_bytes(b"x" * 100)
+    checkpoint._prune(root, keep=2, written=10)
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000010"]
+
+
 def test_rows_after_the_resumed_step_are_dropped(tmp_path):
     from alfred_train.metrics import drop_rows_after
 
