@@ -134,10 +134,13 @@ def describe(cfg: Config, stage: str) -> str:
     p = cfg.parallel
     shape = resolve_shape(cfg.model, _vocab_size(cfg))
     _check_shards(shape, p.tp)
-    if stage != "ppo":  # the checkpoints it loads (PPO's preflight checks its own)
+    data = []
+    if stage != "ppo":  # the checkpoints it loads (PPO's preflight checks its own) and the data
         from alfred_train.stages.common import check_checkpoints
 
         unchecked = check_checkpoints(cfg, stage, shape, required=False)[1]
+        data, missing = _data_lines(cfg, stage)
+        unchecked += missing
     bf16 = _use_bf16(cfg)
     lines = [f"alfred-train {stage} --dry-run: the configuration is valid; nothing was started.",
              _shape_line(cfg, shape), *_layout_lines(cfg, shape), ""]
@@ -187,7 +190,7 @@ def describe(cfg: Config, stage: str) -> str:
     plan = peak_plan(cfg, stage, shape, static, kv, bf16)
     lines += ["", *plan.lines]
     trainable = [mp.total for _, t, mp in models if t]
-    lines += ["", *checkpoint_lines(cfg, trainable, bf16), *_resume_lines(cfg, stage)]
+    lines += ["", *checkpoint_lines(cfg, trainable, bf16), *_resume_lines(cfg, stage), *data]
     if cfg.lora.rank:
         from alfred_train.models.lora_plan import memory_lines
 
@@ -199,6 +202,37 @@ def describe(cfg: Config, stage: str) -> str:
     full = plan if plan.recompute == "full" else peak_plan(cfg, stage, shape, static, kv, bf16, recompute="full")
     check_fits(cfg, plan, full)
     return "\n".join(lines)
+
+
+def _data_lines(cfg: Config, stage: str) -> tuple[list[str], list[str]]:
+    """SFT / RM: (what the run trains on, notes on the data files not reachable here). The data is
+    read and built by the run's own `prepare_data`, so a bad record or too small a set is refused
+    here as it would be when the run starts."""
+    from pathlib import Path
+
+    from alfred_train.data import mixture
+    from alfred_train.stages import common, rm, sft
+
+    d, t = cfg.data, cfg.train
+    missing = ([] if d.synthetic else mixture.unreachable(d.train, d.format, "data.train")) \
+        + mixture.unreachable(d.valid, d.format, "data.valid")
+    if not Path(common.tokenizer_path(cfg)).exists():
+        missing.append(f"model.tokenizer: {common.tokenizer_path(cfg)}")
+    if missing:
+        return [], [f"{m} is not reachable here: the data is read and checked when the run starts" for m in missing]
+    train, valid = (sft if stage == "sft" else rm).prepare_data(cfg, common.tokenizer_for(cfg))
+    n_valid = len(valid) if valid is not None else 0
+    what = (f"samples of {d.seq_len} tokens" + (" (packed)" if d.pack else " (one example each)")) if stage == "sft" \
+        else f"preference pairs (up to {d.seq_len} tokens each)"
+    steps = len(train) // t.global_batch_size
+    lines = [f"Data: {len(train):,} training {what}, {n_valid:,} held out; an epoch is {steps:,} steps of "
+             f"{t.global_batch_size}, so train.max_steps {t.max_steps} is {t.max_steps / steps:.2f} epochs"]
+    if n_valid:
+        try:
+            common.eval_indices(n_valid, cfg, 0)
+        except ConfigError as err:
+            lines.append(f"  no valid_* metrics: {err}")
+    return lines, []
 
 
 def _resume_lines(cfg: Config, stage: str) -> list[str]:

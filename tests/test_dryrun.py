@@ -232,6 +232,31 @@ def test_sft_and_rm_dry_runs_show_only_the_trained_model(capsys):
     assert f"{6_738_415_616 - 32000 * 4096 + 4097:,}" in out and "policy" not in out
 
 
+TINY_SFT = REPO / "configs" / "tiny-sft.yaml"
+
+
+def test_sft_and_rm_dry_runs_read_the_data_as_the_run_does(capsys, tmp_path):
+    """The data is built by the run's own `prepare_data`: too few samples for one global batch and a
+    bad record exit 2 in the dry run (they used to pass it and fail the run); files not reachable
+    here are noted; a reachable set is summed up in a Data line."""
+    code, out, err = dry_run(capsys, "sft", str(TINY_SFT))
+    assert code == 0, err
+    assert "training samples of 64 tokens (packed)" in out and "epochs" in out
+    code, out, err = dry_run(capsys, "rm", str(REPO / "configs" / "tiny-rm.yaml"))
+    assert code == 0, err
+    assert "Data: 1,900 training preference pairs" in out and "100 held out" in out
+    code, _, err = dry_run(capsys, "sft", str(TINY_SFT), "data.synthetic_size=3")
+    assert code == 2 and "fewer than train.global_batch_size (16)" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "response": "there"}\n{"prompt": 3\n')
+    for stage in ("sft", "rm"):
+        code, _, err = dry_run(capsys, stage, str(TINY_SFT), "data.synthetic=false", f"data.train={bad}")
+        assert code == 2 and f"{bad}:" in err and len(err.strip().splitlines()) == 1, err
+    code, out, err = dry_run(capsys, "sft", str(TINY_SFT), "data.synthetic=false", f"data.train={tmp_path}/no-*.jsonl")
+    assert code == 0, err
+    assert f"not checked here: data.train: {tmp_path}/no-*.jsonl is not reachable here" in out
+
+
 def test_tiny_ppo_dry_run_reads_the_vocabulary_from_the_tokenizer(capsys):
     code, out, err = dry_run(capsys, "ppo", str(TINY_PPO))
     assert code == 0, err

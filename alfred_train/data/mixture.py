@@ -22,6 +22,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from alfred_train.config import DataConfig, DataFiles, DataSource
@@ -69,6 +70,19 @@ def paths(pattern: str) -> list[str]:
     if not found:
         raise ConfigError(f"data file pattern {pattern} matches no file; check the data.* paths in the config")
     return found
+
+
+def unreachable(files: Optional[DataFiles], default_format: str, key: str) -> list[str]:
+    """"key: path" (key[i] in a mixture) of each source of `files` that does not exist here (a glob:
+    that matches nothing): a dry run on a laptop notes them instead of reading the data."""
+    if files is None:
+        return []
+    missing = []
+    for i, source in enumerate(sources(files, default_format)):
+        glob_chars = any(c in source.path for c in "*?[")
+        if not (glob.glob(source.path) if glob_chars else Path(source.path).exists()):
+            missing.append(f"{key}{'' if isinstance(files, str) else f'[{i}]'}: {source.path}")
+    return missing
 
 
 def read_source(source: DataSource, kind: Kind, d: DataConfig) -> SourceRecords:

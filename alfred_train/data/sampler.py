@@ -31,16 +31,21 @@ class RankBatch:
     consumed_samples: int  # global samples consumed once this batch is done: save it to resume
 
 
-def _check(num_samples: int, global_batch: int, dp_rank: int, dp_size: int) -> None:
-    if global_batch % dp_size != 0:
-        raise ConfigError(
-            f"train.global_batch_size ({global_batch}) must be divisible by the data-parallel size dp ({dp_size})"
-        )
+def check_enough(num_samples: int, global_batch: int) -> None:
+    """One global batch fits in the dataset (checked before any model is built, and by --dry-run)."""
     if num_samples < global_batch:
         raise ConfigError(
             f"the dataset has {num_samples} samples, fewer than train.global_batch_size ({global_batch}); "
             "lower the batch size or add data"
         )
+
+
+def _check(num_samples: int, global_batch: int, dp_rank: int, dp_size: int) -> None:
+    if global_batch % dp_size != 0:
+        raise ConfigError(
+            f"train.global_batch_size ({global_batch}) must be divisible by the data-parallel size dp ({dp_size})"
+        )
+    check_enough(num_samples, global_batch)
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
 

@@ -25,7 +25,6 @@ exists but is not a checkpoint is an error in both.
 
 from __future__ import annotations
 
-import glob
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,16 +183,9 @@ def unreachable_prompts(cfg: Config) -> list[str]:
     from alfred_train.data import mixture
 
     d = cfg.data
-    files = d.prompts if d.prompts is not None else (d.train if not d.synthetic else None)
-    if files is None:
-        return []
-    key = "data.prompts" if d.prompts is not None else "data.train"
-    missing = []
-    for i, source in enumerate(mixture.sources(files, d.format)):
-        glob_chars = any(c in source.path for c in "*?[")
-        if not (glob.glob(source.path) if glob_chars else Path(source.path).exists()):
-            missing.append(f"{key}{'' if isinstance(files, str) else f'[{i}]'}: {source.path}")
-    return missing
+    if d.prompts is not None:
+        return mixture.unreachable(d.prompts, d.format, "data.prompts")
+    return [] if d.synthetic else mixture.unreachable(d.train, d.format, "data.train")
 
 
 def preflight(cfg: Config, *, dry_run: bool, main: bool = True):

@@ -29,7 +29,7 @@ from alfred_train.data import synthetic
 from alfred_train.data.datasets import encode_preference
 from alfred_train.data.packing import PaddedBatch, collate_pairs
 from alfred_train.data.records import parse_preference
-from alfred_train.data.sampler import iterate_batches
+from alfred_train.data.sampler import check_enough, iterate_batches
 from alfred_train.data.templates import get_template
 from alfred_train.errors import ConfigError
 from alfred_train.metrics import MetricsLogger, plot_metrics
@@ -76,6 +76,16 @@ def scores_at_eod(scores: torch.Tensor, eod_index: torch.Tensor) -> torch.Tensor
 def load_preference_pairs(cfg: Config):
     """(train, valid) PreferencePair lists from data files or the synthetic task."""
     return common.load_records(cfg, synthetic.make_preference_pairs, parse_preference, "preference")
+
+
+def prepare_data(cfg: Config, tokenizer) -> tuple[list[EncodedPair], list[EncodedPair]]:
+    """(train, valid) encoded pairs, as the run trains on them; a bad record or a train set smaller
+    than one global batch is refused here, before any model is built. The dry run calls it too."""
+    train_pairs, valid_pairs = load_preference_pairs(cfg)
+    encode = partial(encode_preference, tokenizer, get_template(cfg.data.template), max_len=cfg.data.seq_len)
+    train_set, valid_set = [encode(p) for p in train_pairs], [encode(p) for p in valid_pairs]
+    check_enough(len(train_set), cfg.train.global_batch_size)
+    return train_set, valid_set
 
 
 def micro_batches(pairs: list[EncodedPair], indices: list[int], micro_batch_size: int, tokenizer,
@@ -137,8 +147,8 @@ def lora_base_ref(cfg: Config, shape):
 
 def run(cfg: Config, runtime: ParallelRuntime) -> int:
     t = cfg.train
-    train_pairs, valid_pairs = load_preference_pairs(cfg)  # a bad record stops the run before any model is built
     tokenizer = common.tokenizer_for(cfg)
+    train_set, valid_set = prepare_data(cfg, tokenizer)  # bad data stops the run before any model is built
     shape = common.shape_for(cfg, tokenizer)
     # the init and the resumed checkpoint, before anything is written (refused everywhere if on any rank)
     common.on_every_rank(runtime, lambda: common.check_checkpoints(cfg, "rm", shape, required=True))
@@ -146,11 +156,6 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     backend = common.attention_backend(cfg, runtime)
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind="scalar", total_steps=t.max_steps)
     trainables = {MODEL_NAME: trainable}
-
-    template = get_template(cfg.data.template)
-    encode = partial(encode_preference, tokenizer, template, max_len=cfg.data.seq_len)
-    train_set = [encode(p) for p in train_pairs]
-    valid_set = [encode(p) for p in valid_pairs]
 
     step, consumed = 0, 0
     if cfg.lora.rank and (cfg.rm.init or cfg.checkpoint.init):  # the frozen trunk, under the adapters

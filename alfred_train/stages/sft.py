@@ -11,6 +11,7 @@ from alfred_train import checkpoint
 from alfred_train.config import Config
 from alfred_train.data import synthetic
 from alfred_train.data.records import parse_sft
+from alfred_train.data.sampler import check_enough
 from alfred_train.data.sft_dataset import SFTDataset
 from alfred_train.data.templates import get_template
 from alfred_train.errors import ConfigError
@@ -29,6 +30,19 @@ MODEL_NAME = "policy"  # SFT checkpoints hold the policy that PPO starts from
 def load_sft_examples(cfg: Config):
     """(train, valid) SFT example lists from data files or the synthetic task."""
     return common.load_records(cfg, synthetic.make_sft_records, parse_sft, "sft")
+
+
+def prepare_data(cfg: Config, tokenizer) -> tuple[SFTDataset, SFTDataset | None]:
+    """(train, valid) SFTDatasets (valid None without held-out examples), as the run trains on them;
+    a bad record or a train set smaller than one global batch is refused here, before any model is
+    built. The dry run calls it too."""
+    d, t = cfg.data, cfg.train
+    train_ex, valid_ex = load_sft_examples(cfg)
+    template = get_template(d.template)
+    train_set = SFTDataset.build(train_ex, tokenizer, template, d.seq_len, d.pack, t.seed)
+    valid_set = SFTDataset.build(valid_ex, tokenizer, template, d.seq_len, d.pack, t.seed) if len(valid_ex) else None
+    check_enough(len(train_set), t.global_batch_size)
+    return train_set, valid_set
 
 
 def lm_forward_step(data_iterator, model):
@@ -53,8 +67,8 @@ def micro_batches(rows, micro_batch_size: int) -> list:
 
 def run(cfg: Config, runtime: ParallelRuntime) -> int:
     t = cfg.train
-    train_ex, valid_ex = load_sft_examples(cfg)  # a bad record stops the run before any model is built
     tokenizer = common.tokenizer_for(cfg)
+    train_set, valid_set = prepare_data(cfg, tokenizer)  # bad data stops the run before any model is built
     shape = common.shape_for(cfg, tokenizer)
     # the init and the resumed checkpoint, before run.dir is written (refused everywhere if on any rank)
     common.on_every_rank(runtime, lambda: common.check_checkpoints(cfg, "sft", shape, required=True))
@@ -63,10 +77,6 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind="lm", total_steps=t.max_steps)
     trainables = {MODEL_NAME: trainable}
 
-    template = get_template(cfg.data.template)
-    train_set = SFTDataset.build(train_ex, tokenizer, template, cfg.data.seq_len, cfg.data.pack, t.seed)
-    valid_set = SFTDataset.build(valid_ex, tokenizer, template, cfg.data.seq_len, cfg.data.pack, t.seed) \
-        if len(valid_ex) else None
     valid_rows = _valid_rows(valid_set, cfg, runtime)
 
     step, consumed = 0, 0
