@@ -16,8 +16,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install  ## tiny SFT on CPU, TP=2 across 2 processes
-	$(VENV)/bin/alfred-train sft configs/tiny-sft.yaml run.dir=runs/tiny-sft checkpoint.resume=none
+demo: install  ## tiny SFT on CPU, TP=2 across 2 processes (starts over: removes an earlier runs/tiny-sft)
+	rm -rf runs/tiny-sft
+	$(VENV)/bin/alfred-train sft configs/tiny-sft.yaml run.dir=runs/tiny-sft
 
 demo-rlhf: install  ## the whole pipeline on the synthetic task: SFT -> RM -> PPO
 	$(PY) -m alfred_train.demo --out runs/demo

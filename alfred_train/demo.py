@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,9 @@ def run_pipeline(out: Path, quick: bool, extra: list[str]) -> dict:
         "ppo": [f"run.dir={dirs['ppo']}", f"ppo.policy_init={dirs['sft']}", f"ppo.reward_init={dirs['rm']}"],
     }
     for stage in ("sft", "rm", "ppo"):
+        if (dirs[stage] / "config.yaml").exists():  # an earlier demo's run: each stage starts over
+            print(f"== {stage}: removing the earlier run in {dirs[stage]}", flush=True)
+            shutil.rmtree(dirs[stage])
         args = [sys.executable, "-m", "alfred_train", stage, str(configs / f"tiny-{stage}.yaml"),
                 *stage_overrides[stage], "checkpoint.resume=none", *(QUICK[stage] if quick else []), *extra]
         print(f"== {stage}: {' '.join(args[3:])}", flush=True)

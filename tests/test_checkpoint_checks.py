@@ -91,7 +91,9 @@ def test_a_resumed_run_is_checked_against_its_checkpoint(capsys, tmp_path, ckpts
            f"run.dir={run}", "--dry-run")
     # resumed, an SFT run loads no init: a bad checkpoint.init is not in the way
     assert _run(capsys, *sft, f"checkpoint.init={ckpts['rm']}")[0] == 0
-    assert _run(capsys, *sft, "model.num_layers=2", "checkpoint.resume=none")[0] == 0
+    # starting over beside an earlier run's checkpoints would leave them as the newest: refused
+    _error(capsys, "checkpoint.resume", "holds checkpoints of an earlier run after it (iter_0000002)", *sft,
+           "model.num_layers=2", "checkpoint.resume=none")
     _error(capsys, "checkpoint.resume", "holds no checkpoint", *sft, f"checkpoint.resume={ckpts['empty']}")
 
 

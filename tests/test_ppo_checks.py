@@ -213,5 +213,5 @@ def test_the_checkpoint_a_ppo_run_resumes_is_checked_too(capsys, tmp_path, inits
     for extra in (["--dry-run"], []):
         code, err = _run(capsys, "ppo", TINY_PPO, f"run.dir={run}", *inits, *extra)
         assert code == 2 and err.startswith("alfred-train: error: checkpoint.resume: ") and "num_layers=2" in err, err
-    code, _ = _run(capsys, "ppo", TINY_PPO, f"run.dir={run}", *inits, "checkpoint.resume=none", "--dry-run")
-    assert code == 0
+    code, err = _run(capsys, "ppo", TINY_PPO, f"run.dir={run}", *inits, "checkpoint.resume=none", "--dry-run")
+    assert code == 2 and "holds checkpoints of an earlier run after it (iter_0000004)" in err, err

@@ -183,7 +183,26 @@ def check_checkpoints(cfg: Config, stage: str, shape: ModelShape, *,
                          "before any model is built")
         else:
             found.append((use, *got))
+    start = next((meta["step"] for use, _, meta in found if use.resume), 0)
+    check_no_later_history(cfg, start)
     return found, notes
+
+
+def check_no_later_history(cfg: Config, start: int) -> None:
+    """A run that does not continue run.dir's own newest checkpoint (checkpoint.resume: none, or a
+    path: a rollback) would leave the checkpoints an earlier run saved there after `start` beside
+    its own, and the newest by step number is what auto-resume, rm.init, ppo.*_init and eval take:
+    another run's model, silently. Refused (what to move is named); `auto` always continues."""
+    c = cfg.checkpoint
+    if c.resume == "auto":
+        return
+    root = Path(cfg.run.dir) / "checkpoints"
+    later = sorted(step for step in checkpoint.iter_steps(root) if step > start)
+    if later:
+        names = ", ".join(checkpoint.iter_name(s) for s in later[:3]) + (", ..." if len(later) > 3 else "")
+        raise ConfigError(f"checkpoint.resume: {c.resume} starts this run at step {start}, but {root} holds "
+                          f"checkpoints of an earlier run after it ({names}), which a resume or the next stage "
+                          "would take for this run's; move them out of run.dir (or delete them), or set a new run.dir")
 
 
 def checked(cfg: Config, use: CheckpointUse, shape: ModelShape, *, required: bool) -> tuple[Path, dict] | None:
@@ -204,7 +223,7 @@ def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, s
     held = meta.get("models") or []
     if not any(set(names) <= set(held) for names in use.holds):
         stage = f" of a {state['stage']} run" if state.get("stage") else ""
-        fix = "set a new run.dir (or checkpoint.resume=none)" if use.resume else "point it there"
+        fix = "set a new run.dir" if use.resume else "point it there"
         raise ConfigError(f"{key}: {path} holds the models {held}{stage}; {key} takes {use.what}: {fix}")
     differ = checkpoint.shape_differences(state.get("model"), dataclasses.asdict(shape))
     if differ:
@@ -376,24 +395,35 @@ def write_requeue_record(step: int, runtime) -> None:
     os.replace(tmp, path)
 
 
+_preempted = False  # set by SIGUSR1 / SIGTERM from the moment a worker starts (`Preemption.listen`)
+
+
 class Preemption:
     """SIGUSR1 / SIGTERM ask the run to checkpoint at the next step boundary and exit with code 3.
 
-    `requested()` is collective (a MAX all-reduce), so every rank stops at the same step.
+    The handlers are installed when the worker starts (`listen`, from cli), not when the step loop
+    begins: a signal during the minutes of start-up (data, model build, resume, the first
+    evaluation) used to kill the job with no checkpoint and no requeue record. `requested()` is
+    collective (a MAX all-reduce), so every rank stops at the same step.
     """
 
     def __init__(self):
-        self._flag = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._set)
+        self.listen()
 
-    def _set(self, signum, frame):
-        self._flag = True
+    @staticmethod
+    def listen() -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, _on_preemption_signal)
 
     def requested(self, device) -> bool:
-        flag = torch.tensor([1.0 if self._flag else 0.0], device=device)
+        flag = torch.tensor([1.0 if _preempted else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def _on_preemption_signal(signum, frame) -> None:
+    global _preempted
+    _preempted = True
 
 
 class Timer:
