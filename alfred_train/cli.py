@@ -138,6 +138,9 @@ def _run_worker(cfg, stage: str) -> int:
     from alfred_train.parallel.dims import ParallelDims
     from alfred_train.parallel.init import init_runtime, seed_everything, shutdown
 
+    from alfred_train.stages.common import Preemption
+
+    Preemption.listen()  # a scheduler's USR1/TERM during start-up is honoured at the first step boundary
     p = cfg.parallel
     runtime = init_runtime(ParallelDims(p.tp, p.pp, p.dp, p.vpp), backend=p.backend)
     try:
@@ -168,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"alfred-train: error: {err}", file=sys.stderr, flush=True)
         code = err.exit_code
     except KeyboardInterrupt:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("alfred-train: interrupted; steps since the last checkpoint are lost, and the same command "
+                  "resumes from it (checkpoint.resume: auto)", file=sys.stderr, flush=True)
         code = 130
     return int(code or 0)
 

@@ -325,6 +325,19 @@ def test_sft_survives_kill_9_and_sigterm_during_a_save(reference, tmp_path):
     assert [v for _, v in _tensorboard_steps(run, "loss")] == pytest.approx(metrics(reference, "loss"), rel=1e-6)
 
 
+def test_a_preemption_signal_during_start_up_checkpoints_at_the_first_step(tmp_path):
+    """Slurm's USR1 can come while the job still builds its models (minutes at 40B): the run saves
+    after its first step and exits 3 (requeued), where the signal's default action used to kill it
+    with nothing saved."""
+    run, log = tmp_path / "early", tmp_path / "early.log"
+    proc = _start(run, ["sft", *SFT], log)
+    _wait_for(proc, lambda: True if "attention backend" in log.read_text() else None, "the model build")
+    os.killpg(proc.pid, signal.SIGUSR1)
+    assert proc.wait(timeout=300) == 3, log.read_text()[-3000:]
+    assert (run / "checkpoints" / "latest").read_text() == "iter_0000001"
+    assert "preempted at step 1" in log.read_text() and "Traceback" not in log.read_text()
+
+
 PPO_STEPS = 3
 PPO = [str(ROOT / "configs" / "tiny-ppo.yaml"), "parallel.tp=1", f"train.max_steps={PPO_STEPS}",
        "ppo.rollouts_per_iter=16", "ppo.rollout_micro_batch=8", "ppo.train_micro_batch=4",

@@ -136,7 +136,8 @@ def _valid_rows(valid_set, cfg: Config, runtime: ParallelRuntime):
     try:
         return valid_set.blocks.select(common.eval_indices(len(valid_set), cfg, runtime.dp_rank))
     except ConfigError as err:
-        log.warning("no valid_loss: %s", err)
+        if runtime.is_main:
+            log.warning("no valid_loss: %s", err)
         return None
 
 
