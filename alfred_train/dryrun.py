@@ -186,7 +186,12 @@ def describe(cfg: Config, stage: str) -> str:
         if cfg.ppo.offload_frozen:
             lines.append("  ppo.offload_frozen: reference and reward weights leave the GPU between phases")
     lines.append("  Model states only; activations, buffers and the CUDA context follow in the peak plan.")
-    static = [b - kv for b in stage_bytes]  # the generation phase adds the KV cache back
+    planned = stage_bytes
+    if cfg.lora.rank:  # frozen bases + adapters: the states a LoRA run holds
+        from alfred_train.models import lora_plan
+
+        planned = lora_plan.state_bytes(cfg, shape, STAGE_MODELS[stage], per_stage, kv)
+    static = [b - kv for b in planned]  # the generation phase adds the KV cache back
     plan = peak_plan(cfg, stage, shape, static, kv, bf16)
     lines += ["", *plan.lines]
     trainable = [mp.total for _, t, mp in models if t]
@@ -194,7 +199,7 @@ def describe(cfg: Config, stage: str) -> str:
     if cfg.lora.rank:
         from alfred_train.models.lora_plan import memory_lines
 
-        lines += memory_lines(cfg, shape, stage, STAGE_MODELS[stage], per_stage, stage_bytes, _size)
+        lines += memory_lines(cfg, shape, stage, STAGE_MODELS[stage], per_stage, stage_bytes, _size, kv)
     if stage == "ppo":
         lines += ["", _ppo_line(cfg), _rollout_line(cfg)]
     if unchecked:

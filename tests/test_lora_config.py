@@ -40,3 +40,15 @@ def test_dry_run_shows_memory_with_and_without_lora():
     with_lora, full = (float(x.split(" GiB")[0].split()[-1]) for x in line.split(" with LoRA vs "))
     assert full > 80 > with_lora > 2 * 12.5  # two frozen 7B bases in bf16, adapters on top
     assert "12,582,912 adapter parameters" in text  # 32 layers x 16 x (4096 + 12288 + 4096 + 4096)
+
+
+def test_a_lora_run_that_fits_only_with_lora_is_not_refused():
+    """The peak plan (and `alfred-train launch`, which runs the dry run) counts the LoRA model states:
+    StackLLaMA's PPO at TP=1 x DP=8 on 80 GB needs 150 GiB of states as full fine-tuning, and was
+    refused ("parallel.pp: the plan needs 156.5 GiB") although LoRA holds it in under 80."""
+    over = ["parallel.tp=1", "parallel.dp=8", "launch.gpu_memory_gib=80"]
+    text = describe(load_config(ROOT / "configs" / "stackllama-ppo.yaml", over), "ppo")
+    peak = float(next(ln for ln in text.splitlines() if ln.startswith("  peak: ")).split()[1])
+    assert peak < 80
+    with pytest.raises(ConfigError, match="parallel.pp: the plan needs"):  # without LoRA it does not fit
+        describe(load_config(ROOT / "configs" / "stackllama-ppo.yaml", [*over, "lora.rank=0"]), "ppo")

@@ -24,34 +24,41 @@ def adapter_params_per_layer(shape, spec: lora.AdapterSpec, tp: int) -> int:
     return n
 
 
-def memory_lines(cfg, shape, stage: str, stage_models, per_stage: dict, full_bytes: list[float], size) -> list[str]:
-    """Lines for `describe`: stage_models ((name, kind, trainable), ...), per_stage: name -> base params per
-    GPU per pipeline stage, full_bytes: per-stage bytes without LoRA (KV cache included), size: formatter."""
+def state_bytes(cfg, shape, stage_models, per_stage: dict, kv: float) -> list[float]:
+    """Model-state bytes per GPU of each pipeline stage with LoRA (+ `kv`, the KV cache): each trained
+    model's base frozen, its adapters (and a scalar head) trainable; the frozen models of the stage
+    are the trained ones with adapters off, so they add nothing."""
     from alfred_train.sizing import bytes_per_param
 
     p = cfg.parallel
-    spec = lora.AdapterSpec.from_config(cfg.lora)
-    lora.check_shape(spec, shape)
     bf16 = cfg.train.precision != "fp32"
     frozen = bytes_per_param(trainable=False, bf16=bf16, zero=p.zero, dp=p.dp).total
     trained = bytes_per_param(trainable=True, bf16=bf16, zero=p.zero, dp=p.dp).total
-    layers = shape.num_layers // p.pp
-    adapters = adapter_params_per_layer(shape, spec, p.tp) * layers  # per GPU, every stage alike
-    kv = full_bytes[0] - sum(per_stage[name][0] * bytes_per_param(trainable=t, bf16=bf16, zero=p.zero, dp=p.dp).total
-                             for name, _, t in stage_models)
-    with_lora = []
+    adapters = adapter_params_per_layer(shape, lora.AdapterSpec.from_config(cfg.lora), p.tp) * (shape.num_layers // p.pp)
+    totals = []
     for r in range(p.pp):
         total = kv
         for name, kind, trainable in stage_models:
-            if not trainable:
-                continue  # the trained model with its adapters off
-            head = shape.hidden_size + 1 if kind == "scalar" and r == p.pp - 1 else 0
-            total += (per_stage[name][r] - head) * frozen + (adapters + head) * trained
-        with_lora.append(total)
+            if trainable:
+                head = shape.hidden_size + 1 if kind == "scalar" and r == p.pp - 1 else 0
+                total += (per_stage[name][r] - head) * frozen + (adapters + head) * trained
+        totals.append(total)
+    return totals
+
+
+def memory_lines(cfg, shape, stage: str, stage_models, per_stage: dict, full_bytes: list[float], size,
+                 kv: float) -> list[str]:
+    """Lines for `describe`: stage_models ((name, kind, trainable), ...), per_stage: name -> base params per
+    GPU per pipeline stage, full_bytes: per-stage bytes without LoRA (KV cache included), size: formatter."""
+    spec = lora.AdapterSpec.from_config(cfg.lora)
+    lora.check_shape(spec, shape)
+    adapters = adapter_params_per_layer(shape, spec, cfg.parallel.tp) * (shape.num_layers // cfg.parallel.pp)
+    with_lora = state_bytes(cfg, shape, stage_models, per_stage, kv)
     trained_models = [name for name, _, t in stage_models if t]
     targets = ", ".join(f"{t} r={s['rank']}" for t, s in spec.targets.items())
     return ["", f"LoRA (lora.rank={cfg.lora.rank}, alpha {cfg.lora.alpha:g}: {targets})",
             f"  trainable per GPU: {adapters:,} adapter parameters per model ({', '.join(trained_models)})"
             + (" + the value head" if stage == "ppo" else " + the scalar head" if stage == "rm" else ""),
             f"  memory per GPU (fullest stage): {size(max(with_lora))} with LoRA vs {size(max(full_bytes))} "
-            f"full fine-tuning" + (" (2 networks instead of 4: reference/reward = adapters off)" if stage == "ppo" else "")]
+            f"full fine-tuning" + (" (2 networks instead of 4: reference/reward = adapters off)" if stage == "ppo" else ""),
+            "  the peak plan above counts the LoRA model states"]
