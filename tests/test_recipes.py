@@ -79,7 +79,7 @@ def test_tulu_and_stable_vicuna_recipes_hold_their_settings():
 # ---------------------------------------------------------------------------------------------
 # Tiny replicas: the recipe file itself, with only scale and paths overridden.
 
-SCALE = ["model.tokenizer=", "checkpoint.init=", "model.attention_backend=auto", "parallel.tp=1", "parallel.pp=1", "parallel.dp=1",
+SCALE = ["model.tokenizer=", "model.vocab_size=", "checkpoint.init=", "model.attention_backend=auto", "parallel.tp=1", "parallel.pp=1", "parallel.dp=1",
          "parallel.zero=false", "train.precision=fp32", "train.max_steps=1", "train.micro_batch_size=2",
          "train.global_batch_size=4", "train.eval_interval=0", "train.eval_batches=1", "data.seq_len=64",
          "data.valid_fraction=0.1", "checkpoint.interval=0", "checkpoint.resume=none",
