@@ -138,9 +138,11 @@ def _run_worker(cfg, stage: str) -> int:
     from alfred_train.parallel.dims import ParallelDims
     from alfred_train.parallel.init import init_runtime, seed_everything, shutdown
 
+    from alfred_train.parallel.spawn import follow_launcher
     from alfred_train.stages.common import Preemption
 
     Preemption.listen()  # a scheduler's USR1/TERM during start-up is honoured at the first step boundary
+    follow_launcher()  # spawned by `alfred-train` itself: TERM (save, exit) if that process dies
     p = cfg.parallel
     runtime = init_runtime(ParallelDims(p.tp, p.pp, p.dp, p.vpp), backend=p.backend)
     try:

@@ -2,16 +2,48 @@
 
 Used when `alfred-train STAGE CONFIG` asks for more than one process and no launcher started us.
 Each worker gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; if one fails the
-others are stopped, and the first non-zero exit code is returned.
+others are stopped, a line names it (a signal, or an exit code other than a config error's 2 and a
+preemption's 3), and its exit code is returned (128 + N for signal N, as a shell reports it). A
+worker gets SIGTERM when the launcher dies (Linux, `follow_launcher`): it checkpoints at its next
+step and exits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+
+QUIET_CODES = (2, 3)  # a config error (rank 0 printed it) and a preemption (every rank saved and says so)
+LAUNCHER_PID = "ALFRED_LAUNCHER_PID"  # set for the workers spawn_local starts
+
+
+def follow_launcher() -> None:
+    """In a worker of spawn_local (after the preemption handlers are in place): SIGTERM when the
+    launcher dies (prctl PR_SET_PDEATHSIG, Linux), so the worker checkpoints at its next step and
+    exits, instead of training on, unwatched, beside the next run of the same directory."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if not launcher or sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(launcher):  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _exit_code(rc: int) -> int:
+    return 128 - rc if rc < 0 else rc
+
+
+def _describe(rank: int, rc: int) -> str:
+    if rc < 0:
+        return f"alfred-train: worker rank {rank} was killed by {signal.Signals(-rc).name}; the other workers were stopped"
+    return f"alfred-train: worker rank {rank} exited with code {rc}; the other workers were stopped"
 
 
 def spawn_local(argv: list[str], world_size: int, script: str | None = None) -> int:
@@ -24,7 +56,7 @@ def spawn_local(argv: list[str], world_size: int, script: str | None = None) -> 
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=str(threads))
+                   OMP_NUM_THREADS=str(threads), **{LAUNCHER_PID: str(os.getpid())})
         command = [script] if script else ["-m", "alfred_train"]
         procs.append(subprocess.Popen([sys.executable, *command, *argv], env=env))
 
@@ -35,17 +67,19 @@ def spawn_local(argv: list[str], world_size: int, script: str | None = None) -> 
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
-        code = 0
+        code, ranks = 0, {p: r for r, p in enumerate(procs)}
         while procs:
-            for p in list(procs):
-                rc = p.poll()
-                if rc is None:
-                    continue
+            ended = [(p, p.poll()) for p in procs if p.poll() is not None]
+            for p, _ in ended:
                 procs.remove(p)
-                if rc != 0 and code == 0:
-                    code = rc
-                    for q in procs:  # one worker died: the collective would hang, stop the rest
-                        q.terminate()
+            failed = sorted(((ranks[p], rc) for p, rc in ended if rc != 0), key=lambda f: f[1] >= 0)  # signals first
+            if failed and code == 0:
+                rank, rc = failed[0]  # the first to fail; the others often die of its broken collective
+                code = _exit_code(rc)
+                if rc not in QUIET_CODES:
+                    print(_describe(rank, rc), file=sys.stderr, flush=True)
+                for q in procs:  # one worker died: the collective would hang, stop the rest
+                    q.terminate()
             time.sleep(0.05)
         return code
     finally:

@@ -338,6 +338,36 @@ def test_a_preemption_signal_during_start_up_checkpoints_at_the_first_step(tmp_p
     assert "preempted at step 1" in log.read_text() and "Traceback" not in log.read_text()
 
 
+def test_workers_stop_with_their_launcher_and_a_dead_rank_is_named(tmp_path):
+    """`alfred-train` spawns the TP=2 workers itself. Its death (SIGKILL) used to leave them training,
+    unwatched, into the run directory: now they checkpoint at their next step and exit. A worker
+    killed alone is named in one line, and the launcher exits 128 + 9 as a shell would say."""
+    import psutil
+
+    args = ["sft", *SFT, "parallel.tp=2", "train.max_steps=2000", "checkpoint.interval=0"]
+    run, log = tmp_path / "orphans", tmp_path / "orphans.log"
+    proc = _start(run, args, log)
+    _wait_for(proc, lambda: _logged_step(run, 2), "step 2 logged")
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=120)
+    for orphan in alive:  # never left behind by a failing test
+        orphan.kill()
+    assert not alive, log.read_text()[-3000:]
+    assert (run / "checkpoints" / "latest").exists()  # the preemption save of the step after the kill
+    assert "preempted at step" in log.read_text()
+
+    run, log = tmp_path / "rank1", tmp_path / "rank1.log"
+    proc = _start(run, args, log)
+    _wait_for(proc, lambda: _logged_step(run, 2), "step 2 logged")
+    rank1 = next(w for w in psutil.Process(proc.pid).children() if w.environ().get("RANK") == "1")
+    rank1.kill()
+    assert proc.wait(timeout=120) == 128 + signal.SIGKILL
+    assert "alfred-train: worker rank 1 was killed by SIGKILL; the other workers were stopped" in log.read_text()
+
+
 PPO_STEPS = 3
 PPO = [str(ROOT / "configs" / "tiny-ppo.yaml"), "parallel.tp=1", f"train.max_steps={PPO_STEPS}",
        "ppo.rollouts_per_iter=16", "ppo.rollout_micro_batch=8", "ppo.train_micro_batch=4",
