@@ -138,6 +138,7 @@ def _run_worker(cfg, stage: str) -> int:
     from alfred_train.parallel.dims import ParallelDims
     from alfred_train.parallel.init import init_runtime, seed_everything, shutdown
 
+    from alfred_train.checkpointing.site import release_run_dirs
     from alfred_train.parallel.spawn import follow_launcher
     from alfred_train.stages.common import Preemption
 
@@ -150,6 +151,7 @@ def _run_worker(cfg, stage: str) -> int:
         module = importlib.import_module(f"alfred_train.stages.{stage}")
         return module.run(cfg, runtime)
     finally:
+        release_run_dirs()
         shutdown()
 
 

@@ -368,6 +368,23 @@ def test_workers_stop_with_their_launcher_and_a_dead_rank_is_named(tmp_path):
     assert "alfred-train: worker rank 1 was killed by SIGKILL; the other workers were stopped" in log.read_text()
 
 
+def test_a_second_run_into_a_live_run_dir_is_refused(tmp_path):
+    """Two runs in one directory resumed from each other's checkpoints and overwrote them, metrics
+    and all. The second now stops in one line naming the first; once that one is gone (even killed),
+    the directory is free."""
+    run, log = tmp_path / "shared", tmp_path / "first.log"
+    first = _start(run, ["sft", *SFT, "train.max_steps=2000", "checkpoint.interval=0"], log)
+    try:
+        _wait_for(first, lambda: _logged_step(run, 2), "step 2 logged")
+        second = run_cli("sft", *SFT, f"run.dir={run}", check=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"run.dir: {run} is in use by another run (pid {first.pid} on " in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+    finally:
+        _kill_group(first)
+    assert run_cli("sft", *SFT, f"run.dir={run}", "checkpoint.resume=none", "checkpoint.interval=0").returncode == 0
+
+
 PPO_STEPS = 3
 PPO = [str(ROOT / "configs" / "tiny-ppo.yaml"), "parallel.tp=1", f"train.max_steps={PPO_STEPS}",
        "ppo.rollouts_per_iter=16", "ppo.rollout_micro_batch=8", "ppo.train_micro_batch=4",

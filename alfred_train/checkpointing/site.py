@@ -16,6 +16,7 @@ checkpoint where they meet (S3). A node is found as the ranks that share `rank -
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,43 @@ def check_run_dir(run_dir: Path, site: Site) -> None:
         marker.unlink(missing_ok=True)
     if found := next((p for p in problems if p), None):
         raise ConfigError(found)
+
+
+_held: dict[Path, int] = {}  # run.dir -> the descriptor holding its lock, for the life of the run
+
+
+def lock_run_dir(run_dir: Path) -> str | None:
+    """Take run.dir's lock (flock on run_dir/.lock; the kernel drops it when the process ends, crash
+    included): a second run into the same directory would resume from this one's checkpoints and
+    overwrite them, metrics.jsonl and the config under it. Returns the problem (that run's pid and
+    host; an unwritable run.dir), None once held or where the file system has no locks."""
+    import fcntl
+    import socket
+
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        return f"run.dir: cannot write in {run_dir} ({err.strerror}); set run.dir elsewhere"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        return (f"run.dir: {run_dir} is in use by another run ({holder}); wait for it to end or stop it, "
+                "or set another run.dir")
+    except OSError:  # a mount without locks (some NFS): no guard rather than no run
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    _held[run_dir] = fd
+    return None
+
+
+def release_run_dirs() -> None:
+    for fd in _held.values():
+        os.close(fd)
+    _held.clear()
 
 
 def file_in_the_way(path: Path) -> Path | None:

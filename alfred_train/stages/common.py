@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from alfred_train import checkpoint
-from alfred_train.checkpointing.site import Site, check_run_dir, run_dir_problem
+from alfred_train.checkpointing.site import Site, check_run_dir, lock_run_dir, run_dir_problem
 from alfred_train.config import Config, dump_yaml
 from alfred_train.data import mixture
 from alfred_train.data.corpus import TINY_SP_MODEL_PATH as TINY_TOKENIZER
@@ -34,13 +34,15 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     """Create run.dir (and checkpoints/) and write the resolved config atomically on rank 0 (with
     `checkpoint.node_local`, on every node's local rank 0: each node has its own run.dir); a run.dir
     that is not shared, or shared, against what `checkpoint.node_local` says is refused here, as is
-    one a file stands in the way of (`site.run_dir_problem`), before any step."""
+    one a file stands in the way of (`site.run_dir_problem`), one another run holds (`site.lock_run_dir`),
+    before any step."""
     run_dir = Path(cfg.run.dir)
     site = Site.detect(runtime.rank, cfg.checkpoint.node_local)
     problem = run_dir_problem(run_dir, profile=cfg.logging.profile_step is not None)
     if site.owner and problem is None:
         try:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            problem = lock_run_dir(run_dir)  # one run at a time in a directory
         except OSError as err:
             problem = f"run.dir: cannot create {run_dir / 'checkpoints'} ({err.strerror}); set run.dir elsewhere"
     if problems := site.problems_everywhere(problem):  # collective: every rank stops, none waits
