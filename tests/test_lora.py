@@ -58,6 +58,9 @@ def runs(tmp_path_factory):
     # LoRA on a LoRA checkpoint (StackLLaMA's chain): its base loads merged; lr ~ 0 keeps it that model
     _sft(root / "stacked", 1, 1, 1, False, "lora.rank=2", f"checkpoint.init={root / 'tp2'}", "train.max_steps=1",
          "optim.lr=1e-12", "optim.min_lr=1e-12")
+    # full fine-tuning from a LoRA checkpoint: loaded merged too (the adapters were dropped)
+    _sft(root / "full", 1, 1, 1, False, f"checkpoint.init={root / 'tp2'}", "train.max_steps=1",
+         "optim.lr=1e-12", "optim.min_lr=1e-12")
     return root
 
 
@@ -155,7 +158,7 @@ def interop(runs, tmp_path_factory):
     _worker(tmp, {"import": [[str(tmp / "hf_llama"), str(tmp / "hf_llama" / "adapter"), str(tmp / "imp")],
                              [str(tmp / "hf_llama"), str(tmp / "qv_adapter"), str(tmp / "imp_qv")]]})
     _worker(tmp, {"export": [[str(tmp / "imp"), str(tmp / "re"), False]]})
-    ckpts = [llama, falcon, tmp / "imp", tmp / "imp_qv", runs / "stacked"]
+    ckpts = [llama, falcon, tmp / "imp", tmp / "imp_qv", runs / "stacked", runs / "full"]
     worker = REPO / "tests" / "workers" / "lora_logits.py"
     run_workers(worker, ["1", "1", str(tmp / "tp1"), *map(str, ckpts)], 1)
     run_workers(worker, ["2", "1", str(tmp / "tp2"), str(llama), str(falcon)], 2)
@@ -197,6 +200,9 @@ def test_merge_and_import_round_trips(interop):
     torch.testing.assert_close(torch.load(interop / "tp1" / "3.pt"), qv, rtol=0, atol=TOL)
     # a LoRA checkpoint as the base of the next LoRA run: loaded merged, the same model
     torch.testing.assert_close(torch.load(interop / "tp1" / "4.pt"), torch.load(interop / "tp1" / "0.pt"),
+                               rtol=0, atol=1e-5)
+    # ... and as the init of full fine-tuning
+    torch.testing.assert_close(torch.load(interop / "tp1" / "5.pt"), torch.load(interop / "tp1" / "0.pt"),
                                rtol=0, atol=1e-5)
 
 

@@ -271,6 +271,13 @@ def build_trainable(cfg: Config, runtime: ParallelRuntime, shape: ModelShape, ba
                      schedule_per_step=schedule_per_step)
 
 
+def load_full(chunks, path, model: str, name: str, skip: tuple[str, ...] = ()) -> None:
+    """Checkpoint `path`'s model `model` as whole weights into the chunks of model `name`: a LoRA
+    checkpoint (adapters over a base, or both from `convert hf-to-mcore --adapter`) loads merged,
+    W + scale * B A, as README says; its plain load used to drop the adapters (or fail on them)."""
+    lora_checkpoint.load_base(chunks, lora_checkpoint.base_ref(path, model, skip), name)
+
+
 def load_lora_base(trainable, name: str, ref: "lora_checkpoint.BaseRef") -> None:
     """Load an adapted trainable's frozen base weights (fresh start and resume alike: a LoRA
     checkpoint holds the adapters only)."""

@@ -14,7 +14,6 @@ import logging
 
 import torch
 
-from alfred_train import checkpoint
 from alfred_train.config import Config
 from alfred_train.data import synthetic
 from alfred_train.data.sampler import iterate_batches
@@ -101,8 +100,8 @@ def run(cfg: Config, runtime) -> int:
         policy, value, models = build_lora_models(cfg, runtime, shape, backend)
     else:
         policy, value, models = build_models(cfg, runtime, shape, backend)
-        checkpoint.load_models(o.policy_init, {"policy": (models.reference, None)})
-        checkpoint.load_models(o.reward_init, {"reward": (models.reward, None)})
+        common.load_full(models.reference, o.policy_init, "policy", "policy")
+        common.load_full(models.reward, o.reward_init, "reward", "reward")
     kl_ctl = ppo_math.AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.adaptive_kl \
         else ppo_math.FixedKLController(o.kl_coef)
     trainables = {"policy": policy, "value": value}
@@ -113,8 +112,8 @@ def run(cfg: Config, runtime) -> int:
         kl_ctl.load_state_dict(state["kl_controller"])
         consumed, bad_steps = state["consumed_prompts"], state["bad_steps"]
     elif not cfg.lora.rank:
-        checkpoint.load_models(o.policy_init, {"policy": (models.policy, None)})
-        checkpoint.load_models(o.reward_init, {"value=reward": (models.value, None)})
+        common.load_full(models.policy, o.policy_init, "policy", "policy")
+        common.load_full(models.value, o.reward_init, "reward", "value")
         for trainable in (policy, value):  # bf16: refresh the fp32 main copies from the loaded weights
             trainable.optimizer.reload_model_params()
 

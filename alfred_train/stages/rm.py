@@ -130,9 +130,9 @@ def init_from(cfg: Config, chunks, shape) -> None:
     """Load the trunk of `rm.init` (or `checkpoint.init`): an SFT policy (head skipped) or an RM."""
     path, meta = _init_checkpoint(cfg, shape)
     if TRUNK_SOURCE in meta["models"]:
-        checkpoint.load_models(path, {f"{MODEL_NAME}={TRUNK_SOURCE}": (chunks, None)}, skip=(HEAD,))
+        common.load_full(chunks, path, TRUNK_SOURCE, MODEL_NAME, skip=(HEAD,))
     else:
-        checkpoint.load_models(path, {MODEL_NAME: (chunks, None)})
+        common.load_full(chunks, path, MODEL_NAME, MODEL_NAME)
     log.info("reward model initialized from %s", path)
 
 

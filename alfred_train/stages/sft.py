@@ -87,7 +87,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
         step, state = resumed
         consumed = state["consumed_samples"]
     elif cfg.checkpoint.init and not cfg.lora.rank:
-        checkpoint.load_models(cfg.checkpoint.init, {MODEL_NAME: ([unwrap(c) for c in trainable.chunks], None)})
+        common.load_full([unwrap(c) for c in trainable.chunks], cfg.checkpoint.init, MODEL_NAME, MODEL_NAME)
         trainable.optimizer.reload_model_params()  # bf16: refresh the fp32 main copies from the loaded weights
 
     def save(at_step, consumed_samples):
