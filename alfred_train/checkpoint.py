@@ -298,8 +298,8 @@ def find_resumable(ckpt_root: str | Path, runtime, *, node_local: bool = False,
     if chosen is None and damaged:
         raise DamagedCheckpointsError(
             f"checkpoint.resume=auto: no sound checkpoint under {root}"
-            f"{' or ' + s3_uri if s3_uri else ''} ({' | '.join(damaged)}); repair them or move them away, "
-            "or set checkpoint.resume=none to start again from step 0"
+            f"{' or ' + s3_uri if s3_uri else ''} ({' | '.join(damaged)}); repair them, or move them out of run.dir to start again from "
+            "step 0 (or set a new run.dir)"
             + ("; with checkpoint.node_local each node's copy needs every node's files (from checkpoint.s3_uri "
                "or the launcher's checkpoint sync)" if site.node_local else ""))
     return None if chosen is None else root / iter_name(chosen)
