@@ -527,5 +527,300 @@ def test_qkv_grouping_is_inverse_and_matches_falcon_layout():
     assert all(torch.equal(a, b) for a, b in zip(grouped_to_qkv(fused, heads=heads, groups=groups), (q, k, v)))
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Bad or ambiguous input, on a tiny Llama made once (no workers launched).
+
+TINY_LLAMA = dict(vocab_size=520, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1,
+                  eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """An untied Llama saved by transformers (one model.safetensors) with the SentencePiece tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny") / "llama"
+    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(d)
+    shutil.copyfile(TINY_SP, d / "tokenizer.model")
+    return d
+
+
+def _copy_hf(src: Path, dst: Path, **config_changes) -> Path:
+    """A copy of an HF dir; config_changes set config.json fields (None: remove the field)."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    for key, value in config_changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _convert_error(capsys, *argv: str) -> str:
+    """Run the CLI, expect exit code 2 and a one-line error; return it."""
+    from alfred_train.cli import main
+
+    code = main(["convert", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_llama_without_tie_field_is_untied_like_transformers(tiny_llama, tmp_path):
+    from alfred_train.convert.hf_import import check_hf_tensors, plan_import
+    from alfred_train.convert.safetensors_io import SafetensorsDir
+
+    hf_dir = _copy_hf(tiny_llama, tmp_path / "llama", tie_word_embeddings=None)
+    plan = plan_import(hf_dir)
+    assert plan.tied is False  # transformers' LlamaConfig default: lm_head.weight is its own tensor
+    rules = check_hf_tensors(plan, SafetensorsDir(hf_dir))
+    assert [r.hf for r in rules if r.ours == "output_layer.weight"] == [("lm_head.weight",)]
+
+
+def test_falcon_without_tie_field_is_tied_like_transformers():
+    from alfred_train.convert.hf_config import is_tied
+
+    assert is_tied({"model_type": "falcon"}) is True
+    assert is_tied({"model_type": "llama"}) is False
+    assert is_tied({"model_type": "falcon", "tie_word_embeddings": False}) is False
+
+
+def test_tie_field_contradicting_the_weights_is_refused(tiny_llama, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    tied = _copy_hf(tiny_llama, tmp_path / "tied", tie_word_embeddings=True)  # but a distinct lm_head.weight
+    err = _convert_error(capsys, "hf-to-mcore", str(tied), str(tmp_path / "out1"))
+    assert "tie_word_embeddings" in err and "lm_head.weight" in err, err
+    assert not (tmp_path / "out1").exists()
+
+    untied = _copy_hf(tiny_llama, tmp_path / "untied", tie_word_embeddings=None)  # default untied, no lm_head
+    weights = load_file(str(untied / "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, str(untied / "model.safetensors"), metadata={"format": "pt"})
+    err = _convert_error(capsys, "hf-to-mcore", str(untied), str(tmp_path / "out2"))
+    assert "tie_word_embeddings" in err and "lm_head.weight" in err, err
+
+    same = _copy_hf(tiny_llama, tmp_path / "same", tie_word_embeddings=True)  # tied, lm_head a copy: fine
+    weights = load_file(str(same / "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(same / "model.safetensors"), metadata={"format": "pt"})
+    from alfred_train.convert.hf_import import check_hf_tensors, plan_import
+    from alfred_train.convert.safetensors_io import SafetensorsDir
+
+    plan = plan_import(same)
+    assert plan.tied
+    check_hf_tensors(plan, SafetensorsDir(same))
+
+
+
+def test_peft_alpha_pattern_by_full_module_path(tiny_llama, tmp_path):
+    """PEFT matches a pattern key against the module path (`(.*\\.)?(key)$`): a key naming layer 0's q_proj
+    scales that module only; our imported adapter reproduces PEFT's delta W of every module."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from alfred_train.convert import peft
+    from alfred_train.convert.hf_import import plan_import
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                        alpha_pattern={"model.layers.0.self_attn.q_proj": 32}, task_type="CAUSAL_LM")
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_llama), config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(tmp_path / "adapter")
+    prefix = "base_model.model.model.layers"
+    modules = dict(model.named_modules())
+    assert modules[f"{prefix}.0.self_attn.q_proj"].scaling["default"] == 8.0  # 32 / 4: the pattern applies
+    assert modules[f"{prefix}.1.self_attn.q_proj"].scaling["default"] == 2.0  # 8 / 4
+
+    shape = plan_import(tiny_llama).shape
+    spec, tensors = peft.read_adapter(tmp_path / "adapter", shape)
+    scale = spec.targets["linear_qkv"]["scale"]
+    for i in range(shape.num_layers):
+        a = tensors[f"decoder.layers.{i}.self_attention.lora_linear_qkv.lora_A"]  # (r, h)
+        b = tensors[f"decoder.layers.{i}.self_attention.lora_linear_qkv.lora_B"]  # (n_out, r)
+        q, k, v = peft.split_rows(shape, "linear_qkv", scale * b @ a)
+        with torch.no_grad():
+            want_q = modules[f"{prefix}.{i}.self_attn.q_proj"].get_delta_weight("default")
+            want_v = modules[f"{prefix}.{i}.self_attn.v_proj"].get_delta_weight("default")
+        torch.testing.assert_close(q, want_q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v, want_v, rtol=1e-5, atol=1e-6)
+        assert not k.any()
+
+
+
+def _damage(hf_dir: Path, damage: str) -> None:
+    weights = hf_dir / "model.safetensors"
+    if damage == "truncated weights":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "random bytes as weights":
+        weights.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+                            .to(torch.uint8).numpy().tobytes())
+    elif damage == "invalid config.json":
+        (hf_dir / "config.json").write_text('{"model_type": "llama", "hidden_size": 64,')
+
+
+@pytest.mark.parametrize("damage,words", [("truncated weights", "model.safetensors"),
+                                          ("random bytes as weights", "model.safetensors"),
+                                          ("invalid config.json", "config.json")])
+def test_damaged_hf_files_are_one_line_errors(tiny_llama, tmp_path, capsys, damage, words):
+    hf_dir = _copy_hf(tiny_llama, tmp_path / "hf")
+    _damage(hf_dir, damage)
+    err = _convert_error(capsys, "hf-to-mcore", str(hf_dir), str(tmp_path / "out"))
+    assert f"{hf_dir / words}" in err and ("damaged" in err or "not valid JSON" in err), err
+    assert not (tmp_path / "out").exists()
+    if damage != "invalid config.json":  # apply-delta reads the same files
+        err = _convert_error(capsys, "apply-delta", str(tiny_llama), str(hf_dir), str(tmp_path / "out"))
+        assert f"{hf_dir / words}" in err and "damaged" in err, err
+        assert not (tmp_path / "out").exists()
+
+
+def _falcon_config() -> dict:
+    from transformers import FalconConfig
+
+    return FalconConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                        new_decoder_architecture=True).to_dict()
+
+
+@pytest.mark.parametrize("family,field", [
+    *[("llama", f) for f in ("hidden_size", "vocab_size", "intermediate_size", "num_hidden_layers",
+                             "num_attention_heads")],
+    *[("falcon", f) for f in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")]])
+def test_missing_shape_field_named_with_its_file(tiny_llama, tmp_path, capsys, family, field):
+    if family == "llama":
+        config = json.loads((tiny_llama / "config.json").read_text())
+    else:
+        config = _falcon_config()
+    del config[field]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(config))
+    err = _convert_error(capsys, "hf-to-mcore", str(bad), str(tmp_path / "out"))
+    assert f"{bad / 'config.json'}" in err and field in err and "missing" in err, err
+
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_llama, tmp_path_factory) -> Path:
+    """`tiny_llama` converted to our checkpoint (TP=1), by the CLI."""
+    out = tmp_path_factory.mktemp("tiny_ckpt") / "ckpt"
+    done = cli("convert", "hf-to-mcore", str(tiny_llama), str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def _one_error_line(done: subprocess.CompletedProcess) -> str:
+    """The CLI exited 2 with its one `error:` line and no traceback; returns that line."""
+    lines = [ln for ln in done.stderr.splitlines() if "error" in ln.lower()]
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-4000:]
+    return lines[0]
+
+
+def test_damaged_checkpoint_refused_before_export(tiny_ckpt, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    shard = sorted(ckpt.glob("iter_*/*.distcp"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    line = _one_error_line(cli("convert", "mcore-to-hf", str(ckpt), str(tmp_path / "hf")))
+    assert "damaged" in line and shard.name in line, line
+    assert not (tmp_path / "hf").exists()
+
+
+
+def _small_delta_pair(root: Path, late_shape: tuple[int, ...] = (2,)) -> tuple[Path, Path]:
+    """base and delta dirs of four tensors; the delta's last tensor (by name) has shape late_shape."""
+    config = {"model_type": "llama", "hidden_size": 2, "num_hidden_layers": 1, "num_attention_heads": 1}
+    names = ["a.weight", "b.weight", "c.weight", "z.weight"]
+    _save(root / "base", {n: torch.ones(2) for n in names}, config)
+    _save(root / "delta", {**{n: torch.ones(2) for n in names[:-1]}, names[-1]: torch.ones(late_shape)}, config)
+    return root / "base", root / "delta"
+
+
+@pytest.mark.parametrize("out", ["delta", "base", "delta/sub", "base/."])
+def test_apply_delta_refuses_output_in_an_input(tmp_path, capsys, out):
+    base, delta = _small_delta_pair(tmp_path)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    err = _convert_error(capsys, "apply-delta", str(base), str(delta), str(tmp_path / out))
+    assert "output" in err and "input" in err, err
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+
+
+def test_apply_delta_wrong_shape_leaves_no_output(tmp_path, capsys):
+    base, delta = _small_delta_pair(tmp_path, late_shape=(3,))  # z.weight: written after a, b, c
+    err = _convert_error(capsys, "apply-delta", str(base), str(delta), str(tmp_path / "out"), "--max-shard-size", "8B")
+    assert "z.weight: base shape (2,) != delta shape (3,)" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_shard_writer_removes_its_shards_on_error(tmp_path):
+    from alfred_train.convert.safetensors_io import ShardWriter
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="mid-way"):
+        with ShardWriter(tmp_path / "out", max_shard_bytes=8) as writer:
+            for i in range(4):
+                writer.add(f"t{i}", torch.ones(2))  # 8 bytes each: a shard per tensor
+            raise RuntimeError("mid-way")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    with pytest.raises(RuntimeError, match="mid-way"):
+        with ShardWriter(tmp_path / "new", max_shard_bytes=8) as writer:
+            writer.add("t0", torch.ones(2))
+            writer.add("t1", torch.ones(2))
+            raise RuntimeError("mid-way")
+    assert not (tmp_path / "new").exists()  # the directory it made, gone with its shards
+
+
+
+def test_import_over_an_earlier_import_drops_its_tokenizer(tiny_llama, tiny_ckpt, tmp_path):
+    from alfred_train.data.tokenizer import load_tokenizer
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, out)  # an earlier conversion, with tokenizer/tokenizer.model
+    hf_dir = _copy_hf(tiny_llama, tmp_path / "hf")
+    (hf_dir / "tokenizer.model").unlink()
+    _falcon_tokenizer(hf_dir / "tokenizer.json")  # 290 tokens: fits the 520 rows
+    done = cli("convert", "hf-to-mcore", str(hf_dir), str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["generation_config.json", "tokenizer.json"]
+    assert load_tokenizer(out / "tokenizer").vocab_size == 290
+
+
+def test_import_refuses_a_directory_that_is_not_an_earlier_import(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "iter_0000100").mkdir(parents=True)  # e.g. a training run's directory
+    err = _convert_error(capsys, "hf-to-mcore", str(tiny_llama), str(out))
+    assert f"output {out} is not empty" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
+def test_export_over_an_earlier_export_drops_its_adapter_and_tokenizer_config(tiny_ckpt, tmp_path):
+    out = tmp_path / "hf"
+    (out / "adapter").mkdir(parents=True)  # what an earlier export of a LoRA checkpoint left
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (out / "adapter" / name).write_text("{}")
+    (out / "tokenizer_config.json").write_text('{"tokenizer_class": "stale"}')
+    (out / "tokenizer.json").write_text("{}")
+    (out / "generation_config.json").write_text('{"eos_token_id": 99}')
+    (out / "README.md").write_text("not ours")
+    done = cli("convert", "mcore-to-hf", str(tiny_ckpt), str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                     "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
 if __name__ == "__main__":
     run_job(json.loads(Path(sys.argv[1]).read_text()))

@@ -84,13 +84,15 @@ def _single_process_runtime(tp: int = 1, pp: int = 1):
 
 def run_hf_to_mcore(args) -> int:
     from alfred_train.convert.deepspeed_zero import is_zero_checkpoint, require_deepspeed
-    from alfred_train.convert.hf_import import check_hf_tensors, hf_to_mcore, plan_import, read_adapter
+    from alfred_train.convert.hf_import import check_hf_tensors, hf_to_mcore, output_problem, plan_import, read_adapter
     from alfred_train.convert.safetensors_io import SafetensorsDir
     from alfred_train.parallel.init import detect_launch_env, shutdown
 
     if args.tp < 1 or args.pp < 1:
         raise ConfigError(f"--tp {args.tp} --pp {args.pp}: both must be >= 1")
     check_out_dir(args.out_dir)
+    if problem := output_problem(Path(args.out_dir)):
+        raise ConfigError(problem)
     plan = plan_import(args.hf_dir, KINDS[args.kind], args.dtype)  # config errors before any weight
     if is_zero_checkpoint(args.hf_dir):  # assembled (and its tensors checked) once, in the workers
         require_deepspeed(args.hf_dir)

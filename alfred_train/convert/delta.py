@@ -29,14 +29,18 @@ VOCAB_TENSORS = ("embed_tokens.weight", "word_embeddings.weight", "lm_head.weigh
 MUST_MATCH = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
+def check_shape(name: str, base: tuple[int, ...], delta: tuple[int, ...]) -> None:
+    """Equal shapes, or a vocabulary tensor whose delta has more rows (added tokens)."""
+    grows = name.endswith(VOCAB_TENSORS) and base[1:] == delta[1:] and delta[0] > base[0]
+    if base != delta and not grows:
+        raise ConfigError(f"apply-delta: {name}: base shape {base} != delta shape {delta}; "
+                          "is this delta made for this base model?")
+
+
 def add_delta(name: str, base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """base (V_b, ...) + delta (V_d, ...) with base rows zero-padded when a vocabulary tensor grew."""
+    check_shape(name, tuple(base.shape), tuple(delta.shape))
     if base.shape != delta.shape:
-        grows = (name.endswith(VOCAB_TENSORS) and base.shape[1:] == delta.shape[1:]
-                 and delta.shape[0] > base.shape[0])
-        if not grows:
-            raise ConfigError(f"apply-delta: {name}: base shape {tuple(base.shape)} != delta shape "
-                              f"{tuple(delta.shape)}; is this delta made for this base model?")
         padded = base.new_zeros(delta.shape)  # (V_d, h)
         padded[: base.shape[0]] = base
         base = padded
@@ -50,9 +54,18 @@ def check_configs(base: dict, delta: dict) -> None:
                               f"delta {delta.get(field)!r}; use the base model the delta was made from")
 
 
+def check_output(out: Path, inputs: tuple[Path, ...]) -> None:
+    """The output is a directory of its own: not an input, nor inside one."""
+    for d in inputs:
+        if out.resolve() == d.resolve() or d.resolve() in out.resolve().parents:
+            raise ConfigError(f"apply-delta: output {out} is {'inside ' if out.resolve() != d.resolve() else ''}"
+                              f"the input {d}; name a new directory for the output")
+
+
 def apply_delta(base_dir: str | Path, delta_dir: str | Path, out_dir: str | Path,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     base_dir, delta_dir, out = Path(base_dir), Path(delta_dir), Path(out_dir)
+    check_output(out, (base_dir, delta_dir))
     check_configs(read_hf_config(base_dir), read_hf_config(delta_dir))
     base, delta = SafetensorsDir(base_dir), SafetensorsDir(delta_dir)
     only_base = sorted(set(base.keys()) - set(delta.keys()))
@@ -60,10 +73,11 @@ def apply_delta(base_dir: str | Path, delta_dir: str | Path, out_dir: str | Path
     if only_base or only_delta:
         raise ConfigError(f"apply-delta: tensor names differ (only in base: {only_base[:3]}, "
                           f"only in delta: {only_delta[:3]})")
-    writer = ShardWriter(out, max_shard_bytes)
-    for name in delta.keys():
-        writer.add(name, add_delta(name, base.get(name), delta.get(name)))
-    writer.close()
+    for name in delta.keys():  # every shape from the headers, before anything is written
+        check_shape(name, base.shape(name), delta.shape(name))
+    with ShardWriter(out, max_shard_bytes) as writer:
+        for name in delta.keys():
+            writer.add(name, add_delta(name, base.get(name), delta.get(name)))
     for fname in ("config.json", *TOKENIZER_FILES):
         src = delta_dir / fname if (delta_dir / fname).is_file() else base_dir / fname
         if src.is_file():

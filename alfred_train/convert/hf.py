@@ -133,14 +133,20 @@ def _layer_rules(shape: ModelShape, i: int) -> list[Rule]:
     ]
 
 
+LM_HEAD = "lm_head.weight"  # an untied output layer (both families)
+
+
+def embedding_name(shape: ModelShape) -> str:
+    return "model.embed_tokens.weight" if shape.arch == "llama" else "transformer.word_embeddings.weight"
+
+
 def rules_for(shape: ModelShape, kind: str, *, tied: bool = False) -> list[Rule]:
     """Every tensor of the model: kind "lm" (vocabulary head) or "scalar" (score head).
 
     tied: the HF checkpoint stores no `lm_head.weight`; our output layer copies the embedding.
     """
     llama = shape.arch == "llama"
-    base = "model." if llama else "transformer."
-    embed = base + ("embed_tokens.weight" if llama else "word_embeddings.weight")
+    embed = embedding_name(shape)
     pad, drop = _pad_rows(shape.padded_vocab_size), _drop_rows(shape.vocab_size)
     rules = [Rule("embedding.word_embeddings.weight", (embed,), pad, drop)]
     for i in range(shape.num_layers):
@@ -155,16 +161,17 @@ def rules_for(shape: ModelShape, kind: str, *, tied: bool = False) -> list[Rule]
                   Rule("output_layer.bias", ("score.bias",), _same, _one, optional=True,
                        missing=lambda: torch.zeros(1))]  # transformers' score head has no bias
     else:
-        rules.append(Rule("output_layer.weight", (embed if tied else "lm_head.weight",), pad, drop))
+        rules.append(Rule("output_layer.weight", (embed if tied else LM_HEAD,), pad, drop))
     return rules
 
 
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older checkpoints saved, not a weight
 
 
-def unexpected_hf_tensors(rules: list[Rule], hf_names: list[str]) -> list[str]:
-    """HF tensors no rule reads (e.g. biases the config did not announce); buffers excepted."""
-    known = {n for r in rules for n in r.hf} | {"lm_head.weight"}
+def unexpected_hf_tensors(rules: list[Rule], hf_names: list[str], *, tied: bool = False) -> list[str]:
+    """HF tensors no rule reads (e.g. biases the config did not announce); buffers excepted.
+    tied: an `lm_head.weight` is a copy of the embedding (checked by the caller), not extra."""
+    known = {n for r in rules for n in r.hf} | ({LM_HEAD} if tied else set())
     return [n for n in hf_names if n not in known and not n.endswith(IGNORED_HF_SUFFIXES)]
 
 
@@ -182,5 +189,5 @@ def hf_from_ours(rules: list[Rule], ours: dict[str, Tensor], *, tied: bool = Fal
         for name, part in zip(rule.hf, rule.to_hf(t)):
             out[name] = part
     if tied:
-        out.pop("lm_head.weight", None)
+        out.pop(LM_HEAD, None)
     return out

@@ -26,11 +26,22 @@ ARCHITECTURES = {
 }
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object file; a damaged one is a one-line ConfigError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ConfigError(f"{path}: not valid JSON ({err}); re-save or re-download it") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}; re-save or re-download it")
+    return data
+
+
 def read_hf_config(hf_dir: str | Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{hf_dir}: no config.json; point at a Hugging Face model directory")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def hf_kind(config: dict) -> str:
@@ -39,9 +50,22 @@ def hf_kind(config: dict) -> str:
     return "scalar" if any(a.endswith("ForSequenceClassification") for a in archs) else "lm"
 
 
+TIED_BY_DEFAULT = {"llama": False, "falcon": True}  # transformers' LlamaConfig / FalconConfig defaults
+
+
 def is_tied(config: dict) -> bool:
-    """transformers' default for both families is tied embeddings when the field is absent."""
-    return bool(config.get("tie_word_embeddings", True))
+    """`tie_word_embeddings`, or when absent transformers' default for the family (Llama untied, Falcon tied)."""
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    return TIED_BY_DEFAULT.get(config.get("model_type"), False)
+
+
+def tie_source(config: dict) -> str:
+    """Where `is_tied` got its answer, for error messages."""
+    if "tie_word_embeddings" in config:
+        return f"config.json tie_word_embeddings is {json.dumps(bool(config['tie_word_embeddings']))}"
+    return (f"config.json has no tie_word_embeddings (transformers' {config.get('model_type')} default: "
+            f"{json.dumps(is_tied(config))})")
 
 
 def _refuse(field: str, value, why: str) -> ConfigError:
@@ -63,6 +87,19 @@ def _rope_theta(config: dict) -> int:
     return int(theta)
 
 
+def _required(config: dict, where: str, field: str, *aliases: str) -> int:
+    """A shape field (positive int) that has no safe default: `field`, else the first alias present."""
+    for name in (field, *aliases):
+        if config.get(name) is not None:
+            value = config[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{where}: {name} is {json.dumps(value)}; it must be a positive integer")
+            return value
+    also = f" (or {' / '.join(aliases)})" if aliases else ""
+    raise ConfigError(f"{where}: required field {field}{also} is missing; add it, or re-save the config "
+                      f"with transformers' save_pretrained")
+
+
 def _check_false(config: dict, fields: tuple[str, ...], why: str) -> None:
     for field in fields:
         if config.get(field):
@@ -77,11 +114,13 @@ def _check_scalar_head(config: dict, kind: str) -> None:
         raise _refuse("num_labels", labels, "a reward / value model has one output")
 
 
-def llama_shape(config: dict, kind: str) -> ModelShape:
+def llama_shape(config: dict, kind: str, where: str = "config.json") -> ModelShape:
     if config.get("hidden_act", "silu") != "silu":
         raise _refuse("hidden_act", config["hidden_act"], "Llama's MLP is SwiGLU: silu")
     _check_false(config, ("attention_bias", "mlp_bias"), "our Llama layers have no linear biases")
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    hidden, heads = _required(config, where, "hidden_size"), _required(config, where, "num_attention_heads")
+    layers, ffn = _required(config, where, "num_hidden_layers"), _required(config, where, "intermediate_size")
+    vocab = _required(config, where, "vocab_size")
     if hidden % heads:
         raise _refuse("num_attention_heads", heads, f"must divide hidden_size {hidden}")
     head_dim = config.get("head_dim") or hidden // heads
@@ -90,21 +129,21 @@ def llama_shape(config: dict, kind: str) -> ModelShape:
     rotary_base = _rope_theta(config)
     _check_scalar_head(config, kind)
     return ModelShape(
-        arch="llama", num_layers=config["num_hidden_layers"], hidden_size=hidden,
-        ffn_hidden_size=config["intermediate_size"], num_attention_heads=heads,
-        num_query_groups=config.get("num_key_value_heads") or heads, vocab_size=config["vocab_size"],
-        padded_vocab_size=128 * math.ceil(config["vocab_size"] / 128),
+        arch="llama", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
+        num_query_groups=config.get("num_key_value_heads") or heads, vocab_size=vocab,
+        padded_vocab_size=128 * math.ceil(vocab / 128),
         max_seq_len=config.get("max_position_embeddings", 2048), rotary_base=rotary_base,
         norm_eps=config.get("rms_norm_eps", 1e-6), parallel_layernorms=2,
         init_std=config.get("initializer_range", 0.02))
 
 
-def falcon_shape(config: dict, kind: str) -> ModelShape:
+def falcon_shape(config: dict, kind: str, where: str = "config.json") -> ModelShape:
     _check_false(config, ("alibi",), "we use RoPE")
     _check_false(config, ("bias",), "our Falcon layers have no linear biases")
-    hidden = config.get("hidden_size", config.get("n_embed"))
-    heads = config.get("num_attention_heads", config.get("n_head"))
-    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    hidden = _required(config, where, "hidden_size", "n_embed")
+    heads = _required(config, where, "num_attention_heads", "n_head")
+    layers = _required(config, where, "num_hidden_layers", "n_layer")
+    vocab = _required(config, where, "vocab_size")
     if config.get("new_decoder_architecture"):
         groups = config.get("num_kv_heads") or heads
         norms = config.get("num_ln_in_parallel_attn") or 2
@@ -124,23 +163,23 @@ def falcon_shape(config: dict, kind: str) -> ModelShape:
     return ModelShape(
         arch="falcon", num_layers=layers, hidden_size=hidden,
         ffn_hidden_size=config.get("ffn_hidden_size") or 4 * hidden, num_attention_heads=heads,
-        num_query_groups=groups, vocab_size=config["vocab_size"],
-        padded_vocab_size=128 * math.ceil(config["vocab_size"] / 128),
+        num_query_groups=groups, vocab_size=vocab, padded_vocab_size=128 * math.ceil(vocab / 128),
         max_seq_len=config.get("max_position_embeddings", 2048), rotary_base=rotary_base,
         norm_eps=config.get("layer_norm_epsilon", 1e-5), parallel_layernorms=norms,
         init_std=config.get("initializer_range", 0.02))
 
 
-def shape_from_hf(config: dict, kind: str) -> ModelShape:
-    """Validate a Hugging Face config (no weights touched) and return our ModelShape."""
+def shape_from_hf(config: dict, kind: str, where: str = "config.json") -> ModelShape:
+    """Validate a Hugging Face config (no weights touched) and return our ModelShape; `where` names
+    the file in errors about a missing field."""
     if config.get("quantization_config"):
         raise _refuse("quantization_config", config["quantization_config"].get("quant_method", "?"),
                       "dequantize to bf16/fp32 safetensors first")
     model_type = config.get("model_type")
     if model_type == "llama":
-        return llama_shape(config, kind)
+        return llama_shape(config, kind, where)
     if model_type == "falcon":
-        return falcon_shape(config, kind)
+        return falcon_shape(config, kind, where)
     raise _refuse("model_type", model_type, "supported: llama, falcon (re-save RefinedWeb checkpoints "
                   "with transformers to get model_type falcon)")
 

@@ -9,6 +9,9 @@ tensors and mapped back with the same rules as the import (`convert/hf.py`):
     OUT_DIR/adapter/                 a LoRA checkpoint's adapters in PEFT's format (convert/peft.py),
                                      OUT_DIR then holding its base; --merge-lora: merged weights instead
 
+The checkpoint is checked against its manifest (sizes, sha256) before anything loads. Exporting into
+an earlier export replaces its weights, config, tokenizer files and adapter/; other files stay.
+
 A scalar model ("reward", "value") becomes *ForSequenceClassification with `score.weight` (1, h);
 our ScalarHead's bias is written as `score.bias` only when it is non-zero (transformers' score head
 has none and would ignore it; a warning says so).
@@ -25,7 +28,8 @@ import torch
 from alfred_train.convert import hf, hf_config, peft
 from alfred_train.convert.mcore import gather_globals
 from alfred_train.convert.safetensors_io import DEFAULT_SHARD_BYTES, write_safetensors
-from alfred_train.convert.tokenizer_files import copy_tokenizer_files, write_tokenizer_config
+from alfred_train.convert.tokenizer_files import (copy_tokenizer_files, remove_tokenizer_files,
+                                                   write_tokenizer_config)
 from alfred_train.errors import ConfigError
 from alfred_train.models import lora, lora_checkpoint
 from alfred_train.models.build import ModelShape
@@ -63,12 +67,38 @@ def load_global_tensors(ckpt: Path, name: str, shape: ModelShape, kind: str, run
     return gather_globals(chunks)
 
 
+def check_sound(ckpt: Path) -> None:
+    """Refuse a checkpoint whose files do not match its manifest (sizes, then sha256), as
+    `checkpoint.verify_checkpoint` does; one written before manifests existed is loaded unchecked."""
+    from alfred_train.checkpointing import manifest
+
+    if not (ckpt / manifest.MANIFEST).exists():
+        log.warning("%s has no %s: its files cannot be checked before export", ckpt, manifest.MANIFEST)
+        return
+    if found := manifest.problems(ckpt):
+        raise ConfigError(f"{ckpt} is damaged: {'; '.join(found[:3])}; export a sound checkpoint "
+                          "(an earlier iter_*, or a fresh copy of this one)")
+
+
 def _token_ids(state: dict, tok) -> dict:
     saved = state.get("hf") or {}
     if tok is None:
         return {k: saved.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
     pad = saved.get("pad_token_id", tok.pad_id) if saved else tok.pad_id
     return {"bos": tok.bos_id, "eos": tok.eos_id, "pad": pad}
+
+
+def remove_earlier_export(out: Path) -> None:
+    """Remove the files an earlier export into `out` wrote that this one may not write again (its
+    tokenizer files, config.json, the adapter/ of a LoRA checkpoint); the weights are replaced by
+    `write_safetensors`. Nothing else in `out` is touched."""
+    remove_tokenizer_files(out)  # also generation_config.json
+    (out / "config.json").unlink(missing_ok=True)
+    adapter = out / ADAPTER_DIR
+    for name in (peft.CONFIG_FILE, peft.WEIGHTS_FILE):
+        (adapter / name).unlink(missing_ok=True)
+    if adapter.is_dir() and not any(adapter.iterdir()):
+        adapter.rmdir()
 
 
 def export_tokenizer(state: dict, out_dir: Path):
@@ -89,8 +119,10 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: st
                 dtype: str = "auto", max_shard_bytes: int = DEFAULT_SHARD_BYTES, merge_lora: bool = False) -> Path:
     """A LoRA checkpoint writes its base to OUT_DIR and its adapters in PEFT's format to
     OUT_DIR/adapter/ (or, with merge_lora, the merged weights W + scale * B A to OUT_DIR)."""
+    from alfred_train.checkpoint import resolve_checkpoint
     from alfred_train.models.from_checkpoint import checkpoint_shape, load_meta
 
+    check_sound(resolve_checkpoint(ckpt_dir))
     ckpt, meta = load_meta(ckpt_dir)
     state = meta.get("state") or {}
     shape = checkpoint_shape(ckpt, meta)
@@ -121,6 +153,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors({k: v.to(DTYPES[dtype]) for k, v in tensors.items()}, out, max_shard_bytes)
+    remove_earlier_export(out)
     tok = export_tokenizer(state, out)
     ids = _token_ids(state, tok)
     config = hf_config.hf_config_from_shape(shape, kind, tied=tied, dtype=dtype, bos_id=ids["bos"],

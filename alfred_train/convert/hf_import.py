@@ -6,6 +6,9 @@
         tokenizer/        tokenizer.model / tokenizer.json / tokenizer_config.json ... as found
         model.yaml        the `model:` section for a run YAML using OUT_DIR as checkpoint.init
 
+OUT_DIR is new, empty, or an earlier conversion (its model.yaml says so): that one is replaced,
+tokenizer files included. Anything else is refused (a run directory's newer iter_* would shadow step 0).
+
 Order of work: config.json is validated and the tensor names / shapes in the safetensors headers
 checked before any weight is read; then every rank builds its part of the model and reads only
 the Hugging Face tensors its shards come from.
@@ -24,12 +27,13 @@ import yaml
 from alfred_train.convert import hf, hf_config
 from alfred_train.convert.mcore import fill_from_globals
 from alfred_train.convert.safetensors_io import SafetensorsDir
-from alfred_train.convert.tokenizer_files import check_tokenizer, copy_tokenizer_files
+from alfred_train.convert.tokenizer_files import check_tokenizer, copy_tokenizer_files, remove_tokenizer_files
 from alfred_train.errors import ConfigError
 from alfred_train.models.build import ModelShape
 
 log = logging.getLogger("alfred_train")
 MODEL_NAMES = {"lm": "policy", "scalar": "reward"}
+MODEL_YAML_HEAD = "# Written by `alfred-train convert hf-to-mcore`."  # marks OUT_DIR as a conversion
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ def plan_import(hf_dir: str | Path, kind: str | None = None, dtype: str = "auto"
     """Validate config.json (no weights read) and decide what to build."""
     config = hf_config.read_hf_config(hf_dir)
     kind = kind or hf_config.hf_kind(config)
-    shape = hf_config.shape_from_hf(config, kind)
+    shape = hf_config.shape_from_hf(config, kind, where=str(Path(hf_dir) / "config.json"))
     source = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     bf16 = {"auto": source == "bfloat16", "bf16": True, "fp32": False}[dtype]
     return ImportPlan(config, shape, kind, tied=kind == "lm" and hf_config.is_tied(config), bf16=bf16)
@@ -61,15 +65,34 @@ def open_weights(hf_dir: str | Path):
     return SafetensorsDir(hf_dir)
 
 
+def check_tied_head(plan: ImportPlan, weights: SafetensorsDir) -> None:
+    """config.json's tying agrees with the files: untied needs an `lm_head.weight`; tied allows one
+    only as a copy of the embedding (the one check that reads weights: those two tensors)."""
+    if plan.kind != "lm":
+        return
+    said = hf_config.tie_source(plan.config)
+    has_head = hf.LM_HEAD in weights
+    if not plan.tied and not has_head:
+        raise ConfigError(f"{weights.path}: {said}, but there is no {hf.LM_HEAD}; "
+                          "set tie_word_embeddings true in config.json if the model ties its embeddings")
+    if plan.tied and has_head:
+        embed = hf.embedding_name(plan.shape)
+        if embed in weights and not torch.equal(weights.get(hf.LM_HEAD), weights.get(embed)):
+            raise ConfigError(f"{weights.path}: {said}, but {hf.LM_HEAD} differs from {embed}; "
+                              "set tie_word_embeddings false in config.json to keep the trained output layer")
+
+
 def check_hf_tensors(plan: ImportPlan, weights: SafetensorsDir) -> list[hf.Rule]:
-    """Every tensor the rules need is there, and nothing we would silently drop (header reads only)."""
+    """Every tensor the rules need is there, and nothing we would silently drop (header reads only,
+    but for `check_tied_head`)."""
     rules = hf.rules_for(plan.shape, plan.kind, tied=plan.tied)
     names = weights.keys()
+    check_tied_head(plan, weights)
     for rule in rules:
         for name in rule.hf:
             if name not in weights and not rule.optional:
                 raise ConfigError(f"{weights.path}: tensor {name!r} is missing (needed for {rule.ours})")
-    extra = hf.unexpected_hf_tensors(rules, names)
+    extra = hf.unexpected_hf_tensors(rules, names, tied=plan.tied)
     if extra:
         raise ConfigError(f"{weights.path}: tensors {extra[:3]} have no place in a {plan.shape.arch} "
                           f"model as config.json describes it; check the config's bias/architecture fields")
@@ -100,6 +123,19 @@ def _with_adapters(read, adapter_tensors: dict):
     return read_any
 
 
+def output_problem(out_dir: Path) -> str | None:
+    """Why OUT_DIR cannot take this conversion (None: it is new, empty, or an earlier conversion,
+    known by its model.yaml). Anything else, e.g. a run directory, might hold newer iter_* that
+    would shadow the converted step 0."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return None
+    written = out_dir / "model.yaml"
+    if written.is_file() and written.read_text().startswith(MODEL_YAML_HEAD):
+        return None
+    return (f"output {out_dir} is not empty and holds no earlier hf-to-mcore conversion (no model.yaml "
+            "written by it); name a new or empty directory")
+
+
 def model_yaml(shape: ModelShape, tokenizer: str | None, out_dir: Path) -> str:
     model = {"arch": shape.arch, "num_layers": shape.num_layers, "hidden_size": shape.hidden_size,
              "ffn_hidden_size": shape.ffn_hidden_size, "num_attention_heads": shape.num_attention_heads,
@@ -107,14 +143,16 @@ def model_yaml(shape: ModelShape, tokenizer: str | None, out_dir: Path) -> str:
              "max_seq_len": shape.max_seq_len, "rotary_base": shape.rotary_base, "norm_eps": shape.norm_eps,
              "parallel_layernorms": shape.parallel_layernorms, "init_std": shape.init_std,
              "tokenizer": tokenizer}
-    head = (f"# Written by `alfred-train convert hf-to-mcore`. Paste into a run YAML, with\n"
+    head = (f"{MODEL_YAML_HEAD} Paste into a run YAML, with\n"
             f"#   checkpoint:\n#     init: {out_dir.resolve()}\n")
     return head + yaml.safe_dump({"model": model}, sort_keys=False)
 
 
 def prepare_output(plan: ImportPlan, hf_dir: Path, out_dir: Path) -> str | None:
-    """Rank 0: copy and check the tokenizer, write model.yaml; returns the tokenizer path."""
+    """Rank 0: copy and check the tokenizer (an earlier conversion's files removed first), write
+    model.yaml; returns the tokenizer path."""
     tok_dir = out_dir / "tokenizer"
+    remove_tokenizer_files(tok_dir)
     copied = copy_tokenizer_files(hf_dir, tok_dir)
     tokenizer = None
     if any(n in copied for n in ("tokenizer.model", "tokenizer.json")):
@@ -124,6 +162,18 @@ def prepare_output(plan: ImportPlan, hf_dir: Path, out_dir: Path) -> str | None:
         log.warning("%s has no tokenizer.model or tokenizer.json: set model.tokenizer yourself", hf_dir)
     (out_dir / "model.yaml").write_text(model_yaml(plan.shape, tokenizer, out_dir))
     return tokenizer
+
+
+def prepare_on_main(plan: ImportPlan, hf_dir: Path, out_dir: Path) -> tuple[str | None, str | None]:
+    """Rank 0: (tokenizer path, None) once OUT_DIR is prepared, or (None, what is wrong), for the
+    caller to broadcast: an error raised on rank 0 alone would leave the other ranks waiting."""
+    try:
+        if problem := output_problem(out_dir):
+            raise ConfigError(problem)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return prepare_output(plan, hf_dir, out_dir), None
+    except ConfigError as err:
+        return None, str(err)
 
 
 def read_adapter(plan: ImportPlan, adapter: str | Path | None):
@@ -158,11 +208,11 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, runtime, *, tp: int, pp
     weights = open_weights(hf_dir)
     rules = check_hf_tensors(plan, weights)
     spec, adapter_tensors = read_adapter(plan, adapter)
-    tokenizer = [None]
-    if runtime.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer[0] = prepare_output(plan, hf_dir, out_dir)
-    dist.broadcast_object_list(tokenizer, src=0)
+    box = list(prepare_on_main(plan, hf_dir, out_dir)) if runtime.is_main else [None, None]
+    dist.broadcast_object_list(box, src=0)
+    tokenizer, problem = box
+    if problem:
+        raise ConfigError(problem)
     # The local spec's sharded keys equal the TE spec's: the checkpoint loads under either backend.
     chunks = build_model(plan.shape, ParallelConfig(tp=tp, pp=pp), kind=plan.kind, bf16=plan.bf16,
                          backend=choose_backend("eager"), device=runtime.device)
@@ -176,7 +226,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, runtime, *, tp: int, pp
     filled = fill_from_globals(chunks, read)
     log.info("filled %d tensor shards from %s", filled, hf_dir)
     hf_ids = {k: plan.config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    state = {"stage": "convert", "model": dataclasses.asdict(plan.shape), "tokenizer": tokenizer[0],
+    state = {"stage": "convert", "model": dataclasses.asdict(plan.shape), "tokenizer": tokenizer,
              "dtype": "bfloat16" if plan.bf16 else "float32",
              "hf": {"source": str(hf_dir.resolve()), "architectures": plan.config.get("architectures"),
                     "tie_word_embeddings": plan.tied, **hf_ids}}

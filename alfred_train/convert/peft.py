@@ -26,6 +26,7 @@ part m and the columns of its A, zeros elsewhere (k rows: no adapter), with scal
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -126,19 +127,39 @@ def adapter_config(spec: lora.AdapterSpec, shape: ModelShape, base_path: str) ->
 # ---------------------------------------------------------------------------------------------
 # Import.
 
-def _scale(config: dict, module: str, rank: int) -> float:
-    alpha = float((config.get("alpha_pattern") or {}).get(module, config["lora_alpha"]))
-    return alpha / rank
+def _pattern_value(patterns: dict, module_path: str, default, where: str):
+    """PEFT's rank/alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key with
+    re.match(rf"(.*\\.)?({key})$", module path), e.g. "q_proj" or "model.layers.0.self_attn.q_proj"."""
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module_path):
+                return value
+        except re.error as err:
+            raise ConfigError(f"{where}: pattern key {key!r} is not a regular expression ({err})") from err
+    return default
+
+
+def _scale(config: dict, module_path: str, rank: int, where: str) -> float:
+    """alpha / r of the module at `module_path`, r the rank of its tensors, which must be the one
+    `r` / rank_pattern gives it (8: LoraConfig's default for both r and lora_alpha)."""
+    said = _pattern_value(config.get("rank_pattern") or {}, module_path, config.get("r", 8), f"{where} rank_pattern")
+    if said != rank:
+        raise ConfigError(f"{where}: r / rank_pattern give {module_path} rank {said}, its tensors have rank "
+                          f"{rank}; the adapter config does not belong to these weights")
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module_path, config.get("lora_alpha", 8),
+                           f"{where} alpha_pattern")
+    return float(alpha) / rank
 
 
 def read_adapter(adapter_dir: str | Path, shape: ModelShape) -> tuple[lora.AdapterSpec, dict[str, Tensor]]:
     """PEFT adapter dir -> (our AdapterSpec, our global adapter tensors); shapes checked against `shape`."""
-    from safetensors.torch import load_file
+    from alfred_train.convert.hf_config import read_json
+    from alfred_train.convert.safetensors_io import load_safetensors
 
     d = Path(adapter_dir)
     if not (d / CONFIG_FILE).exists() or not (d / WEIGHTS_FILE).exists():
         raise ConfigError(f"--adapter {d}: expected {CONFIG_FILE} and {WEIGHTS_FILE} (a PEFT LoRA adapter)")
-    config = json.loads((d / CONFIG_FILE).read_text())
+    config = read_json(d / CONFIG_FILE)
     for key, ok in [("peft_type", config.get("peft_type") == "LORA"), ("use_dora", not config.get("use_dora")),
                     ("use_rslora", not config.get("use_rslora")), ("bias", config.get("bias", "none") == "none"),
                     ("fan_in_fan_out", not config.get("fan_in_fan_out")),
@@ -146,7 +167,7 @@ def read_adapter(adapter_dir: str | Path, shape: ModelShape) -> tuple[lora.Adapt
         if not ok:
             raise ConfigError(f"--adapter {d}: {CONFIG_FILE} {key}={config.get(key)!r} is not supported "
                               "(plain LoRA only: peft_type LORA, no DoRA/rsLoRA, bias none)")
-    weights = load_file(str(d / WEIGHTS_FILE))
+    weights = load_safetensors(d / WEIGHTS_FILE)
     weights = {k.replace(".default.weight", ".weight"): v.float() for k, v in weights.items()}
     known = {f"{_hf_layer(shape, i)}{p}.lora_{ab}.weight" for i in range(shape.num_layers)
              for parts in PARTS[shape.arch].values() for p in parts for ab in "AB"}
@@ -189,7 +210,8 @@ def _read_layer(weights, config, shape, i, target, d):
             raise ConfigError(f"--adapter {d}: {part} on layer {i} is ({b.shape[0]} x {a.shape[1]}) through rank "
                               f"{a.shape[0]}, the base model's {part} is ({n_out} x {n_in}); the adapter was "
                               "trained on another base")
-        found.append((a, b, _scale(config, part.rpartition(".")[2], a.shape[0])))
+        module_path = name[len("base_model.model."):]  # the name PEFT matched patterns against
+        found.append((a, b, _scale(config, module_path, a.shape[0], f"--adapter {d}: {CONFIG_FILE}")))
     present = [f for f in found if f is not None]
     if not present:
         return None

@@ -28,6 +28,14 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     return [name for _, name in files]
 
 
+def remove_tokenizer_files(dst: Path) -> None:
+    """Remove the tokenizer files an earlier conversion copied into `dst` (nothing else)."""
+    for name in TOKENIZER_FILES:
+        (dst / name).unlink(missing_ok=True)
+    if dst.is_dir() and not any(dst.iterdir()):
+        dst.rmdir()
+
+
 def check_tokenizer(tokenizer_dir: Path, model_vocab: int):
     """Load the copied tokenizer (BOS/EOS/EOD mapped) and check it fits the embedding rows."""
     from alfred_train.data.tokenizer import load_tokenizer
