@@ -195,7 +195,9 @@ def describe(cfg: Config, stage: str) -> str:
     plan = peak_plan(cfg, stage, shape, static, kv, bf16)
     lines += ["", *plan.lines]
     trainable = [mp.total for _, t, mp in models if t]
-    lines += ["", *checkpoint_lines(cfg, trainable, bf16), *_resume_lines(cfg, stage), *data]
+    resume = _resume_lines(cfg, stage)
+    init = _init_lines(cfg, stage) if not resume or stage == "ppo" else []  # PPO's frozen models load them anyway
+    lines += ["", *checkpoint_lines(cfg, trainable, bf16), *resume, *init, *data]
     if cfg.lora.rank:
         from alfred_train.models.lora_plan import memory_lines
 
@@ -238,6 +240,19 @@ def _data_lines(cfg: Config, stage: str) -> tuple[list[str], list[str]]:
         except ConfigError as err:
             lines.append(f"  no valid_* metrics: {err}")
     return lines, []
+
+
+def _init_lines(cfg: Config, stage: str) -> list[str]:
+    """Where the weights start when the run does not resume: a checkpoint, or the seeded random
+    init (said aloud: a recipe that forgot checkpoint.init trained a 7B from noise without a word)."""
+    from alfred_train.stages.common import init_uses
+
+    uses = init_uses(cfg, stage)
+    if uses:
+        return [f"  weights start from {use.key}: {use.where}" for use in uses]
+    note = " (the LoRA base too)" if cfg.lora.rank else ""
+    return [f"  weights start from a seeded random init (train.seed {cfg.train.seed}){note}: no "
+            + ("rm.init or checkpoint.init" if stage == "rm" else "checkpoint.init")]
 
 
 def _resume_lines(cfg: Config, stage: str) -> list[str]:

@@ -242,6 +242,7 @@ def test_sft_and_rm_dry_runs_read_the_data_as_the_run_does(capsys, tmp_path):
     code, out, err = dry_run(capsys, "sft", str(TINY_SFT))
     assert code == 0, err
     assert "training samples of 64 tokens (packed)" in out and "epochs" in out
+    assert "weights start from a seeded random init (train.seed 1234): no checkpoint.init" in out
     code, out, err = dry_run(capsys, "rm", str(REPO / "configs" / "tiny-rm.yaml"))
     assert code == 0, err
     assert "Data: 1,900 training preference pairs" in out and "100 held out" in out
