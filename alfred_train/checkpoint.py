@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 import torch.distributed as dist
 
 from alfred_train.checkpointing import manifest as mf
@@ -219,16 +220,19 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
         if optimizer is not None:
             sharded[f"{name}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=False, prefix=f"{name}.")
     with _preemption_signals_blocked():
-        writer.save(sharded, tmp)
-        if site.owner:
-            (tmp / "rng").mkdir()
-        dist.barrier()
-        safety.save_rng(safety.rng_file(tmp, runtime.rank))
-        if runtime.is_main:
-            adam_steps = {name: _adam_step(opt) for name, (_, opt) in models.items() if opt is not None}
-            meta = {"step": step, "layout": layout, "models": sorted(models), "state": state,
-                    "adam_steps": adam_steps, "optimizer_keys": OPTIMIZER_KEYS}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            writer.save(sharded, tmp)
+            if site.owner:
+                (tmp / "rng").mkdir()
+            dist.barrier()
+            safety.save_rng(safety.rng_file(tmp, runtime.rank))
+            if runtime.is_main:
+                adam_steps = {name: _adam_step(opt) for name, (_, opt) in models.items() if opt is not None}
+                meta = {"step": step, "layout": layout, "models": sorted(models), "state": state,
+                        "adam_steps": adam_steps, "optimizer_keys": OPTIMIZER_KEYS}
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        except (OSError, RuntimeError, CheckpointException) as err:  # the last: torch DCP's, a BaseException
+            raise _write_failed(err, step, root, tmp, site.owner) from None
         dist.barrier()
         t1 = time.perf_counter()
         mine = mf.seal(tmp, mf.own_files(tmp, runtime.rank))
@@ -251,6 +255,27 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
     log.info("saved %s in %.2fs (write %.2fs, manifest+fsync %.2fs%s)", final, seconds["total"], seconds["write"],
              seconds["manifest"], f", s3 {seconds['s3']:.2f}s" if s3_uri else "")
     return final
+
+
+class CheckpointWriteError(AlfredError):
+    """A save that could not write its files (a full disk, most often). Every rank raises it; rank 0 says it."""
+
+    exit_code = 1
+    raised_on_every_rank = True
+
+
+def _write_failed(err: Exception, step: int, root: Path, tmp: Path, owner: bool) -> CheckpointWriteError:
+    """One line for a failed write, with the free space that usually explains it (torch's writer
+    reports a full disk as "unexpected pos 704 vs 598"); the part written is removed."""
+    free = shutil.disk_usage(root).free
+    if owner:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cause = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+    full = free < 64 * 2 ** 20
+    return CheckpointWriteError(
+        f"checkpoint {iter_name(step)}: writing it under {root} failed ({cause}); "
+        + (f"the disk is full ({free / 2 ** 20:.1f} MiB free): free space or lower checkpoint.keep, then rerun "
+           "(it resumes from the last checkpoint)" if full else f"{free / 2 ** 30:.1f} GiB free there"))
 
 
 def _all_or_raise(problem: str | None, what: str) -> None:

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except AlfredError as err:
         rank = int(os.environ.get("RANK", 0))
-        if rank == 0 or err.exit_code != 2:
+        if rank == 0 or (err.exit_code != 2 and not getattr(err, "raised_on_every_rank", False)):
             print(f"alfred-train: error: {err}", file=sys.stderr, flush=True)
         code = err.exit_code
     except KeyboardInterrupt:

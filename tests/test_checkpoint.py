@@ -385,6 +385,29 @@ def test_a_second_run_into_a_live_run_dir_is_refused(tmp_path):
     assert run_cli("sft", *SFT, f"run.dir={run}", "checkpoint.resume=none", "checkpoint.interval=0").returncode == 0
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (a checkpoint of the tiny SFT is 4.4 MB); skipped where mounting is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(small_disk):
+    """A full disk was four tracebacks ("unexpected pos 704 vs 598": no word of space) and a
+    partial .tmp-iter_ left on the full disk."""
+    run = small_disk / "run"
+    proc = run_cli("sft", *SFT, f"run.dir={run}", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("alfred-train: error:")]
+    assert len(errors) == 1 and "checkpoint iter_0000001: writing it under" in errors[0], proc.stderr[-3000:]
+    assert "the disk is full" in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
 PPO_STEPS = 3
 PPO = [str(ROOT / "configs" / "tiny-ppo.yaml"), "parallel.tp=1", f"train.max_steps={PPO_STEPS}",
        "ppo.rollouts_per_iter=16", "ppo.rollout_micro_batch=8", "ppo.train_micro_batch=4",

@@ -48,11 +48,17 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     if problems := site.problems_everywhere(problem):  # collective: every rank stops, none waits
         raise ConfigError(problems[0])
     check_run_dir(run_dir, site)
+    problem = None
     if site.owner:
         tmp = run_dir / ".config.yaml.tmp"
-        tmp.write_text(dump_yaml(cfg))
-        os.replace(tmp, run_dir / "config.yaml")
-    dist.barrier()
+        try:
+            tmp.write_text(dump_yaml(cfg))
+            os.replace(tmp, run_dir / "config.yaml")
+        except OSError as err:  # a full disk: before any step, one line on every rank
+            tmp.unlink(missing_ok=True)
+            problem = f"run.dir: cannot write {run_dir / 'config.yaml'} ({err.strerror}); free space or set run.dir elsewhere"
+    if problems := site.problems_everywhere(problem):
+        raise ConfigError(problems[0])
     return run_dir
 
 
