@@ -122,3 +122,16 @@ def test_check_checkpoints_for_the_sft_run():
     assert common.check_checkpoints(cfg, "sft", shape, required=False)[1][0].startswith("checkpoint.init: ")
     with pytest.raises(ConfigError, match=r"^checkpoint.init: .* does not exist; point checkpoint.init at"):
         common.check_checkpoints(cfg, "sft", shape, required=True)
+
+
+def test_a_run_names_the_keys_an_earlier_run_in_its_dir_set_otherwise(tmp_path, caplog):
+    """A resume with another template or seed replaced config.yaml without a word."""
+    from alfred_train.config import dump_yaml, load_config
+    from alfred_train.stages.common import _say_config_changes
+
+    (tmp_path / "config.yaml").write_text(dump_yaml(load_config(TINY_SFT)))
+    with caplog.at_level("WARNING", logger="alfred_train"):
+        _say_config_changes(tmp_path / "config.yaml", load_config(TINY_SFT, ["train.seed=7", "data.template=plain"]))
+        _say_config_changes(tmp_path / "config.yaml", load_config(TINY_SFT))  # the same: nothing said
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "in 2 key(s): data.template 'stackllama' -> 'plain', train.seed 1234 -> 7" in said[0]

@@ -51,6 +51,8 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     problem = None
     if site.owner:
         tmp = run_dir / ".config.yaml.tmp"
+        if runtime.is_main:
+            _say_config_changes(run_dir / "config.yaml", cfg)
         try:
             tmp.write_text(dump_yaml(cfg))
             os.replace(tmp, run_dir / "config.yaml")
@@ -60,6 +62,28 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     if problems := site.problems_everywhere(problem):
         raise ConfigError(problems[0])
     return run_dir
+
+
+def _say_config_changes(path: Path, cfg: Config) -> None:
+    """Warn about the keys an earlier run in this run.dir set otherwise (its config.yaml is replaced):
+    a resume with another template, seed or data went unnoticed."""
+    import yaml
+
+    def flat(tree, prefix=""):
+        items = tree.items() if isinstance(tree, dict) else ()
+        return {k: v for key, value in items for k, v in
+                (flat(value, f"{prefix}{key}.").items() if isinstance(value, dict) else [(f"{prefix}{key}", value)])}
+
+    try:
+        before = flat(yaml.safe_load(path.read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return
+    now = flat(yaml.safe_load(dump_yaml(cfg)))
+    changed = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k)]
+    if changed:
+        log.warning("run.dir's config.yaml (an earlier run's) differs from this run's in %d key(s): %s%s; replaced "
+                    "by this run's", len(changed), ", ".join(changed[:8]), ", ..." if len(changed) > 8 else "")
 
 
 def tokenizer_path(cfg: Config) -> str:
