@@ -9,7 +9,7 @@ micro-batches, per `train.recompute`; the logits buffer) and, for PPO, the gener
 cache, prefill and sampler buffers), plus a fixed reserve for the CUDA context. A plan above the
 GPU's memory (launch.gpu_memory_gib, or the SageMaker instance type's GPU) is refused naming what
 to change. The checkpoints the run loads (inits, the one it resumes) are checked as the run checks
-them (`stages.common.check_checkpoints`: meta.json only), where reachable. Checkpoint size, and
+them (`stages.checkpoint_checks.check_checkpoints`: meta.json only), where reachable. Checkpoint size, and
 for SageMaker the disk each instance needs and the S3 traffic (launch/sagemaker_plan.py).
 """
 
@@ -136,7 +136,7 @@ def describe(cfg: Config, stage: str) -> str:
     _check_shards(shape, p.tp)
     data = []
     if stage != "ppo":  # the checkpoints it loads (PPO's preflight checks its own) and the data
-        from alfred_train.stages.common import check_checkpoints
+        from alfred_train.stages.checkpoint_checks import check_checkpoints
 
         unchecked = check_checkpoints(cfg, stage, shape, required=False)[1]
         data, missing = _data_lines(cfg, stage)
@@ -245,7 +245,7 @@ def _data_lines(cfg: Config, stage: str) -> tuple[list[str], list[str]]:
 def _init_lines(cfg: Config, stage: str) -> list[str]:
     """Where the weights start when the run does not resume: a checkpoint, or the seeded random
     init (said aloud: a recipe that forgot checkpoint.init trained a 7B from noise without a word)."""
-    from alfred_train.stages.common import init_uses
+    from alfred_train.stages.checkpoint_checks import init_uses
 
     uses = init_uses(cfg, stage)
     if uses:
@@ -261,7 +261,7 @@ def _resume_lines(cfg: Config, stage: str) -> list[str]:
     import json
 
     from alfred_train import checkpoint
-    from alfred_train.stages.common import check_resume_layout, checkpoints_to_load
+    from alfred_train.stages.checkpoint_checks import check_resume_layout, checkpoints_to_load
 
     for use in checkpoints_to_load(cfg, stage):
         path = checkpoint.locate(use.where, use.key, required=False) if use.resume else None

@@ -1,5 +1,5 @@
 """Every checkpoint a run loads is checked against the config before any model is built
-(stages/common.py `check_checkpoints`): in `--dry-run` and at the start of the real run, one line
+(stages/checkpoint_checks.py `check_checkpoints`): in `--dry-run` and at the start of the real run, one line
 naming the key, exit 2. In process and fast: the checkpoints are meta.json stand-ins.
 
 SFT: checkpoint.init (a "policy"); RM: rm.init (a "policy" or a "reward"); every stage: the
@@ -18,7 +18,7 @@ import pytest
 from alfred_train import cli
 from alfred_train.config import load_config
 from alfred_train.errors import ConfigError
-from alfred_train.stages import common
+from alfred_train.stages import checkpoint_checks, common
 from tests.helpers import ROOT
 
 TINY_SFT = str(ROOT / "configs" / "tiny-sft.yaml")
@@ -119,9 +119,9 @@ def test_check_checkpoints_for_the_sft_run():
     cfg = load_config(TINY_SFT, ["parallel.tp=1", "run.dir=/nonexistent/run",
                                  f"checkpoint.init={ROOT / 'nonexistent'}", "model.num_layers=2"])
     shape = common.shape_for(cfg, common.tokenizer_for(cfg))
-    assert common.check_checkpoints(cfg, "sft", shape, required=False)[1][0].startswith("checkpoint.init: ")
+    assert checkpoint_checks.check_checkpoints(cfg, "sft", shape, required=False)[1][0].startswith("checkpoint.init: ")
     with pytest.raises(ConfigError, match=r"^checkpoint.init: .* does not exist; point checkpoint.init at"):
-        common.check_checkpoints(cfg, "sft", shape, required=True)
+        checkpoint_checks.check_checkpoints(cfg, "sft", shape, required=True)
 
 
 def test_a_run_names_the_keys_an_earlier_run_in_its_dir_set_otherwise(tmp_path, caplog):

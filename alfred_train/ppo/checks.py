@@ -15,7 +15,7 @@ key to change:
   * ppo.eval_tasks: lm-eval knows every task name (rank 0);
   * files (read, never a model): enough prompts for one iteration after the held-out ones; the
     SFT and RM checkpoints (and the one resumed) hold the right models of this model shape
-    (`stages.common.check_checkpoints`); the tokenizer and the template recorded in the SFT and RM
+    (`stages.checkpoint_checks.check_checkpoints`); the tokenizer and the template recorded in the SFT and RM
     checkpoints equal the run's.
 
 The dry run checks the files it can reach and says which it could not (placeholders such as
@@ -150,15 +150,15 @@ def load_prompts(cfg: Config, tokenizer) -> Prompts:
 
 def check_checkpoints(cfg: Config, tokenizer, tokenizer_path: str, *, required: bool) -> list[str]:
     """Every checkpoint the run loads (ppo.policy_init, ppo.reward_init, the one it resumes) holds
-    the right models of this model shape (`stages.common.check_checkpoints`); the inits record the
+    the right models of this model shape (`stages.checkpoint_checks.check_checkpoints`); the inits record the
     tokenizer and template this run uses. Returns what could not be checked (only when not
     `required`, i.e. the dry run)."""
-    from alfred_train.stages import common
+    from alfred_train.stages import checkpoint_checks, common
 
     o = cfg.ppo
     if not o.policy_init or not o.reward_init:
         _fail("ppo.policy_init and ppo.reward_init: PPO starts from an SFT and an RM checkpoint; set both")
-    found, notes = common.check_checkpoints(cfg, "ppo", common.shape_for(cfg, tokenizer), required=required)
+    found, notes = checkpoint_checks.check_checkpoints(cfg, "ppo", common.shape_for(cfg, tokenizer), required=required)
     digest = common.tokenizer_digest(tokenizer_path) if Path(tokenizer_path).exists() else None
     for use, path, meta in found:
         if use.resume:

@@ -134,54 +134,7 @@ def shape_for(cfg: Config, tokenizer) -> ModelShape:
 
 
 # ---------------------------------------------------------------------------------------------
-# The checkpoints a run loads, checked against the config before any model is built.
-
-TRAINED = {"sft": ("policy",), "rm": ("reward",), "ppo": ("policy", "value")}  # what a stage's checkpoints hold
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointUse:
-    """A checkpoint a run will load: the config key that names it, the path as given, and the
-    models it must hold (all of one of the `holds` alternatives)."""
-
-    key: str
-    where: str
-    holds: tuple[tuple[str, ...], ...]
-    what: str  # the kind of checkpoint the key takes, for the message
-    resume: bool = False  # optimizer states load too: they must reshard to this layout
-
-
-def init_uses(cfg: Config, stage: str) -> list[CheckpointUse]:
-    """The checkpoints `stage` starts its models from (when it does not resume)."""
-    c, o = cfg.checkpoint, cfg.ppo
-    if stage == "sft" and c.init:
-        return [CheckpointUse("checkpoint.init", c.init, (("policy",),), 'an SFT or converted model ("policy")')]
-    if stage == "rm" and (cfg.rm.init or c.init):
-        return [CheckpointUse("rm.init" if cfg.rm.init else "checkpoint.init", cfg.rm.init or c.init,
-                              (("policy",), ("reward",)), 'an SFT policy or an RM ("policy" or "reward")')]
-    if stage == "ppo":
-        return [CheckpointUse(key, where, ((name,),), what) for key, where, name, what in [
-            ("ppo.policy_init", o.policy_init, "policy", 'an SFT checkpoint ("policy")'),
-            ("ppo.reward_init", o.reward_init, "reward", 'an RM checkpoint ("reward")')] if where]
-    return []
-
-
-def checkpoints_to_load(cfg: Config, stage: str) -> list[CheckpointUse]:
-    """Every checkpoint `stage` loads with this config, in the order the run meets them. A resumed
-    SFT/RM run loads no init (a LoRA one does: the frozen base); PPO always loads both inits (the
-    reference and the reward model start there). checkpoint.resume=auto resumes the newest of
-    run.dir (a damaged one is skipped at run time for the one before it, from the same run)."""
-    c = cfg.checkpoint
-    own = f"this {stage} stage's own checkpoints ({', '.join(repr(m) for m in TRAINED[stage])})"
-    resume = []
-    if c.resume not in ("auto", "none"):
-        resume = [CheckpointUse("checkpoint.resume", c.resume, (TRAINED[stage],), own, resume=True)]
-    elif c.resume == "auto" and (found := checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints")):
-        resume = [CheckpointUse("checkpoint.resume", str(found), (TRAINED[stage],), f"{own} (auto: run.dir's newest)",
-                                resume=True)]
-    loads_init = stage == "ppo" or cfg.lora.rank or not resume
-    return resume + (init_uses(cfg, stage) if loads_init else [])
-
+# Every rank's own checks, refused everywhere.
 
 def on_every_rank(runtime: ParallelRuntime, check):
     """`check()` (each rank reads its own files), refused on every rank if it is refused on any.
@@ -201,83 +154,6 @@ def on_every_rank(runtime: ParallelRuntime, check):
     if problem is not None:
         raise problem
     return result
-
-
-def check_checkpoints(cfg: Config, stage: str, shape: ModelShape, *,
-                      required: bool) -> tuple[list[tuple[CheckpointUse, Path, dict]], list[str]]:
-    """Check every checkpoint `stage` loads (`checkpoints_to_load`) against the config, as `checked`
-    does. Returns ((use, path, meta.json) of each one found, notes on those not reachable here)."""
-    found, notes = [], []
-    for use in checkpoints_to_load(cfg, stage):
-        got = checked(cfg, use, shape, required=required)
-        if got is None:
-            notes.append(f"{use.key}: {use.where} is not reachable here: it is checked when the run starts, "
-                         "before any model is built")
-        else:
-            found.append((use, *got))
-    start = next((meta["step"] for use, _, meta in found if use.resume), 0)
-    check_no_later_history(cfg, start)
-    return found, notes
-
-
-def check_no_later_history(cfg: Config, start: int) -> None:
-    """A run that does not continue run.dir's own newest checkpoint (checkpoint.resume: none, or a
-    path: a rollback) would leave the checkpoints an earlier run saved there after `start` beside
-    its own, and the newest by step number is what auto-resume, rm.init, ppo.*_init and eval take:
-    another run's model, silently. Refused (what to move is named); `auto` always continues."""
-    c = cfg.checkpoint
-    if c.resume == "auto":
-        return
-    root = Path(cfg.run.dir) / "checkpoints"
-    later = sorted(step for step in checkpoint.iter_steps(root) if step > start)
-    if later:
-        names = ", ".join(checkpoint.iter_name(s) for s in later[:3]) + (", ..." if len(later) > 3 else "")
-        raise ConfigError(f"checkpoint.resume: {c.resume} starts this run at step {start}, but {root} holds "
-                          f"checkpoints of an earlier run after it ({names}), which a resume or the next stage "
-                          "would take for this run's; move them out of run.dir (or delete them), or set a new run.dir")
-
-
-def checked(cfg: Config, use: CheckpointUse, shape: ModelShape, *, required: bool) -> tuple[Path, dict] | None:
-    """(path, meta.json) of `use`, refused (ConfigError naming its key) unless it holds the models
-    the run loads from it, of this model shape, at parallel.vpp (resumed: at the run's layout).
-    None when its path does not exist and not `required` (a dry run where /fsx is not mounted); a
-    path that exists but holds no checkpoint is an error either way."""
-    path = checkpoint.locate(use.where, use.key, required=required)
-    if path is None:
-        return None
-    meta = json.loads((path / "meta.json").read_text())
-    _check_checkpoint(cfg, use, path, meta, shape)
-    return path, meta
-
-
-def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, shape: ModelShape) -> None:
-    key, state = use.key, meta.get("state") or {}
-    held = meta.get("models") or []
-    if not any(set(names) <= set(held) for names in use.holds):
-        stage = f" of a {state['stage']} run" if state.get("stage") else ""
-        fix = "set a new run.dir" if use.resume else "point it there"
-        raise ConfigError(f"{key}: {path} holds the models {held}{stage}; {key} takes {use.what}: {fix}")
-    differ = checkpoint.shape_differences(state.get("model"), dataclasses.asdict(shape))
-    if differ:
-        saved = ", ".join(f"{k}={v}" for k, v, _ in differ)
-        built = ", ".join(f"{k}={v}" for k, _, v in differ)
-        raise ConfigError(f"{key}: {path} holds a model of shape {saved}, this config builds {built}; set model.* "
-                          "(and model.tokenizer) as in that run" + (", or set a new run.dir" if use.resume else ""))
-    saved_layout = meta.get("layout") or {}
-    if use.resume:
-        check_resume_layout(cfg, use, path, meta)
-    if (saved_layout.get("vpp") or 1) != (cfg.parallel.vpp or 1):
-        raise ConfigError(f"parallel.vpp: {key} ({path}) was saved with parallel.vpp={saved_layout.get('vpp')}; "
-                          "set parallel.vpp as when saved")
-
-
-def check_resume_layout(cfg: Config, use: CheckpointUse, path: Path, meta: dict) -> str | None:
-    """Refuse (ConfigError naming `use.key`) a resume whose optimizer states cannot reshard to this
-    run's layout (`checkpoint.reshard_problem`); returns the layout change, None at the same layout."""
-    saved = meta.get("layout") or {}
-    if problem := checkpoint.reshard_problem(saved, layout(cfg)):
-        raise ConfigError(f"{use.key}: {path}: {problem}, or set a new run.dir")
-    return checkpoint.layout_note(saved, layout(cfg))
 
 
 def build_trainable(cfg: Config, runtime: ParallelRuntime, shape: ModelShape, backend, *, kind: str,

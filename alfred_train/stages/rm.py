@@ -37,7 +37,7 @@ from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import unwrap
 from alfred_train.profiling import Phases
-from alfred_train.stages import common
+from alfred_train.stages import checkpoint_checks, common
 from alfred_train.training import Trainable, reduce_reports, run_schedule
 
 log = logging.getLogger("alfred_train")
@@ -121,9 +121,9 @@ def _pair_loss(eod_index, scores):
 
 def _init_checkpoint(cfg: Config, shape):
     """(path, meta) of `rm.init` (or `checkpoint.init`), refused unless it holds an SFT policy or an
-    RM of this model shape (`common.checked`)."""
-    use, = common.init_uses(cfg, "rm")
-    return common.checked(cfg, use, shape, required=True)
+    RM of this model shape (`checkpoint_checks.checked`)."""
+    use, = checkpoint_checks.init_uses(cfg, "rm")
+    return checkpoint_checks.checked(cfg, use, shape, required=True)
 
 
 def init_from(cfg: Config, chunks, shape) -> None:
@@ -151,7 +151,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     train_set, valid_set = prepare_data(cfg, tokenizer)  # bad data stops the run before any model is built
     shape = common.shape_for(cfg, tokenizer)
     # the init and the resumed checkpoint, before anything is written (refused everywhere if on any rank)
-    common.on_every_rank(runtime, lambda: common.check_checkpoints(cfg, "rm", shape, required=True))
+    common.on_every_rank(runtime, lambda: checkpoint_checks.check_checkpoints(cfg, "rm", shape, required=True))
     run_dir = common.prepare_run_dir(cfg, runtime)
     backend = common.attention_backend(cfg, runtime)
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind="scalar", total_steps=t.max_steps)

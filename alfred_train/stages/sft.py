@@ -20,7 +20,7 @@ from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import unwrap
 from alfred_train.profiling import Phases
-from alfred_train.stages import common
+from alfred_train.stages import checkpoint_checks, common
 from alfred_train.training import Trainable, reduce_reports, run_schedule
 
 log = logging.getLogger("alfred_train")
@@ -71,7 +71,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     train_set, valid_set = prepare_data(cfg, tokenizer)  # bad data stops the run before any model is built
     shape = common.shape_for(cfg, tokenizer)
     # the init and the resumed checkpoint, before run.dir is written (refused everywhere if on any rank)
-    common.on_every_rank(runtime, lambda: common.check_checkpoints(cfg, "sft", shape, required=True))
+    common.on_every_rank(runtime, lambda: checkpoint_checks.check_checkpoints(cfg, "sft", shape, required=True))
     run_dir = common.prepare_run_dir(cfg, runtime)
     backend = common.attention_backend(cfg, runtime)
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind="lm", total_steps=t.max_steps)
