@@ -135,3 +135,15 @@ def test_a_run_names_the_keys_an_earlier_run_in_its_dir_set_otherwise(tmp_path, 
         _say_config_changes(tmp_path / "config.yaml", load_config(TINY_SFT))  # the same: nothing said
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "in 2 key(s): data.template 'stackllama' -> 'plain', train.seed 1234 -> 7" in said[0]
+
+
+def test_a_resume_past_train_max_steps_is_refused(capsys, tmp_path):
+    """A rerun with train.max_steps below the checkpoint's step printed "30 steps done" and trained nothing."""
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_0000003"
+    _checkpoint(ckpt, ["policy"], "sft", _shape(TINY_SFT))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "step": 3}))
+    sft = ["sft", TINY_SFT, "parallel.tp=1", f"run.dir={tmp_path / 'run'}", "--dry-run"]
+    _error(capsys, "train.max_steps", "2, but the checkpoint resumed is at step 3: nothing to train", *sft,
+           "train.max_steps=2")
+    assert _run(capsys, *sft, "train.max_steps=3")[0] == 0  # a finished run, rerun: nothing to do, no error

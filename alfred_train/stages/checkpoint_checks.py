@@ -75,6 +75,9 @@ def check_checkpoints(cfg: Config, stage: str, shape: ModelShape, *,
         else:
             found.append((use, *got))
     start = next((meta["step"] for use, _, meta in found if use.resume), 0)
+    if start > cfg.train.max_steps:
+        raise ConfigError(f"train.max_steps: {cfg.train.max_steps}, but the checkpoint resumed is at step {start}: "
+                          "nothing to train (its result stays as it is); raise train.max_steps to train on")
     check_no_later_history(cfg, start)
     return found, notes
 
