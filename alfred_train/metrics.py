@@ -163,6 +163,8 @@ def plot_metrics(run_dir: str | Path, keys: list, out_name: str = "metrics.png")
         ax.axis("off")
     fig.tight_layout()
     out = Path(run_dir) / out_name
-    fig.savefig(out, dpi=90)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, dpi=90, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
+    os.replace(tmp, out)  # a crash mid-write keeps the previous plot whole
     return out
