@@ -253,6 +253,7 @@ def test_resolved_config_in_run_dir_round_trips(tmp_path):
     """What `prepare_run_dir` writes to run.dir/config.yaml loads back to an equal Config."""
     from alfred_train.parallel.dims import ParallelDims
     from alfred_train.parallel.init import init_runtime, shutdown
+    from alfred_train.checkpointing.site import release_run_dirs
     from alfred_train.stages.common import prepare_run_dir
 
     run_dir = tmp_path / "run"
@@ -263,6 +264,7 @@ def test_resolved_config_in_run_dir_round_trips(tmp_path):
     try:
         assert prepare_run_dir(cfg, runtime) == run_dir
     finally:
+        release_run_dirs()  # the run.dir lock, as the CLI drops it after a run
         shutdown()
     written = run_dir / "config.yaml"
     assert written.read_text() == dump_yaml(cfg)
