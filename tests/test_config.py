@@ -271,7 +271,7 @@ def test_resolved_config_in_run_dir_round_trips(tmp_path):
     again = load_config(written)
     assert isinstance(again, Config) and again == cfg
     assert again.optim.lr == 1e-5 and again.model.num_query_groups == 4 and again.ppo.kl_estimator == "k3"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml"]  # no temp file left
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml"]  # no temp file left
 
 
 # ---------------------------------------------------------------------------------------------
