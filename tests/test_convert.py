@@ -822,5 +822,72 @@ def test_export_over_an_earlier_export_drops_its_adapter_and_tokenizer_config(ti
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
+@pytest.mark.parametrize("field,value,tensor,shapes", [
+    ("intermediate_size", 256, "model.layers.0.mlp.gate_proj.weight", "(128, 64), config.json implies (256, 64)"),
+    ("num_key_value_heads", 4, "model.layers.0.self_attn.k_proj.weight", "(32, 64), config.json implies (64, 64)"),
+    ("vocab_size", 600, "model.embed_tokens.weight", "(520, 64), config.json implies (600, 64)"),
+])
+def test_tensor_shapes_not_matching_config_refused_before_output(tiny_llama, tmp_path, capsys, field, value,
+                                                                 tensor, shapes):
+    hf_dir = _copy_hf(tiny_llama, tmp_path / "hf", **{field: value})
+    err = _convert_error(capsys, "hf-to-mcore", str(hf_dir), str(tmp_path / "out"), "--tp", "2")
+    assert f"tensor {tensor!r} has shape {shapes}" in err and f"fix {field}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,words", [
+    (("--pp", "3"), "--pp 3: does not divide the 2 layers (config.json num_hidden_layers); pick a --pp of 1, 2"),
+    (("--tp", "3"), "--tp 3: does not divide num_attention_heads (4), num_key_value_heads (2), intermediate_size "
+                    "(128), the padded vocabulary (640); pick a --tp of 1, 2"),
+    (("--tp", "4"), "--tp 4: does not divide num_key_value_heads (2); pick a --tp of 1, 2"),
+])
+def test_layout_not_fitting_the_model_refused_before_output(tiny_llama, tmp_path, capsys, flags, words):
+    err = _convert_error(capsys, "hf-to-mcore", str(tiny_llama), str(tmp_path / "out"), *flags)
+    assert words in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_failed_import_leaves_output_as_it_was(tiny_llama, tiny_ckpt, tmp_path, capsys, monkeypatch, earlier):
+    """A failure once the output is being written (here: while filling the model, the tokenizer copied)
+    leaves OUT_DIR as it was: absent, or the earlier conversion it would have replaced, whole."""
+    from alfred_train.convert import hf_import
+    from alfred_train.errors import ConfigError
+
+    hf_dir = _copy_hf(tiny_llama, tmp_path / "hf")
+    (hf_dir / "tokenizer.model").unlink()
+    _falcon_tokenizer(hf_dir / "tokenizer.json")  # another tokenizer than the earlier conversion's
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    if earlier:
+        shutil.copytree(tiny_ckpt, runs / "ckpt")
+    before = {p: p.read_bytes() for p in sorted(runs.rglob("*")) if p.is_file()}
+    copied = []
+
+    def fail(chunks, read):
+        copied.extend(p.name for p in runs.rglob("tokenizer.json"))
+        raise ConfigError("filling failed mid-way")
+
+    monkeypatch.setattr(hf_import, "fill_from_globals", fail)
+    err = _convert_error(capsys, "hf-to-mcore", str(hf_dir), str(runs / "ckpt"))
+    assert "filling failed mid-way" in err and copied == ["tokenizer.json"], (err, copied)
+    assert {p: p.read_bytes() for p in sorted(runs.rglob("*")) if p.is_file()} == before
+    assert sorted(p.name for p in runs.iterdir()) == (["ckpt"] if earlier else [])
+
+
+def test_peft_modules_to_save_refused_with_what_to_do(tiny_llama, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    get_peft_model(LlamaForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(tmp_path / "adapter")
+    capsys.readouterr()  # transformers' loading progress
+    err = _convert_error(capsys, "hf-to-mcore", str(tiny_llama), str(tmp_path / "out"),
+                         "--adapter", str(tmp_path / "adapter"))
+    assert "modules_to_save=['lm_head']" in err and "not supported" in err and "merge_and_unload" in err, err
+    assert "without --adapter" in err and "another base" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 if __name__ == "__main__":
     run_job(json.loads(Path(sys.argv[1]).read_text()))

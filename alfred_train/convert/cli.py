@@ -14,6 +14,7 @@ and no launcher started us, runs tp*pp local workers (like the stages do).
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 from alfred_train.convert.safetensors_io import DEFAULT_SHARD_BYTES
@@ -84,7 +85,8 @@ def _single_process_runtime(tp: int = 1, pp: int = 1):
 
 def run_hf_to_mcore(args) -> int:
     from alfred_train.convert.deepspeed_zero import is_zero_checkpoint, require_deepspeed
-    from alfred_train.convert.hf_import import check_hf_tensors, hf_to_mcore, output_problem, plan_import, read_adapter
+    from alfred_train.convert.hf_import import (check_hf_tensors, check_layout, hf_to_mcore, output_problem,
+                                                plan_import, read_adapter, staging_dir)
     from alfred_train.convert.safetensors_io import SafetensorsDir
     from alfred_train.parallel.init import detect_launch_env, shutdown
 
@@ -94,6 +96,7 @@ def run_hf_to_mcore(args) -> int:
     if problem := output_problem(Path(args.out_dir)):
         raise ConfigError(problem)
     plan = plan_import(args.hf_dir, KINDS[args.kind], args.dtype)  # config errors before any weight
+    check_layout(plan, args.tp, args.pp)
     if is_zero_checkpoint(args.hf_dir):  # assembled (and its tensors checked) once, in the workers
         require_deepspeed(args.hf_dir)
     else:
@@ -106,7 +109,10 @@ def run_hf_to_mcore(args) -> int:
         argv = ["convert", "hf-to-mcore", args.hf_dir, args.out_dir, "--tp", str(args.tp), "--pp",
                 str(args.pp), "--kind", args.kind, "--dtype", args.dtype]
         argv += ["--adapter", args.adapter] if args.adapter else []
-        return spawn_local(argv, world)
+        code = spawn_local(argv, world)
+        if code:  # a worker killed mid-conversion could not remove its part
+            shutil.rmtree(staging_dir(Path(args.out_dir)), ignore_errors=True)
+        return code
     runtime = _single_process_runtime(args.tp, args.pp)
     try:
         hf_to_mcore(args.hf_dir, args.out_dir, runtime, tp=args.tp, pp=args.pp, kind=plan.kind,

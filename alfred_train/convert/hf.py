@@ -31,6 +31,11 @@ which is exactly Falcon's `query_key_value` layout (new decoder architecture, an
 multi-query [q..., k, v] with G=1), so Falcon needs no permutation; Llama's separate q/k/v are
 interleaved into it. Both use rotate-half RoPE, like megatron, so no row permutation inside heads.
 Vocabulary rows are zero-padded to `padded_vocab_size` on import and dropped on export.
+
+Each rule also states the shape of every Hugging Face tensor it reads, dimension by dimension,
+with the quantity each dimension follows from ("hidden", "ffn", "kv" = G*d rows, "vocab",
+"labels"), so an import can compare the safetensors headers with config.json before reading any
+weight and name the config field a mismatch points at (`hf_config.shape_fields`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import torch
 from alfred_train.models.build import ModelShape
 
 Tensor = torch.Tensor
+Dim = tuple[int, str]  # (size, what it follows from: "hidden" | "ffn" | "kv" | "vocab" | "labels")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,14 @@ class Rule:
     to_hf: Callable[[Tensor], list[Tensor]]
     optional: bool = False  # may be absent on the HF side (then `missing` gives its value)
     missing: Callable[[], Tensor] | None = None
+    hf_shapes: tuple[tuple[Dim, ...], ...] = ()  # the shape of each `hf` tensor, as config.json implies
+
+
+def _dims(shape: ModelShape) -> tuple[Dim, Dim, Dim, Dim]:
+    """hidden (h), ffn, kv rows (G*d) and vocabulary (V) of `shape`, each with its source."""
+    d = shape.hidden_size // shape.num_attention_heads
+    return ((shape.hidden_size, "hidden"), (shape.ffn_hidden_size, "ffn"),
+            (shape.num_query_groups * d, "kv"), (shape.vocab_size, "vocab"))
 
 
 def _same(ts: list[Tensor]) -> Tensor:
@@ -102,34 +116,44 @@ def _drop_rows(vocab: int) -> Callable[[Tensor], list[Tensor]]:
 
 def _layer_rules(shape: ModelShape, i: int) -> list[Rule]:
     ours = f"decoder.layers.{i}."
+    h, ffn, kv, _ = _dims(shape)
     if shape.arch == "llama":
         hf = f"model.layers.{i}."
         heads, groups = shape.num_attention_heads, shape.num_query_groups
         return [
-            Rule(ours + "self_attention.linear_qkv.layer_norm_weight", (hf + "input_layernorm.weight",), _same, _one),
+            Rule(ours + "self_attention.linear_qkv.layer_norm_weight", (hf + "input_layernorm.weight",), _same, _one,
+                 hf_shapes=((h,),)),
             Rule(ours + "self_attention.linear_qkv.weight",
                  tuple(hf + f"self_attn.{p}_proj.weight" for p in "qkv"),
                  lambda ts: qkv_to_grouped(*ts, heads=heads, groups=groups),
-                 lambda t: grouped_to_qkv(t, heads=heads, groups=groups)),
-            Rule(ours + "self_attention.linear_proj.weight", (hf + "self_attn.o_proj.weight",), _same, _one),
-            Rule(ours + "mlp.linear_fc1.layer_norm_weight", (hf + "post_attention_layernorm.weight",), _same, _one),
+                 lambda t: grouped_to_qkv(t, heads=heads, groups=groups),
+                 hf_shapes=((h, h), (kv, h), (kv, h))),  # q (H*d = h, h), k and v (G*d, h)
+            Rule(ours + "self_attention.linear_proj.weight", (hf + "self_attn.o_proj.weight",), _same, _one,
+                 hf_shapes=((h, h),)),
+            Rule(ours + "mlp.linear_fc1.layer_norm_weight", (hf + "post_attention_layernorm.weight",), _same, _one,
+                 hf_shapes=((h,),)),
             Rule(ours + "mlp.linear_fc1.weight", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
                  lambda ts: torch.cat(ts, dim=0),  # (2*ffn, h) = [gate; up]
-                 lambda t: [c.contiguous() for c in t.chunk(2, dim=0)]),
-            Rule(ours + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",), _same, _one),
+                 lambda t: [c.contiguous() for c in t.chunk(2, dim=0)],
+                 hf_shapes=((ffn, h), (ffn, h))),
+            Rule(ours + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",), _same, _one,
+                 hf_shapes=((h, ffn),)),
         ]
     hf = f"transformer.h.{i}."
     attn_norm = "ln_attn" if shape.parallel_layernorms == 2 else "input_layernorm"
-    rules = [Rule(ours + f"self_attention.linear_qkv.layer_norm_{p}", (hf + f"{attn_norm}.{p}",), _same, _one)
-             for p in ("weight", "bias")]
+    rules = [Rule(ours + f"self_attention.linear_qkv.layer_norm_{p}", (hf + f"{attn_norm}.{p}",), _same, _one,
+                  hf_shapes=((h,),)) for p in ("weight", "bias")]
     if shape.parallel_layernorms == 2:
-        rules += [Rule(ours + f"mlp.linear_fc1.layer_norm_{p}", (hf + f"ln_mlp.{p}",), _same, _one)
-                  for p in ("weight", "bias")]
+        rules += [Rule(ours + f"mlp.linear_fc1.layer_norm_{p}", (hf + f"ln_mlp.{p}",), _same, _one,
+                       hf_shapes=((h,),)) for p in ("weight", "bias")]
+    qkv = (h[0] + 2 * kv[0], "kv")  # G*(H/G+2)*d = H*d + 2*G*d rows
     return rules + [
-        Rule(ours + "self_attention.linear_qkv.weight", (hf + "self_attention.query_key_value.weight",), _same, _one),
-        Rule(ours + "self_attention.linear_proj.weight", (hf + "self_attention.dense.weight",), _same, _one),
-        Rule(ours + "mlp.linear_fc1.weight", (hf + "mlp.dense_h_to_4h.weight",), _same, _one),
-        Rule(ours + "mlp.linear_fc2.weight", (hf + "mlp.dense_4h_to_h.weight",), _same, _one),
+        Rule(ours + "self_attention.linear_qkv.weight", (hf + "self_attention.query_key_value.weight",), _same, _one,
+             hf_shapes=((qkv, h),)),
+        Rule(ours + "self_attention.linear_proj.weight", (hf + "self_attention.dense.weight",), _same, _one,
+             hf_shapes=((h, h),)),
+        Rule(ours + "mlp.linear_fc1.weight", (hf + "mlp.dense_h_to_4h.weight",), _same, _one, hf_shapes=((ffn, h),)),
+        Rule(ours + "mlp.linear_fc2.weight", (hf + "mlp.dense_4h_to_h.weight",), _same, _one, hf_shapes=((h, ffn),)),
     ]
 
 
@@ -147,21 +171,23 @@ def rules_for(shape: ModelShape, kind: str, *, tied: bool = False) -> list[Rule]
     """
     llama = shape.arch == "llama"
     embed = embedding_name(shape)
+    h, _, _, vocab = _dims(shape)
     pad, drop = _pad_rows(shape.padded_vocab_size), _drop_rows(shape.vocab_size)
-    rules = [Rule("embedding.word_embeddings.weight", (embed,), pad, drop)]
+    rules = [Rule("embedding.word_embeddings.weight", (embed,), pad, drop, hf_shapes=((vocab, h),))]
     for i in range(shape.num_layers):
         rules += _layer_rules(shape, i)
     if llama:
-        rules.append(Rule("decoder.final_layernorm.weight", ("model.norm.weight",), _same, _one))
+        rules.append(Rule("decoder.final_layernorm.weight", ("model.norm.weight",), _same, _one, hf_shapes=((h,),)))
     else:
-        rules += [Rule(f"decoder.final_layernorm.{p}", (f"transformer.ln_f.{p}",), _same, _one)
+        rules += [Rule(f"decoder.final_layernorm.{p}", (f"transformer.ln_f.{p}",), _same, _one, hf_shapes=((h,),))
                   for p in ("weight", "bias")]
     if kind == "scalar":
-        rules += [Rule("output_layer.weight", ("score.weight",), _same, _one),  # (1, h)
+        one = (1, "labels")
+        rules += [Rule("output_layer.weight", ("score.weight",), _same, _one, hf_shapes=((one, h),)),  # (1, h)
                   Rule("output_layer.bias", ("score.bias",), _same, _one, optional=True,
-                       missing=lambda: torch.zeros(1))]  # transformers' score head has no bias
+                       missing=lambda: torch.zeros(1), hf_shapes=((one,),))]  # transformers' score head has no bias
     else:
-        rules.append(Rule("output_layer.weight", (embed if tied else LM_HEAD,), pad, drop))
+        rules.append(Rule("output_layer.weight", (embed if tied else LM_HEAD,), pad, drop, hf_shapes=((vocab, h),)))
     return rules
 
 

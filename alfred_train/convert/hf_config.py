@@ -184,6 +184,17 @@ def shape_from_hf(config: dict, kind: str, where: str = "config.json") -> ModelS
                   "with transformers to get model_type falcon)")
 
 
+def shape_fields(config: dict) -> dict[str, str]:
+    """The config.json field behind each quantity of the shape (`hf.Dim`'s names, and the layer,
+    head and group counts), for errors that say what to fix."""
+    falcon = config.get("model_type") == "falcon"
+    groups = ("num_kv_heads" if config.get("new_decoder_architecture") else "multi_query") if falcon \
+        else "num_key_value_heads"
+    return {"hidden": "hidden_size", "ffn": "ffn_hidden_size" if falcon else "intermediate_size",
+            "kv": f"{groups} (or num_attention_heads)", "vocab": "vocab_size", "labels": "num_labels",
+            "layers": "num_hidden_layers", "heads": "num_attention_heads", "groups": groups}
+
+
 def hf_config_from_shape(shape: ModelShape, kind: str, *, tied: bool, dtype: str,
                          bos_id: int | None, eos_id: int | None, pad_id: int | None) -> dict:
     """A config.json that transformers loads into the model our weights describe."""

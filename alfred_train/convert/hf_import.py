@@ -8,6 +8,8 @@
 
 OUT_DIR is new, empty, or an earlier conversion (its model.yaml says so): that one is replaced,
 tokenizer files included. Anything else is refused (a run directory's newer iter_* would shadow step 0).
+Everything is written into a hidden sibling, `.OUT_DIR.hf-to-mcore-tmp`, and moved into OUT_DIR
+only once the checkpoint is saved; a conversion that fails removes it and leaves OUT_DIR as it was.
 
 Order of work: config.json is validated and the tensor names / shapes in the safetensors headers
 checked before any weight is read; then every rank builds its part of the model and reads only
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +59,30 @@ def plan_import(hf_dir: str | Path, kind: str | None = None, dtype: str = "auto"
     return ImportPlan(config, shape, kind, tied=kind == "lm" and hf_config.is_tied(config), bf16=bf16)
 
 
+def _divisors(n: int) -> str:
+    return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
+
+
+def check_layout(plan: ImportPlan, tp: int, pp: int) -> None:
+    """--tp / --pp (each >= 1) fit the model: the trainer's rules (config_checks.py, dryrun.py
+    `_check_shards`, models/build.py), but named by the flags and config.json's fields; checked
+    before any worker starts or OUT_DIR is touched."""
+    import math
+
+    shape, fields = plan.shape, hf_config.shape_fields(plan.config)
+    if shape.num_layers % pp:
+        raise ConfigError(f"--pp {pp}: does not divide the {shape.num_layers} layers (config.json "
+                          f"{fields['layers']}); pick a --pp of {_divisors(shape.num_layers)}")
+    split = {f"{fields['heads']} ({shape.num_attention_heads})": shape.num_attention_heads,
+             f"{fields['groups']} ({shape.num_query_groups})": shape.num_query_groups,
+             f"{fields['ffn']} ({shape.ffn_hidden_size})": shape.ffn_hidden_size,
+             f"the padded vocabulary ({shape.padded_vocab_size})": shape.padded_vocab_size}
+    bad = [what for what, n in split.items() if n % tp]
+    if bad:
+        fits = math.gcd(*split.values())
+        raise ConfigError(f"--tp {tp}: does not divide {', '.join(bad)}; pick a --tp of {_divisors(fits)}")
+
+
 def open_weights(hf_dir: str | Path):
     """The HF directory's tensors: a DeepSpeed ZeRO checkpoint's fp32 masters when it holds
     `global_step*/` shards (the HF Trainer under DeepSpeed), else its safetensors."""
@@ -82,9 +110,25 @@ def check_tied_head(plan: ImportPlan, weights: SafetensorsDir) -> None:
                               "set tie_word_embeddings false in config.json to keep the trained output layer")
 
 
+def check_hf_shapes(plan: ImportPlan, weights: SafetensorsDir, rules: list[hf.Rule]) -> None:
+    """Every tensor present has the shape config.json implies (read from the headers)."""
+    fields = hf_config.shape_fields(plan.config)
+    for rule in rules:
+        for name, dims in zip(rule.hf, rule.hf_shapes):
+            if name not in weights:
+                continue
+            actual, expected = weights.shape(name), tuple(size for size, _ in dims)
+            if actual == expected:
+                continue
+            wrong = [src for (size, src), n in zip(dims, actual) if size != n] or [src for _, src in dims]
+            fix = " or ".join(dict.fromkeys(fields[src] for src in wrong))
+            raise ConfigError(f"{weights.path}: tensor {name!r} has shape {actual}, config.json implies {expected}; "
+                              f"fix {fix} in config.json to match the weights")
+
+
 def check_hf_tensors(plan: ImportPlan, weights: SafetensorsDir) -> list[hf.Rule]:
-    """Every tensor the rules need is there, and nothing we would silently drop (header reads only,
-    but for `check_tied_head`)."""
+    """Every tensor the rules need is there with the shape config.json implies, and nothing we would
+    silently drop (header reads only, but for `check_tied_head`)."""
     rules = hf.rules_for(plan.shape, plan.kind, tied=plan.tied)
     names = weights.keys()
     check_tied_head(plan, weights)
@@ -92,6 +136,7 @@ def check_hf_tensors(plan: ImportPlan, weights: SafetensorsDir) -> list[hf.Rule]
         for name in rule.hf:
             if name not in weights and not rule.optional:
                 raise ConfigError(f"{weights.path}: tensor {name!r} is missing (needed for {rule.ours})")
+    check_hf_shapes(plan, weights, rules)
     extra = hf.unexpected_hf_tensors(rules, names, tied=plan.tied)
     if extra:
         raise ConfigError(f"{weights.path}: tensors {extra[:3]} have no place in a {plan.shape.arch} "
@@ -136,6 +181,37 @@ def output_problem(out_dir: Path) -> str | None:
             "written by it); name a new or empty directory")
 
 
+def staging_dir(out_dir: Path) -> Path:
+    """Where a conversion into OUT_DIR is written until it is whole (same filesystem: renames)."""
+    out = Path(os.path.abspath(out_dir))
+    return out.parent / f".{out.name}.hf-to-mcore-tmp"
+
+
+def commit_output(staging: Path, out_dir: Path) -> None:
+    """Rank 0: move a finished conversion into OUT_DIR. New or empty: one rename. An earlier
+    conversion: its tokenizer files, iter_0000000, `latest` and (last) model.yaml are replaced,
+    anything else in it is left alone."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        os.replace(staging, out_dir)  # onto an empty directory too (POSIX rename)
+        return
+    tok_dir = out_dir / "tokenizer"
+    remove_tokenizer_files(tok_dir)
+    if (staging / "tokenizer").is_dir():
+        tok_dir.mkdir(exist_ok=True)
+        for f in (staging / "tokenizer").iterdir():
+            os.replace(f, tok_dir / f.name)
+    for ckpt in staging.glob("iter_*"):
+        old = out_dir / f".old-{ckpt.name}"
+        if (out_dir / ckpt.name).exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir / ckpt.name, old)
+        os.replace(ckpt, out_dir / ckpt.name)
+        shutil.rmtree(old, ignore_errors=True)
+    for name in ("latest", "model.yaml"):
+        os.replace(staging / name, out_dir / name)
+    shutil.rmtree(staging)
+
+
 def model_yaml(shape: ModelShape, tokenizer: str | None, out_dir: Path) -> str:
     model = {"arch": shape.arch, "num_layers": shape.num_layers, "hidden_size": shape.hidden_size,
              "ffn_hidden_size": shape.ffn_hidden_size, "num_attention_heads": shape.num_attention_heads,
@@ -148,31 +224,37 @@ def model_yaml(shape: ModelShape, tokenizer: str | None, out_dir: Path) -> str:
     return head + yaml.safe_dump({"model": model}, sort_keys=False)
 
 
-def prepare_output(plan: ImportPlan, hf_dir: Path, out_dir: Path) -> str | None:
+def prepare_output(plan: ImportPlan, hf_dir: Path, out_dir: Path, write_dir: Path | None = None) -> str | None:
     """Rank 0: copy and check the tokenizer (an earlier conversion's files removed first), write
-    model.yaml; returns the tokenizer path."""
-    tok_dir = out_dir / "tokenizer"
+    model.yaml; returns the tokenizer path. Files go to `write_dir` (default OUT_DIR), the paths
+    they name are OUT_DIR's."""
+    write_dir = write_dir or out_dir
+    tok_dir = write_dir / "tokenizer"
     remove_tokenizer_files(tok_dir)
     copied = copy_tokenizer_files(hf_dir, tok_dir)
     tokenizer = None
     if any(n in copied for n in ("tokenizer.model", "tokenizer.json")):
         check_tokenizer(tok_dir, plan.shape.vocab_size)
-        tokenizer = str(tok_dir.resolve())
+        tokenizer = str((out_dir / "tokenizer").resolve())
     else:
         log.warning("%s has no tokenizer.model or tokenizer.json: set model.tokenizer yourself", hf_dir)
-    (out_dir / "model.yaml").write_text(model_yaml(plan.shape, tokenizer, out_dir))
+    (write_dir / "model.yaml").write_text(model_yaml(plan.shape, tokenizer, out_dir))
     return tokenizer
 
 
 def prepare_on_main(plan: ImportPlan, hf_dir: Path, out_dir: Path) -> tuple[str | None, str | None]:
-    """Rank 0: (tokenizer path, None) once OUT_DIR is prepared, or (None, what is wrong), for the
-    caller to broadcast: an error raised on rank 0 alone would leave the other ranks waiting."""
+    """Rank 0: (tokenizer path, None) once the staging directory is prepared, or (None, what is
+    wrong), for the caller to broadcast: an error raised on rank 0 alone would leave the other
+    ranks waiting."""
+    staging = staging_dir(out_dir)
     try:
         if problem := output_problem(out_dir):
             raise ConfigError(problem)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return prepare_output(plan, hf_dir, out_dir), None
+        shutil.rmtree(staging, ignore_errors=True)  # a conversion killed before it could clean up
+        staging.mkdir(parents=True)
+        return prepare_output(plan, hf_dir, out_dir, staging), None
     except ConfigError as err:
+        shutil.rmtree(staging, ignore_errors=True)
         return None, str(err)
 
 
@@ -205,6 +287,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, runtime, *, tp: int, pp
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     plan = plan_import(hf_dir, kind, dtype)
+    check_layout(plan, tp, pp)
     weights = open_weights(hf_dir)
     rules = check_hf_tensors(plan, weights)
     spec, adapter_tensors = read_adapter(plan, adapter)
@@ -213,30 +296,46 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, runtime, *, tp: int, pp
     tokenizer, problem = box
     if problem:
         raise ConfigError(problem)
-    # The local spec's sharded keys equal the TE spec's: the checkpoint loads under either backend.
-    chunks = build_model(plan.shape, ParallelConfig(tp=tp, pp=pp), kind=plan.kind, bf16=plan.bf16,
-                         backend=choose_backend("eager"), device=runtime.device)
-    chunks = [unwrap(c) for c in chunks]
-    read = global_reader(rules, weights)
-    if spec is not None:
-        from alfred_train.models import lora
+    staging = staging_dir(out_dir)
+    try:
+        # The local spec's sharded keys equal the TE spec's: the checkpoint loads under either backend.
+        chunks = build_model(plan.shape, ParallelConfig(tp=tp, pp=pp), kind=plan.kind, bf16=plan.bf16,
+                             backend=choose_backend("eager"), device=runtime.device)
+        chunks = [unwrap(c) for c in chunks]
+        read = global_reader(rules, weights)
+        if spec is not None:
+            from alfred_train.models import lora
 
-        lora.attach(chunks, spec, kind=plan.kind)
-        read = _with_adapters(read, adapter_tensors)
-    filled = fill_from_globals(chunks, read)
-    log.info("filled %d tensor shards from %s", filled, hf_dir)
+            lora.attach(chunks, spec, kind=plan.kind)
+            read = _with_adapters(read, adapter_tensors)
+        filled = fill_from_globals(chunks, read)
+        log.info("filled %d tensor shards from %s", filled, hf_dir)
+        state = _checkpoint_state(plan, hf_dir, tokenizer, spec, adapter)
+        layout = {"tp": tp, "pp": pp, "dp": 1, "vpp": None, "zero": False}
+        name = MODEL_NAMES[plan.kind]
+        saved = checkpoint.save_checkpoint(staging, 0, {name: (chunks, None)}, state, runtime, keep=1, layout=layout)
+        if runtime.is_main:
+            commit_output(staging, out_dir)
+    except BaseException:
+        if runtime.is_main:  # the other ranks' part of it is under `staging` too
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    path = out_dir / saved.name
+    if runtime.is_main:
+        print(f"convert: {hf_dir} -> {path} (model {name!r}, tp={tp}, pp={pp}); "
+              f"model section in {out_dir / 'model.yaml'}", flush=True)
+    return path
+
+
+def _checkpoint_state(plan: ImportPlan, hf_dir: Path, tokenizer: str | None, spec, adapter) -> dict:
+    """The checkpoint's `state`: our shape, tokenizer, dtype, where the weights came from (and the LoRA spec)."""
     hf_ids = {k: plan.config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     state = {"stage": "convert", "model": dataclasses.asdict(plan.shape), "tokenizer": tokenizer,
              "dtype": "bfloat16" if plan.bf16 else "float32",
              "hf": {"source": str(hf_dir.resolve()), "architectures": plan.config.get("architectures"),
                     "tie_word_embeddings": plan.tied, **hf_ids}}
-    name = MODEL_NAMES[plan.kind]
     if spec is not None:
         state["hf"]["adapter"] = str(Path(adapter).resolve())
-        state["lora"] = {name: {**spec.to_state(), "base": {"path": None, "model": None, "skip": [], "seed": None}}}
-    layout = {"tp": tp, "pp": pp, "dp": 1, "vpp": None, "zero": False}
-    path = checkpoint.save_checkpoint(out_dir, 0, {name: (chunks, None)}, state, runtime, keep=1, layout=layout)
-    if runtime.is_main:
-        print(f"convert: {hf_dir} -> {path} (model {name!r}, tp={tp}, pp={pp}); "
-              f"model section in {out_dir / 'model.yaml'}", flush=True)
-    return path
+        state["lora"] = {MODEL_NAMES[plan.kind]: {**spec.to_state(),
+                                                  "base": {"path": None, "model": None, "skip": [], "seed": None}}}
+    return state

@@ -167,6 +167,10 @@ def read_adapter(adapter_dir: str | Path, shape: ModelShape) -> tuple[lora.Adapt
         if not ok:
             raise ConfigError(f"--adapter {d}: {CONFIG_FILE} {key}={config.get(key)!r} is not supported "
                               "(plain LoRA only: peft_type LORA, no DoRA/rsLoRA, bias none)")
+    if saved := config.get("modules_to_save"):  # e.g. ["lm_head"]: its weights are in WEIGHTS_FILE, not LoRA
+        raise ConfigError(f"--adapter {d}: {CONFIG_FILE} modules_to_save={saved} (modules trained in full and "
+                          "saved beside the adapter) is not supported; merge the adapter with peft's "
+                          "merge_and_unload(), save_pretrained the merged model and import that without --adapter")
     weights = load_safetensors(d / WEIGHTS_FILE)
     weights = {k.replace(".default.weight", ".weight"): v.float() for k, v in weights.items()}
     known = {f"{_hf_layer(shape, i)}{p}.lora_{ab}.weight" for i in range(shape.num_layers)
