@@ -238,7 +238,7 @@ def test_rm_on_dolly_is_refused_at_config_time(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "data.train[0].format: dolly has no preference pairs" in err and "Traceback" not in err
     assert cli.main(["sft", TINY_SFT, "data.synthetic=false", f"data.train={dolly}", "data.format=dolly",
-                     "--dry-run"]) == 0
+                     "train.micro_batch_size=1", "train.global_batch_size=1", "--dry-run"]) == 0  # 4 rows, read
 
 
 def test_data_inspect_counts_histogram_examples_and_bad_records(tmp_path, capsys):
