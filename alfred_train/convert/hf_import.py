@@ -316,6 +316,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, runtime, *, tp: int, pp
         saved = checkpoint.save_checkpoint(staging, 0, {name: (chunks, None)}, state, runtime, keep=1, layout=layout)
         if runtime.is_main:
             commit_output(staging, out_dir)
+        dist.barrier()  # no rank returns (and reads OUT_DIR) before rank 0 has moved the conversion there
     except BaseException:
         if runtime.is_main:  # the other ranks' part of it is under `staging` too
             shutil.rmtree(staging, ignore_errors=True)
