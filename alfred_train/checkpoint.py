@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 import torch.distributed as dist
 
 from alfred_train.checkpointing import manifest as mf
+from alfred_train.resources import human
 from alfred_train.checkpointing import safety, writer
 from alfred_train.checkpointing.site import Site
 from alfred_train.errors import AlfredError, ConfigError
@@ -274,8 +275,8 @@ def _write_failed(err: Exception, step: int, root: Path, tmp: Path, owner: bool)
     full = free < 64 * 2 ** 20
     return CheckpointWriteError(
         f"checkpoint {iter_name(step)}: writing it under {root} failed ({cause}); "
-        + (f"the disk is full ({free / 2 ** 20:.1f} MiB free): free space or lower checkpoint.keep, then rerun "
-           "(it resumes from the last checkpoint)" if full else f"{free / 2 ** 30:.1f} GiB free there"))
+        + (f"the disk is full ({human(free)} free): free space or lower checkpoint.keep, then rerun "
+           "(it resumes from the last checkpoint)" if full else f"{human(free)} free there"))
 
 
 def _all_or_raise(problem: str | None, what: str) -> None:
@@ -469,8 +470,9 @@ def _preemption_signals_blocked():
 
 def _prune(root: Path, keep: int, written: int) -> None:
     """Keep the newest `keep` checkpoints by step number up to `written` (just written, so never
-    removed), and remove the parts of saves that never finished. Newer ones are left alone: a run resumed from an older step skipped them as damaged,
-    and it replaces each when it reaches its step; they do not push out the sound ones before it."""
+    removed), and remove the parts of saves that never finished. Newer ones are left alone: a run
+    resumed from an older step skipped them as damaged, and it replaces each when it reaches its
+    step; they do not push out the sound ones before it."""
     done = sorted((step, path) for step, path in iter_steps(root).items() if step <= written)
     for _, old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
