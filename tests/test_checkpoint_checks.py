@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 
 import pytest
+from launch_fixtures import boto_client, moto, moto_server  # noqa: F401 (fixtures)
 
 from alfred_train import cli
 from alfred_train.config import load_config
 from alfred_train.errors import ConfigError
 from alfred_train.stages import checkpoint_checks, common
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port
 
 TINY_SFT = str(ROOT / "configs" / "tiny-sft.yaml")
 TINY_RM = str(ROOT / "configs" / "tiny-rm.yaml")
@@ -147,3 +148,20 @@ def test_a_resume_past_train_max_steps_is_refused(capsys, tmp_path):
     _error(capsys, "train.max_steps", "2, but the checkpoint resumed is at step 3: nothing to train", *sft,
            "train.max_steps=2")
     assert _run(capsys, *sft, "train.max_steps=3")[0] == 0  # a finished run, rerun: nothing to do, no error
+
+
+def test_a_fresh_start_is_refused_beside_an_earlier_runs_later_checkpoints_in_s3(capsys, tmp_path, moto,
+                                                                                  monkeypatch):
+    """With checkpoint.s3_uri a requeued job's auto resume downloads S3's newest: an earlier run's
+    later checkpoint there would become this run's. Listed by the dry run and the run (rank 0)."""
+    client = boto_client("s3", moto)
+    client.create_bucket(Bucket="ckpt")
+    client.put_object(Bucket="ckpt", Key="old/checkpoints/iter_0000005/manifest.json", Body=b"{}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto)
+    sft = ["sft", TINY_SFT, "parallel.tp=1", f"run.dir={tmp_path / 'run'}", "checkpoint.resume=none", "--dry-run"]
+    _error(capsys, "checkpoint.resume", "checkpoint.s3_uri s3://ckpt/old/checkpoints holds checkpoints of an "
+           "earlier run after it (iter_0000005)", *sft, "checkpoint.s3_uri=s3://ckpt/old/checkpoints")
+    assert _run(capsys, *sft, "checkpoint.s3_uri=s3://ckpt/new/checkpoints")[0] == 0
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    code, out, err = _run(capsys, *sft, "checkpoint.s3_uri=s3://ckpt/old/checkpoints")
+    assert code == 0 and "cannot list s3://ckpt/old/checkpoints from here (EndpointConnectionError)" in out, out + err

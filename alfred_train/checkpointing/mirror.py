@@ -27,7 +27,7 @@ from alfred_train.checkpointing.site import Site
 log = logging.getLogger("alfred_train")
 
 
-def _sync_errors():
+def sync_errors():
     from botocore.exceptions import BotoCoreError, ClientError
 
     from alfred_train.launch.s3 import CheckpointSyncError
@@ -43,7 +43,7 @@ def upload(ckpt_dir: Path, s3_root: str, manifest: dict, mine: list[dict], runti
     problem = None
     try:
         s3.upload_files(ckpt_dir, mine, dest, s3.make_client())
-    except _sync_errors() as err:
+    except sync_errors() as err:
         problem = f"rank {runtime.rank}: {err}"
     problems = [None] * dist.get_world_size()
     dist.all_gather_object(problems, problem)
@@ -58,7 +58,7 @@ def upload(ckpt_dir: Path, s3_root: str, manifest: dict, mine: list[dict], runti
                     raise s3.CheckpointSyncError(f"{dest} does not verify against its manifest after upload")
                 removed = s3.prune_remote(s3_root, keep, client, protect=dest)
                 log.info("uploaded %s to %s%s", ckpt_dir.name, dest, f"; removed {len(removed)} older" if removed else "")
-        except _sync_errors() as err:
+        except sync_errors() as err:
             ok, problems = False, [str(err)]
         if not ok:
             log.error("S3 copy of %s not made (%s); the local checkpoint is complete, the next save uploads again",
@@ -78,7 +78,7 @@ def fetch_newer(s3_root: str, root: Path, newest_local: int | None, runtime, sit
         try:
             listed = s3.list_iter_prefixes(s3.parse_s3_uri(s3_root), s3.make_client())
             candidates = [(step, str(loc)) for step, loc in listed if newest_local is None or step > newest_local]
-        except _sync_errors() as err:
+        except sync_errors() as err:
             error = f"checkpoint.s3_uri: cannot list {s3_root} ({type(err).__name__}: {err}); not resuming without it"
     box = [(candidates, error)]
     dist.broadcast_object_list(box, src=0)
@@ -90,7 +90,7 @@ def fetch_newer(s3_root: str, root: Path, newest_local: int | None, runtime, sit
         if site.owner:
             try:
                 problem = _download(uri, root, iter_name(step), s3.make_client())
-            except _sync_errors() as err:
+            except sync_errors() as err:
                 problem = str(err)
         bad = site.problems_everywhere(problem)
         if not bad:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
+
+import torch.distributed as dist
 
 from alfred_train import checkpoint
 from alfred_train.config import Config
@@ -15,6 +18,7 @@ from alfred_train.models.build import ModelShape
 from alfred_train.stages.common import layout
 
 
+log = logging.getLogger(__name__)
 TRAINED = {"sft": ("policy",), "rm": ("reward",), "ppo": ("policy", "value")}  # what a stage's checkpoints hold
 
 
@@ -78,25 +82,48 @@ def check_checkpoints(cfg: Config, stage: str, shape: ModelShape, *,
     if start > cfg.train.max_steps:
         raise ConfigError(f"train.max_steps: {cfg.train.max_steps}, but the checkpoint resumed is at step {start}: "
                           "nothing to train (its result stays as it is); raise train.max_steps to train on")
-    check_no_later_history(cfg, start)
+    notes += check_no_later_history(cfg, start)
     return found, notes
 
 
-def check_no_later_history(cfg: Config, start: int) -> None:
+def check_no_later_history(cfg: Config, start: int) -> list[str]:
     """A run that does not continue run.dir's own newest checkpoint (checkpoint.resume: none, or a
     path: a rollback) would leave the checkpoints an earlier run saved there after `start` beside
     its own, and the newest by step number is what auto-resume, rm.init, ppo.*_init and eval take:
-    another run's model, silently. Refused (what to move is named); `auto` always continues."""
+    another run's model, silently. Refused (what to move is named); `auto` always continues.
+    With checkpoint.s3_uri the mirror is looked at too (by rank 0 only): a requeued job's auto
+    resume downloads the newest there. Returns a note when S3 cannot be listed from here."""
     c = cfg.checkpoint
     if c.resume == "auto":
-        return
+        return []
     root = Path(cfg.run.dir) / "checkpoints"
-    later = sorted(step for step in checkpoint.iter_steps(root) if step > start)
+    _refuse_later(c.resume, start, str(root), checkpoint.iter_steps(root),
+                  "move them out of run.dir (or delete them), or set a new run.dir")
+    if not c.s3_uri or (dist.is_initialized() and dist.get_rank() != 0):
+        return []
+    from alfred_train.checkpointing.mirror import sync_errors
+    from alfred_train.launch import s3
+
+    try:
+        listed = s3.list_iter_prefixes(s3.parse_s3_uri(c.s3_uri), s3.make_client(max_attempts=2))
+    except sync_errors() as err:
+        note = (f"checkpoint.s3_uri: cannot list {c.s3_uri} from here ({type(err).__name__}): an earlier run's "
+                "later checkpoints there are not checked")
+        if dist.is_initialized():  # the run itself; a dry run prints its notes
+            log.warning("%s", note)
+        return [note]
+    _refuse_later(c.resume, start, f"checkpoint.s3_uri {c.s3_uri}", [step for step, _ in listed],
+                  "delete them there, or set a new checkpoint.s3_uri")
+    return []
+
+
+def _refuse_later(resume: str, start: int, where: str, steps, fix: str) -> None:
+    later = sorted(step for step in steps if step > start)
     if later:
         names = ", ".join(checkpoint.iter_name(s) for s in later[:3]) + (", ..." if len(later) > 3 else "")
-        raise ConfigError(f"checkpoint.resume: {c.resume} starts this run at step {start}, but {root} holds "
+        raise ConfigError(f"checkpoint.resume: {resume} starts this run at step {start}, but {where} holds "
                           f"checkpoints of an earlier run after it ({names}), which a resume or the next stage "
-                          "would take for this run's; move them out of run.dir (or delete them), or set a new run.dir")
+                          f"would take for this run's; {fix}")
 
 
 def checked(cfg: Config, use: CheckpointUse, shape: ModelShape, *, required: bool) -> tuple[Path, dict] | None:
