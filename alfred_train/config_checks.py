@@ -63,6 +63,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"checkpoint.s3_uri: {cfg.checkpoint.s3_uri!r} is not an S3 URI of the form s3://bucket/prefix")
     _check(cfg.data.synthetic or cfg.data.train is not None or cfg.data.prompts is not None,
            "data.train: no training data; set data.train to a JSONL or Parquet file, a mixture, or data.synthetic: true")
+    if cfg.data.synthetic and cfg.data.train is not None:
+        _check(False, f"data.synthetic: true generates the demo task and would ignore data.train "
+                      f"({_named(cfg.data.train)}); set data.synthetic=false to train on it")
+    _check(cfg.data.seq_len <= m.max_seq_len,
+           f"data.seq_len: {cfg.data.seq_len} is above model.max_seq_len ({m.max_seq_len}), the positions the model "
+           "is built (and exported) for; lower data.seq_len or raise model.max_seq_len")
     for key, files in [("data.train", cfg.data.train), ("data.valid", cfg.data.valid), ("data.prompts", cfg.data.prompts)]:
         if isinstance(files, tuple):
             _check(len(files) > 0, f"{key}: an empty mixture; list at least one {{path: ..., weight: ...}}")
@@ -155,3 +161,8 @@ def _validate_lora(cfg: Config) -> None:
     _check(not cfg.ppo.offload_frozen,
            "ppo.offload_frozen: with lora.rank > 0 the reference and reward models are the policy and value "
            "models with adapters off (no separate copy to offload); set it false")
+
+
+def _named(files) -> str:
+    """A data.* value as a user wrote it: the path, or a mixture's paths."""
+    return files if isinstance(files, str) else ", ".join(source.path for source in files)

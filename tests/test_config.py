@@ -141,6 +141,10 @@ def test_impossible_layouts(capsys, overrides, key, numbers):
     ("model.norm_eps=-1", "model.norm_eps: must be > 0, got -1.0"),
     ("data.valid_fraction=2", "data.valid_fraction: must be in [0, 1), got 2.0"),
     ("data.synthetic_size=0", "data.synthetic_size: must be > 0, got 0"),
+    ("data.seq_len=256", "data.seq_len: 256 is above model.max_seq_len (128), the positions the model is built "
+                         "(and exported) for; lower data.seq_len or raise model.max_seq_len"),  # it trained 256
+    ("data.train=my.jsonl", "data.synthetic: true generates the demo task and would ignore data.train (my.jsonl); "
+                            "set data.synthetic=false to train on it"),  # it trained on the demo task
     ("rm.init=/a", "rm.init: /a and checkpoint.init: /b both name the checkpoint the reward model starts from; "
                    "keep one"),
 ])
@@ -206,7 +210,7 @@ def test_unknown_preset_lists_the_known_ones(capsys):
 def test_override_values_are_parsed_as_yaml():
     cfg = load_config(TINY_SFT, ["optim.lr=1e-5", "data.valid=null", "train.max_steps=4",
                                  "logging.tensorboard=false", "data.template=tulu", "optim.min_lr=0",
-                                 "data.train=data/x.jsonl"])
+                                 "data.train=data/x.jsonl", "data.synthetic=false"])
     assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.min_lr == 0.0 and isinstance(cfg.optim.min_lr, float)  # int widened to float
     assert cfg.data.valid is None
