@@ -202,7 +202,8 @@ class PPOConfig:
     offload_frozen: bool = False  # keep reference and reward models on CPU between phases
     max_bad_steps: int = 3  # stop after this many non-finite updates in a row
     value_lr: Optional[float] = None  # None: optim.lr
-    eval_prompts: int = 32  # held-out prompts scored at the start and end of the run
+    eval_prompts: int = 32  # held-out prompts scored at the start and end of the run: the first distinct ones
+    # of the prompt set (before data.prompts weights), and no training prompt repeats one
     samples_per_iter: int = 4  # prompt/response pairs written to samples.jsonl each iteration
     eval_tasks: tuple[str, ...] = ()  # lm-eval task names or task YAML files run on the final policy
     eval_limit: Optional[int] = None  # at most this many examples per eval task (None: all)

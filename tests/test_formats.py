@@ -227,8 +227,23 @@ def test_undecodable_lines_and_broken_gzip_are_one_line_errors(tmp_path, capsys)
 def test_ppo_prompts_default_to_the_contexts_of_train(tmp_path):
     hh = fx.write(tmp_path / "hh.parquet", fx.hh_rlhf_rows(6))
     cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={hh}"])
-    prompts = mixture.load_prompts(cfg.data, seed=0)
-    assert len(prompts) == 6 and prompts[0].context[-1].content.startswith("Write a word list")
+    train, held = mixture.load_prompts(cfg.data, seed=0, held_out=2)
+    assert len(train) == 4 and len(held) == 2 and held[0].context[-1].content.startswith("Write a word list")
+
+
+def test_held_out_ppo_prompts_are_not_trained_on(tmp_path):
+    """They were drawn after the weights copied records and the files were shuffled together: with
+    weight 2, 20 of 32 held-out prompts were training prompts too. A prompt repeated in the file
+    (one question, several answer pairs) is one prompt: held out or trained on, never both."""
+    rows = [{"prompt": f"Write word list {i}."} for i in range(6)]
+    a = fx.write(tmp_path / "a.jsonl", rows + rows)  # every prompt twice
+    b = fx.write(tmp_path / "b.jsonl", [{"prompt": f"Name colour {i}."} for i in range(12)])
+    cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.prompts=[{{path: {a}, weight: 2}}, {{path: {b}}}]"])
+    train, held = mixture.load_prompts(cfg.data, seed=0, held_out=4)
+    held_texts = {p.context[-1].content for p in held}
+    assert len(held_texts) == 4 and not held_texts & {p.context[-1].content for p in train}
+    from_a = sum(text.startswith("Write") for text in held_texts)
+    assert len(train) == 2 * 2 * (6 - from_a) + (12 - (4 - from_a)), (len(train), from_a)
 
 
 def test_rm_on_dolly_is_refused_at_config_time(tmp_path, capsys):

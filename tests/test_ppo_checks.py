@@ -42,6 +42,7 @@ CASES = [
     (["ppo.max_new_tokens=126"], "ppo.max_new_tokens"),  # 126 + 1 leaves 1 of 128 for the prompt (derived limit)
     (["data.synthetic_size=20"], "ppo.rollouts_per_iter"),  # 20 prompts < 32 rollouts
     (["ppo.missing_eod_penalty=-1"], "ppo.missing_eod_penalty"),
+    (["data.valid=/data/valid.jsonl"], "data.valid"),  # PPO never read it: a dry run called it valid
 ]
 
 
@@ -162,10 +163,10 @@ def test_a_prompt_mixture_is_checked_source_by_source(capsys, tmp_path, inits):
         return "data.prompts=[" + ", ".join(f"{{path: {p}, format: records, weight: 0.5}}" for p in paths) + "]"
 
     run = ["ppo", TINY_PPO, f"run.dir={tmp_path / 'run'}", *inits, "--dry-run"]  # 32 rollouts + 32 held out
-    code, out = cli.main([*run, mixture(a, b, c)]), capsys.readouterr()  # 30 + 30 + 30 prompts
+    code, out = cli.main([*run, mixture(a, b, c)]), capsys.readouterr()  # 32 held out, half of the other 148
     assert code == 0 and "not checked here" not in out.out, out.err
-    code, err = _run(capsys, *run, mixture(a, b))  # 60 prompts: too few, found through the mixture
-    assert code == 2 and err.startswith("alfred-train: error: ppo.rollouts_per_iter: data.prompts holds 60"), err
+    code, err = _run(capsys, *run, mixture(a))  # 32 held out, half of the other 28: too few, through the mixture
+    assert code == 2 and err.startswith("alfred-train: error: ppo.rollouts_per_iter: data.prompts leaves 14 "), err
     code, out = cli.main([*run, mixture(a, tmp_path / "absent.jsonl", tmp_path / "shards-*.jsonl")]), \
         capsys.readouterr().out
     assert code == 0, out

@@ -147,7 +147,27 @@ def load_train_valid(d: DataConfig, kind: Kind, seed: int) -> tuple[list, list]:
     return _mix(train_parts, seed, "data.train"), valid
 
 
-def load_prompts(d: DataConfig, seed: int) -> Optional[list]:
-    """PPO prompts: data.prompts, else the contexts of data.train; None when neither is set."""
+def load_prompts(d: DataConfig, seed: int, held_out: int) -> Optional[tuple[list, list]]:
+    """PPO prompts (train, held out): data.prompts, else the contexts of data.train; None when
+    neither is set. The held-out ones are the first `held_out` distinct prompts (in file order; of
+    several files, a seeded shuffle of their records), taken before the weights copy any, and the
+    training prompts keep no copy of them: a Stack Exchange question with five answer pairs is one
+    prompt, held out or trained on, never both. Fewer than `held_out` when fewer are distinct."""
     files = d.prompts if d.prompts is not None else d.train
-    return None if files is None else load(files, "prompt", d, seed, "data.prompts" if d.prompts else "data.train")
+    if files is None:
+        return None
+    parts = [read_source(s, "prompt", d) for s in sources(files, d.format)]
+    pool = [r for part in parts for r in part.records]
+    if len(parts) > 1:
+        random.Random(seed).shuffle(pool)
+    held, seen = [], set()
+    for record in pool:
+        if len(held) == held_out:
+            break
+        if record.context not in seen:
+            seen.add(record.context)
+            held.append(record)
+    rest = [(part, [r for r in part.records if r.context not in seen]) for part in parts]
+    if not any(records for _, records in rest):
+        return [], held
+    return _mix(rest, seed, "data.prompts" if d.prompts else "data.train"), held

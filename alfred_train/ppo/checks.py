@@ -55,6 +55,9 @@ def check_config(cfg: Config) -> None:
     if p.vpp:
         _fail(f"parallel.vpp: PPO generates rollouts with one model chunk per rank; set parallel.vpp=null "
               f"(got {p.vpp})")
+    if cfg.data.valid is not None:
+        _fail("data.valid: PPO does not read it (its held-out prompts are the first ppo.eval_prompts distinct ones "
+              "of its prompt set); remove data.valid")
     if p.sequence_parallel:
         _fail("parallel.sequence_parallel: PPO rollout generation does not support sequence parallelism; "
               "set parallel.sequence_parallel=false")
@@ -112,26 +115,32 @@ class Prompts:
 
 
 def load_prompts(cfg: Config, tokenizer) -> Prompts:
-    """The first ppo.eval_prompts records are held out; the rest must fill one iteration."""
+    """ppo.eval_prompts distinct prompts are held out (`mixture.load_prompts`); the rest must fill
+    one iteration."""
     from alfred_train.data import mixture, synthetic
     from alfred_train.data.datasets import encode_prompt
     from alfred_train.data.records import parse_prompt
     from alfred_train.data.templates import get_template
 
     d, o = cfg.data, cfg.ppo
-    if d.prompts or (d.train and not d.synthetic):  # data.prompts, else the contexts of data.train
-        records = mixture.load_prompts(d, cfg.train.seed)
+    if d.prompts or d.train:  # data.prompts, else the contexts of data.train
+        train, held = mixture.load_prompts(d, cfg.train.seed, o.eval_prompts)
         source = "data.prompts" if d.prompts else "data.train"
-    elif d.synthetic:
+        if len(held) < o.eval_prompts:
+            _fail(f"ppo.eval_prompts: {source} holds {len(held)} distinct prompts, fewer than the {o.eval_prompts} "
+                  "to hold out; lower ppo.eval_prompts or add prompts")
+    elif d.synthetic:  # the demo task has 8 distinct prompts: its held-out ones repeat training prompts
         records = [parse_prompt(r, f"synthetic:{i}") for i, r in
                    enumerate(synthetic.make_prompts(d.synthetic_size + o.eval_prompts, cfg.train.seed))]
+        train, held = records[o.eval_prompts:], records[:o.eval_prompts]
         source = "the synthetic prompts"
     else:
         raise ConfigError("data.prompts: PPO needs a prompt set (a file, a mixture, data.train or data.synthetic: true)")
-    if len(records) - o.eval_prompts < o.rollouts_per_iter:
-        _fail(f"ppo.rollouts_per_iter: {source} holds {len(records)} prompts; after ppo.eval_prompts "
-              f"({o.eval_prompts}) held out, {len(records) - o.eval_prompts} are left, fewer than one iteration's "
-              f"{o.rollouts_per_iter}; add prompts or lower ppo.rollouts_per_iter / ppo.eval_prompts")
+    if len(train) < o.rollouts_per_iter:
+        _fail(f"ppo.rollouts_per_iter: {source} leaves {len(train)} training prompts after the {len(held)} held out "
+              f"(ppo.eval_prompts) and their copies, fewer than one iteration's {o.rollouts_per_iter}; add prompts "
+              "or lower ppo.rollouts_per_iter / ppo.eval_prompts")
+    records = held + train
     template, limit = get_template(d.template), prompt_token_limit(cfg)
     encoded, cut = [], set()
     for i, r in enumerate(records):
