@@ -98,6 +98,26 @@ def test_oasst1_bad_rows(tmp_path):
     assert len(records) == 2
 
 
+def test_oasst1_nan_ranks_repeated_ids_and_parent_loops(tmp_path):
+    """A NaN rank (pandas' null) was a traceback; a repeated message_id multiplied the records (a file
+    read twice: 100 pairs became 800); a parent_id loop hung the reader forever."""
+    rows = fx.oasst1_rows(2)
+    pairs = read(fx.write(tmp_path / "once.jsonl", rows), "preference")[1]
+    nan = [{**r, "rank": float("nan")} if r["rank"] is None else r for r in rows]
+    assert read(fx.write(tmp_path / "nan.jsonl", nan), "preference")[1] == pairs
+    twice = fx.write(tmp_path / "twice.jsonl", rows + rows)
+    _, records, found = read(twice, "preference", skip=True)
+    assert records == pairs and len(found) == len(rows)
+    assert found[0] == f"{twice}:{len(rows) + 1}: message_id {rows[0]['message_id']!r} repeats the one of {twice}:1"
+    loop = [{**rows[0], "message_id": "a", "parent_id": "b", "role": "prompter"},
+            {**rows[1], "message_id": "b", "parent_id": "a"}]
+    loops = fx.write(tmp_path / "loop.jsonl", rows + loop)
+    _, records, found = read(loops, "preference", skip=True)
+    assert records == pairs and found == [
+        f"{loops}:{len(rows) + i}: its chain of parent_ids loops (through message_id {m!r}) and reaches no root"
+        for i, m in ((1, "a"), (2, "b"))], found
+
+
 def test_dolly_folds_context_into_the_prompt_and_has_no_pairs(tmp_path):
     path = fx.write(tmp_path / "dolly.jsonl", [
         {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"},

@@ -14,11 +14,13 @@ What each kind reads from the trees (in the order the trees first appear in the 
 - prompt: every prompter message, with its thread as context.
 Messages marked deleted or review_result false, and (with data.languages) messages in other
 languages, are left out with everything below them. Bad rows (missing keys, an unknown role, a
-parent not in the file, two prompts or two replies in a row) are reported with their row.
+parent not in the file, two prompts or two replies in a row, a repeated message_id, a parent_id
+chain that loops) are reported with their row. A NaN rank (pandas' null) is unranked.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -59,6 +61,8 @@ def _message(row: Row, order: int, languages: tuple[str, ...]) -> OasstMessage:
     if obj["role"] not in ROLES:
         raise ConfigError(f"{where}: role {obj['role']!r} is neither 'prompter' nor 'assistant'")
     rank = obj.get("rank")
+    if isinstance(rank, float) and math.isnan(rank):  # unranked, as pandas writes a null of a float column
+        rank = None
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank != int(rank)):
         raise ConfigError(f"{where}: 'rank' must be a whole number or null, got {rank!r}")
     lang_ok = not languages or obj.get("lang") in languages
@@ -72,19 +76,25 @@ class Forest:
 
     def __init__(self, rows: Iterable[Row], bad: BadRecords, languages: tuple[str, ...]):
         messages: list[OasstMessage] = []
+        self.by_id: dict[str, OasstMessage] = {}
         for row in rows:
             if row.error:
                 bad.add(f"{row.where}: {row.error}")
                 continue
             try:
-                messages.append(_message(row, len(messages), languages))
+                m = _message(row, len(messages), languages)
             except ConfigError as err:
                 bad.add(str(err))
-        self.by_id = {m.id: m for m in messages}
+                continue
+            if m.id in self.by_id:  # a file read twice, or two exports concatenated
+                bad.add(f"{m.where}: message_id {m.id!r} repeats the one of {self.by_id[m.id].where}")
+                continue
+            self.by_id[m.id] = m
+            messages.append(m)
         self.children: dict[str, list[OasstMessage]] = {}
         self.roots: list[OasstMessage] = []
         for m in messages:
-            problem = self._link_problem(m)
+            problem = self._link_problem(m) or self._loop_problem(m)
             if problem:
                 bad.add(f"{m.where}: {problem}")
             elif m.kept and self._reachable(m):
@@ -100,6 +110,16 @@ class Forest:
             return f"parent_id {m.parent_id!r} is not in the file"
         if parent.role == m.role:
             return f"a {m.role} message replies to a {parent.role} message (roles must alternate)"
+        return None
+
+    def _loop_problem(self, m: OasstMessage) -> Optional[str]:
+        """A parent_id chain that comes back to a message it passed (it would never reach a root)."""
+        seen = {m.id}
+        while m.parent_id is not None and m.parent_id in self.by_id:
+            if m.parent_id in seen:
+                return f"its chain of parent_ids loops (through message_id {m.parent_id!r}) and reaches no root"
+            seen.add(m.parent_id)
+            m = self.by_id[m.parent_id]
         return None
 
     def _reachable(self, m: OasstMessage) -> bool:
