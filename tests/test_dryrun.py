@@ -233,6 +233,7 @@ def test_sft_and_rm_dry_runs_show_only_the_trained_model(capsys):
 
 
 TINY_SFT = REPO / "configs" / "tiny-sft.yaml"
+TINY_RM = REPO / "configs" / "tiny-rm.yaml"
 
 
 def test_sft_and_rm_dry_runs_read_the_data_as_the_run_does(capsys, tmp_path):
@@ -339,3 +340,30 @@ def test_counts_equal_megatron_models_at_tp2_pp2_vpp2(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _worker(sys.argv[2])
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_examples_and_pairs_that_train_on_nothing_are_left_out_and_counted(capsys, caplog, tmp_path):
+    """An SFT example whose prompt fills data.seq_len trained with loss 0 (a run of only those: loss 0,
+    grad_norm 0, exit 0); an RM pair cut to the same tokens for chosen and rejected trained at
+    loss log 2 with accuracy 0. Left out with a count; refused when nothing is left."""
+    good = [{"prompt": "Write a list of cheerful words.", "response": "sunny happy bright"}] * 60
+    long = [{"prompt": "word " * 80, "response": "x"}] * 10
+    sft = [str(TINY_SFT), "data.synthetic=false", "data.valid_fraction=0.3"]
+    code, out, err = dry_run(capsys, "sft", *sft, f"data.train={_jsonl(tmp_path / 'sft.jsonl', good + long)}")
+    assert code == 0 and "Data: 17 training samples" in out, err
+    assert "6 of 49 training examples left out: their prompt fills data.seq_len (64 tokens)" in caplog.text
+    code, _, err = dry_run(capsys, "sft", *sft, f"data.train={_jsonl(tmp_path / 'long.jsonl', long)}")
+    assert code == 2 and "data.seq_len: the prompt of every example fills data.seq_len (64)" in err, err
+    pairs = [{"prompt": "Write a list.", "chosen": "sunny happy", "rejected": "gloomy sad"}] * 60
+    ties = [{"prompt": "Write a list.", "chosen": "same", "rejected": "same"}] * 5
+    rm = [str(TINY_RM), "data.synthetic=false", "train.global_batch_size=8"]
+    code, out, err = dry_run(capsys, "rm", *rm, f"data.train={_jsonl(tmp_path / 'rm.jsonl', pairs + ties)}")
+    assert code == 0 and "Data: 58 training preference pairs" in out, err
+    assert "4 of 62 training pairs left out: chosen and rejected are the same tokens" in caplog.text
+    code, _, err = dry_run(capsys, "rm", *rm, "data.seq_len=12", f"data.train={tmp_path / 'rm.jsonl'}")
+    assert code == 2 and "data.seq_len: every training pair reads the same for chosen and rejected" in err, err

@@ -17,13 +17,15 @@ from alfred_train.data.records import SFTExample
 from alfred_train.data.sampler import RankBatch, iterate_batches, sampler
 from alfred_train.data.templates import PromptTemplate
 from alfred_train.data.tokenizer import Tokenizer
+from alfred_train.errors import ConfigError
 
 
 class SFTDataset:
     """Fixed-length SFT rows (`SFTBlocks`, each field (N, S)) and their data-parallel batches."""
 
-    def __init__(self, blocks: SFTBlocks):
+    def __init__(self, blocks: SFTBlocks, no_loss: int = 0):
         self.blocks = blocks
+        self.no_loss = no_loss  # examples left out: their prompt fills seq_len, no response token is left
 
     @classmethod
     def build(
@@ -37,12 +39,17 @@ class SFTDataset:
     ) -> "SFTDataset":
         """Encode each example (cut to seq_len + 1 tokens: S inputs and one more label), shuffle the
         examples with `seed` (so packed blocks mix sources, as StackLLaMA's shuffled stream), then
-        pack them into seq_len blocks, or pad one example per row when `pack` is False."""
-        encoded = [encode_sft(tokenizer, template, example, seq_len + 1) for example in examples]
+        pack them into seq_len blocks, or pad one example per row when `pack` is False. An example
+        whose prompt fills seq_len + 1 tokens trains on nothing: it is left out (counted in `no_loss`)."""
+        cut = [encode_sft(tokenizer, template, example, seq_len + 1) for example in examples]
+        encoded = [(ids, mask) for ids, mask in cut if any(mask)]
+        if cut and not encoded:
+            raise ConfigError(f"data.seq_len: the prompt of every example fills data.seq_len ({seq_len}) tokens, so "
+                              "no response token is left to train on; raise data.seq_len")
         order = np.random.default_rng([seed, 0x5F7]).permutation(len(encoded))
         shuffled = [encoded[i] for i in order]
         blocks = pack_examples(shuffled, seq_len) if pack else pad_examples(shuffled, seq_len, tokenizer.pad_id)
-        return cls(blocks)
+        return cls(blocks, no_loss=len(cut) - len(encoded))
 
     def __len__(self) -> int:
         return len(self.blocks)

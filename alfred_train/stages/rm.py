@@ -83,9 +83,25 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[list[EncodedPair], list[Encode
     than one global batch is refused here, before any model is built. The dry run calls it too."""
     train_pairs, valid_pairs = load_preference_pairs(cfg)
     encode = partial(encode_preference, tokenizer, get_template(cfg.data.template), max_len=cfg.data.seq_len)
-    train_set, valid_set = [encode(p) for p in train_pairs], [encode(p) for p in valid_pairs]
+    train_set, valid_set = _distinct(cfg, [encode(p) for p in train_pairs], "training"), \
+        _distinct(cfg, [encode(p) for p in valid_pairs], "held-out")
     check_enough(len(train_set), cfg.train.global_batch_size)
     return train_set, valid_set
+
+
+def _distinct(cfg: Config, pairs: list[EncodedPair], what: str) -> list[EncodedPair]:
+    """The pairs whose chosen and rejected sequences differ. Equal ones (equal responses, or a prompt
+    that fills data.seq_len, so both are cut to the same tokens) teach nothing and score a tie, which
+    counts as wrong: left out and counted; refused when none is left."""
+    kept = [pair for pair in pairs if pair[0] != pair[1]]
+    if pairs and not kept:
+        raise ConfigError(f"data.seq_len: every {what} pair reads the same for chosen and rejected once cut to "
+                          f"data.seq_len ({cfg.data.seq_len}) tokens (or has equal responses); raise data.seq_len")
+    if len(kept) < len(pairs):
+        log.warning("%d of %d %s pairs left out: chosen and rejected are the same tokens once cut to data.seq_len "
+                    "(%d): equal responses, or a prompt that fills it (raise data.seq_len to keep those)",
+                    len(pairs) - len(kept), len(pairs), what, cfg.data.seq_len)
+    return kept
 
 
 def micro_batches(pairs: list[EncodedPair], indices: list[int], micro_batch_size: int, tokenizer,

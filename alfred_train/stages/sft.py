@@ -40,7 +40,17 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[SFTDataset, SFTDataset | None]
     train_ex, valid_ex = load_sft_examples(cfg)
     template = get_template(d.template)
     train_set = SFTDataset.build(train_ex, tokenizer, template, d.seq_len, d.pack, t.seed)
-    valid_set = SFTDataset.build(valid_ex, tokenizer, template, d.seq_len, d.pack, t.seed) if len(valid_ex) else None
+    valid_set = None
+    if len(valid_ex):
+        try:
+            valid_set = SFTDataset.build(valid_ex, tokenizer, template, d.seq_len, d.pack, t.seed)
+        except ConfigError as err:
+            held = "data.valid" if d.valid else f"data.valid_fraction ({d.valid_fraction}: {len(valid_ex)} examples)"
+            raise ConfigError(f"{held}: the held-out examples: {err}") from None
+    for name, built, n in [("training", train_set, len(train_ex)), ("held-out", valid_set, len(valid_ex))]:
+        if built is not None and built.no_loss:
+            log.warning("%d of %d %s examples left out: their prompt fills data.seq_len (%d tokens), no response "
+                        "token is left to train on (raise data.seq_len to keep them)", built.no_loss, n, name, d.seq_len)
     check_enough(len(train_set), t.global_batch_size)
     return train_set, valid_set
 
