@@ -165,3 +165,25 @@ def test_a_fresh_start_is_refused_beside_an_earlier_runs_later_checkpoints_in_s3
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     code, out, err = _run(capsys, *sft, "checkpoint.s3_uri=s3://ckpt/old/checkpoints")
     assert code == 0 and "cannot list s3://ckpt/old/checkpoints from here (EndpointConnectionError)" in out, out + err
+
+
+def test_an_init_trained_with_another_template_or_tokenizer_is_refused_in_every_stage(capsys, tmp_path):
+    """Only PPO compared them: an RM started from an SFT policy of another tokenizer trained, and PPO
+    then refused both the SFT's tokenizer and the RM's."""
+    from alfred_train.stages.common import tokenizer_digest, tokenizer_path
+
+    cfg = load_config(TINY_RM)
+    state = {"stage": "sft", "model": _shape(TINY_RM), "template": cfg.data.template,
+             "tokenizer": tokenizer_path(cfg), "tokenizer_sha256": tokenizer_digest(tokenizer_path(cfg))}
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "meta.json").write_text(json.dumps({"step": 3, "layout": TP1, "models": ["policy"], "state": state}))
+    rm = ["rm", TINY_RM, "parallel.tp=1", f"rm.init={sft}", f"run.dir={tmp_path / 'run'}", "--dry-run"]
+    assert _run(capsys, *rm)[0] == 0
+    _error(capsys, "data.template", f"'tulu', but rm.init ({sft}) was trained with 'stackllama'", *rm, "data.template=tulu")
+    other = tmp_path / "other.model"
+    other.write_bytes(Path(tokenizer_path(cfg)).read_bytes())  # the same pieces: accepted
+    assert _run(capsys, *rm, f"model.tokenizer={other}")[0] == 0
+    state["tokenizer_sha256"] = "0" * 64  # trained with another tokenizer
+    (sft / "meta.json").write_text(json.dumps({"step": 3, "layout": TP1, "models": ["policy"], "state": state}))
+    _error(capsys, "model.tokenizer", f"is not the tokenizer rm.init ({sft}) was trained with", *rm)

@@ -159,31 +159,15 @@ def load_prompts(cfg: Config, tokenizer) -> Prompts:
 
 def check_checkpoints(cfg: Config, tokenizer, tokenizer_path: str, *, required: bool) -> list[str]:
     """Every checkpoint the run loads (ppo.policy_init, ppo.reward_init, the one it resumes) holds
-    the right models of this model shape (`stages.checkpoint_checks.check_checkpoints`); the inits record the
-    tokenizer and template this run uses. Returns what could not be checked (only when not
+    the right models of this model shape, trained with this run's tokenizer and template
+    (`stages.checkpoint_checks.check_checkpoints`). Returns what could not be checked (only when not
     `required`, i.e. the dry run)."""
     from alfred_train.stages import checkpoint_checks, common
 
     o = cfg.ppo
     if not o.policy_init or not o.reward_init:
         _fail("ppo.policy_init and ppo.reward_init: PPO starts from an SFT and an RM checkpoint; set both")
-    found, notes = checkpoint_checks.check_checkpoints(cfg, "ppo", common.shape_for(cfg, tokenizer), required=required)
-    digest = common.tokenizer_digest(tokenizer_path) if Path(tokenizer_path).exists() else None
-    for use, path, meta in found:
-        if use.resume:
-            continue
-        key, state = use.key, meta.get("state") or {}
-        recorded = state.get("template")
-        if recorded is not None and recorded != cfg.data.template:
-            _fail(f"data.template: {cfg.data.template!r}, but {key} ({path}) was trained with {recorded!r}; "
-                  f"set data.template={recorded}")
-        theirs = state.get("tokenizer_sha256")
-        if theirs is None and state.get("tokenizer") and Path(state["tokenizer"]).exists():
-            theirs = common.tokenizer_digest(state["tokenizer"])
-        if theirs is not None and digest is not None and theirs != digest:
-            _fail(f"model.tokenizer: {tokenizer_path} is not the tokenizer {key} ({path}) was trained with "
-                  f"({state.get('tokenizer')}); set model.tokenizer to that one")
-    return notes
+    return checkpoint_checks.check_checkpoints(cfg, "ppo", common.shape_for(cfg, tokenizer), required=required)[1]
 
 
 def unreachable_prompts(cfg: Config) -> list[str]:

@@ -1,6 +1,7 @@
 """The checkpoints a run loads (its inits, the one it resumes), checked against the config before
 any model is built, by the run and by `--dry-run` alike: the right models, this model shape,
-a layout the optimizer states reshard to, and no later history of an earlier run beside them."""
+this run's template and tokenizer, a layout the optimizer states reshard to, and no later history
+of an earlier run beside them."""
 
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def check_checkpoints(cfg: Config, stage: str, shape: ModelShape, *,
                          "before any model is built")
         else:
             found.append((use, *got))
+    for use, path, meta in found:
+        _check_text(cfg, use, path, meta)
     start = next((meta["step"] for use, _, meta in found if use.resume), 0)
     if start > cfg.train.max_steps:
         raise ConfigError(f"train.max_steps: {cfg.train.max_steps}, but the checkpoint resumed is at step {start}: "
@@ -158,6 +161,25 @@ def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, s
     if (saved_layout.get("vpp") or 1) != (cfg.parallel.vpp or 1):
         raise ConfigError(f"parallel.vpp: {key} ({path}) was saved with parallel.vpp={saved_layout.get('vpp')}; "
                           "set parallel.vpp as when saved")
+
+
+def _check_text(cfg: Config, use: CheckpointUse, path: Path, meta: dict) -> None:
+    """The template and tokenizer `use`'s checkpoint recorded are this run's: an RM started from an
+    SFT policy of another tokenizer trained without a word, and PPO then refused both settings."""
+    from alfred_train.stages.common import tokenizer_digest, tokenizer_path
+
+    state = meta.get("state") or {}
+    recorded = state.get("template")
+    if recorded is not None and recorded != cfg.data.template:
+        raise ConfigError(f"data.template: {cfg.data.template!r}, but {use.key} ({path}) was trained with "
+                          f"{recorded!r}; set data.template={recorded}")
+    mine = tokenizer_path(cfg)
+    theirs = state.get("tokenizer_sha256")
+    if theirs is None and state.get("tokenizer") and Path(state["tokenizer"]).exists():
+        theirs = tokenizer_digest(state["tokenizer"])
+    if theirs is not None and Path(mine).exists() and theirs != tokenizer_digest(mine):
+        raise ConfigError(f"model.tokenizer: {mine} is not the tokenizer {use.key} ({path}) was trained with "
+                          f"({state.get('tokenizer')}); set model.tokenizer to that one")
 
 
 def check_resume_layout(cfg: Config, use: CheckpointUse, path: Path, meta: dict) -> str | None:
