@@ -101,6 +101,24 @@ def test_hf_tokenizer_json_eod_looked_up_by_string(tmp_path):
         HFJsonTokenizer(path, special_tokens={"sep": "<|endoftext|>"})
 
 
+def test_hf_tokenizer_special_tokens_from_its_tokenizer_config(tmp_path):
+    """A Llama-3 or Mistral tokenizer.json has no '<|endoftext|>': it could not be used (the error
+    named a special_tokens argument no config key reaches). Its tokenizer_config.json names them."""
+    import json
+
+    path = _write_hf_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": ">>SPECIAL0<<", "eos_token": {"content": ">>SPECIAL1<<", "lstrip": False}, "pad_token": None}))
+    tok = load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.eod_id, tok.pad_id) == (0, 1, 1, 1)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>"}))
+    with pytest.raises(ConfigError, match=r"has no token '<\|eot_id\|>' for eos; put the model's tokenizer_config"):
+        load_tokenizer(path)
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"tokenizer_config.json is not valid JSON"):
+        load_tokenizer(path)
+
+
 def test_load_tokenizer_picks_by_name_and_contents(tmp_path):
     _write_hf_tokenizer(tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer.model").write_bytes(TINY_SP_MODEL_PATH.read_bytes())

@@ -13,6 +13,7 @@ Special ids every stage relies on:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Mapping, Optional, Protocol, Sequence
 
@@ -71,7 +72,8 @@ class HFJsonTokenizer:
     """A Hugging Face `tokenizer.json` (Falcon's byte-level BPE) read with the `tokenizers` library.
 
     `special_tokens` maps "bos" / "eos" / "eod" / "pad" to token strings (None = absent); keys left
-    out keep Falcon's values: no BOS, EOS = EOD = "<|endoftext|>", pad = EOD.
+    out keep Falcon's values: no BOS, EOS = EOD = "<|endoftext|>", pad = EOD. Not given, they are
+    read from the tokenizer_config.json beside the file when there is one (`config_special_tokens`).
     Llama-3 style: {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "eod": "<|end_of_text|>"}.
     """
 
@@ -90,6 +92,8 @@ class HFJsonTokenizer:
             roles = ", ".join(FALCON_SPECIAL_TOKENS)
             raise ConfigError(f"unknown special token role(s) {sorted(unknown)}; use {roles}")
         self.path = path
+        if special_tokens is None:
+            special_tokens = config_special_tokens(path.parent)
         try:
             self._tok = _HFTokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception for JSON it cannot read as a tokenizer
@@ -110,8 +114,8 @@ class HFJsonTokenizer:
         token_id = self._tok.token_to_id(token)
         if token_id is None:
             raise ConfigError(
-                f"{self.path} has no token {token!r} for {role}; "
-                f"pass special_tokens={{'{role}': ...}} naming one it has"
+                f"{self.path} has no token {token!r} for {role}; put the model's tokenizer_config.json "
+                f"(its bos_token / eos_token / pad_token) beside it"
             )
         return token_id
 
@@ -123,6 +127,31 @@ class HFJsonTokenizer:
 
     def __repr__(self) -> str:
         return f"HFJsonTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def config_special_tokens(directory: Path) -> Optional[dict[str, Optional[str]]]:
+    """bos / eos (= eod) / pad as `directory/tokenizer_config.json` names them (a hub model's own
+    file: Llama-3's "<|begin_of_text|>" and "<|end_of_text|>", Mistral's "<s>" and "</s>"); None
+    without that file. A token given as {"content": ...} is read the same; a role it leaves out keeps
+    Falcon's value."""
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); repair it or remove it") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not a JSON object; repair it or remove it")
+
+    def token(key: str) -> Optional[str]:
+        value = config.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    found = {role: token(f"{role}_token") for role in ("bos", "eos", "pad") if f"{role}_token" in config}
+    if found.get("eos"):
+        found["eod"] = found["eos"]
+    return found
 
 
 def load_tokenizer(path: str | Path, special_tokens: Optional[Mapping[str, Optional[str]]] = None) -> Tokenizer:
