@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from alfred_train.data.datasets import (
     write_jsonl,
 )
 from alfred_train.data.packing import collate_pairs, pack_examples, pad_batch, pad_examples
-from alfred_train.data.records import Message, SFTExample
+from alfred_train.data.records import Message, PreferencePair, SFTExample
 from alfred_train.data.sampler import epoch_order, iterate_batches, sampler
 from alfred_train.data.sft_dataset import SFTDataset
 from alfred_train.data.synthetic import (
@@ -194,20 +195,63 @@ def test_encode_sft_masks_prompt_and_appends_eod(tiny_sp):
     template = get_template("tulu")
     record = {"prompt": "Write a word list about the sea.", "response": "happy fish wave"}
     ids, mask = encode_sft(tiny_sp, template, record, max_len=100)
-    prompt_ids = [tiny_sp.bos_id] + tiny_sp.encode("<|user|>\nWrite a word list about the sea.\n<|assistant|>\n")
-    response_ids = tiny_sp.encode("happy fish wave")
-    assert ids == prompt_ids + response_ids + [tiny_sp.eod_id]
-    assert mask == [0] * len(prompt_ids) + [1] * (len(response_ids) + 1)
+    prompt = "<|user|>\nWrite a word list about the sea.\n<|assistant|>\n"
+    prompt_ids = [tiny_sp.bos_id] + tiny_sp.encode(prompt)  # its own tokens: what the policy continues
+    assert ids[:len(prompt_ids)] == prompt_ids and ids[-1] == tiny_sp.eod_id
+    assert tiny_sp.decode(ids) == prompt + "happy fish wave"
+    assert mask == [0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
     assert tiny_sp.decode([t for t, m in zip(ids, mask) if m]) == "happy fish wave"
     cut_ids, cut_mask = encode_sft(tiny_sp, template, record, max_len=len(ids) - 1)
     assert cut_ids == ids[:-1] and cut_mask == mask[:-1] and tiny_sp.eod_id not in cut_ids
 
 
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level", "metaspace"])
+def test_the_trained_tokens_read_as_the_template_writes_them(tmp_path, tiny_sp, kind):
+    """Encoded on its own, a response got sentencepiece's dummy-prefix space: "Answer:  An apple."
+    (StackLLaMA), "<|assistant|>\n An apple." (Tulu); byte-level BPE dropped Vicuna's space
+    ("ASSISTANT:An apple."). Now every template's tokens decode to exactly its text, and the
+    prompt's tokens are the ones the policy is given when it generates."""
+    tok = {"sentencepiece": lambda: tiny_sp,
+           "byte-level": lambda: load_tokenizer(_write_hf_tokenizer(tmp_path / "tokenizer.json")),
+           "metaspace": lambda: load_tokenizer(_write_metaspace_tokenizer(tmp_path / "tokenizer.json"))}[kind]()
+    cues = {"stackllama": "Answer: An apple.", "tulu": "<|assistant|>\nAn apple.",
+            "vicuna": "ASSISTANT: An apple.", "stable-vicuna": "### Assistant: An apple."}
+    record = {"prompt": "Name a fruit.", "response": "An apple."}
+    for name, ending in cues.items():
+        template = get_template(name)
+        ids, mask = encode_sft(tok, template, record, max_len=200)
+        text = tok.decode(ids)
+        assert text.endswith(ending) and text.count("  ") == 0, (name, text)
+        prompt_ids = _bos_ids(tok) + tok.encode(render_prompt(template, record).prompt)
+        assert ids[:len(prompt_ids)] == prompt_ids and mask.index(1) == len(prompt_ids), name
+        scored = encode_preference(tok, template, PreferencePair(((Message("user", "Name a fruit."),)), "An apple.",
+                                                                 "A pear."), max_len=200)[0]
+        assert scored == ids, name  # the reward model reads the very tokens SFT trained on
+
+
+def _bos_ids(tok) -> list[int]:
+    return [tok.bos_id] if tok.bos_id is not None else []
+
+
+def _write_metaspace_tokenizer(path: Path) -> Path:
+    """A tokenizer.json like Llama's HF one: Metaspace prepends "▁" to a text's start."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=list(string.printable))
+    tok.train_from_iterator(TINY_CORPUS_PATH.read_text().splitlines(), trainer)
+    tok.save(str(path))
+    return path
+
+
 def test_encode_without_bos_and_scored_sequences_end_at_eod(tmp_path, tiny_sp):
     hf = load_tokenizer(_write_hf_tokenizer(tmp_path / "tokenizer.json"))
     ids, mask = encode_sft(hf, get_template("plain"), {"prompt": "ab", "response": "cd"}, max_len=100)
-    assert ids == hf.encode("ab") + hf.encode("cd") + [11]  # no BOS
-    assert mask == [0] * len(hf.encode("ab")) + [1] * (len(hf.encode("cd")) + 1)
+    assert ids[:len(hf.encode("ab"))] == hf.encode("ab") and ids[-1] == 11 and hf.decode(ids) == "abcd"  # no BOS
+    assert mask == [0] * len(hf.encode("ab")) + [1] * (len(ids) - len(hf.encode("ab")))
     pair_file = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "chosen": "happy", "rejected": "fish"}])
     pair = read_preference_jsonl(pair_file)[0]
     chosen, rejected = encode_preference(tiny_sp, get_template("plain"), pair, max_len=4)

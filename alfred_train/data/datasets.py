@@ -9,9 +9,12 @@ Encodings (ids are plain lists; BOS is prepended when the tokenizer has one):
     encode_sft(...)     -> (input_ids, loss_mask)  [BOS] prompt response EOD, mask 0..0 1..1 1
     encode_prompt(...)  -> [BOS] prompt                                      (PPO rollouts)
     encode_scored(...)  -> [BOS] prompt response EOD, always ending at EOD    (reward model)
-The prompt and the response are encoded separately and concatenated: the loss-mask boundary is
-exact, and it is the same token boundary the policy meets at generation time, where it continues
-`encode_prompt(...)`.
+The prompt's tokens are those it has alone: the loss-mask boundary is exact, and it is the token
+boundary the policy meets at generation time, where it continues `encode_prompt(...)`. The response
+is tokenized as in the whole text where that keeps the prompt's tokens (a cue ending in a newline),
+else as a continuation (a cue ending in a space, StackLLaMA's "Answer: "), so that the tokens decode
+to exactly prompt + response: encoded on its own, sentencepiece's dummy prefix put a second space
+there ("Answer:  An"), and byte-level BPE dropped Vicuna's ("ASSISTANT:An").
 """
 
 from __future__ import annotations
@@ -76,6 +79,18 @@ def _bos(tokenizer: Tokenizer) -> list[int]:
     return [tokenizer.bos_id] if tokenizer.bos_id is not None else []
 
 
+def encode_continued(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids): the prompt's tokens alone, and the response's after them, which
+    decode to prompt + response (see the module docstring)."""
+    prompt_ids = tokenizer.encode(prompt)
+    if not response:
+        return prompt_ids, []
+    joint = tokenizer.encode(prompt + response)
+    if joint[:len(prompt_ids)] == prompt_ids:
+        return prompt_ids, joint[len(prompt_ids):]
+    return prompt_ids, tokenizer.encode_continuation(response)
+
+
 def encode_sft(
     tokenizer: Tokenizer,
     template: PromptTemplate,
@@ -90,8 +105,8 @@ def encode_sft(
     end there); an example whose prompt fills max_len carries no loss (mask all 0).
     """
     text = render_prompt(template, record)
-    prompt_ids = _bos(tokenizer) + tokenizer.encode(text.prompt)
-    response_ids = tokenizer.encode(text.response) + [tokenizer.eod_id]
+    prompt_ids, response_ids = encode_continued(tokenizer, text.prompt, template.response_prefix + text.response)
+    prompt_ids, response_ids = _bos(tokenizer) + prompt_ids, response_ids + [tokenizer.eod_id]
     input_ids = prompt_ids + response_ids
     loss_mask = [0] * len(prompt_ids) + [1] * len(response_ids)
     return input_ids[:max_len], loss_mask[:max_len]
@@ -113,7 +128,9 @@ def encode_scored(
 
     The reward model reads its score at the last position, so EOD must survive truncation.
     """
-    ids = _bos(tokenizer) + tokenizer.encode(template.render_context(context)) + tokenizer.encode(response)
+    prompt_ids, response_ids = encode_continued(tokenizer, template.render_context(context),
+                                                template.response_prefix + response)
+    ids = _bos(tokenizer) + prompt_ids + response_ids
     return ids[: max_len - 1] + [tokenizer.eod_id]
 
 

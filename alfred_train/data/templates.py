@@ -10,6 +10,8 @@ Single-turn renderings (prompt P, response R; the model is trained on R after th
     vicuna      "<VICUNA_SYSTEM> USER: P ASSISTANT:"                      (FastChat vicuna_v1.1)
     stable-vicuna "### Human: P\n### Assistant:"                          (StableVicuna-13B, CarperAI)
     plain       "P"
+Vicuna's two cues end at the colon, as FastChat's generation prompt does; the trained response
+follows them after a space (`response_prefix`: "ASSISTANT: R", "### Assistant: R").
 Multi-turn contexts render every earlier turn in the same style and end with the assistant cue.
 Templates are text-only and tokenizer-independent: earlier assistant turns are NOT followed by an
 EOS string ("</s>" in the original Tulu/Vicuna formats, whose spelling depends on the tokenizer);
@@ -42,6 +44,7 @@ VICUNA_SYSTEM = (
 class PromptTemplate:
     name: str
     render_context: Callable[[Context], str]  # context (ends with a user turn) -> prompt text
+    response_prefix: str = ""  # text between the cue and a trained response ("ASSISTANT: An apple.")
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,8 @@ TEMPLATES: dict[str, PromptTemplate] = {
     for t in (
         PromptTemplate("stackllama", _stackllama),
         PromptTemplate("tulu", _tulu),
-        PromptTemplate("vicuna", _vicuna),
-        PromptTemplate("stable-vicuna", _stable_vicuna),
+        PromptTemplate("vicuna", _vicuna, response_prefix=" "),
+        PromptTemplate("stable-vicuna", _stable_vicuna, response_prefix=" "),
         PromptTemplate("plain", _plain),
     )
 }

@@ -29,6 +29,11 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """The tokens of `text` where it continues other text: without the space a tokenizer
+        prepends to the start of a text (sentencepiece's dummy prefix, Llama's Metaspace)."""
+        ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
@@ -42,6 +47,7 @@ class SentencePieceTokenizer:
         if not path.is_file():
             raise ConfigError(f"sentencepiece model {path} does not exist; set model.tokenizer to a .model file")
         self.path = path
+        self._continuation = None  # the same model without the dummy prefix, built on first use
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError):  # "INTERNAL: could not parse ModelProto from ..."
@@ -57,6 +63,18 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """`text` encoded by the same model with its normalizer's add_dummy_prefix off."""
+        if self._continuation is None:
+            import sentencepiece as spm
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self.path.read_bytes())
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._continuation = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        return self._continuation.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))
@@ -121,6 +139,13 @@ class HFJsonTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """`text` encoded after a newline, whose own tokens are then dropped: a tokenizer.json that
+        prepends a space to a text's start (Llama's Metaspace) prepends none in mid-text."""
+        anchor = self.encode("\n")
+        ids = self.encode("\n" + text)
+        return ids[len(anchor):] if ids[:len(anchor)] == anchor else self.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
