@@ -103,7 +103,8 @@ def _validate_ranges(cfg: Config) -> None:
     if d.synthetic:
         positive.append(("data.synthetic_size", d.synthetic_size))
     for key, value in [("model.vocab_size", m.vocab_size), ("model.ffn_hidden_size", m.ffn_hidden_size),
-                       ("optim.decay_steps", o.decay_steps), ("ppo.value_lr", op.value_lr)]:
+                       ("optim.decay_steps", o.decay_steps), ("ppo.value_lr", op.value_lr),
+                       ("ppo.eval_limit", op.eval_limit)]:
         if value is not None:
             positive.append((key, value))
     for key, value in positive:

@@ -178,8 +178,10 @@ def run_eval(args: argparse.Namespace) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     if args.hf_dir:
         hf_dir = Path(args.hf_dir)
-        if not (hf_dir / "config.json").exists():
+        if exported_from(hf_dir) != source_of(ckpt):  # another checkpoint's export is replaced, not scored
+            (hf_dir / SOURCE_FILE).unlink(missing_ok=True)  # an export cut short is no one's
             export_hf(ckpt, hf_dir)
+            (hf_dir / SOURCE_FILE).write_text(json.dumps(source_of(ckpt)) + "\n")
         results = run_harness(hf_dir, names, manager, args)
     else:
         with tempfile.TemporaryDirectory(prefix=".hf-export-", dir=output.parent) as tmp:
@@ -197,15 +199,38 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+SOURCE_FILE = "alfred-eval-source.json"  # in --hf-dir: the checkpoint it was exported from
+
+
+def source_of(ckpt: Path) -> dict:
+    """What identifies `ckpt`'s weights: its path and its manifest's digest (a checkpoint saved again
+    under the same name is another one)."""
+    from alfred_train.checkpointing import manifest
+
+    found = ckpt / manifest.MANIFEST
+    return {"checkpoint": str(ckpt.resolve()),
+            "manifest_sha256": manifest.sha256_of(found) if found.is_file() else None}
+
+
+def exported_from(hf_dir: Path) -> dict | None:
+    """The `source_of` recorded in an export made by `eval --hf-dir`, or None."""
+    try:
+        return json.loads((hf_dir / SOURCE_FILE).read_text()) if (hf_dir / "config.json").is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def export_hf(ckpt: Path, hf_dir: Path) -> None:
-    """`convert mcore-to-hf` in this process (TP=1/PP=1, resharded on load), then free the runtime."""
+    """`convert mcore-to-hf` in this process (TP=1/PP=1, resharded on load), then free the runtime.
+    A LoRA policy is exported merged: lm-eval loads the directory's weights, and its adapters beside
+    them (adapter/) were never read, so the base model was scored in the trained policy's name."""
     from alfred_train.convert.hf_export import mcore_to_hf
     from alfred_train.parallel.dims import ParallelDims
     from alfred_train.parallel.init import init_runtime, shutdown
 
     runtime = init_runtime(ParallelDims(1, 1, 1))
     try:
-        mcore_to_hf(ckpt, hf_dir, runtime, model="policy")
+        mcore_to_hf(ckpt, hf_dir, runtime, model="policy", merge_lora=True)
     finally:
         shutdown()
 

@@ -187,3 +187,21 @@ def test_an_init_trained_with_another_template_or_tokenizer_is_refused_in_every_
     state["tokenizer_sha256"] = "0" * 64  # trained with another tokenizer
     (sft / "meta.json").write_text(json.dumps({"step": 3, "layout": TP1, "models": ["policy"], "state": state}))
     _error(capsys, "model.tokenizer", f"is not the tokenizer rm.init ({sft}) was trained with", *rm)
+
+
+def test_a_damaged_init_is_refused_before_the_run_loads_it(capsys, tmp_path):
+    """Inits were loaded without a look at their manifest: PPO trained from an SFT checkpoint with
+    flipped bytes, exit 0 (a resume, `convert` and `eval` refused the same checkpoint)."""
+    from alfred_train.checkpointing import manifest as mf
+
+    init = _checkpoint(tmp_path / "sft" / "iter_0000003", ["policy"], "sft", _shape(TINY_SFT))
+    weights = init / "__0_0.distcp"
+    weights.write_bytes(b"weights" * 100)
+    (init / mf.MANIFEST).write_text(json.dumps({"format": mf.MANIFEST_FORMAT, "step": 1, "nodes": 1, "files": [
+        {**entry, "node": 0} for entry in mf.seal(init, [weights])]}))
+    sft = ["sft", TINY_SFT, "parallel.tp=1", f"checkpoint.init={init}", f"run.dir={tmp_path / 'run'}",
+           "train.max_steps=1", "logging.plots=false", "logging.tensorboard=false"]
+    weights.write_bytes(b"weightZ" * 100)  # same size, other bytes
+    assert _run(capsys, *sft, "--dry-run")[0] == 0  # the dry run does not hash a 40B model's files
+    _error(capsys, "checkpoint.init", f"{init} is damaged: __0_0.distcp does not match its sha256 (corrupted); point "
+           "it at a sound checkpoint", *sft)

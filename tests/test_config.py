@@ -132,6 +132,7 @@ def test_impossible_layouts(capsys, overrides, key, numbers):
     ("ppo.max_bad_steps=0", "ppo.max_bad_steps: must be > 0, got 0"),  # it stopped a healthy run
     ("ppo.value_lr=-1", "ppo.value_lr: must be > 0, got -1.0"),
     ("ppo.eval_prompts=-4", "ppo.eval_prompts: must be >= 0, got -4"),
+    ("ppo.eval_limit=0", "ppo.eval_limit: must be > 0, got 0"),  # it failed after training, exit 0
     ("ppo.lam=1.5", "ppo.lam: must be in [0, 1], got 1.5"),
     ("optim.beta1=2", "optim.beta1: must be in [0, 1), got 2.0"),
     ("optim.eps=-1", "optim.eps: must be > 0, got -1.0"),

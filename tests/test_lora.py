@@ -214,6 +214,26 @@ def test_generate_runs_on_a_lora_checkpoint(runs, tmp_path):
     assert len(json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["completion_ids"]) == 8
 
 
+def test_eval_scores_a_lora_policy_with_its_adapters(runs, tmp_path):
+    """`eval` (and ppo.eval_tasks) export the policy for lm-eval, which loads the directory's weights:
+    a LoRA policy's adapters, written beside them (adapter/), were never read, so the base model was
+    scored in the trained policy's name. The export is the merged policy now."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    code = ("from pathlib import Path; from alfred_train.evaluation import export_hf; "
+            f"export_hf(Path({str(runs / 'tp2')!r}), Path({str(tmp_path / 'eval')!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli("convert", "mcore-to-hf", str(runs / "tp2"), str(tmp_path / "merged"), "--merge-lora")
+    run_cli("convert", "mcore-to-hf", str(runs / "tp2"), str(tmp_path / "base"))
+    assert not (tmp_path / "eval" / "adapter").exists()
+    scored, merged, base = (load_file(tmp_path / d / "model.safetensors") for d in ("eval", "merged", "base"))
+    assert scored.keys() == merged.keys() and all(torch.equal(scored[k], merged[k]) for k in scored)
+    assert any(not torch.equal(scored[k], base[k]) for k in scored)  # the adapters moved the policy
+
+
 # ---------------------------------------------------------------------------------------------
 # PPO in two copies.
 

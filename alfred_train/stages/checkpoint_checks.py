@@ -139,7 +139,26 @@ def checked(cfg: Config, use: CheckpointUse, shape: ModelShape, *, required: boo
         return None
     meta = json.loads((path / "meta.json").read_text())
     _check_checkpoint(cfg, use, path, meta, shape)
+    if required and not use.resume:  # a resume is verified as it is chosen (checkpoint.find_resumable)
+        _check_sound(use, path)
     return path, meta
+
+
+def _check_sound(use: CheckpointUse, path: Path) -> None:
+    """The run itself (not the dry run: it would hash a 40B model's files), rank 0 only: an init's
+    files against its manifest, sizes then sha256, as a resume and `convert`/`eval` check theirs.
+    A damaged SFT checkpoint started PPO from corrupted weights without a word. One written before
+    manifests existed (or by an older converter) is loaded unchecked, with a warning."""
+    from alfred_train.checkpointing import manifest
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    if not (path / manifest.MANIFEST).is_file():
+        log.warning("%s: %s has no %s: its files cannot be checked before loading", use.key, path, manifest.MANIFEST)
+        return
+    if found := manifest.problems(path):
+        raise ConfigError(f"{use.key}: {path} is damaged: {'; '.join(found[:3])}; point it at a sound checkpoint "
+                          "(an earlier iter_*, or a fresh copy of this one)")
 
 
 def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, shape: ModelShape) -> None:
