@@ -118,6 +118,24 @@ def test_oasst1_nan_ranks_repeated_ids_and_parent_loops(tmp_path):
         for i, m in ((1, "a"), (2, "b"))], found
 
 
+def test_a_held_out_fraction_keeps_conversations_whole(tmp_path):
+    """valid_fraction was drawn record by record: every held-out oasst1 pair had its prompt and both
+    replies in training pairs, and a record repeated in the file was in both sets."""
+    rows = fx.oasst1_rows(20)
+    for r in rows:
+        if r["parent_id"] is None:
+            r["text"] += f" ({r['message_tree_id']})"  # 20 distinct trees
+    path = fx.write(tmp_path / "oasst1.jsonl", [*rows, *({**r, "message_id": f"{r['message_id']}-b", "rank": 2,
+                                                          "text": "another reply"} for r in rows if r["rank"] == 1)])
+    cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={path}", "data.valid_fraction=0.25"])
+    train, valid = mixture.load_train_valid(cfg.data, "preference", seed=0)  # 3 pairs per prompt
+    assert len(valid) == 15 and not {r.context for r in valid} & {r.context for r in train}
+    repeated = fx.write(tmp_path / "twice.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(40)] * 2)
+    cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={repeated}", "data.valid_fraction=0.1"])
+    train, valid = mixture.load_train_valid(cfg.data, "sft", seed=0)
+    assert len(valid) == 8 and not {r.context for r in valid} & {r.context for r in train}
+
+
 def test_dolly_folds_context_into_the_prompt_and_has_no_pairs(tmp_path):
     path = fx.write(tmp_path / "dolly.jsonl", [
         {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"},
@@ -170,9 +188,12 @@ def test_detection_by_keys_and_records_as_every_kind(tmp_path):
 
 
 def test_mixture_config_weights_and_held_out_split(tmp_path, caplog):
-    se = fx.write(tmp_path / "se.parquet", fx.stack_exchange_rows(40))
-    hh = fx.write(tmp_path / "hh.jsonl", fx.hh_rlhf_rows(20))
-    dolly = fx.write(tmp_path / "dolly.jsonl", fx.dolly_rows(10))
+    distinct = {"question": lambda r, i: {**r, "question": f"{r['question']} ({i})"},  # one context each
+                "chosen": lambda r, i: {k: v.replace("Hello.", f"Hello {i}.") for k, v in r.items()},
+                "instruction": lambda r, i: {**r, "instruction": f"{r['instruction']} ({i})"}}
+    se, hh, dolly = (fx.write(tmp_path / name, [distinct[key](r, i) for i, r in enumerate(rows)]) for name, key, rows in [
+        ("se.parquet", "question", fx.stack_exchange_rows(40)), ("hh.jsonl", "chosen", fx.hh_rlhf_rows(20)),
+        ("dolly.jsonl", "instruction", fx.dolly_rows(10))])
     cfg = load_config(TINY_SFT, ["data.synthetic=false", "data.valid_fraction=0.1",
                                  f"data.train=[{{path: {se}, weight: 0.5}}, {{path: {hh}, format: hh-rlhf, weight: 2}},"
                                  f" {{path: {dolly}}}]"])
@@ -299,8 +320,9 @@ def test_synthetic_stages_still_read_as_before(tmp_path):
     # the single-file path keeps the old split: same seed, same held-out records
     from alfred_train.data.synthetic import make_sft_records
 
-    path = tmp_path / "sft.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in make_sft_records(40, 0)))
+    path = tmp_path / "sft.jsonl"  # distinct prompts: a context repeated is held out whole (see below)
+    path.write_text("".join(json.dumps({**r, "prompt": f"{r['prompt']} ({i})"}) + "\n"
+                            for i, r in enumerate(make_sft_records(40, 0))))
     cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={path}", "data.valid_fraction=0.25"])
     train, valid = mixture.load_train_valid(cfg.data, "sft", seed=1234)
     import random

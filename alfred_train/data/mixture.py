@@ -139,12 +139,31 @@ def load_train_valid(d: DataConfig, kind: Kind, seed: int) -> tuple[list, list]:
     rng = random.Random(seed)
     train_parts, valid = [], []
     for part in parts:
-        order = list(range(len(part.records)))
-        rng.shuffle(order)
-        n_valid = int(len(order) * d.valid_fraction)
-        valid += [part.records[i] for i in order[:n_valid]]
-        train_parts.append((part, [part.records[i] for i in order[n_valid:]]))
+        order, held = _held_out(part.records, d.valid_fraction, rng)
+        valid += [part.records[i] for i in order if i in held]
+        train_parts.append((part, [part.records[i] for i in order if i not in held]))
     return _mix(train_parts, seed, "data.train"), valid
+
+
+def _held_out(records: list, fraction: float, rng: random.Random) -> tuple[list[int], set[int]]:
+    """(a seeded order of `records`' indices, those of a `fraction` of them held out), held out by
+    context: the records that answer the same context (one Stack Exchange question's answer pairs,
+    one oasst1 prompt's ranked replies, a record repeated in the file) are held out together or not
+    at all. Drawn record by record, every held-out oasst1 pair had its prompt and both replies in
+    training pairs. (oasst1 SFT examples deeper in one tree have longer contexts: they may still
+    fall on both sides.) A context that would leave no training records is not taken."""
+    conversations: dict = {}
+    for i, record in enumerate(records):
+        conversations.setdefault(record.context, []).append(i)
+    groups = list(conversations.values())
+    rng.shuffle(groups)
+    target, held = int(len(records) * fraction), set()
+    for members in groups:
+        if len(held) >= target:
+            break
+        if len(held) + len(members) < len(records):
+            held.update(members)
+    return [i for members in groups for i in members], held
 
 
 def load_prompts(d: DataConfig, seed: int, held_out: int) -> Optional[tuple[list, list]]:
