@@ -382,7 +382,8 @@ def test_a_second_run_into_a_live_run_dir_is_refused(tmp_path):
         assert len(second.stderr.strip().splitlines()) == 1, second.stderr
     finally:
         _kill_group(first)
-    assert run_cli("sft", *SFT, f"run.dir={run}", "checkpoint.resume=none", "checkpoint.interval=0").returncode == 0
+    assert run_cli("sft", *SFT, f"run.dir={run}", "checkpoint.resume=none", "checkpoint.interval=0",
+                   "train.max_steps=1").returncode == 0
 
 
 @pytest.fixture
@@ -416,11 +417,8 @@ PPO = [str(ROOT / "configs" / "tiny-ppo.yaml"), "parallel.tp=1", f"train.max_ste
 PPO_COMPARED = ["score", "kl", "kl_coef", "policy_loss", "value_loss", "entropy", "lr", "value_lr"]
 
 
-def test_ppo_survives_kill_9_inside_a_save(tmp_path):
-    init = tmp_path / "init"
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "ppo_models.py"), str(init)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_ppo_survives_kill_9_inside_a_save(tmp_path, ppo_inits):
+    init = ppo_inits
     args = ["ppo", *PPO, f"ppo.policy_init={init / 'sft'}", f"ppo.reward_init={init / 'rm'}"]
     reference = tmp_path / "reference"
     run_cli(*args, f"run.dir={reference}")

@@ -63,17 +63,14 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, ppo_inits):
     root = tmp_path_factory.mktemp("eval-wandb")
     saved = dict(os.environ)
     os.environ.update(HF_HOME=str(root / "hf"), HF_DATASETS_CACHE=str(root / "hf" / "datasets"))  # to the CLIs
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "ppo_models.py"), str(root / "init")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     task = write_task(root / "tasks")
     run_dir = root / "run"
-    common = ["ppo", TINY_PPO, f"run.dir={run_dir}", f"ppo.policy_init={root / 'init' / 'sft'}",
-              f"ppo.reward_init={root / 'init' / 'rm'}", *SHORT,
+    common = ["ppo", TINY_PPO, f"run.dir={run_dir}", f"ppo.policy_init={ppo_inits / 'sft'}",
+              f"ppo.reward_init={ppo_inits / 'rm'}", *SHORT,
               "logging.wandb={project: alfred-tests, mode: offline}"]
     first = run_cli(*common, "train.max_steps=1")
     second = run_cli(*common, "train.max_steps=2", f"ppo.eval_tasks=[{task}]", "ppo.eval_limit=3")

@@ -185,6 +185,9 @@ def test_detection_by_keys_and_records_as_every_kind(tmp_path):
         formats.detect(fx.write(tmp_path / "odd.jsonl", [{"text": "x"}]))
     with pytest.raises(ConfigError, match=r"unknown file type '.csv'; use .jsonl, .jsonl.gz or .parquet"):
         formats.detect(fx.write(tmp_path / "data.csv", [{"text": "x"}]))
+    (tmp_path / "shards.jsonl").mkdir()  # it said "does not exist"
+    with pytest.raises(ConfigError, match=r"shards.jsonl is a directory; name its files \(a glob such as"):
+        formats.detect(tmp_path / "shards.jsonl")
 
 
 def test_mixture_config_weights_and_held_out_split(tmp_path, caplog):

@@ -245,17 +245,15 @@ def test_two_copy_models_score_as_separate_frozen_copies(tmp_path):
     assert proc.returncode == 0 and "lora ppo models ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-def test_lora_ppo_learns_on_the_tiny_recipe(tmp_path):
-    """The demo pipeline (quick) with PPO on LoRA adapters: held-out RM score rises, KL stays bounded,
-    and the first iteration's KL is exactly 0 (the reference is the policy with adapters off, B = 0)."""
+def test_lora_ppo_learns_on_the_tiny_recipe(demo_quick, tmp_path):
+    """The demo pipeline (quick: its SFT and RM) with PPO on LoRA adapters: held-out RM score rises, KL
+    stays bounded, and the first iteration's KL is exactly 0 (the reference is the policy with
+    adapters off, B = 0)."""
     quiet = ["checkpoint.resume=none", "checkpoint.interval=0", "train.eval_interval=0", "logging.tensorboard=false",
              "logging.plots=false"]
-    configs = ROOT / "configs"
-    run_cli("sft", str(configs / "tiny-sft.yaml"), f"run.dir={tmp_path / 'sft'}", "train.max_steps=40", *quiet)
-    run_cli("rm", str(configs / "tiny-rm.yaml"), f"run.dir={tmp_path / 'rm'}", f"rm.init={tmp_path / 'sft'}",
-            "train.max_steps=30", *quiet)
-    run_cli("ppo", str(configs / "tiny-ppo.yaml"), f"run.dir={tmp_path / 'ppo'}", f"ppo.policy_init={tmp_path / 'sft'}",
-            f"ppo.reward_init={tmp_path / 'rm'}", "train.max_steps=12", "ppo.eval_prompts=32", *quiet,
+    run_cli("ppo", str(ROOT / "configs" / "tiny-ppo.yaml"), f"run.dir={tmp_path / 'ppo'}",
+            f"ppo.policy_init={demo_quick / 'sft'}", f"ppo.reward_init={demo_quick / 'rm'}", "train.max_steps=12",
+            "ppo.eval_prompts=32", *quiet,
             "lora.rank=8", "lora.alpha=16", "lora.dropout=0", "optim.lr=3e-3", "optim.min_lr=3e-4")
     score, kl = metrics(tmp_path / "ppo", "eval_score"), metrics(tmp_path / "ppo", "eval_kl")
     assert score[-1] > score[0] + 0.2, score

@@ -30,10 +30,8 @@ def _worker(out, *extra):
 
 
 @pytest.fixture(scope="module")
-def inits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ppo-init")
-    assert "ppo models ok" in _worker(out).stdout  # value == RM, no shared memory, reference == policy
-    return out
+def inits(ppo_inits):
+    return ppo_inits  # value == RM, no shared memory, reference == policy: checked by the worker
 
 
 def _ppo(inits, run_dir, *extra, check=True):
@@ -147,12 +145,8 @@ def test_non_finite_updates_stop_the_run(tmp_path):
     assert metrics(tmp_path / "run", "skipped_updates")[:2] == [5, 5]
 
 
-def test_demo_pipeline_learns(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "alfred_train.demo", "--quick", "--out", str(tmp_path),
-                           "logging.tensorboard=false", "logging.plots=false"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+def test_demo_pipeline_learns(demo_quick):
+    summary = json.loads((demo_quick / "summary.json").read_text())
     assert summary["rm_valid_accuracy"] > 0.8, summary
     assert summary["eval_score_after"] > summary["eval_score_before"] + 0.2, summary
     assert summary["eval_kl_after"] < 10.0, summary

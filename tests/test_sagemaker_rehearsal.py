@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_workers
 from launch_fixtures import REPO, aws_env, boto_client, free_port, moto, moto_server  # noqa: F401
 from sagemaker_rehearsal import Host
 
@@ -82,12 +81,11 @@ def last_metrics(run_dir: Path) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(("time", "tokens_per_s"))}
 
 
-def test_two_hosts_reclaimed_after_a_checkpoint_resume_from_s3_equal(moto, tmp_path):
-    run_workers(REPO / "tests" / "workers" / "ppo_models.py", [str(tmp_path / "inputs")], world_size=1)
+def test_two_hosts_reclaimed_after_a_checkpoint_resume_from_s3_equal(moto, tmp_path, ppo_inits):
     s3 = boto_client("s3", moto)
     s3.create_bucket(Bucket=BUCKET)
-    straight_job = submit(moto, "straight", tmp_path / "inputs", tmp_path)
-    reclaimed_job = submit(moto, "reclaimed", tmp_path / "inputs", tmp_path)
+    straight_job = submit(moto, "straight", ppo_inits, tmp_path)
+    reclaimed_job = submit(moto, "reclaimed", ppo_inits, tmp_path)
     assert {c["ChannelName"] for c in straight_job["InputDataConfig"]} == {"ppo_policy_init", "ppo_reward_init"}
     hosts = []
     try:

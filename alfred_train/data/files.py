@@ -35,6 +35,9 @@ class Row:
 
 
 def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise ConfigError(f"data file {path} is a directory; name its files (a glob such as {path}/*.parquet "
+                          "takes a hub dataset's shards)")
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist; check the data.* paths in the config")
     if not path.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):

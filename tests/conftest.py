@@ -1,0 +1,35 @@
+"""Runs several test modules start from: made once per session (each costs a minute on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+@pytest.fixture(scope="session")
+def demo_quick(tmp_path_factory):
+    """`python -m alfred_train.demo --quick` (SFT 40 steps -> RM 30 -> PPO 12, TP=2): its output
+    folder (sft/, rm/, ppo/, summary.json). The LoRA PPO test starts from its SFT and RM."""
+    out = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run([sys.executable, "-m", "alfred_train.demo", "--quick", "--out", str(out),
+                           "logging.tensorboard=false", "logging.plots=false"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert json.loads((out / "summary.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="session")
+def ppo_inits(tmp_path_factory):
+    """tests/workers/ppo_models.py's SFT and RM checkpoints (sft/, rm/) for short PPO runs; the worker
+    also checks the four models (value == RM, no shared memory, reference == policy)."""
+    out = tmp_path_factory.mktemp("ppo-init")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "ppo_models.py"), str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0 and "ppo models ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out
