@@ -11,6 +11,7 @@ import torch
 
 from alfred_train.data.corpus import TINY_CORPUS_PATH, TINY_SP_MODEL_PATH, build_tiny_assets
 from alfred_train.data.datasets import (
+    cue_text,
     encode_preference,
     encode_prompt,
     encode_sft,
@@ -210,7 +211,8 @@ def test_the_trained_tokens_read_as_the_template_writes_them(tmp_path, tiny_sp, 
     """Encoded on its own, a response got sentencepiece's dummy-prefix space: "Answer:  An apple."
     (StackLLaMA), "<|assistant|>\n An apple." (Tulu); byte-level BPE dropped Vicuna's space
     ("ASSISTANT:An apple."). Now every template's tokens decode to exactly its text, and the
-    prompt's tokens are the ones the policy is given when it generates."""
+    prompt's tokens are the ones the policy is given when it generates (a cue's last space goes
+    with the response's first word: no lone "▁" token ends a prompt)."""
     tok = {"sentencepiece": lambda: tiny_sp,
            "byte-level": lambda: load_tokenizer(_write_hf_tokenizer(tmp_path / "tokenizer.json")),
            "metaspace": lambda: load_tokenizer(_write_metaspace_tokenizer(tmp_path / "tokenizer.json"))}[kind]()
@@ -222,11 +224,12 @@ def test_the_trained_tokens_read_as_the_template_writes_them(tmp_path, tiny_sp, 
         ids, mask = encode_sft(tok, template, record, max_len=200)
         text = tok.decode(ids)
         assert text.endswith(ending) and text.count("  ") == 0, (name, text)
-        prompt_ids = _bos_ids(tok) + tok.encode(render_prompt(template, record).prompt)
+        prompt_ids = _bos_ids(tok) + tok.encode(cue_text(render_prompt(template, record).prompt))
         assert ids[:len(prompt_ids)] == prompt_ids and mask.index(1) == len(prompt_ids), name
         scored = encode_preference(tok, template, PreferencePair(((Message("user", "Name a fruit."),)), "An apple.",
                                                                  "A pear."), max_len=200)[0]
         assert scored == ids, name  # the reward model reads the very tokens SFT trained on
+        assert encode_prompt(tok, template, (Message("user", "Name a fruit."),), 200) == prompt_ids, name
 
 
 def _bos_ids(tok) -> list[int]:
@@ -259,7 +262,7 @@ def test_encode_without_bos_and_scored_sequences_end_at_eod(tmp_path, tiny_sp):
     long_prompt = (Message("user", "word " * 50),)
     prompt_ids = encode_prompt(tiny_sp, get_template("plain"), long_prompt, max_len=8)
     assert len(prompt_ids) == 8 and prompt_ids[0] == tiny_sp.bos_id
-    assert prompt_ids[1:] == tiny_sp.encode("word " * 50)[-7:]  # left-truncated, BOS kept
+    assert prompt_ids[1:] == tiny_sp.encode(("word " * 50).rstrip())[-7:]  # left-truncated, BOS kept
 
 
 # ---------------------------------------------------------------- packing

@@ -9,12 +9,13 @@ Encodings (ids are plain lists; BOS is prepended when the tokenizer has one):
     encode_sft(...)     -> (input_ids, loss_mask)  [BOS] prompt response EOD, mask 0..0 1..1 1
     encode_prompt(...)  -> [BOS] prompt                                      (PPO rollouts)
     encode_scored(...)  -> [BOS] prompt response EOD, always ending at EOD    (reward model)
-The prompt's tokens are those it has alone: the loss-mask boundary is exact, and it is the token
-boundary the policy meets at generation time, where it continues `encode_prompt(...)`. The response
-is tokenized as in the whole text where that keeps the prompt's tokens (a cue ending in a newline),
-else as a continuation (a cue ending in a space, StackLLaMA's "Answer: "), so that the tokens decode
-to exactly prompt + response: encoded on its own, sentencepiece's dummy prefix put a second space
-there ("Answer:  An"), and byte-level BPE dropped Vicuna's ("ASSISTANT:An").
+The prompt's tokens are those it has alone (without the spaces that end its cue, `cue_text`): the
+loss-mask boundary is exact, and it is the token boundary the policy meets at generation time,
+where it continues `encode_prompt(...)`. The response is tokenized as in the whole text where that
+keeps the prompt's tokens, else as a continuation, so that the tokens decode to exactly prompt +
+response: encoded on its own, sentencepiece's dummy prefix put a second space after StackLLaMA's
+"Answer: " ("Answer:  An") and a space before Tulu's responses, and byte-level BPE dropped Vicuna's
+("ASSISTANT:An").
 """
 
 from __future__ import annotations
@@ -79,9 +80,19 @@ def _bos(tokenizer: Tokenizer) -> list[int]:
     return [tokenizer.bos_id] if tokenizer.bos_id is not None else []
 
 
+def cue_text(prompt: str) -> str:
+    """The prompt the model is given: without the spaces that end a cue ("Answer: "). Tokenizers join
+    a space to the word after it ("▁An", "ĠAn"), so they belong to the response's first token: the
+    prompt's tokens end at the colon, and the policy generates "▁An" there as SFT trained it
+    (left on the prompt, they were a lone "▁" token no text is ever written with)."""
+    return prompt.rstrip(" ")
+
+
 def encode_continued(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids): the prompt's tokens alone, and the response's after them, which
-    decode to prompt + response (see the module docstring)."""
+    """(prompt ids, response ids): the tokens of the prompt's `cue_text` alone, and the response's
+    after them, which decode to prompt + response (see the module docstring)."""
+    cue = cue_text(prompt)
+    prompt, response = cue, prompt[len(cue):] + response
     prompt_ids = tokenizer.encode(prompt)
     if not response:
         return prompt_ids, []
@@ -117,7 +128,7 @@ def encode_prompt(tokenizer: Tokenizer, template: PromptTemplate, context: Conte
     bos = _bos(tokenizer)
     if max_len <= len(bos):
         raise ConfigError(f"max prompt length {max_len} leaves no room for prompt tokens; raise it")
-    prompt_ids = tokenizer.encode(template.render_context(context))
+    prompt_ids = tokenizer.encode(cue_text(template.render_context(context)))
     return bos + prompt_ids[-(max_len - len(bos)) :]
 
 

@@ -84,7 +84,7 @@ def histogram(lengths: list[int]) -> list[str]:
 def render(record, template) -> str:
     prompt = template.render_context(record.context)
     if isinstance(record, SFTExample):
-        return prompt + record.response
+        return prompt + template.response_prefix + record.response
     if isinstance(record, PreferencePair):
         return f"{prompt}\n[chosen] {record.chosen}\n[rejected] {record.rejected}"
     return prompt
