@@ -248,13 +248,14 @@ def test_two_copy_models_score_as_separate_frozen_copies(tmp_path):
 def test_lora_ppo_learns_on_the_tiny_recipe(demo_quick, tmp_path):
     """The demo pipeline (quick: its SFT and RM) with PPO on LoRA adapters: held-out RM score rises, KL
     stays bounded, and the first iteration's KL is exactly 0 (the reference is the policy with
-    adapters off, B = 0)."""
+    adapters off, B = 0). At lr 3e-3 the held-out gain of 12 iterations was +0.24 (and +0.03 once the
+    response tokens changed); at 1e-2 it is +0.30 to +0.64 over three seeds, KL under 2.3."""
     quiet = ["checkpoint.resume=none", "checkpoint.interval=0", "train.eval_interval=0", "logging.tensorboard=false",
              "logging.plots=false"]
     run_cli("ppo", str(ROOT / "configs" / "tiny-ppo.yaml"), f"run.dir={tmp_path / 'ppo'}",
             f"ppo.policy_init={demo_quick / 'sft'}", f"ppo.reward_init={demo_quick / 'rm'}", "train.max_steps=12",
             "ppo.eval_prompts=32", *quiet,
-            "lora.rank=8", "lora.alpha=16", "lora.dropout=0", "optim.lr=3e-3", "optim.min_lr=3e-4")
+            "lora.rank=8", "lora.alpha=16", "lora.dropout=0", "optim.lr=1e-2", "optim.min_lr=3e-4")
     score, kl = metrics(tmp_path / "ppo", "eval_score"), metrics(tmp_path / "ppo", "eval_kl")
     assert score[-1] > score[0] + 0.2, score
     assert kl[-1] < 10.0, kl
