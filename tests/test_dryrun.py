@@ -351,16 +351,16 @@ def test_examples_and_pairs_that_train_on_nothing_are_left_out_and_counted(capsy
     """An SFT example whose prompt fills data.seq_len trained with loss 0 (a run of only those: loss 0,
     grad_norm 0, exit 0); an RM pair cut to the same tokens for chosen and rejected trained at
     loss log 2 with accuracy 0. Left out with a count; refused when nothing is left."""
-    good = [{"prompt": "Write a list of cheerful words.", "response": "sunny happy bright"}] * 60
-    long = [{"prompt": "word " * 80, "response": "x"}] * 10
+    good = [{"prompt": f"Write list {i} of cheerful words.", "response": "sunny happy bright"} for i in range(60)]
+    long = [{"prompt": f"{i} " + "word " * 80, "response": "x"} for i in range(10)]
     sft = [str(TINY_SFT), "data.synthetic=false", "data.valid_fraction=0.3"]
     code, out, err = dry_run(capsys, "sft", *sft, f"data.train={_jsonl(tmp_path / 'sft.jsonl', good + long)}")
     assert code == 0 and "Data: 17 training samples" in out, err
     assert "6 of 49 training examples left out: their prompt fills data.seq_len (64 tokens)" in caplog.text
     code, _, err = dry_run(capsys, "sft", *sft, f"data.train={_jsonl(tmp_path / 'long.jsonl', long)}")
     assert code == 2 and "data.seq_len: the prompt of every example fills data.seq_len (64)" in err, err
-    pairs = [{"prompt": "Write a list.", "chosen": "sunny happy", "rejected": "gloomy sad"}] * 60
-    ties = [{"prompt": "Write a list.", "chosen": "same", "rejected": "same"}] * 5
+    pairs = [{"prompt": f"Write list {i}.", "chosen": "sunny happy", "rejected": "gloomy sad"} for i in range(60)]
+    ties = [{"prompt": f"Write list {i}.", "chosen": "same", "rejected": "same"} for i in range(60, 65)]
     rm = [str(TINY_RM), "data.synthetic=false", "train.global_batch_size=8"]
     code, out, err = dry_run(capsys, "rm", *rm, f"data.train={_jsonl(tmp_path / 'rm.jsonl', pairs + ties)}")
     assert code == 0 and "Data: 58 training preference pairs" in out, err
