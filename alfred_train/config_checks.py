@@ -63,9 +63,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"checkpoint.s3_uri: {cfg.checkpoint.s3_uri!r} is not an S3 URI of the form s3://bucket/prefix")
     _check(cfg.data.synthetic or cfg.data.train is not None or cfg.data.prompts is not None,
            "data.train: no training data; set data.train to a JSONL or Parquet file, a mixture, or data.synthetic: true")
-    if cfg.data.synthetic and cfg.data.train is not None:
-        _check(False, f"data.synthetic: true generates the demo task and would ignore data.train "
-                      f"({_named(cfg.data.train)}); set data.synthetic=false to train on it")
+    if cfg.data.synthetic and cfg.data.train is not None:  # the message names the paths: no _check
+        raise ConfigError(f"data.synthetic: true generates the demo task and would ignore data.train "
+                          f"({_named(cfg.data.train)}); set data.synthetic=false to train on it")
     _check(cfg.data.seq_len <= m.max_seq_len,
            f"data.seq_len: {cfg.data.seq_len} is above model.max_seq_len ({m.max_seq_len}), the positions the model "
            "is built (and exported) for; lower data.seq_len or raise model.max_seq_len")

@@ -177,11 +177,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
     output.parent.mkdir(parents=True, exist_ok=True)
     if args.hf_dir:
-        hf_dir = Path(args.hf_dir)
-        if exported_from(hf_dir) != source_of(ckpt):  # another checkpoint's export is replaced, not scored
+        hf_dir, source = Path(args.hf_dir), source_of(ckpt)
+        if exported_from(hf_dir) != source:  # another checkpoint's export is replaced, not scored
             (hf_dir / SOURCE_FILE).unlink(missing_ok=True)  # an export cut short is no one's
             export_hf(ckpt, hf_dir)
-            (hf_dir / SOURCE_FILE).write_text(json.dumps(source_of(ckpt)) + "\n")
+            (hf_dir / SOURCE_FILE).write_text(json.dumps(source) + "\n")
         results = run_harness(hf_dir, names, manager, args)
     else:
         with tempfile.TemporaryDirectory(prefix=".hf-export-", dir=output.parent) as tmp:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from alfred_train.errors import AlfredError
+from alfred_train.errors import AlfredError, ConfigError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -184,3 +185,16 @@ def problems(ckpt_dir: Path, *, expect_step: int | None = None, threads: int = 8
     with ThreadPoolExecutor(max(1, threads)) as pool:
         digests = list(pool.map(lambda e: sha256_of(Path(ckpt_dir) / e["path"]), to_hash))
     return [f"{e['path']} does not match its sha256 (corrupted)" for e, d in zip(to_hash, digests) if d != e["sha256"]]
+
+
+def refuse_damaged(ckpt_dir: Path, *, named: str, fix: str, before: str) -> None:
+    """ConfigError ("{named}{ckpt_dir} is damaged: ...; {fix} ...") when `ckpt_dir`'s files do not
+    match its manifest (`problems`); one written before manifests existed is used unchecked, with a
+    warning that it cannot be checked `before` loading or exporting it."""
+    if not (Path(ckpt_dir) / MANIFEST).is_file():
+        logging.getLogger("alfred_train").warning("%s%s has no %s: its files cannot be checked before %s", named,
+                                                  ckpt_dir, MANIFEST, before)
+        return
+    if found := problems(Path(ckpt_dir)):
+        raise ConfigError(f"{named}{ckpt_dir} is damaged: {'; '.join(found[:3])}; {fix} "
+                          "(an earlier iter_*, or a fresh copy of this one)")

@@ -67,19 +67,6 @@ def load_global_tensors(ckpt: Path, name: str, shape: ModelShape, kind: str, run
     return gather_globals(chunks)
 
 
-def check_sound(ckpt: Path) -> None:
-    """Refuse a checkpoint whose files do not match its manifest (sizes, then sha256), as
-    `checkpoint.verify_checkpoint` does; one written before manifests existed is loaded unchecked."""
-    from alfred_train.checkpointing import manifest
-
-    if not (ckpt / manifest.MANIFEST).exists():
-        log.warning("%s has no %s: its files cannot be checked before export", ckpt, manifest.MANIFEST)
-        return
-    if found := manifest.problems(ckpt):
-        raise ConfigError(f"{ckpt} is damaged: {'; '.join(found[:3])}; export a sound checkpoint "
-                          "(an earlier iter_*, or a fresh copy of this one)")
-
-
 def _token_ids(state: dict, tok) -> dict:
     saved = state.get("hf") or {}
     if tok is None:
@@ -120,9 +107,10 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: st
     """A LoRA checkpoint writes its base to OUT_DIR and its adapters in PEFT's format to
     OUT_DIR/adapter/ (or, with merge_lora, the merged weights W + scale * B A to OUT_DIR)."""
     from alfred_train.checkpoint import resolve_checkpoint
+    from alfred_train.checkpointing import manifest
     from alfred_train.models.from_checkpoint import checkpoint_shape, load_meta
 
-    check_sound(resolve_checkpoint(ckpt_dir))
+    manifest.refuse_damaged(resolve_checkpoint(ckpt_dir), named="", fix="export a sound checkpoint", before="export")
     ckpt, meta = load_meta(ckpt_dir)
     state = meta.get("state") or {}
     shape = checkpoint_shape(ckpt, meta)

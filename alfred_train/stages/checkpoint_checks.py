@@ -16,7 +16,7 @@ from alfred_train import checkpoint
 from alfred_train.config import Config
 from alfred_train.errors import ConfigError
 from alfred_train.models.build import ModelShape
-from alfred_train.stages.common import layout
+from alfred_train.stages.common import layout, tokenizer_digest, tokenizer_path
 
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,10 @@ def check_checkpoints(cfg: Config, stage: str, shape: ModelShape, *,
                          "before any model is built")
         else:
             found.append((use, *got))
+    mine = tokenizer_path(cfg)
+    digest = tokenizer_digest(mine) if Path(mine).exists() else None  # None: the dry run, not mounted here
     for use, path, meta in found:
-        _check_text(cfg, use, path, meta)
+        _check_text(cfg, use, path, meta, digest)
     start = next((meta["step"] for use, _, meta in found if use.resume), 0)
     if start > cfg.train.max_steps:
         raise ConfigError(f"train.max_steps: {cfg.train.max_steps}, but the checkpoint resumed is at step {start}: "
@@ -151,14 +153,8 @@ def _check_sound(use: CheckpointUse, path: Path) -> None:
     manifests existed (or by an older converter) is loaded unchecked, with a warning."""
     from alfred_train.checkpointing import manifest
 
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    if not (path / manifest.MANIFEST).is_file():
-        log.warning("%s: %s has no %s: its files cannot be checked before loading", use.key, path, manifest.MANIFEST)
-        return
-    if found := manifest.problems(path):
-        raise ConfigError(f"{use.key}: {path} is damaged: {'; '.join(found[:3])}; point it at a sound checkpoint "
-                          "(an earlier iter_*, or a fresh copy of this one)")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        manifest.refuse_damaged(path, named=f"{use.key}: ", fix="point it at a sound checkpoint", before="loading")
 
 
 def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, shape: ModelShape) -> None:
@@ -182,23 +178,21 @@ def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, s
                           "set parallel.vpp as when saved")
 
 
-def _check_text(cfg: Config, use: CheckpointUse, path: Path, meta: dict) -> None:
-    """The template and tokenizer `use`'s checkpoint recorded are this run's: an RM started from an
-    SFT policy of another tokenizer trained without a word, and PPO then refused both settings."""
-    from alfred_train.stages.common import tokenizer_digest, tokenizer_path
-
+def _check_text(cfg: Config, use: CheckpointUse, path: Path, meta: dict, digest: str | None) -> None:
+    """The template and tokenizer (`digest`, the sha256 of this run's) `use`'s checkpoint recorded
+    are this run's: an RM started from an SFT policy of another tokenizer trained without a word,
+    and PPO then refused both settings."""
     state = meta.get("state") or {}
     recorded = state.get("template")
     if recorded is not None and recorded != cfg.data.template:
         raise ConfigError(f"data.template: {cfg.data.template!r}, but {use.key} ({path}) was trained with "
                           f"{recorded!r}; set data.template={recorded}")
-    mine = tokenizer_path(cfg)
     theirs = state.get("tokenizer_sha256")
     if theirs is None and state.get("tokenizer") and Path(state["tokenizer"]).exists():
         theirs = tokenizer_digest(state["tokenizer"])
-    if theirs is not None and Path(mine).exists() and theirs != tokenizer_digest(mine):
-        raise ConfigError(f"model.tokenizer: {mine} is not the tokenizer {use.key} ({path}) was trained with "
-                          f"({state.get('tokenizer')}); set model.tokenizer to that one")
+    if theirs is not None and digest is not None and theirs != digest:
+        raise ConfigError(f"model.tokenizer: {tokenizer_path(cfg)} is not the tokenizer {use.key} ({path}) was "
+                          f"trained with ({state.get('tokenizer')}); set model.tokenizer to that one")
 
 
 def check_resume_layout(cfg: Config, use: CheckpointUse, path: Path, meta: dict) -> str | None:
