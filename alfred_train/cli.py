@@ -35,10 +35,21 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
 
 
+class _RankZeroSpeaks(logging.Filter):
+    """On ranks other than 0: our warnings are about the data, the schedule, the checkpoints, which
+    every rank reads alike, so rank 0's copy is the one shown (the Alfred job would print each 128
+    times). A warning that is this rank's own passes with extra={"rank_local": True}; errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or getattr(record, "rank_local", False)
+
+
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if rank != 0:
+        logging.getLogger("alfred_train").addFilter(_RankZeroSpeaks())
     for name in ("megatron", "megatron.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -125,7 +136,13 @@ def run_stage(args) -> int:
         if args.command == "ppo":  # its config errors before any worker starts (each worker checks again)
             from alfred_train.ppo.checks import preflight
 
-            preflight(cfg, dry_run=False)
+            ours = logging.getLogger("alfred_train")
+            level = ours.level
+            ours.setLevel(logging.ERROR)  # its warnings: rank 0 says them once it runs
+            try:
+                preflight(cfg, dry_run=False)
+            finally:
+                ours.setLevel(level)
 
         argv = [args.command, config, *overrides]
         return spawn_local(argv, cfg.world_size)

@@ -23,6 +23,7 @@ from alfred_train.config import Config, validate
 from alfred_train.errors import ConfigError
 from alfred_train.models.build import ModelShape, resolve_shape
 from alfred_train.sizing import bytes_per_param, kv_cache_bytes, model_params, params_per_gpu, stage_layers
+from alfred_train.training import schedule_line
 
 GIB = 1024 ** 3
 
@@ -204,6 +205,8 @@ def describe(cfg: Config, stage: str) -> str:
         lines += memory_lines(cfg, shape, stage, STAGE_MODELS[stage], per_stage, stage_bytes, _size, kv)
     if stage == "ppo":
         lines += ["", _ppo_line(cfg), _rollout_line(cfg)]
+    else:
+        lines += ["", f"Learning rate: {schedule_line(cfg.optim, cfg.train.max_steps, 'update')}"]
     if unchecked:
         lines += ([] if stage == "ppo" else [""]) + [f"  not checked here: {note}" for note in unchecked]
     full = plan if plan.recompute == "full" else peak_plan(cfg, stage, shape, static, kv, bf16, recompute="full")
@@ -390,8 +393,9 @@ def _ppo_line(cfg: Config) -> str:
     return (f"PPO: {cfg.train.max_steps} iterations x {o.rollouts_per_iter} rollouts ({per_rank} per DP rank); "
             f"policy {o.policy_epochs} epoch(s) x {o.policy_steps_per_epoch} step(s), "
             f"value {o.value_epochs} epoch(s) x {o.value_steps_per_epoch} step(s); "
-            f"lr {opt.lr:g} (value {o.value_lr or opt.lr:g}) -> {opt.min_lr:g}, {opt.schedule} over "
-            f"{opt.decay_steps or cfg.train.max_steps} iterations after {opt.warmup_steps} warm-up (both models)")
+            "learning rate per iteration, both models"
+            + (f" (the value model's scaled to its peak ppo.value_lr {o.value_lr:g})" if o.value_lr else "")
+            + f": {schedule_line(opt, cfg.train.max_steps, 'iteration')}")
 
 
 def _rollout_line(cfg: Config) -> str:

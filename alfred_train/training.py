@@ -45,21 +45,58 @@ def build_optimizer(chunks, optim_cfg, *, lr: float | None = None, bf16: bool, z
     return get_megatron_optimizer(cfg, chunks)
 
 
+def schedule_lengths(optim_cfg, max_steps: int) -> tuple[int, int, str]:
+    """(warm-up, decay) lengths the schedule uses over `max_steps` units, and a note when the
+    configured warm-up does not fit before the decay ends (it is cut to decay - 1: a short run of a
+    recipe, `train.max_steps=4` on 10 warm-up steps, still ends its warm-up at the peak)."""
+    decay = optim_cfg.decay_steps or max_steps
+    warmup = min(optim_cfg.warmup_steps, max(decay - 1, 0))
+    note = "" if warmup == optim_cfg.warmup_steps else (
+        f"optim.warmup_steps {optim_cfg.warmup_steps} cut to {warmup}: the decay ends at step {decay}")
+    return warmup, decay, note
+
+
 def build_scheduler(optimizer, optim_cfg, max_steps: int, *, lr: float | None = None):
+    """megatron's schedule, read so that update k (k = 1 .. max_steps) takes its rate at step k - 1, as
+    megatron's and HF's trainers do: with no warm-up the first update is at the peak, and a decay as
+    long as the run ends one step above the floor (Tulu's linear decay to 0 over its 300 iterations
+    does not spend the 300th at rate 0). The warm-up starts at peak / (warmup + 1), not at 0, so no
+    update is wasted at rate 0 either: with 10 warm-up steps, updates 1-10 ramp and the 11th is at the peak."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     peak = lr or optim_cfg.lr
     floor = optim_cfg.min_lr * (peak / optim_cfg.lr)
-    decay = optim_cfg.decay_steps or max_steps
-    warmup = min(optim_cfg.warmup_steps, max(decay - 1, 0))
+    warmup, decay, _ = schedule_lengths(optim_cfg, max_steps)
     style = optim_cfg.schedule
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=peak, min_lr=floor if style != "constant" else peak,
+    return OptimizerParamScheduler(
+        optimizer, init_lr=peak / (warmup + 1), max_lr=peak, min_lr=floor if style != "constant" else peak,
         lr_warmup_steps=warmup, lr_decay_steps=max(decay, warmup + 1),
         lr_decay_style=style, start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay,
         wd_incr_steps=max(decay, 1), wd_incr_style="constant")
-    scheduler.step(increment=1)  # update k uses lr(k), k = 1..max_steps (megatron starts at lr(0) = 0)
-    return scheduler
+
+
+def schedule_line(optim_cfg, max_steps: int, unit: str, *, lr: float | None = None) -> str:
+    """The rates a run's updates take, for the dry run: the first, where the peak and the floor are
+    reached, the last (megatron's own schedule on a stand-in optimizer, no model needed)."""
+    from types import SimpleNamespace
+
+    scheduler = build_scheduler(SimpleNamespace(param_groups=[{}]), optim_cfg, max_steps, lr=lr)
+
+    def rate(k: int) -> float:  # the rate of update k
+        scheduler.num_steps = k - 1
+        return scheduler.get_lr({})
+
+    warmup, decay, note = schedule_lengths(optim_cfg, max_steps)
+    parts = [f"{unit} 1 at {rate(1):.3g}"]
+    if warmup:
+        parts.append(f"peak {scheduler.max_lr:.3g} at {unit} {warmup + 1}")
+    if optim_cfg.schedule != "constant" and decay + 1 <= max_steps:
+        parts.append(f"floor {scheduler.min_lr:.3g} from {unit} {decay + 1}")
+    parts.append(f"{unit} {max_steps} (the last) at {rate(max_steps):.3g}")
+    head = (f"constant {scheduler.max_lr:.3g}" if optim_cfg.schedule == "constant" else
+            f"{optim_cfg.schedule} from {scheduler.max_lr:.3g} to {scheduler.min_lr:.3g} at step {decay}")
+    head += f" after {warmup} warm-up step(s)" if warmup else ""
+    return f"{head}: " + ", ".join(parts) + (f"; {note}" if note else "")
 
 
 SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")

@@ -367,3 +367,38 @@ def test_examples_and_pairs_that_train_on_nothing_are_left_out_and_counted(capsy
     assert "4 of 62 training pairs left out: chosen and rejected are the same tokens" in caplog.text
     code, _, err = dry_run(capsys, "rm", *rm, "data.seq_len=12", f"data.train={tmp_path / 'rm.jsonl'}")
     assert code == 2 and "data.seq_len: every training pair reads the same for chosen and rejected" in err, err
+
+
+def test_schedules_use_the_peak_and_spend_no_update_at_rate_zero(capsys):
+    """Update k takes megatron's rate at step k - 1 (megatron's and HF's reading): Tulu's linear decay
+    to 0 over its 300 iterations ends one step above 0 (it spent the 300th at rate 0), a schedule
+    without warm-up starts at the peak, a warm-up starts above 0; a warm-up longer than the decay is
+    cut, and the dry run says so."""
+    from types import SimpleNamespace
+
+    from alfred_train.training import build_scheduler
+
+    code, out, _ = dry_run(capsys, "ppo", str(REPO / "configs" / "tulu-2.5-ppo-13b.yaml"))
+    assert code == 0
+    assert ("linear from 1e-06 to 0 at step 300 after 30 warm-up step(s): iteration 1 at 3.23e-08, "
+            "peak 1e-06 at iteration 31, iteration 300 (the last) at 3.7e-09") in out
+    code, out, _ = dry_run(capsys, "ppo", str(ALFRED))
+    assert "floor 1.85e-07 from iteration 101, iteration 200 (the last) at 1.85e-07" in out
+
+    def rates(steps: int, **optim) -> list[float]:
+        cfg = load_config(TINY_PPO, [f"optim.{k}={v}" for k, v in optim.items()])
+        group = {}
+        scheduler = build_scheduler(SimpleNamespace(param_groups=[group]), cfg.optim, steps)
+        seen = []
+        for _ in range(steps):  # as a stage trains: read the rate, update, advance
+            seen.append(group["lr"])
+            scheduler.step(increment=1)
+        return seen
+
+    assert rates(4, lr=1e-3, min_lr=0, schedule="linear", warmup_steps=0) == pytest.approx(
+        [1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert rates(4, lr=1e-3, min_lr=0, schedule="linear", warmup_steps=1, decay_steps=3) == pytest.approx(
+        [5e-4, 1e-3, 5e-4, 0.0])  # the 4th is past the decay: the floor
+    assert rates(3, lr=1e-3, schedule="constant", warmup_steps=2) == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
+    code, out, err = dry_run(capsys, "sft", str(REPO / "configs" / "tiny-sft.yaml"), "train.max_steps=4")
+    assert code == 0 and "optim.warmup_steps 10 cut to 3: the decay ends at step 4" in out

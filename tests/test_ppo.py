@@ -80,10 +80,11 @@ def test_tp2_step_equals_tp1_and_resume_is_exact(inits, tmp_path):
 
 
 def _lr(k: int, peak: float = 5e-4, floor: float = 5e-5, warmup: int = 2, decay: int = 10) -> float:
-    """The tiny recipe's cosine schedule at PPO iteration k (megatron's formula, written out)."""
-    if k <= warmup:
-        return peak * k / warmup
-    return floor + (peak - floor) * 0.5 * (math.cos(math.pi * (k - warmup) / (decay - warmup)) + 1)
+    """The tiny recipe's cosine schedule at PPO iteration k, written out: megatron's rate at step k - 1,
+    the warm-up from peak / (warmup + 1) (iteration 1 is not at rate 0, iteration warmup + 1 is the peak)."""
+    if k <= warmup + 1:
+        return peak * k / (warmup + 1)
+    return floor + (peak - floor) * 0.5 * (math.cos(math.pi * (k - 1 - warmup) / (decay - warmup)) + 1)
 
 
 def test_pp2_and_dp2_equal_one_process_with_schedules_in_iterations(inits, tmp_path):
@@ -133,6 +134,17 @@ def test_pp2_and_dp2_equal_one_process_with_schedules_in_iterations(inits, tmp_p
     train = (profile / "step2_train_rank1.txt").read_text()
     assert train.startswith("step 2, phase train, rank 1: ") and "aten::mm" in train  # the output layer's GEMMs
     assert json.loads((profile / "step2_generate_rank0.json").read_text())["traceEvents"]
+
+
+def test_warnings_print_once_at_tp2(inits, tmp_path):
+    """Every rank reads the prompts and the schedule alike: the launcher and rank 1 leave their
+    warnings to rank 0 (the Alfred job printed each 128 times)."""
+    proc = _ppo(inits, tmp_path / "run", "parallel.tp=2", "train.max_steps=1", "ppo.max_prompt_tokens=12",
+                "optim.decay_steps=1", "ppo.eval_prompts=0")
+    for warning in ("training prompts are longer than ppo.max_prompt_tokens (12)",
+                    "optim.warmup_steps 2 cut to 0: the decay ends at step 1"):
+        assert proc.stderr.count(warning) == 1, proc.stderr[-3000:]
+    assert metrics(tmp_path / "run", "prompts_cut")[0] > 0
 
 
 def test_non_finite_updates_stop_the_run(tmp_path):

@@ -59,7 +59,8 @@ class _Compiled:
         except Exception as err:  # noqa: BLE001
             self.failed = True
             log.warning("ppo.compile_decode: torch.compile of the %s failed (%s: %s); running it eagerly",
-                        self.what, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                        self.what, type(err).__name__, str(err).splitlines()[0] if str(err) else "",
+                        extra={"rank_local": True})
             return self.fn(*args)
 
 

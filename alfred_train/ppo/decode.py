@@ -324,7 +324,7 @@ class CudaGraphDecode:
             self.tokens = self.logits = None
             CudaGraphDecode.capture_failed = True
             log.warning("generation: CUDA-graph capture of the decode step failed (%s: %s); decoding eagerly",
-                        type(err).__name__, err)
+                        type(err).__name__, err, extra={"rank_local": True})
 
     def close(self):
         if self.graph is not None:

@@ -36,6 +36,10 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     that is not shared, or shared, against what `checkpoint.node_local` says is refused here, as is
     one a file stands in the way of (`site.run_dir_problem`), one another run holds (`site.lock_run_dir`),
     before any step."""
+    from alfred_train.training import schedule_lengths
+
+    if note := schedule_lengths(cfg.optim, cfg.train.max_steps)[2]:  # each stage's schedules span max_steps
+        log.warning("%s (raise train.max_steps or optim.decay_steps to warm up longer)", note)
     run_dir = Path(cfg.run.dir)
     site = Site.detect(runtime.rank, cfg.checkpoint.node_local)
     problem = run_dir_problem(run_dir, profile=cfg.logging.profile_step is not None)
