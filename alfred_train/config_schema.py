@@ -44,7 +44,7 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, gloo without
 
 
-DataFormat = Literal["auto", "records", "hh-rlhf", "oasst1", "dolly", "stack-exchange-paired"]
+DataFormat = Literal["auto", "records", "hh-rlhf", "oasst1", "dolly", "alpaca", "sharegpt", "stack-exchange-paired"]
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,51 @@ def test_dolly_folds_context_into_the_prompt_and_has_no_pairs(tmp_path):
         read(path, "preference")
 
 
+def test_alpaca_json_arrays_and_sharegpt_conversations(tmp_path):
+    """Alpaca as published (alpaca_data.json: one indented JSON array; the hub's parquet) and Vicuna's
+    ShareGPT dumps read as themselves; they said "no JSON object" and "cannot tell the data format"."""
+    rows = [{"instruction": "Add.", "input": "2 and 3", "output": "5"}, {"instruction": "Say hi.", "input": "",
+                                                                       "output": "Hi."}]
+    array = tmp_path / "alpaca_data.json"
+    array.write_text(json.dumps(rows, indent=4))
+    for path in (array, fx.write(tmp_path / "alpaca.parquet", rows)):
+        fmt, sft, _ = read(path, "sft")
+        assert fmt == "alpaca" and sft == [SFTExample((Message(U, "Add.\n\n2 and 3"),), "5"),
+                                           SFTExample((Message(U, "Say hi."),), "Hi.")]
+        assert read(path, "prompt")[1][1] == PromptExample((Message(U, "Say hi."),))
+    found = read(array, "sft", fmt="alpaca", skip=True)
+    assert len(found[1]) == 2
+    array.write_text(json.dumps(rows + [{"instruction": "No output."}]))
+    assert read(array, "sft", skip=True)[2] == [f"{array}:item 3: missing 'output' ({formats.ALPACA_FORM})"]
+    array.write_text('[{"instruction": "x", "output": "y"},\n')
+    with pytest.raises(ConfigError, match=r"alpaca_data.json: an invalid JSON array \(Expecting value at line 2"):
+        read(array, "sft")
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+             {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Bye?"}, {"from": "gpt", "value": "Bye"},
+             {"from": "human", "value": "unanswered"}]
+    path = fx.write(tmp_path / "sharegpt.jsonl", [{"id": "a", "conversations": turns},
+                                                  {"id": "b", "conversations": turns[:1]}])
+    fmt, sft, bad = read(path, "sft", skip=True)
+    context = (Message("system", "Be brief."), Message(U, "Hi"), Message(A, "Hello"), Message(U, "Bye?"))
+    assert fmt == "sharegpt" and sft == [SFTExample(context, "Bye")]
+    assert bad == [f"{path}:2: 'conversations' has no reply after a human turn ({formats.SHAREGPT_FORM})"]
+    assert read(path, "prompt", skip=True)[1] == [PromptExample(context + (Message(A, "Bye"), Message(U, "unanswered")))]
+    with pytest.raises(ConfigError, match=r"sharegpt has no preference pairs"):
+        read(path, "preference")
+
+
+def test_empty_files_and_files_of_non_objects_say_so(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ConfigError, match=r"empty.jsonl is empty: it holds no records; check the data.\* paths"):
+        formats.detect(tmp_path / "empty.jsonl")
+    with pytest.raises(ConfigError, match=r"empty.parquet is empty"):
+        formats.detect(fx.write(tmp_path / "empty.parquet", []))
+    (tmp_path / "texts.jsonl").write_text('"a"\n"b"\n')
+    with pytest.raises(ConfigError, match=r"no JSON object to tell its format by \(its rows are strs\); write one "
+                                          r"JSON object per record"):
+        formats.detect(tmp_path / "texts.jsonl")
+
+
 def test_stack_exchange_paired_and_the_stackllama_template(tmp_path):
     path = fx.write(tmp_path / "se.parquet", fx.stack_exchange_rows(3))
     row = fx.stack_exchange_rows(3)[0]

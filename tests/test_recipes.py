@@ -109,9 +109,13 @@ def _data(seed: str, d: Path) -> dict[str, list[str]]:
         oasst = fx.write(d / "oasst1.parquet", fx.oasst1_rows(48))  # half the trees in en (data.languages)
         hh = fx.write(d / "hh.jsonl.gz", fx.hh_rlhf_rows(24))
         gpt4all = fx.write(d / "gpt4all.parquet", make_sft_records(16, 3))
+        alpaca = d / "alpaca_data.json"  # as Stanford ships it: one JSON array
+        alpaca.write_text(json.dumps([{"instruction": r["prompt"], "input": "", "output": r["response"]}
+                                      for r in make_sft_records(16, 5)], indent=2))
         train = f"data.train=[{{path: {oasst}, format: oasst1}}, {{path: {hh}, format: hh-rlhf, weight: 0.5}}]"
         return dict.fromkeys(("sft", "rm"), [train]) | {"ppo": [
-            f"data.prompts=[{{path: {oasst}, format: oasst1}}, {{path: {gpt4all}, format: records, weight: 0.25}}]"]}
+            f"data.prompts=[{{path: {oasst}, format: oasst1}}, {{path: {gpt4all}, format: records, weight: 0.25}},"
+            f" {{path: {alpaca}, format: alpaca, weight: 0.25}}]"]}
     if seed == "tulu-2.5":
         return dict.fromkeys(("sft", "rm", "ppo"), [f"data.train={fx.write(d / 'arena.jsonl', _chat_pairs(64))}"])
     hh = fx.write(d / "hh.parquet", fx.hh_rlhf_rows(64))

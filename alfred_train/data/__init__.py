@@ -6,7 +6,8 @@
     templates.py    stackllama / tulu / vicuna / stable-vicuna / plain; get_template, render_prompt
     datasets.py     readers of our records form (file:line errors), encode_sft / encode_prompt / encode_scored
     files.py        rows of a .jsonl / .jsonl.gz / .parquet file, each with its path:line
-    formats.py      public formats as published (hh-rlhf, dolly, stack-exchange-paired; detection, bad records)
+    formats.py      public formats as published (hh-rlhf, dolly, alpaca, sharegpt, stack-exchange-paired;
+                    detection, bad records)
     oasst1.py       oasst1's message table -> best-ranked threads, ranked sibling pairs, prompts
     mixture.py      data.train / valid / prompts: one file or a weighted mixture, held-out split
     inspect.py      `alfred-train data inspect FILE`

@@ -1,7 +1,8 @@
 """Rows of a data file, JSONL or Parquet, each with the place a user finds it again.
 
     rows(path) -> iterator of Row(where, value)
-        .jsonl / .json   one JSON value per non-blank line; where = "path:LINE" (from 1)
+        .jsonl / .json   one JSON value per non-blank line; where = "path:LINE" (from 1); a .json
+                         file that is one JSON array: its items, where = "path:item N"
         .jsonl.gz        the same, gzip-compressed (hh-rlhf and oasst1 ship so)
         .parquet         one mapping per table row (pyarrow); where = "path:row ROW" (from 1)
 A line that is not valid JSON, or not UTF-8, comes back as a Row whose `error` says so (the caller
@@ -44,11 +45,41 @@ def _check_file(path: Path) -> None:
         raise ConfigError(f"data file {path}: unknown file type {path.suffix!r}; use .jsonl, .jsonl.gz or .parquet")
 
 
+def _json_array_rows(path: Path) -> Iterator[Row] | None:
+    """The items of a `.json` file that is one JSON array (Alpaca's alpaca_data.json, a hub export);
+    None when it is not one (JSONL named .json)."""
+    if not path.name.endswith((".json", ".json.gz")):
+        return None
+    try:
+        with gzip.open(path) if path.suffix == ".gz" else path.open("rb") as f:
+            head = f.read(4096).lstrip()
+            if not head.startswith(b"["):
+                return None
+            text = head + f.read()
+        items = json.loads(text)
+    except (OSError, EOFError, zlib.error):
+        return None  # jsonl_rows says what is wrong with the file
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"data file {path}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                          "re-save the file as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"data file {path}: an invalid JSON array ({err.msg} at line {err.lineno} column "
+                          f"{err.colno}); fix it, or write one JSON object per line (JSONL)") from None
+    if not isinstance(items, list):
+        return None
+    return (Row(f"{path}:item {i}", value) for i, value in enumerate(items, 1))
+
+
 def jsonl_rows(path: Path) -> Iterator[Row]:
     """Rows of a JSONL file whatever its name (`generate --prompts` takes any); gzip when it ends in .gz.
+    A `.json` file that is one JSON array gives its items, where = "path:item N" (from 1).
 
     Lines are decoded one by one, so a line that is not UTF-8 is one bad row, not an unreadable file.
     A line ends at \\n, \\r\\n or a bare \\r (JSON holds no raw carriage return in a value)."""
+    array = _json_array_rows(path)
+    if array is not None:
+        yield from array
+        return
     line_no = 0
     try:
         with gzip.open(path) if path.suffix == ".gz" else path.open("rb") as f:

@@ -12,6 +12,10 @@ Every format gives each kind of record a stage asks for (kind: "sft" | "preferen
                                                                       thread, each    replies           message's thread
                                                                       assistant turn
     dolly                  instruction, context, response, category   "instruction\n\ncontext" -> response;  prompt: same
+    alpaca                 instruction, input, output                 "instruction\n\ninput" -> output;  prompt: same
+    sharegpt               conversations: [{from: human|gpt|system, value}]
+                                                                      the turns up to   -              up to the last
+                                                                      the last reply                   human turn
     stack-exchange-paired  question, response_j (preferred), response_k
                                                                       question ->     (question, j, k)  question
                                                                       response_j
@@ -44,7 +48,7 @@ from alfred_train.data.records import (
 from alfred_train.errors import ConfigError
 
 Kind = Literal["sft", "preference", "prompt"]
-FORMATS = ("records", "hh-rlhf", "oasst1", "dolly", "stack-exchange-paired")
+FORMATS = ("records", "hh-rlhf", "oasst1", "dolly", "alpaca", "sharegpt", "stack-exchange-paired")
 STAGE_KINDS: dict[str, Kind] = {"sft": "sft", "rm": "preference", "ppo": "prompt"}
 
 
@@ -153,6 +157,69 @@ def _dolly_prompt(value: Any, where: str) -> PromptExample:
 
 
 # ---------------------------------------------------------------------------------------------
+# alpaca (tatsu-lab/alpaca, alpaca_data.json, gpt4all-style copies): instruction, optional input, output.
+
+ALPACA_FORM = "alpaca needs 'instruction' and 'output' strings ('input' optional)"
+
+
+def _alpaca_prompt_text(obj: Mapping[str, Any], where: str) -> str:
+    """The instruction, then the input after a blank line when there is one (as dolly's context)."""
+    instruction = _text(obj, "instruction", where, ALPACA_FORM)
+    extra = _text(obj, "input", where, ALPACA_FORM, optional=True)
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
+def _alpaca_sft(value: Any, where: str) -> SFTExample:
+    obj = _object(value, where, ALPACA_FORM)
+    return SFTExample(_user(_alpaca_prompt_text(obj, where)), _text(obj, "output", where, ALPACA_FORM))
+
+
+def _alpaca_prompt(value: Any, where: str) -> PromptExample:
+    return PromptExample(_user(_alpaca_prompt_text(_object(value, where, ALPACA_FORM), where)))
+
+
+# ---------------------------------------------------------------------------------------------
+# sharegpt (Vicuna's ShareGPT dumps): {"conversations": [{"from": "human" | "gpt" | "system", "value": ...}]}.
+
+SHAREGPT_FORM = "sharegpt needs 'conversations': a list of {'from': 'human' | 'gpt' | 'system', 'value': text}"
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+                  "assistant": "assistant", "system": "system"}
+
+
+def _sharegpt_turns(value: Any, where: str) -> Context:
+    turns = _object(value, where, SHAREGPT_FORM).get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ConfigError(f"{where}: 'conversations' must be a non-empty list ({SHAREGPT_FORM})")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ConfigError(f"{where}: conversations[{i}] must be an object with a string 'value' ({SHAREGPT_FORM})")
+        if turn.get("from") not in SHAREGPT_ROLES:
+            raise ConfigError(f"{where}: conversations[{i}] is from {turn.get('from')!r}; use one of "
+                              f"{', '.join(SHAREGPT_ROLES)}")
+        out.append(Message(SHAREGPT_ROLES[turn["from"]], turn["value"]))
+    return tuple(out)
+
+
+def _sharegpt_sft(value: Any, where: str) -> SFTExample:
+    """The conversation up to its last reply (a question left unanswered at the end is dropped)."""
+    turns = _sharegpt_turns(value, where)
+    last = max((i for i, t in enumerate(turns) if t.role == "assistant"), default=None)
+    if last is None or last == 0 or turns[last - 1].role != "user":
+        raise ConfigError(f"{where}: 'conversations' has no reply after a human turn ({SHAREGPT_FORM})")
+    return SFTExample(turns[:last], turns[last].content)
+
+
+def _sharegpt_prompt(value: Any, where: str) -> PromptExample:
+    """The conversation up to its last human turn."""
+    turns = _sharegpt_turns(value, where)
+    last = max((i for i, t in enumerate(turns) if t.role == "user"), default=None)
+    if last is None:
+        raise ConfigError(f"{where}: 'conversations' has no human turn ({SHAREGPT_FORM})")
+    return PromptExample(turns[:last + 1])
+
+
+# ---------------------------------------------------------------------------------------------
 # stack-exchange-paired (lvwerra/stack-exchange-paired): response_j is preferred to response_k.
 
 SE_FORM = "stack-exchange-paired needs 'question', 'response_j' and 'response_k' strings"
@@ -216,6 +283,8 @@ ROW_PARSERS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "records": {"sft": _records_sft, "preference": parse_preference, "prompt": _records_prompt},
     "hh-rlhf": {"sft": _sft_of(_hh_pair), "preference": _hh_pair, "prompt": _prompt_of(_hh_pair)},
     "dolly": {"sft": _dolly_sft, "prompt": _dolly_prompt},
+    "alpaca": {"sft": _alpaca_sft, "prompt": _alpaca_prompt},
+    "sharegpt": {"sft": _sharegpt_sft, "prompt": _sharegpt_prompt},
     "stack-exchange-paired": {"sft": _se_sft, "preference": _se_pair, "prompt": _se_prompt},
 }
 KIND_WORDS = {"sft": "SFT examples", "preference": "preference pairs", "prompt": "prompts"}
@@ -239,6 +308,10 @@ def format_of_keys(obj: Mapping[str, Any]) -> str | None:
         return "stack-exchange-paired"
     if {"instruction", "response"} <= keys:
         return "dolly"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if "conversations" in keys and "messages" not in keys:
+        return "sharegpt"
     if {"chosen", "rejected"} <= keys and not keys & {"prompt", "messages"} and isinstance(obj["chosen"], str):
         return "hh-rlhf"
     if keys & {"prompt", "messages", "chosen"}:
@@ -248,8 +321,8 @@ def format_of_keys(obj: Mapping[str, Any]) -> str | None:
 
 def detect(path: str | Path) -> str:
     """The format of `path`, told by the keys of its first object (data.format: auto)."""
-    first_bad = None
-    for row in files.rows(path):
+    first_bad, seen = None, 0
+    for seen, row in enumerate(files.rows(path), 1):
         if isinstance(row.value, dict):
             fmt = format_of_keys(row.value)
             if fmt is None:
@@ -259,7 +332,10 @@ def detect(path: str | Path) -> str:
         first_bad = first_bad or (row.error and f"{row.where}: {row.error}")
     if first_bad:  # every line unreadable: say why the first one is, not only that no object was found
         raise ConfigError(f"data file {path} has no readable JSON object to tell its format by ({first_bad})")
-    raise ConfigError(f"data file {path} has no JSON object to tell its format by; set data.format")
+    if not seen:
+        raise ConfigError(f"data file {path} is empty: it holds no records; check the data.* paths")
+    raise ConfigError(f"data file {path} has no JSON object to tell its format by (its rows are "
+                      f"{type(row.value).__name__}s); write one JSON object per record")
 
 
 def read(path: str | Path, fmt: str, kind: Kind, bad: BadRecords, languages: tuple[str, ...] = ()) -> tuple[str, list]:

@@ -7,7 +7,7 @@ Prints the format (told or given), the record count, a histogram of token length
 encodes them ([BOS] prompt response EOD; for a pair the longer side), three rendered examples, and
 every bad record as "path:line: problem". Exit 0 when every record is good, 2 when any is bad.
 The kind defaults to what the format is mostly used for (pairs for hh-rlhf and
-stack-exchange-paired, SFT for oasst1 and dolly; records: told by the first record's keys).
+stack-exchange-paired, SFT for oasst1, dolly, alpaca and sharegpt; records: told by the first record's keys).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from alfred_train.data.records import PreferencePair, SFTExample
 from alfred_train.data.templates import TEMPLATES, get_template
 from alfred_train.errors import ConfigError
 
-DEFAULT_KIND = {"hh-rlhf": "preference", "stack-exchange-paired": "preference", "oasst1": "sft", "dolly": "sft"}
+DEFAULT_KIND = {"hh-rlhf": "preference", "stack-exchange-paired": "preference", "oasst1": "sft", "dolly": "sft",
+                "alpaca": "sft", "sharegpt": "sft"}
 NO_LIMIT = 1 << 30  # encode without truncation
 HISTOGRAM_BINS = 10
 BAR_WIDTH = 40
