@@ -97,6 +97,8 @@ def test_hf_tokenizer_json_eod_looked_up_by_string(tmp_path):
     for text in ROUNDTRIP_TEXTS:
         assert tok.decode(tok.encode(text)) == text
     assert 11 not in tok.encode("a b c")  # encode adds no special tokens
+    literal = tok.encode("say <|endoftext|> now")  # text, not a special token: it was EOD (11) mid-response
+    assert 11 not in literal and tok.decode(literal) == "say <|endoftext|> now"
     with pytest.raises(ConfigError, match=r"has no token '<\|nope\|>' for eod"):
         HFJsonTokenizer(path, special_tokens={"eod": "<|nope|>"})
     with pytest.raises(ConfigError, match="unknown special token role"):

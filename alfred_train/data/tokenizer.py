@@ -93,6 +93,11 @@ class HFJsonTokenizer:
     out keep Falcon's values: no BOS, EOS = EOD = "<|endoftext|>", pad = EOD. Not given, they are
     read from the tokenizer_config.json beside the file when there is one (`config_special_tokens`).
     Llama-3 style: {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "eod": "<|end_of_text|>"}.
+
+    Text never encodes to a special token: a literal "<|endoftext|>" in a record (code, a chat log
+    about GPT) is its characters, as with sentencepiece, not an EOD in the middle of a response
+    (HF's default parses it; the SFT model learnt to stop there and the RM scored the cut-off text).
+    BOS and EOD are placed by id, never by text.
     """
 
     def __init__(self, tokenizer_json_path: str | Path, special_tokens: Optional[Mapping[str, Optional[str]]] = None):
@@ -118,6 +123,7 @@ class HFJsonTokenizer:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ConfigError(f"{path} is not a valid Hugging Face tokenizer file ({reason}); "
                               "point model.tokenizer / --tokenizer at a tokenizer.json") from None
+        self._tok.encode_special_tokens = True  # special tokens' text is split as any other text
         names = {**FALCON_SPECIAL_TOKENS, **(special_tokens or {})}
         ids = {role: self._token_id(role, token) for role, token in names.items()}
         if ids["eod"] is None or ids["eos"] is None:
