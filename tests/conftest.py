@@ -1,4 +1,6 @@
-"""Runs several test modules start from: made once per session (each costs a minute on 2 cores)."""
+"""Runs several test modules start from: made once per session (each costs a minute on 2 cores),
+and the moto server and Slurm cluster of tests/launch_fixtures.py (one per session: imported by each
+module, as before, they started one per module)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import sys
 
 import pytest
 
+from launch_fixtures import moto, moto_server, slurm_cluster  # noqa: F401 (fixtures, shared by the session)
 from tests.helpers import ROOT
 
 

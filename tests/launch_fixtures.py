@@ -1,7 +1,8 @@
 """Fixtures shared by tests/test_launch_*.py: a moto server process and a real Slurm cluster.
 
-Import them into a test module with `from launch_fixtures import ...` (pytest puts tests/ on
-sys.path). Both are session-scoped and stop what they started by PID.
+The fixtures reach every module through conftest.py (one server, one cluster per session); the
+helpers are imported with `from launch_fixtures import ...` (pytest puts tests/ on sys.path). Both
+fixtures are session-scoped and stop what they started by PID.
 """
 
 from __future__ import annotations

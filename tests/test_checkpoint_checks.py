@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
-from launch_fixtures import boto_client, moto, moto_server  # noqa: F401 (fixtures)
+from launch_fixtures import boto_client
 
 from alfred_train import cli
 from alfred_train.config import load_config

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch_fixtures import boto_client, moto, moto_server  # noqa: F401 (fixtures)
+from launch_fixtures import boto_client
 
 from alfred_train.checkpointing import manifest as mf
 from tests.helpers import ROOT, TINY_SFT, free_port, metrics, run_cli

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
-from launch_fixtures import boto_client, moto, moto_server  # noqa: F401 (fixtures)
+from launch_fixtures import boto_client
 
 from alfred_train.launch import s3
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from launch_fixtures import REPO, SECRET_MARKER, aws_env, boto_client, moto, moto_server  # noqa: F401
+from launch_fixtures import REPO, SECRET_MARKER, aws_env, boto_client
 
 from alfred_train.errors import ConfigError
 from alfred_train.launch import cli, sagemaker

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_fixtures import REPO, SECRET_MARKER, aws_env, files_containing, slurm_cluster  # noqa: F401
+from launch_fixtures import REPO, SECRET_MARKER, aws_env, files_containing
 
 from alfred_train.launch import slurm
 from alfred_train.launch.config import LaunchConfig

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_fixtures import REPO, aws_env, boto_client, free_port, moto, moto_server  # noqa: F401
+from launch_fixtures import REPO, aws_env, boto_client, free_port
 from sagemaker_rehearsal import Host
 
 from alfred_train.launch.s3 import parse_s3_uri
