@@ -130,6 +130,11 @@ def test_a_held_out_fraction_keeps_conversations_whole(tmp_path):
     cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={path}", "data.valid_fraction=0.25"])
     train, valid = mixture.load_train_valid(cfg.data, "preference", seed=0)  # 3 pairs per prompt
     assert len(valid) == 15 and not {r.context for r in valid} & {r.context for r in train}
+    # SFT examples at every depth of one tree stay on one side: a held-out follow-up's context held
+    # the first reply it trained on
+    train, valid = mixture.load_train_valid(cfg.data, "sft", seed=0)
+    assert any(len(r.context) > 1 for r in valid) and len(valid) == 10  # 5 trees x 2 turns
+    assert not {r.context[0] for r in valid} & {r.context[0] for r in train}
     repeated = fx.write(tmp_path / "twice.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(40)] * 2)
     cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={repeated}", "data.valid_fraction=0.1"])
     train, valid = mixture.load_train_valid(cfg.data, "sft", seed=0)

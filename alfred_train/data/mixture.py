@@ -147,14 +147,15 @@ def load_train_valid(d: DataConfig, kind: Kind, seed: int) -> tuple[list, list]:
 
 def _held_out(records: list, fraction: float, rng: random.Random) -> tuple[list[int], set[int]]:
     """(a seeded order of `records`' indices, those of a `fraction` of them held out), held out by
-    context: the records that answer the same context (one Stack Exchange question's answer pairs,
-    one oasst1 prompt's ranked replies, a record repeated in the file) are held out together or not
-    at all. Drawn record by record, every held-out oasst1 pair had its prompt and both replies in
-    training pairs. (oasst1 SFT examples deeper in one tree have longer contexts: they may still
-    fall on both sides.) A context that would leave no training records is not taken."""
+    conversation: the records whose context opens alike (the same first user turn, after the same
+    system turns) are held out together or not at all: one Stack Exchange question's answer pairs,
+    one oasst1 tree's ranked replies and its SFT examples at every depth, a record repeated in the
+    file. Drawn record by record, every held-out oasst1 pair had its prompt and both replies in
+    training pairs; grouped by whole context, a deeper turn of a tree held out had its earlier
+    replies in training. A conversation that would leave no training records is not taken."""
     conversations: dict = {}
     for i, record in enumerate(records):
-        conversations.setdefault(record.context, []).append(i)
+        conversations.setdefault(_opening(record.context), []).append(i)
     groups = list(conversations.values())
     rng.shuffle(groups)
     target, held = int(len(records) * fraction), set()
@@ -164,6 +165,12 @@ def _held_out(records: list, fraction: float, rng: random.Random) -> tuple[list[
         if len(held) + len(members) < len(records):
             held.update(members)
     return [i for members in groups for i in members], held
+
+
+def _opening(context: tuple) -> tuple:
+    """A context's system turns and first user turn: what every turn of one conversation shares."""
+    first_user = next((i for i, m in enumerate(context) if m.role == "user"), len(context) - 1)
+    return context[:first_user + 1]
 
 
 def load_prompts(d: DataConfig, seed: int, held_out: int) -> Optional[tuple[list, list]]:
