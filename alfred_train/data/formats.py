@@ -135,47 +135,29 @@ def _hh_pair(value: Any, where: str) -> PreferencePair:
 
 
 # ---------------------------------------------------------------------------------------------
-# dolly (databricks-dolly-15k): instruction, optional context passage, response.
+# Instruction formats: an instruction, an optional passage folded into the prompt after a blank
+# line, a response. dolly (databricks-dolly-15k): instruction, context, response; alpaca
+# (tatsu-lab/alpaca, alpaca_data.json, gpt4all-style copies): instruction, input, output.
 
 DOLLY_FORM = "dolly needs 'instruction' and 'response' strings ('context' optional)"
-
-
-def dolly_prompt(obj: Mapping[str, Any], where: str) -> str:
-    """The instruction, then the context passage after a blank line when there is one."""
-    instruction = _text(obj, "instruction", where, DOLLY_FORM)
-    context = _text(obj, "context", where, DOLLY_FORM, optional=True)
-    return f"{instruction}\n\n{context}" if context.strip() else instruction
-
-
-def _dolly_sft(value: Any, where: str) -> SFTExample:
-    obj = _object(value, where, DOLLY_FORM)
-    return SFTExample(_user(dolly_prompt(obj, where)), _text(obj, "response", where, DOLLY_FORM))
-
-
-def _dolly_prompt(value: Any, where: str) -> PromptExample:
-    return PromptExample(_user(dolly_prompt(_object(value, where, DOLLY_FORM), where)))
-
-
-# ---------------------------------------------------------------------------------------------
-# alpaca (tatsu-lab/alpaca, alpaca_data.json, gpt4all-style copies): instruction, optional input, output.
-
 ALPACA_FORM = "alpaca needs 'instruction' and 'output' strings ('input' optional)"
 
 
-def _alpaca_prompt_text(obj: Mapping[str, Any], where: str) -> str:
-    """The instruction, then the input after a blank line when there is one (as dolly's context)."""
-    instruction = _text(obj, "instruction", where, ALPACA_FORM)
-    extra = _text(obj, "input", where, ALPACA_FORM, optional=True)
-    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+def _instruction_format(passage: str, response: str, form: str) -> dict[str, Callable[[Any, str], Any]]:
+    """The SFT and prompt parsers of an instruction format whose keys are `passage` and `response`."""
+    def prompt_text(obj: Mapping[str, Any], where: str) -> str:
+        instruction = _text(obj, "instruction", where, form)
+        extra = _text(obj, passage, where, form, optional=True)
+        return f"{instruction}\n\n{extra}" if extra.strip() else instruction
 
+    def sft(value: Any, where: str) -> SFTExample:
+        obj = _object(value, where, form)
+        return SFTExample(_user(prompt_text(obj, where)), _text(obj, response, where, form))
 
-def _alpaca_sft(value: Any, where: str) -> SFTExample:
-    obj = _object(value, where, ALPACA_FORM)
-    return SFTExample(_user(_alpaca_prompt_text(obj, where)), _text(obj, "output", where, ALPACA_FORM))
+    def prompt(value: Any, where: str) -> PromptExample:
+        return PromptExample(_user(prompt_text(_object(value, where, form), where)))
 
-
-def _alpaca_prompt(value: Any, where: str) -> PromptExample:
-    return PromptExample(_user(_alpaca_prompt_text(_object(value, where, ALPACA_FORM), where)))
+    return {"sft": sft, "prompt": prompt}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +264,8 @@ def _prompt_of(parse_pair):
 ROW_PARSERS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "records": {"sft": _records_sft, "preference": parse_preference, "prompt": _records_prompt},
     "hh-rlhf": {"sft": _sft_of(_hh_pair), "preference": _hh_pair, "prompt": _prompt_of(_hh_pair)},
-    "dolly": {"sft": _dolly_sft, "prompt": _dolly_prompt},
-    "alpaca": {"sft": _alpaca_sft, "prompt": _alpaca_prompt},
+    "dolly": _instruction_format("context", "response", DOLLY_FORM),
+    "alpaca": _instruction_format("input", "output", ALPACA_FORM),
     "sharegpt": {"sft": _sharegpt_sft, "prompt": _sharegpt_prompt},
     "stack-exchange-paired": {"sft": _se_sft, "preference": _se_pair, "prompt": _se_prompt},
 }
