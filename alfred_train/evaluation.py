@@ -90,7 +90,7 @@ def task_name(path: Path, key: str = "--tasks") -> str:
         raise ConfigError(f"{key}: {path} has no `task:` name (lm-eval task YAML files start with one)")
     if not config.get("dataset_path") and not config.get("custom_dataset"):
         raise ConfigError(f"{key}: {path} names no `dataset_path:` (a hub dataset, or `json` with "
-                          "dataset_kwargs.data_files) for task {name!r}")
+                          f"dataset_kwargs.data_files) for task {name!r}")
     return name
 
 
