@@ -45,13 +45,18 @@ def _check_file(path: Path) -> None:
         raise ConfigError(f"data file {path}: unknown file type {path.suffix!r}; use .jsonl, .jsonl.gz or .parquet")
 
 
+def _open_bytes(path: Path):
+    """The file's bytes, gunzipped when its name ends in .gz."""
+    return gzip.open(path) if path.suffix == ".gz" else path.open("rb")
+
+
 def _json_array_rows(path: Path) -> Iterator[Row] | None:
     """The items of a `.json` file that is one JSON array (Alpaca's alpaca_data.json, a hub export);
     None when it is not one (JSONL named .json)."""
     if not path.name.endswith((".json", ".json.gz")):
         return None
     try:
-        with gzip.open(path) if path.suffix == ".gz" else path.open("rb") as f:
+        with _open_bytes(path) as f:
             head = f.read(4096).lstrip()
             if not head.startswith(b"["):
                 return None
@@ -82,7 +87,7 @@ def jsonl_rows(path: Path) -> Iterator[Row]:
         return
     line_no = 0
     try:
-        with gzip.open(path) if path.suffix == ".gz" else path.open("rb") as f:
+        with _open_bytes(path) as f:
             for raw in (line for chunk in f for line in chunk.splitlines()):
                 line_no += 1
                 where = f"{path}:{line_no}"
