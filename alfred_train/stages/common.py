@@ -38,8 +38,6 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     before any step."""
     from alfred_train.training import schedule_lengths
 
-    if note := schedule_lengths(cfg.optim, cfg.train.max_steps)[2]:  # each stage's schedules span max_steps
-        log.warning("%s (raise train.max_steps or optim.decay_steps to warm up longer)", note)
     run_dir = Path(cfg.run.dir)
     site = Site.detect(runtime.rank, cfg.checkpoint.node_local)
     problem = run_dir_problem(run_dir, profile=cfg.logging.profile_step is not None)
@@ -65,6 +63,8 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
             problem = f"run.dir: cannot write {run_dir / 'config.yaml'} ({err.strerror}); free space or set run.dir elsewhere"
     if problems := site.problems_everywhere(problem):
         raise ConfigError(problems[0])
+    if note := schedule_lengths(cfg.optim, cfg.train.max_steps)[2]:  # once the run is sure to start
+        log.warning("%s (raise train.max_steps or optim.decay_steps to warm up longer)", note)
     return run_dir
 
 
