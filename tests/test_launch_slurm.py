@@ -17,7 +17,7 @@ from alfred_train.launch.config import LaunchConfig
 pytestmark = pytest.mark.slurm
 
 # Joins the job the way the trainer does (SLURM_PROCID / SLURM_NTASKS + MASTER_ADDR/PORT from the
-# script), all-reduces over gloo; on the first run it waits for USR1, then behaves like the trainer
+# script), all-reduces over gloo; on the first run it waits for USR1 or TERM, then behaves like the trainer
 # after its preemption checkpoint: rank 0 writes the requeue record and exits 3 at once, while
 # rank 1 is still busy; srun then kills rank 1 (143), the exit-code race that must not matter.
 WORKER = """
@@ -27,6 +27,7 @@ rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
 restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 got = []
 signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))  # the trainer saves on both
 dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
 value = torch.tensor([float(rank + 1)])
 dist.all_reduce(value)
@@ -83,9 +84,33 @@ def test_two_tasks_allreduce_then_usr1_checkpoint_and_requeue(slurm_cluster, tmp
     assert runs[0, 0]["signal"] == runs[0, 1]["signal"] == 10  # SIGUSR1 reached both tasks
     log = slurm.log_text(job_id)
     assert log.index("restart 0") < log.index("USR1, forwarding") < log.index("workers exited with")
-    assert log.index("checkpoint iter_0000007 saved at step 7, requeueing job") < log.index("restart 1")
+    assert log.index("checkpoint iter_0000007 saved at step 7\nalfred: requeueing job") < log.index("restart 1")
     assert log.index("restart 1") < log.index("workers exited with 0")
     assert done.log_path == str(tmp_path / f"allreduce-{job_id}.out")
+
+
+def test_scancel_saves_and_ends_the_job_without_a_requeue(slurm_cluster, tmp_path):
+    """`jobs cancel` (scancel) sends TERM, which the trainer takes as a preemption: it saves and writes
+    the requeue record. The script requeued on that record, so a cancelled job ran to its end."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    launch = LaunchConfig.from_dict({"name": "cancelled", "gpus_per_node": 0, "procs_per_node": 2,
+                                     "slurm": {"time": "00:05:00", "signal_lead_s": 60}})
+    script = slurm.render_sbatch(
+        launch, command=[sys.executable, str(tmp_path / "worker.py")], job_dir=tmp_path, workdir=tmp_path
+    )
+    (tmp_path / "job.sbatch").write_text(script)
+    job_id = slurm.submit(tmp_path / "job.sbatch")
+    wait_for(lambda: (tmp_path / "ready.0").exists() and (tmp_path / "ready.1").exists(), 60, "both tasks")
+    slurm.cancel(job_id)
+    wait_for(lambda: "workers exited with" in slurm.log_text(job_id), 60, "the batch shell to end")
+    time.sleep(3)  # a requeue would have been asked for by now
+
+    job = slurm.status(job_id)
+    assert (job.state, job.restarts) == ("CANCELLED", 0), job
+    assert json.loads((tmp_path / "out.0.0.json").read_text())["signal"] == 15  # TERM reached the worker
+    log = slurm.log_text(job_id)
+    assert "checkpoint iter_0000007 saved at step 7\nalfred: not requeueing" in log, log
+    assert "restart 1" not in log and not (tmp_path / "out.1.0.json").exists(), log
 
 
 def launch_cli(*args: str, wait: bool = False) -> subprocess.Popen:
@@ -130,7 +155,7 @@ def test_tiny_sft_on_slurm_and_requeue_resumes_to_the_same_loss(slurm_cluster, t
     # rerun resumed from it, not from the periodic checkpoint before it.
     preempted_step = int(log.split("preempted at step ")[1].split(":")[0])
     resumed_step = int(log.split("resumed from")[1].split("at step")[1].split()[0])
-    assert f"checkpoint iter_{preempted_step:07d} saved at step {preempted_step}, requeueing" in log, log[-3000:]
+    assert f"checkpoint iter_{preempted_step:07d} saved at step {preempted_step}\nalfred: not requeueing" in log, log[-3000:]
     assert 0 < resumed_step == preempted_step < steps, log[-3000:]
     assert final_loss(tmp_path / "requeued", steps) == pytest.approx(final_loss(tmp_path / "straight", steps), abs=1e-6)
 

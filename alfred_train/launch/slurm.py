@@ -9,8 +9,9 @@ shell `signal_lead_s` before the limit. The shell's trap forwards it to srun (wh
 every task); the trainer finishes its step, saves a checkpoint and exits with code 3
 (CHECKPOINT_EXIT_CODE). The requeue decision does not read exit codes: once the preemption checkpoint
 is complete on every rank, the trainer's rank 0 writes the *requeue record* (`$ALFRED_REQUEUE_RECORD`,
-<job dir>/requeue-record: "checkpoint iter_0000012 saved at step 12"); the shell requeues when it
-exists, whichever task ended first and however srun reported it. The requeued job (same script,
+<job dir>/requeue-record: "checkpoint iter_0000012 saved at step 12"); after a USR1 the shell requeues
+when it exists, whichever task ended first and however srun reported it. After a TERM it does not:
+`scancel` (`jobs cancel`) must end the job, and a preemption or `scontrol requeue` is requeued by Slurm. The requeued job (same script,
 `--requeue`, log opened in append mode) resumes from `checkpoints/latest` on its own.
 
 Multi-node: `srun --nodes N --ntasks-per-node P` starts P workers on every node; Slurm numbers them
@@ -62,11 +63,13 @@ rm -f "${record_env}"
 echo "alfred: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}" \
   "nodes $SLURM_JOB_NODELIST master $MASTER_ADDR:$MASTER_PORT"
 
-# USR1 (--signal=B:USR1): ask every worker to checkpoint and exit {ckpt_code}. TERM (scancel,
-# preemption) already reached the workers from Slurm: only keep this shell alive while they save.
-on_usr1() {{ echo "alfred: USR1, forwarding to the workers"; kill -USR1 "$srun_pid" 2>/dev/null; }}
+# USR1 (--signal=B:USR1): ask every worker to checkpoint and exit {ckpt_code}; this shell requeues.
+# TERM (scancel, preemption, `scontrol requeue`) already reached the workers from Slurm: only keep
+# this shell alive while they save; Slurm itself requeues the job or leaves it cancelled.
+usr1=0 term=0
+on_usr1() {{ usr1=1; echo "alfred: USR1, forwarding to the workers"; kill -USR1 "$srun_pid" 2>/dev/null; }}
 trap on_usr1 USR1
-trap 'echo "alfred: TERM, waiting for the workers to save"' TERM
+trap 'term=1; echo "alfred: TERM, waiting for the workers to save"' TERM
 
 # {workers} workers: {nodes} node(s) x {per_node} tasks, one per GPU (SLURM_PROCID = global rank).
 srun --nodes={nodes} --ntasks-per-node={per_node} --kill-on-bad-exit=1 {container}{command} &
@@ -81,13 +84,19 @@ echo "alfred: workers exited with $status"
 """
 
 # The decision reads the record, not srun's exit code: with several tasks srun reports whichever
-# ended worst (task 0 exits {ckpt_code}, srun then kills task 1 -> 143), so a code is a race.
+# ended worst (task 0 exits {ckpt_code}, srun then kills task 1 -> 143), so a code is a race. Only
+# our own USR1 requeues: after a TERM (a cancel, or Slurm's own preemption requeue) it would
+# bring a cancelled job back, or requeue one Slurm already requeued.
 _REQUEUE = """\
 if [ -s "${record_env}" ]; then
-  echo "alfred: $(cat "${record_env}"), requeueing job $SLURM_JOB_ID"
+  echo "alfred: $(cat "${record_env}")"
   rm -f "${record_env}"
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
+  if [ "$usr1" = 1 ] && [ "$term" = 0 ]; then
+    echo "alfred: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "alfred: not requeueing: the stop came from Slurm (it requeues a preempted job itself; a cancelled one stays cancelled)"
 fi
 """
 
