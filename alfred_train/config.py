@@ -77,6 +77,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             pass
     if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected a string, got {value!r} (YAML reads an unquoted number as a "
+                          "number, and a time like 12:00:00 as its seconds, 43200: quote the value)")
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
 
 

@@ -65,6 +65,26 @@ def test_resolve_run_template_then_overrides(tmp_path):
         job.resolve_run(tmp_path / "run.yaml", template=tmp_path / "bad.yaml")
 
 
+def test_the_stage_comes_from_the_config_sections(tmp_path):
+    """`launch configs/tiny-rm.yaml` trained SFT (launch.stage defaulted to sft); the stage is now the
+    one the sections name, written into the job's config, and a config naming two must say which."""
+    for name, stage in (("tiny-sft", "sft"), ("tiny-rm", "rm"), ("tiny-ppo", "ppo"), ("alfred-40b-ppo", "ppo")):
+        run = job.resolve_run(REPO / "configs" / f"{name}.yaml", backend="local")
+        assert (run.launch.stage, run.tree["launch"]["stage"]) == (stage, stage), name
+    assert job.resolve_run(REPO / "configs" / "tiny-rm.yaml", ["launch.stage=sft"]).launch.stage == "sft"
+    both = yaml.safe_load((REPO / "configs" / "tiny-ppo.yaml").read_text())
+    both["rm"] = yaml.safe_load((REPO / "configs" / "tiny-rm.yaml").read_text())["rm"]
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(both))
+    with pytest.raises(ConfigError, match=r"^launch.stage: .*both.yaml has both rm: and ppo: sections; set launch.stage"):
+        job.resolve_run(tmp_path / "both.yaml")
+
+
+def test_an_unquoted_time_limit_says_to_quote_it():
+    tree = yaml.safe_load("slurm: {time: 12:00:00}")  # YAML 1.1: 43200
+    with pytest.raises(ConfigError, match=r"^launch.slurm.time: expected a string, got 43200 \(YAML reads .*quote the value"):
+        LaunchConfig.from_dict(tree)
+
+
 @pytest.mark.parametrize(
     ("tree", "key"),
     [

@@ -98,7 +98,7 @@ class LaunchConfig:
     """Where the job runs and with how many processes."""
 
     backend: str = "local"  # slurm | sagemaker | local; `--backend` on the command line wins
-    stage: str = "sft"  # sft | rm | ppo: the `alfred-train <stage>` the job runs
+    stage: str = "sft"  # sft | rm | ppo: the `alfred-train <stage>` the job runs; unset, `launch` reads it from the sections (job.stage_from_sections)
     name: str = "alfred"  # job name (Slurm --job-name; SageMaker <name>-<timestamp>)
     nodes: int = 1  # machines (Slurm nodes, SageMaker instance count)
     gpus_per_node: int = 8  # GPUs per machine; 0 = CPU job (then set procs_per_node)

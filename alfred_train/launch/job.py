@@ -104,7 +104,20 @@ def resolve_run(
         apply_override(tree, override)
     if backend is not None:
         tree.setdefault("launch", {})["backend"] = backend
+    launch = tree.setdefault("launch", {})
+    if isinstance(launch, dict) and "stage" not in launch:  # written into the job's config, not guessed again
+        launch["stage"] = stage_from_sections(tree, source)
     return ResolvedRun(tree=tree, config=load_run_tree(tree), source=source)
+
+
+def stage_from_sections(tree: dict, source: Path) -> str:
+    """The stage a config without launch.stage names by its sections: ppo with a `ppo:` section, rm
+    with an `rm:` one, sft with neither (launching configs/tiny-rm.yaml used to train SFT)."""
+    named = [stage for stage in ("rm", "ppo") if tree.get(stage)]
+    if len(named) > 1:
+        raise ConfigError(f"launch.stage: {source} has both rm: and ppo: sections; set launch.stage to the "
+                          "stage this job runs (e.g. launch.stage=ppo)")
+    return named[0] if named else "sft"
 
 
 def load_run_tree(tree: dict) -> Any:
