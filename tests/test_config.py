@@ -156,6 +156,14 @@ def test_values_out_of_range_are_refused_before_any_model(capsys, override, mess
     assert cli_error(capsys, "sft", str(TINY_SFT), "--dry-run", override, *extra) == message
 
 
+def test_sft_and_rm_at_dp_3_are_not_refused_for_ppo_batches(capsys):
+    """An SFT run at dp 3 was refused for ppo.value_steps_per_epoch (the unused PPO section's 32
+    rollouts do not split over 3 ranks); PPO's batch checks now apply to PPO only."""
+    over = ["parallel.tp=1", "parallel.dp=3", "train.global_batch_size=24", "--dry-run"]
+    assert main(["sft", str(TINY_SFT), *over]) == 0, capsys.readouterr().err
+    assert main(["rm", str(TINY_SFT.parent / "tiny-rm.yaml"), *over]) == 0, capsys.readouterr().err
+
+
 def test_vocab_below_the_tokenizer_and_nccl_without_gpus_are_one_line(capsys, tmp_path):
     for dry in ([], ["--dry-run"]):
         msg = cli_error(capsys, "sft", str(TINY_SFT), "parallel.tp=1", f"run.dir={tmp_path / 'v'}",

@@ -33,6 +33,7 @@ CASES = [
     (["ppo.train_micro_batch=3"], "ppo.train_micro_batch"),
     (["ppo.value_steps_per_epoch=8"], "ppo.value_steps_per_epoch"),  # mini-batches of 4 < micro-batch 8
     (["ppo.policy_steps_per_epoch=3"], "ppo.policy_steps_per_epoch"),
+    (["parallel.tp=1", "parallel.dp=3", "train.global_batch_size=24"], "ppo.rollouts_per_iter"),  # 32 over 3 ranks
     (["ppo.eval_prompts=12"], "ppo.eval_prompts"),  # 12 held out: not whole micro-batches of 8
     (["parallel.tp=1", "parallel.pp=2", "parallel.vpp=2"], "parallel.vpp"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),

@@ -67,7 +67,9 @@ def check_config(cfg: Config) -> None:
         _fail(f"model.attention_backend: {m.attention_backend} ignores the padding mask PPO's left-padded "
               f"rollouts need (padded rows would attend to padding); set model.attention_backend=sdpa "
               f"(PyTorch's fused kernels with the mask) or eager")
-    per_rank = o.rollouts_per_iter // p.dp  # config.validate: rollouts_per_iter % dp == 0
+    if o.rollouts_per_iter % p.dp:
+        _fail(f"ppo.rollouts_per_iter: {o.rollouts_per_iter} is not divisible by parallel.dp ({p.dp})")
+    per_rank = o.rollouts_per_iter // p.dp
     for key, size in [("ppo.rollout_micro_batch", o.rollout_micro_batch),
                       ("ppo.train_micro_batch", o.train_micro_batch)]:
         if size < 1 or per_rank % size:
@@ -75,7 +77,7 @@ def check_config(cfg: Config) -> None:
                   f"dp {p.dp}) do not split into batches of {size}; pick a divisor of {per_rank}")
     for key, steps in [("ppo.policy_steps_per_epoch", o.policy_steps_per_epoch),
                        ("ppo.value_steps_per_epoch", o.value_steps_per_epoch)]:
-        if per_rank % steps or (per_rank // steps) % o.train_micro_batch:
+        if steps < 1 or per_rank % steps or (per_rank // steps) % o.train_micro_batch:
             _fail(f"{key}: the {per_rank} rollouts per DP rank do not split into {steps} mini-batches of whole "
                   f"micro-batches (ppo.train_micro_batch {o.train_micro_batch}); make rollouts_per_iter / dp a "
                   f"multiple of {steps} x {o.train_micro_batch}")
