@@ -65,6 +65,24 @@ def test_resolve_run_template_then_overrides(tmp_path):
         job.resolve_run(tmp_path / "run.yaml", template=tmp_path / "bad.yaml")
 
 
+def test_template_placeholders_leave_the_run_configs_values(tmp_path):
+    """sagemaker/alfred-40b-p4d.yaml's empty account fields ("", [], {}) replaced what the run config
+    set: its role, image, buckets, inputs and VPC were gone from the job."""
+    mine = {"role_arn": "arn:aws:iam::123456789012:role/alfred", "image_uri": "1.dkr.ecr/alfred:1",
+            "source_s3_uri": "s3://bucket/jobs", "output_s3_uri": "s3://bucket/out",
+            "checkpoint_s3_uri": "s3://bucket/ckpt", "spot": True, "inputs": {"data.prompts": "s3://bucket/p.jsonl"},
+            "subnets": ["subnet-1"], "security_group_ids": ["sg-1"], "environment": {"MINE": "1"}}
+    tree = yaml.safe_load((REPO / "configs" / "alfred-40b-ppo.yaml").read_text())
+    tree["launch"]["sagemaker"].update(mine)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    sm = job.resolve_run(tmp_path / "run.yaml", template=REPO / "sagemaker" / "alfred-40b-p4d.yaml").launch.sagemaker
+    for key, value in mine.items():
+        got = getattr(sm, key)
+        assert (list(got) if isinstance(got, tuple) else got) == value or key == "environment", key
+    assert sm.environment["MINE"] == "1" and sm.environment["FI_PROVIDER"] == "efa"  # mappings merge
+    assert sm.volume_size_gb == 2500 and sm.instance_type == "ml.p4d.24xlarge"  # what it sets, it sets
+
+
 def test_the_stage_comes_from_the_config_sections(tmp_path):
     """`launch configs/tiny-rm.yaml` trained SFT (launch.stage defaulted to sft); the stage is now the
     one the sections name, written into the job's config, and a config naming two must say which."""

@@ -1,8 +1,8 @@
 """What every backend submits: a job folder holding the resolved run config, and the command.
 
 `resolve_run(config_path, overrides, template)` reads the run YAML, lays the `launch:` section of
-an optional template over it (e.g. sagemaker/alfred-40b-p4d.yaml), applies `a.b.c=value`
-overrides, and returns the resolved tree plus its LaunchConfig. The whole tree is checked by
+an optional template over it (e.g. sagemaker/alfred-40b-p4d.yaml; its empty values are placeholders
+that leave the run config's), applies `a.b.c=value` overrides, and returns the resolved tree plus its LaunchConfig. The whole tree is checked by
 the trainer's own loader (alfred_train.config.load_config) before anything is submitted, so a
 typo anywhere in the run config fails at launch with exit code 2. `write_job_dir` copies the tree
 to `<job_dir>/config.yaml`: the job runs `python -m alfred_train <stage> <job_dir>/config.yaml`
@@ -85,6 +85,19 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _without_placeholders(template: dict) -> dict:
+    """The template's keys that choose something: an empty value ("", [], {}: the account-specific
+    placeholders of sagemaker/alfred-40b-p4d.yaml) leaves the run config's value (an empty role_arn
+    or `inputs: {}` wiped what the run config set)."""
+    out = {}
+    for key, value in template.items():
+        if isinstance(value, dict) and value:
+            value = _without_placeholders(value)
+        if value not in ("", [], {}, None):
+            out[key] = value
+    return out
+
+
 def resolve_run(
     config_path: str | os.PathLike,
     overrides: list[str] = (),
@@ -99,7 +112,7 @@ def resolve_run(
         unknown = sorted(set(extra) - {"launch"})
         if unknown:
             raise ConfigError(f"{template}: a launch template holds only a launch: section, not {unknown[0]}")
-        tree = _merge(tree, extra)
+        tree = _merge(tree, _without_placeholders(extra))
     for override in overrides:
         apply_override(tree, override)
     if backend is not None:

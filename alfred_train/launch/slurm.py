@@ -64,7 +64,7 @@ echo "alfred: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}" \
   "nodes $SLURM_JOB_NODELIST master $MASTER_ADDR:$MASTER_PORT"
 
 # USR1 (--signal=B:USR1): ask every worker to checkpoint and exit {ckpt_code}; this shell requeues.
-# TERM (scancel, preemption, `scontrol requeue`) already reached the workers from Slurm: only keep
+# TERM (scancel, a preemption, an operator's requeue) already reached the workers from Slurm: only keep
 # this shell alive while they save; Slurm itself requeues the job or leaves it cancelled.
 usr1=0 term=0
 on_usr1() {{ usr1=1; echo "alfred: USR1, forwarding to the workers"; kill -USR1 "$srun_pid" 2>/dev/null; }}
