@@ -167,6 +167,9 @@ def load_dict(path: str | Path | None, overrides: list[str] = ()) -> dict:
     data = _read_yaml(Path(path), "config") if path else {}
     for ov in overrides:
         apply_override(data, ov)
+    run = data.setdefault("run", {}) if path else None
+    if isinstance(run, dict) and not run.get("dir"):  # runs/<config name>: two configs never share one
+        run["dir"] = f"runs/{Path(path).stem}"
     model = data.get("model") or {}
     if isinstance(model, dict) and model.get("preset"):
         pfile = preset_path(str(model["preset"]))

@@ -149,7 +149,7 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    dir: str = "runs/tiny-sft"  # the run directory (config.yaml, metrics.jsonl, tb/, checkpoints/)
+    dir: str = "runs/tiny-sft"  # the run directory (config.yaml, metrics.jsonl, tb/, checkpoints/); unset in a file: runs/<file stem>
     name: Optional[str] = None
 
 

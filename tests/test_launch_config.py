@@ -83,6 +83,21 @@ def test_template_placeholders_leave_the_run_configs_values(tmp_path):
     assert sm.volume_size_gb == 2500 and sm.instance_type == "ml.p4d.24xlarge"  # what it sets, it sets
 
 
+def test_a_config_without_run_dir_runs_in_runs_slash_its_name(tmp_path, monkeypatch):
+    """The launcher put the job under runs/<config name> while the trainer wrote to runs/tiny-sft (the
+    schema's default): two configs without run.dir resumed from each other's checkpoints."""
+    monkeypatch.chdir(tmp_path)
+    tree = yaml.safe_load((REPO / "configs" / "tiny-sft.yaml").read_text())
+    del tree["run"]["dir"]
+    (tmp_path / "my-run.yaml").write_text(yaml.safe_dump(tree))
+    from alfred_train.config import load_config
+
+    assert load_config(tmp_path / "my-run.yaml").run.dir == "runs/my-run"
+    run = job.resolve_run(tmp_path / "my-run.yaml", backend="local")
+    assert run.run_dir == run.config.run.dir == run.tree["run"]["dir"] == "runs/my-run"  # the job's copy says it
+    assert load_config(tmp_path / "my-run.yaml", ["run.dir=elsewhere"]).run.dir == "elsewhere"
+
+
 def test_the_stage_comes_from_the_config_sections(tmp_path):
     """`launch configs/tiny-rm.yaml` trained SFT (launch.stage defaulted to sft); the stage is now the
     one the sections name, written into the job's config, and a config naming two must say which."""

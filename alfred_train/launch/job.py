@@ -40,8 +40,7 @@ class ResolvedRun:
 
     @property
     def run_dir(self) -> str:
-        run = self.tree.get("run") or {}
-        return str(run.get("dir") or f"runs/{self.source.stem}")
+        return self.config.run.dir
 
 
 def _read_yaml(path: Path) -> dict:
@@ -117,6 +116,9 @@ def resolve_run(
         apply_override(tree, override)
     if backend is not None:
         tree.setdefault("launch", {})["backend"] = backend
+    run = tree.setdefault("run", {})
+    if isinstance(run, dict) and not run.get("dir"):  # as the trainer reads this file; the job's copy is config.yaml
+        run["dir"] = f"runs/{source.stem}"
     launch = tree.setdefault("launch", {})
     if isinstance(launch, dict) and "stage" not in launch:  # written into the job's config, not guessed again
         launch["stage"] = stage_from_sections(tree, source)
