@@ -202,12 +202,13 @@ def test_existing_job_name_is_refused(moto):
         ("launch.sagemaker.fsx.file_system_id=fs-0123456789abcdef0", "launch.sagemaker.fsx.directory_path"),
         ("launch.sagemaker.run_dir=/fsx/alfred/runs/x", "launch.sagemaker.run_dir"),
         ("checkpoint.node_local=false", "checkpoint.node_local"),  # 16 instances' own /opt/ml/checkpoints
+        ("launch.sagemaker.checkpoint_s3_uri=", "launch.sagemaker.checkpoint_s3_uri"),  # spot: lost at each reclaim
     ],
 )
 def test_bad_field_exit_2_names_it_submits_nothing(moto, run_config, capsys, override, key):
     s3 = boto_client("s3", moto)
     s3.create_bucket(Bucket=BUCKET)
-    spot = ["launch.sagemaker.spot=true"] if "max_wait" in override else []
+    spot = ["launch.sagemaker.spot=true"] if "max_wait" in override or "checkpoint_s3_uri" in override else []
     argv = ["launch", str(run_config), "--backend", "sagemaker", "--template", str(TEMPLATE),
             *account_fields(moto), *spot, override]  # fmt: skip
     assert cli.main(argv) == 2

@@ -139,6 +139,10 @@ def _in_source(path: str, source_root: Path) -> bool:
 def validate_fsx(launch: LaunchConfig) -> None:
     sm, key = launch.sagemaker, "launch.sagemaker"
     fsx = sm.fsx
+    if sm.spot and not (sm.checkpoint_s3_uri or sm.run_dir):  # a reclaim would restart it from step 0
+        raise ConfigError(f"{key}.checkpoint_s3_uri: spot: true restarts the job after each reclaim, and without "
+                          "checkpoint_s3_uri (or a run_dir on FSx) its checkpoints are lost with the instances; "
+                          "set one, or spot=false")
     if not fsx.file_system_id:
         if sm.run_dir:
             raise ConfigError(f"{key}.run_dir: a shared run directory needs launch.sagemaker.fsx (rw)")
