@@ -68,6 +68,8 @@ def launch_cli(*args: str, endpoint: str) -> subprocess.CompletedProcess:
 def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
     s3 = boto_client("s3", moto)
     s3.create_bucket(Bucket=BUCKET)
+    for name in ("tokenizer.json", "tokenizer_config.json", "model-00001-of-00009.safetensors"):
+        s3.put_object(Bucket=BUCKET, Key=f"alfred/falcon-40b/{name}", Body=name.encode())
     common = [str(run_config), "--backend", "sagemaker", "--template", str(TEMPLATE), *account_fields(moto)]
     extra = ["launch.sagemaker.spot=true", "launch.sagemaker.max_wait_s=500000"]
 
@@ -80,7 +82,7 @@ def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
     }  # fmt: skip
     sm = boto_client("sagemaker", moto)
     assert sm.list_training_jobs()["TrainingJobSummaries"] == []  # dry run submitted nothing
-    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
+    assert len(s3.list_objects_v2(Bucket=BUCKET)["Contents"]) == 3  # the three put above: nothing uploaded
 
     done = launch_cli("launch", *common, *extra, endpoint=moto)
     assert done.returncode == 0, done.stderr
@@ -117,10 +119,16 @@ def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
     assert set(channels) == {"ppo_policy_init", "ppo_reward_init", "data_prompts", "model_tokenizer"}
     for key, uri in S3_INPUTS.items():
         channel = channels[key.replace(".", "_")]
+        if key == "model.tokenizer":  # its own folder: the file and the tokenizer_config.json beside it
+            uri = f"s3://{BUCKET}/jobs/{rendered['TrainingJobName']}/inputs/model_tokenizer/"
         assert channel["DataSource"]["S3DataSource"] == {
             "S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}
         assert channel["InputMode"] == "File"
-    assert job["InputDataConfig"] == rendered["InputDataConfig"]
+    tokenizer_uri = next(c for c in job["InputDataConfig"] if c["ChannelName"] == "model_tokenizer")
+    prefix = tokenizer_uri["DataSource"]["S3DataSource"]["S3Uri"].split(f"s3://{BUCKET}/", 1)[1]
+    copied = {o["Key"][len(prefix):] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]}
+    assert copied == {"tokenizer.json", "tokenizer_config.json"}  # not the weights beside them
+    assert "copy s3://alfred-test/alfred/falcon-40b/tokenizer.json (and the tokenizer files beside it)" in dry.stderr
     assert "Checkpoint: 1.16 TB each" in dry.stderr and "per-instance disk: 2.43 TB" in dry.stderr
     assert "S3 traffic: 1.16 TB uploaded per save" in dry.stderr and "Image (launch.sagemaker.image_uri)" in dry.stderr
     for key in ("ResourceConfig", "CheckpointConfig", "StoppingCondition", "RoleArn", "OutputDataConfig"):
@@ -164,6 +172,37 @@ def test_existing_job_name_is_refused(moto):
     with pytest.raises(ConfigError, match="launch.name: training job 'alfred-dup' already exists"):
         sagemaker.submit(launch, name="alfred-dup", job_config_yaml="{}", sm_client=sm, s3_client=s3)
     assert len(sm.list_training_jobs()["TrainingJobSummaries"]) == 1
+
+
+def test_local_tokenizer_goes_with_its_config_and_a_failed_upload_is_one_error(moto, tmp_path):
+    """A local tokenizer.json went up alone (bos/eos/pad are in the tokenizer_config.json beside it),
+    and an upload boto3's transfer gave up on was a traceback (S3UploadFailedError)."""
+    from alfred_train.launch.sagemaker_plan import plan_inputs
+    from alfred_train.launch.sagemaker import SageMakerError
+
+    s3 = boto_client("s3", moto)
+    s3.create_bucket(Bucket=BUCKET)
+    hub = tmp_path / "falcon"
+    hub.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        (hub / name).write_text(name)
+    tree = yaml.safe_load(TEMPLATE.read_text())["launch"]
+    for override in account_fields(moto):
+        key, value = override.split("=", 1)
+        tree["sagemaker"][key.split(".")[-1]] = yaml.safe_load(value)
+    tree["sagemaker"]["inputs"] = {"model.tokenizer": str(hub / "tokenizer.json")}
+    launch = LaunchConfig.from_dict(tree)
+    plan = plan_inputs({"model": {"tokenizer": "x"}}, launch, upload_root=f"s3://{BUCKET}/up", source_root=REPO)
+    assert plan.rewrites["model.tokenizer"] == "/opt/ml/input/data/model_tokenizer/tokenizer.json"
+    sagemaker.upload_inputs(plan, s3)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="up/")["Contents"]}
+    assert keys == {"up/model_tokenizer/tokenizer.json", "up/model_tokenizer/tokenizer_config.json"}
+
+    missing = plan_inputs({}, launch, upload_root="s3://no-such-bucket/up", source_root=REPO)
+    sm = boto_client("sagemaker", moto)
+    with pytest.raises(SageMakerError, match=r"^submitting alfred-up: S3UploadFailedError: .*NoSuchBucket") as err:
+        sagemaker.submit(launch, name="alfred-up", job_config_yaml="{}", sm_client=sm, s3_client=s3, plan=missing)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError,
                                  ProfileNotFound)
 
@@ -188,13 +189,38 @@ def upload_inputs(plan: InputPlan, s3_client: Any) -> None:
 
     boto3's managed transfer (multipart, retries) moves each file."""
     for ch in plan.channels:
+        target = parse_s3_uri(ch.s3_uri) if ch.s3_uri else None
+        if ch.copy_from:  # an S3 object and the companions beside it that exist, into the channel's folder
+            origin = parse_s3_uri(ch.copy_from)
+            folder, _, name = origin.key.rpartition("/")
+            if not _object_exists(s3_client, origin.bucket, origin.key):
+                raise ConfigError(f"launch.sagemaker.inputs.model.tokenizer: {ch.copy_from} does not exist; "
+                                  "give the S3 URI of the tokenizer file (or of its folder, ending in /)")
+            for each in (name, *ch.companions):
+                key = f"{folder}/{each}" if folder else each
+                if each == name or _object_exists(s3_client, origin.bucket, key):
+                    s3_client.copy({"Bucket": origin.bucket, "Key": key}, target.bucket, f"{target.key}/{each}")
         if not ch.upload_from:
             continue
-        source, target = Path(ch.upload_from), parse_s3_uri(ch.s3_uri)
+        source = Path(ch.upload_from)
+        if source.is_file() and ch.s3_uri.endswith("/"):  # a file with its companions, into a folder
+            for each in (source.name, *ch.companions):
+                s3_client.upload_file(str(source.parent / each), target.bucket, f"{target.key}/{each}")
+            continue
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
         for path in files:
             key = target.key if source.is_file() else f"{target.key}/{path.relative_to(source).as_posix()}"
             s3_client.upload_file(str(path), target.bucket, key)
+
+
+def _object_exists(s3_client: Any, bucket: str, key: str) -> bool:
+    try:
+        s3_client.head_object(Bucket=bucket, Key=key)
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+    return True
 
 
 def submit(launch: LaunchConfig, *, name: str, job_config_yaml: str, sm_client: Any, s3_client: Any,
@@ -214,7 +240,7 @@ def submit(launch: LaunchConfig, *, name: str, job_config_yaml: str, sm_client: 
         loc = parse_s3_uri(uri)
         s3_client.put_object(Bucket=loc.bucket, Key=loc.key, Body=pack_source(source_root(), job_config_yaml))
         sm_client.create_training_job(**request)
-    except (BotoCoreError, ClientError) as err:
+    except (BotoCoreError, ClientError, S3UploadFailedError) as err:  # boto3's transfer wraps a failed upload
         raise aws_error(f"submitting {name}", err) from err
     return request
 

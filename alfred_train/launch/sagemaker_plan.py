@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from alfred_train import resources
@@ -51,6 +52,8 @@ class Channel:
     s3_uri: str  # S3Prefix to deliver
     container_path: str  # what the run config's key becomes
     upload_from: str = ""  # local file/folder the launcher uploads to s3_uri first
+    copy_from: str = ""  # an S3 object the launcher copies to s3_uri first (with `companions`)
+    companions: tuple[str, ...] = ()  # files beside upload_from / copy_from that go with it, where they exist
 
 
 @dataclass
@@ -71,8 +74,10 @@ class InputPlan:
         out = ["Inputs (run-config key -> path inside the job):"]
         out += [f"  {key} -> {path}" for key, path in self.rewrites.items()] or ["  (none)"]
         for ch in self.channels:
-            if ch.upload_from:
-                out.append(f"  upload {ch.upload_from} -> {ch.s3_uri}")
+            if ch.upload_from or ch.copy_from:
+                also = " (and the tokenizer files beside it)" if ch.companions else ""
+                verb = "upload" if ch.upload_from else "copy"
+                out.append(f"  {verb} {ch.upload_from or ch.copy_from}{also} -> {ch.s3_uri}")
         out.append(f"  run.dir -> {self.run_dir}  (checkpoint.node_local: {str(self.node_local).lower()})")
         return out
 
@@ -119,6 +124,24 @@ def _s3_channel(key: str, source: str, upload_root: str) -> Channel:
         return Channel(name, f"{prefix}/", f"{CHANNEL_ROOT}/{name}", upload_from=str(local.resolve()))
     return Channel(name, f"{prefix}/{local.name}", f"{CHANNEL_ROOT}/{name}/{local.name}",
                    upload_from=str(local.resolve()))
+
+
+def _tokenizer_channel(source: str, upload_root: str) -> Channel:
+    """model.tokenizer naming one file (tokenizer.json, a .model) reads bos / eos / pad from the
+    tokenizer_config.json beside it, which a channel of that one object left behind. The file and the
+    tokenizer files beside it go to a folder of their own (uploaded, or copied within S3: the
+    object's folder may hold the weights too); a folder source is delivered whole as it is."""
+    from alfred_train.convert.tokenizer_files import TOKENIZER_FILES
+
+    ch = _s3_channel("model.tokenizer", source, upload_root)
+    if ch.s3_uri.endswith("/"):
+        return ch
+    name = ch.container_path.rsplit("/", 1)[-1]
+    companions = tuple(n for n in TOKENIZER_FILES if n != name)
+    if ch.upload_from:  # local: only those that exist
+        companions = tuple(n for n in companions if (Path(ch.upload_from).parent / n).is_file())
+    return Channel(ch.name, f"{upload_root}/{ch.name}/", ch.container_path, upload_from=ch.upload_from,
+                   copy_from="" if ch.upload_from else ch.s3_uri, companions=companions)
 
 
 def _under(path: str, root: str) -> str | None:
@@ -185,7 +208,8 @@ def plan_inputs(tree: dict, launch: LaunchConfig, *, upload_root: str, source_ro
     for key in INPUT_KEYS:
         value = _get(tree, key)
         if key in sm.inputs:
-            ch = _s3_channel(key, sm.inputs[key], upload_root)
+            make = _tokenizer_channel if key == "model.tokenizer" else partial(_s3_channel, key)
+            ch = make(sm.inputs[key], upload_root)
             plan.channels.append(ch)
             plan.rewrites[key] = ch.container_path
             plan.sources[key] = (ch.name, ch.container_path[len(f"{CHANNEL_ROOT}/{ch.name}"):].lstrip("/"))
