@@ -17,7 +17,8 @@ Standard library only: it runs before alfred_train is installed in the container
    -m alfred_train <stage> <config> run.dir=<run_dir> [KEY=PATH ...]`. run_dir is /opt/ml/checkpoints
    (synced to CheckpointConfig.S3Uri, so a restarted (spot) job finds its checkpoints and resumes)
    or a folder on an FSx channel. `--inputs` (set by the launcher) maps run-config keys to
-   [channel, path inside it] ("" channel: inside /opt/ml/code); each becomes KEY=$SM_CHANNEL_<NAME>/path,
+   [channel, path inside it] ("" channel: inside /opt/ml/code); each becomes KEY=$SM_CHANNEL_<NAME>/path
+   (a mixture: KEY=<its sources as JSON, each path so placed>),
    the directory where the toolkit delivered that channel (the job's config.yaml already holds the
    /opt/ml/input/data/... form of the same paths).
 If torchrun already started this script (RANK is set: the toolkit's torch_distributed mode), it
@@ -54,13 +55,19 @@ def read_hosts(environ: dict[str, str]) -> tuple[list[str], str]:
 
 def input_overrides(inputs_json: str, environ: dict[str, str]) -> list[str]:
     """`KEY=PATH` overrides for the run's inputs, from the channels' directories (SM_CHANNEL_<NAME>)."""
+    def path(channel: str, rel: str) -> str:
+        root = environ.get(f"SM_CHANNEL_{channel.upper()}", f"{INPUT_DATA_DIR}/{channel}") if channel else str(CODE_DIR)
+        return f"{root}/{rel}" if rel else root
+
+    def item(x):  # a mixture's source {path: [channel, rel], ...}, a file [channel, rel], or a task name
+        return {**x, "path": path(*x["path"])} if isinstance(x, dict) else path(*x) if isinstance(x, list) else x
+
     out = []
-    for key, (channel, rel) in sorted(json.loads(inputs_json or "{}").items()):
-        if channel:
-            root = environ.get(f"SM_CHANNEL_{channel.upper()}", f"{INPUT_DATA_DIR}/{channel}")
+    for key, where in sorted(json.loads(inputs_json or "{}").items()):
+        if isinstance(where, dict):  # a list: a mixture or ppo.eval_tasks, as JSON (YAML's flow form)
+            out.append(f"{key}={json.dumps([item(x) for x in where['items']])}")
         else:
-            root = str(CODE_DIR)
-        out.append(f"{key}={root}/{rel}" if rel else f"{key}={root}")
+            out.append(f"{key}={path(*where)}")
     return out
 
 

@@ -38,9 +38,12 @@ def account_fields(endpoint: str) -> list[str]:
 S3_INPUTS = {
     "ppo.policy_init": f"s3://{BUCKET}/alfred/falcon-40b-sft/",
     "ppo.reward_init": f"s3://{BUCKET}/alfred/falcon-40b-rm/",
-    "data.prompts": f"s3://{BUCKET}/alfred/prompts.jsonl",
+    "data.prompts": f"s3://{BUCKET}/alfred/data/",  # the folder of the recipe's five prompt files
     "model.tokenizer": f"s3://{BUCKET}/alfred/falcon-40b/tokenizer.json",
 }
+
+
+PROMPTS = yaml.safe_load((REPO / "configs" / "alfred-40b-ppo.yaml").read_text())["data"]["prompts"]
 
 
 @pytest.fixture
@@ -105,7 +108,9 @@ def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
         "procs_per_node": "8",
         "run_dir": '"/opt/ml/checkpoints"',
         "inputs": json.dumps(json.dumps({
-            "data.prompts": ["data_prompts", "prompts.jsonl"], "model.tokenizer": ["model_tokenizer", "tokenizer.json"],
+            "data.prompts": {"items": [{**item, "path": ["data_prompts", item["path"][len("/fsx/alfred/data/"):]]}
+                                       for item in PROMPTS]},
+            "model.tokenizer": ["model_tokenizer", "tokenizer.json"],
             "ppo.policy_init": ["ppo_policy_init", ""], "ppo.reward_init": ["ppo_reward_init", ""]}, sort_keys=True)),
     }
     assert job["CheckpointConfig"] == {
@@ -146,7 +151,8 @@ def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
     # The job's config reads its inputs where the channels put them.
     assert resolved["ppo"]["policy_init"] == "/opt/ml/input/data/ppo_policy_init"
     assert resolved["ppo"]["reward_init"] == "/opt/ml/input/data/ppo_reward_init"
-    assert resolved["data"]["prompts"] == "/opt/ml/input/data/data_prompts/prompts.jsonl"
+    assert resolved["data"]["prompts"] == [  # each source of the mixture, inside the folder's channel
+        {**item, "path": f"/opt/ml/input/data/data_prompts/{item['path'][len('/fsx/alfred/data/'):]}"} for item in PROMPTS]
     assert resolved["model"]["tokenizer"] == "/opt/ml/input/data/model_tokenizer/tokenizer.json"
     assert json.loads(job["HyperParameters"]["run_dir"]) == "/opt/ml/checkpoints"
     assert resolved["checkpoint"]["node_local"] is True  # each instance's own /opt/ml/checkpoints
@@ -284,7 +290,8 @@ def test_fsx_inputs_and_shared_run_dir_request(tmp_path, capsys):
     tree = sagemaker_plan.rewritten_tree(run.tree, plan)
     assert tree["ppo"]["policy_init"] == "/opt/ml/input/data/fsx/checkpoints/falcon-40b-sft"
     assert tree["model"]["tokenizer"] == "/opt/ml/input/data/fsx/hf/falcon-40b/tokenizer.json"
-    assert tree["data"]["prompts"] == "/opt/ml/input/data/data_prompts"
+    assert [s["path"] for s in tree["data"]["prompts"]][1:3] == [  # the mixture's folder, from S3
+        "/opt/ml/input/data/data_prompts/hh-rlhf/*/train.jsonl.gz", "/opt/ml/input/data/data_prompts/databricks-dolly-15k.jsonl"]
     assert tree["checkpoint"]["node_local"] is False  # one shared copy on FSx
     assert json.loads(request["HyperParameters"]["run_dir"]) == "/opt/ml/input/data/fsx/runs/ppo-1"
     assert json.loads(json.loads(request["HyperParameters"]["inputs"]))["ppo.policy_init"] == [
@@ -293,6 +300,64 @@ def test_fsx_inputs_and_shared_run_dir_request(tmp_path, capsys):
 
     report = describe(run.config, "ppo")
     assert "layout: shared run directory on FSx (/fsx/alfred/runs/ppo-1)" in report
+
+
+def test_a_prompt_mixture_and_a_glob_reach_the_job(tmp_path):
+    """A mixture of prompt files (stable-vicuna's) was refused even on FSx (its list was read as one
+    path); an input for the whole mixture replaced it silently; a glob's pattern was lost under a
+    folder input. Each source now lands where the job reads it, entry.py's override included."""
+    import importlib.util
+
+    from alfred_train.config import load_config
+    from alfred_train.launch import job, sagemaker_plan
+
+    fsx = ["launch.sagemaker.fsx={file_system_id: fs-0123456789abcdef0, directory_path: /abcdefgh/alfred, path: /fsx/alfred}",
+           "launch.sagemaker.subnets=[subnet-0a1b]", "launch.sagemaker.security_group_ids=[sg-0c2d]",
+           "data.prompts=[{path: /fsx/alfred/data/oasst1.jsonl, weight: 2.0}, {path: /home/me/alpaca/*.json, format: alpaca}]",
+           "launch.sagemaker.inputs={'data.prompts[1]': s3://alfred-test/alpaca/}"]
+    overrides = [o for o in account_fields("http://unused") if not o.startswith("launch.sagemaker.inputs")] + fsx
+    run = job.resolve_run(REPO / "configs" / "alfred-40b-ppo.yaml", overrides, template=TEMPLATE)
+    plan = sagemaker_plan.plan_inputs(run.tree, run.launch, upload_root="s3://alfred-test/jobs/x/inputs", source_root=REPO)
+    tree = sagemaker_plan.rewritten_tree(run.tree, plan)
+    assert tree["data"]["prompts"] == [{"path": "/opt/ml/input/data/fsx/data/oasst1.jsonl", "weight": 2.0},
+                                       {"path": "/opt/ml/input/data/data_prompts_1/*.json", "format": "alpaca"}]
+    assert [c.name for c in plan.channels] == ["fsx", "data_prompts_1"]
+    # entry.py (standard library only) turns the sources into one override the trainer loads
+    spec = importlib.util.spec_from_file_location("entry", REPO / "sagemaker" / "entry.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    env = {"SM_CHANNEL_FSX": "/x/fsx", "SM_CHANNEL_DATA_PROMPTS_1": "/x/p1"}
+    over = [o for o in entry.input_overrides(json.dumps(plan.sources), env) if o.startswith("data.prompts=")]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    sources = load_config(tmp_path / "config.yaml", over).data.prompts
+    assert [(s.path, s.weight, s.format) for s in sources] == [
+        ("/x/fsx/data/oasst1.jsonl", 2.0, None), ("/x/p1/*.json", 1.0, "alpaca")]
+
+    whole = [*overrides[:-1], "launch.sagemaker.inputs={data.prompts: s3://alfred-test/p/one.jsonl}"]
+    run = job.resolve_run(REPO / "configs" / "alfred-40b-ppo.yaml", whole, template=TEMPLATE)
+    with pytest.raises(ConfigError, match=r"^launch.sagemaker.inputs.data.prompts: data.prompts is a list of 2 files; "
+                                          r"give the folder that holds them"):
+        sagemaker_plan.plan_inputs(run.tree, run.launch, upload_root="s3://alfred-test/x", source_root=REPO)
+    alone = [*overrides[:-2], "data.prompts=/home/me/shards/part-*.jsonl",
+             "launch.sagemaker.inputs={data.prompts: s3://alfred-test/shards/}"]
+    run = job.resolve_run(REPO / "configs" / "alfred-40b-ppo.yaml", alone, template=TEMPLATE)
+    plan = sagemaker_plan.plan_inputs(run.tree, run.launch, upload_root="s3://alfred-test/x", source_root=REPO)
+    assert plan.rewrites["data.prompts"] == "/opt/ml/input/data/data_prompts/part-*.jsonl"
+    assert plan.sources["data.prompts"] == ("data_prompts", "part-*.jsonl")
+
+    # ppo.eval_tasks: a task YAML file of the user's was not delivered (the job failed after training)
+    (tmp_path / "my-task.yaml").write_text("task: mine\ndataset_path: json\n")
+    tasks = [*overrides[:-2], f"ppo.eval_tasks=[hellaswag, {tmp_path / 'my-task.yaml'}]"]
+    run = job.resolve_run(REPO / "configs" / "alfred-40b-ppo.yaml", tasks, template=TEMPLATE)
+    with pytest.raises(ConfigError, match=r"^ppo.eval_tasks\[1\]: .*my-task.yaml' would not exist inside the SageMaker "
+                                          r"job; deliver it with launch.sagemaker.inputs.ppo.eval_tasks\[1\]"):
+        sagemaker_plan.plan_inputs(run.tree, run.launch, upload_root="s3://alfred-test/x", source_root=REPO)
+    tasks.append(f"launch.sagemaker.inputs={{'ppo.eval_tasks[1]': {tmp_path / 'my-task.yaml'}}}")
+    run = job.resolve_run(REPO / "configs" / "alfred-40b-ppo.yaml", tasks, template=TEMPLATE)
+    plan = sagemaker_plan.plan_inputs(run.tree, run.launch, upload_root="s3://alfred-test/x", source_root=REPO)
+    assert plan.rewrites["ppo.eval_tasks"] == ["hellaswag", "/opt/ml/input/data/ppo_eval_tasks_1/my-task.yaml"]
+    over = [o for o in entry.input_overrides(json.dumps(plan.sources), {}) if o.startswith("ppo.eval_tasks=")]
+    assert over == ['ppo.eval_tasks=["hellaswag", "/opt/ml/input/data/ppo_eval_tasks_1/my-task.yaml"]']
 
 
 def test_missing_aws_credentials_is_one_line_exit_2(monkeypatch, tmp_path, capsys):

@@ -12,6 +12,8 @@ Inputs. Every path the run reads (INPUT_KEYS) must exist inside the container. T
   the VPC: subnets + security groups); paths under `fsx.path` (e.g. /fsx/alfred/...) are rewritten
   to /opt/ml/input/data/<fsx.channel>/alfred/...
 - a relative path inside the uploaded source (e.g. configs/...): the job runs in /opt/ml/code.
+A list (a data mixture, ppo.eval_tasks' YAML files) is placed file by file (KEY[i] in `inputs`), or
+through one folder input for KEY that stands for the files' common folder.
 Anything else is refused before submission (exit 2, naming the key).
 
 Checkpoints, two layouts:
@@ -26,9 +28,11 @@ Checkpoints, two layouts:
 from __future__ import annotations
 
 import copy
+import os
 import re
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 from pathlib import Path
 
 from alfred_train import resources
@@ -41,7 +45,8 @@ CODE_DIR = "/opt/ml/code"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # CheckpointConfig.LocalPath
 # Every run-config key holding a path the trainer reads.
 INPUT_KEYS = ("model.tokenizer", "data.train", "data.valid", "data.prompts", "rm.init", "checkpoint.init",
-              "ppo.policy_init", "ppo.reward_init", "checkpoint.resume")
+              "ppo.policy_init", "ppo.reward_init", "checkpoint.resume", "ppo.eval_tasks")
+LIST_KEYS = ("data.train", "data.valid", "data.prompts", "ppo.eval_tasks")  # a mixture / task names and files
 _FSX_ID = re.compile(r"^fs-[0-9a-f]{8,21}$")
 SOURCE_DIRS = ("alfred_train", "parallel", "kernels", "sagemaker", "configs")  # shipped in the tarball
 
@@ -59,7 +64,7 @@ class Channel:
 @dataclass
 class InputPlan:
     channels: list[Channel] = field(default_factory=list)
-    rewrites: dict[str, str] = field(default_factory=dict)  # key -> path in the container
+    rewrites: dict[str, Any] = field(default_factory=dict)  # key -> path in the container (a mixture: its sources)
     # key -> (channel, path inside it) or ("", path inside /opt/ml/code): entry.py resolves them with
     # the toolkit's SM_CHANNEL_<NAME> variables, so a run outside /opt/ml (the rehearsal) agrees
     sources: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -72,7 +77,11 @@ class InputPlan:
 
     def lines(self) -> list[str]:
         out = ["Inputs (run-config key -> path inside the job):"]
-        out += [f"  {key} -> {path}" for key, path in self.rewrites.items()] or ["  (none)"]
+        for key, path in self.rewrites.items():
+            out += ([f"  {key}[{i}] -> {item['path'] if isinstance(item, dict) else item}"
+                     for i, item in enumerate(path)] if isinstance(path, list) else [f"  {key} -> {path}"])
+        if not self.rewrites:
+            out.append("  (none)")
         for ch in self.channels:
             if ch.upload_from or ch.copy_from:
                 also = " (and the tokenizer files beside it)" if ch.companions else ""
@@ -100,7 +109,8 @@ def _set(tree: dict, key: str, value: str) -> None:
 
 
 def channel_name(key: str) -> str:
-    return key.replace(".", "_")
+    """ppo.policy_init -> ppo_policy_init; data.prompts[1] (source 1 of a mixture) -> data_prompts_1."""
+    return key.replace(".", "_").replace("[", "_").replace("]", "")
 
 
 def _s3_channel(key: str, source: str, upload_root: str) -> Channel:
@@ -142,6 +152,91 @@ def _tokenizer_channel(source: str, upload_root: str) -> Channel:
         companions = tuple(n for n in companions if (Path(ch.upload_from).parent / n).is_file())
     return Channel(ch.name, f"{upload_root}/{ch.name}/", ch.container_path, upload_from=ch.upload_from,
                    copy_from="" if ch.upload_from else ch.s3_uri, companions=companions)
+
+
+_MIXTURE_ITEM = re.compile(r"\[\d+\]$")  # data.prompts[1]: source 1 of a mixture
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _place(key: str, value, tree: dict, sm, plan: InputPlan, upload_root: str,
+           source_root: Path) -> tuple[str, tuple[str, str]]:
+    """Where the job reads `key` (a path, or source i of a mixture as KEY[i]): (path in the container,
+    (channel, path inside it)); a channel of launch.sagemaker.inputs is added to `plan`."""
+    fsx = sm.fsx
+    if key in sm.inputs:
+        make = _tokenizer_channel if key == "model.tokenizer" else partial(_s3_channel, key)
+        ch = make(sm.inputs[key], upload_root)
+        plan.channels.append(ch)
+        path = ch.container_path
+        if ch.s3_uri.endswith("/") and value is not None and _GLOB.search(str(value)):
+            pattern = _glob_part(str(value))  # a folder for data/*.jsonl: the job globs inside it
+            path = f"{path}/{pattern}"
+        return path, (ch.name, path[len(f"{CHANNEL_ROOT}/{ch.name}"):].lstrip("/"))
+    value = str(value)
+    rest = _under(value, fsx.path) if fsx.file_system_id else None
+    if rest is not None:
+        return f"{CHANNEL_ROOT}/{fsx.channel}" + (f"/{rest}" if rest else ""), (fsx.channel, rest)
+    if _in_source(value, source_root):
+        return f"{CODE_DIR}/{value}", ("", value)
+    where = f"{key}.path" if key.endswith("]") and not key.startswith("ppo.eval_tasks") else key
+    raise ConfigError(
+        f"{where}: {value!r} would not exist inside the SageMaker job; deliver it with "
+        f"launch.sagemaker.inputs.{key} (an s3:// URI or a local path the launcher uploads) or put "
+        f"it on the file system of launch.sagemaker.fsx"
+    )
+
+
+def _place_list(key: str, value: list, tree: dict, sm, plan: InputPlan, upload_root: str, source_root: Path) -> None:
+    """A mixture (each source's path) or ppo.eval_tasks (each task YAML file; names stay), each file
+    placed as KEY[i] is, or all through one folder input for KEY standing for their common folder
+    (the recipe's five /fsx/alfred/data/*.jsonl from s3://b/alfred/data/). Sets the job's list and,
+    for entry.py, {"items": [...]} with each path as [channel, path inside it]."""
+    from alfred_train.evaluation import is_task_file
+
+    files = {i: str(item.get("path") if isinstance(item, dict) else item) for i, item in enumerate(value)
+             if isinstance(item, dict) or key != "ppo.eval_tasks" or is_task_file(str(item))}
+    placed = {}
+    if key in sm.inputs:  # one folder for them all: it stands for their common folder
+        ch = _s3_channel(key, sm.inputs[key], upload_root)
+        if not ch.s3_uri.endswith("/"):
+            raise ConfigError(f"launch.sagemaker.inputs.{key}: {key} is a list of {len(files)} files; give the folder "
+                              f"that holds them (an s3:// prefix ending in /, or a local folder), or deliver each as "
+                              f"launch.sagemaker.inputs.{key}[i]")
+        plan.channels.append(ch)
+        common = os.path.commonpath([_fixed_folder(f) for f in files.values()]) if files else ""
+        for i, f in files.items():
+            rel = os.path.relpath(f, common) if common else os.path.basename(f)
+            placed[i] = (f"{ch.container_path}/{rel}", (ch.name, rel))
+    for i, f in files.items():
+        if i not in placed:
+            placed[i] = _place(f"{key}[{i}]", f, tree, sm, plan, upload_root, source_root)
+    rewritten, items = [], []
+    for i, item in enumerate(value):
+        if i not in placed:  # an lm-eval task name
+            rewritten.append(item)
+            items.append(item)
+        elif isinstance(item, dict):  # a mixture's source
+            rewritten.append({**item, "path": placed[i][0]})
+            items.append({**item, "path": list(placed[i][1])})
+        else:
+            rewritten.append(placed[i][0])
+            items.append(list(placed[i][1]))
+    plan.rewrites[key] = rewritten
+    plan.sources[key] = {"items": items}
+
+
+def _fixed_folder(path: str) -> str:
+    """The folder of a file, or of a glob the folder before its first wildcard: /d/hh/*/x.jsonl -> /d/hh."""
+    parts = path.split("/")
+    first = next((i for i, part in enumerate(parts) if _GLOB.search(part)), len(parts) - 1)
+    return "/".join(parts[:first]) or ("/" if path.startswith("/") else ".")
+
+
+def _glob_part(path: str) -> str:
+    """The pattern of a glob from its first part that holds a wildcard: /d/shard-*.jsonl -> shard-*.jsonl."""
+    parts = path.split("/")
+    first = next(i for i, part in enumerate(parts) if _GLOB.search(part))
+    return "/".join(parts[first:])
 
 
 def _under(path: str, root: str) -> str | None:
@@ -197,9 +292,10 @@ def plan_inputs(tree: dict, launch: LaunchConfig, *, upload_root: str, source_ro
     sm = launch.sagemaker
     validate_fsx(launch)
     for key in sm.inputs:
-        if key not in INPUT_KEYS:
+        base = _MIXTURE_ITEM.sub("", key)
+        if base not in INPUT_KEYS or (base != key and not isinstance(_get(tree, base), list)):
             raise ConfigError(f"launch.sagemaker.inputs.{key}: not a path the run reads "
-                              f"(one of {', '.join(INPUT_KEYS)})")
+                              f"(one of {', '.join(INPUT_KEYS)}, or KEY[i] for source i of a mixture)")
     plan = InputPlan()
     fsx = sm.fsx
     if fsx.file_system_id:
@@ -207,29 +303,13 @@ def plan_inputs(tree: dict, launch: LaunchConfig, *, upload_root: str, source_ro
         plan.channels.append(Channel(fsx.channel, "", mount))
     for key in INPUT_KEYS:
         value = _get(tree, key)
-        if key in sm.inputs:
-            make = _tokenizer_channel if key == "model.tokenizer" else partial(_s3_channel, key)
-            ch = make(sm.inputs[key], upload_root)
-            plan.channels.append(ch)
-            plan.rewrites[key] = ch.container_path
-            plan.sources[key] = (ch.name, ch.container_path[len(f"{CHANNEL_ROOT}/{ch.name}"):].lstrip("/"))
+        if isinstance(value, list) and key in LIST_KEYS:
+            _place_list(key, value, tree, sm, plan, upload_root, source_root)
             continue
-        if value is None or (key == "checkpoint.resume" and value in ("auto", "none")):
+        if key not in sm.inputs and (value is None or (key == "checkpoint.resume" and value in ("auto", "none"))):
             continue
-        value = str(value)
-        rest = _under(value, fsx.path) if fsx.file_system_id else None
-        if rest is not None:
-            plan.rewrites[key] = f"{CHANNEL_ROOT}/{fsx.channel}" + (f"/{rest}" if rest else "")
-            plan.sources[key] = (fsx.channel, rest)
-        elif _in_source(value, source_root):
-            plan.rewrites[key] = f"{CODE_DIR}/{value}"
-            plan.sources[key] = ("", value)
-        else:
-            raise ConfigError(
-                f"{key}: {value!r} would not exist inside the SageMaker job; deliver it with "
-                f"launch.sagemaker.inputs.{key} (an s3:// URI or a local path the launcher uploads) or put "
-                f"it on the file system of launch.sagemaker.fsx"
-            )
+        path, where = _place(key, value, tree, sm, plan, upload_root, source_root)
+        plan.rewrites[key], plan.sources[key] = path, where
     if sm.run_dir:
         rest = _under(sm.run_dir, fsx.path)
         plan.run_dir = f"{CHANNEL_ROOT}/{fsx.channel}" + (f"/{rest}" if rest else "")
