@@ -98,6 +98,21 @@ def test_a_config_without_run_dir_runs_in_runs_slash_its_name(tmp_path, monkeypa
     assert load_config(tmp_path / "my-run.yaml", ["run.dir=elsewhere"]).run.dir == "elsewhere"
 
 
+def test_slurm_launch_refuses_what_the_dry_run_refuses(capsys):
+    """`launch --backend slurm` checked the layout but not what `ppo --dry-run` refuses (GPU memory,
+    unreachable checkpoints): the job failed once it left the queue."""
+    from alfred_train.cli import main
+
+    argv = ["launch", str(REPO / "configs" / "alfred-40b-ppo.yaml"), "--backend", "slurm", "--dry-run",
+            "launch.gpu_memory_gib=40"]
+    assert main([*argv, "train.recompute=none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("alfred-train: error: train.recompute: ") and "\n" not in err, err
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("#!/bin/bash\n") and "alfred-train ppo --dry-run: the configuration is valid" in err
+
+
 def test_the_stage_comes_from_the_config_sections(tmp_path):
     """`launch configs/tiny-rm.yaml` trained SFT (launch.stage defaulted to sft); the stage is now the
     one the sections name, written into the job's config, and a config naming two must say which."""

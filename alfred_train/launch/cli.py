@@ -69,9 +69,14 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _launch_slurm(run: job_files.ResolvedRun, args: argparse.Namespace) -> int:
+    from alfred_train.dryrun import describe
+
     launch = run.launch
     validate_slurm(launch)
     job_files.check_world_size(run)
+    # What `<stage> --dry-run` refuses (GPU memory, the checkpoints and data it can reach from the
+    # login node) is refused before the job waits in the queue for hours, not once it starts.
+    report = describe(run.config, launch.stage)
     job_dir = job_files.job_dir_for(run).resolve()
     config_path = job_dir / job_files.RESOLVED_CONFIG
     script = slurm.render_sbatch(
@@ -81,7 +86,8 @@ def _launch_slurm(run: job_files.ResolvedRun, args: argparse.Namespace) -> int:
         workdir=Path.cwd(),
         source=str(run.source),
     )
-    if args.dry_run:
+    if args.dry_run:  # the script on stdout, the plan for a person on stderr
+        print(report, file=sys.stderr)
         sys.stdout.write(script)
         return 0
     job_files.write_job_dir(run, job_dir)
