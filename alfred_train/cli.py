@@ -129,6 +129,9 @@ def run_stage(args) -> int:
 
         print(describe(cfg, args.command))
         return 0
+    from alfred_train.stages.checkpoint_checks import resume_of_restarted_job
+
+    cfg = resume_of_restarted_job(cfg)
     launch = detect_launch_env()
     if launch.launcher == "single" and cfg.world_size > 1:
         from alfred_train.parallel.spawn import spawn_local

@@ -205,3 +205,22 @@ def test_a_damaged_init_is_refused_before_the_run_loads_it(capsys, tmp_path):
     assert _run(capsys, *sft, "--dry-run")[0] == 0  # the dry run does not hash a 40B model's files
     _error(capsys, "checkpoint.init", f"{init} is damaged: __0_0.distcp does not match its sha256 (corrupted); point "
            "it at a sound checkpoint", *sft)
+
+
+def test_a_restarted_slurm_job_continues_its_own_checkpoints(tmp_path):
+    """A job launched with checkpoint.resume none (or a path) ran the same config after its requeue and
+    refused its own checkpoints; a restart now continues them, and only them."""
+    cfg = load_config(TINY_SFT, [f"run.dir={tmp_path / 'run'}", "checkpoint.resume=none"])
+    ckpts = tmp_path / "run" / "checkpoints"
+    restart = {"SLURM_RESTART_COUNT": "1"}
+    assert checkpoint_checks.resume_of_restarted_job(cfg, restart) is cfg  # nothing saved yet: as configured
+    (ckpts / "iter_0000010").mkdir(parents=True)
+    assert checkpoint_checks.resume_of_restarted_job(cfg, {"SLURM_RESTART_COUNT": "0"}) is cfg  # the first run
+    assert checkpoint_checks.resume_of_restarted_job(cfg, restart).checkpoint.resume == "auto"
+    rollback = tmp_path / "other" / "iter_0000020"
+    rollback.mkdir(parents=True)
+    (rollback / "meta.json").write_text(json.dumps({"step": 20}))
+    from_path = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=str(rollback)))
+    assert checkpoint_checks.resume_of_restarted_job(from_path, restart) is from_path  # iter 10 is not this job's
+    (ckpts / "iter_0000030").mkdir()
+    assert checkpoint_checks.resume_of_restarted_job(from_path, restart).checkpoint.resume == "auto"

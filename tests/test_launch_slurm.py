@@ -133,7 +133,9 @@ def test_tiny_sft_on_slurm_and_requeue_resumes_to_the_same_loss(slurm_cluster, t
               "logging.progress=false", "logging.plots=false", "launch.gpus_per_node=0", "launch.procs_per_node=2",
               f"launch.python={sys.executable}", "launch.slurm.time=00:10:00", "launch.slurm.signal_lead_s=60"]  # fmt: skip
     straight = launch_cli(*common, f"run.dir={tmp_path}/straight", "launch.name=sft-straight", wait=True)
-    requeued = launch_cli(*common, f"run.dir={tmp_path}/requeued", "launch.name=sft-requeued")
+    requeued = launch_cli(*common, f"run.dir={tmp_path}/requeued", "launch.name=sft-requeued",
+                          f"launch.slurm.log_dir={tmp_path}/logs/sft",  # sbatch does not create it
+                          "checkpoint.resume=none")  # for the first run: the restart continues its own
     out, err = requeued.communicate(timeout=60)
     assert requeued.returncode == 0, err
     job_id = out.split()[3]  # "submitted Slurm job <id> (<script>)"
@@ -150,6 +152,7 @@ def test_tiny_sft_on_slurm_and_requeue_resumes_to_the_same_loss(slurm_cluster, t
     assert " COMPLETED exit=0 restarts=0" in out_straight
     assert (job.state, job.exit_code) == ("COMPLETED", 0) and job.restarts >= 1
     log = slurm.log_text(job_id)
+    assert job.log_path == f"{tmp_path}/logs/sft/sft-requeued-{job_id}.out"
     assert "restart 1" in log and "resumed from" in log, log[-3000:]
     # The save that TERM triggered completed (rank 0 wrote the requeue record after it) and the
     # rerun resumed from it, not from the periodic checkpoint before it.

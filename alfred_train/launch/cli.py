@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from alfred_train.cli import parse_with_overrides
-from alfred_train.errors import AlfredError
+from alfred_train.errors import AlfredError, ConfigError
 from alfred_train.launch import job as job_files
 from alfred_train.launch import local, sagemaker, sagemaker_plan, slurm
 from alfred_train.launch.config import BACKENDS, validate_sagemaker, validate_slurm
@@ -91,6 +91,12 @@ def _launch_slurm(run: job_files.ResolvedRun, args: argparse.Namespace) -> int:
         sys.stdout.write(script)
         return 0
     job_files.write_job_dir(run, job_dir)
+    if launch.slurm.log_dir:  # sbatch does not create it: the job would fail with no log at all
+        try:
+            Path(launch.slurm.log_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"launch.slurm.log_dir: cannot create {launch.slurm.log_dir} ({err.strerror}); "
+                              "set it to a folder the job's nodes can write") from None
     script_path = job_dir / "job.sbatch"
     script_path.write_text(script)
     job_id = slurm.submit(script_path)

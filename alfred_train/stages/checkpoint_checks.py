@@ -91,6 +91,30 @@ def check_checkpoints(cfg: Config, stage: str, shape: ModelShape, *,
     return found, notes
 
 
+def resume_of_restarted_job(cfg: Config, environ=None) -> Config:
+    """A requeued Slurm job (SLURM_RESTART_COUNT >= 1) runs its first command again: with
+    checkpoint.resume none or a path it refused its own checkpoints at the first requeue (or would
+    have started over). Its run.dir's checkpoints after where it started are its own (its first run
+    refused a run.dir holding later ones), so the restart continues them (`auto`); before it has
+    saved one, it starts where configured."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    c = cfg.checkpoint
+    if int(environ.get("SLURM_RESTART_COUNT") or 0) < 1 or c.resume == "auto":
+        return cfg
+    start = 0
+    if c.resume != "none":
+        meta = checkpoint.resolve_checkpoint(c.resume) / "meta.json"
+        start = json.loads(meta.read_text()).get("step", 0)
+    own = [step for step in checkpoint.iter_steps(Path(cfg.run.dir) / "checkpoints") if step > start]
+    if not own:
+        return cfg
+    log.warning("job restart %s: continuing this job's own checkpoints in run.dir (checkpoint.resume: %s "
+                "applied to its first run)", environ["SLURM_RESTART_COUNT"], c.resume)
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, resume="auto"))
+
+
 def check_no_later_history(cfg: Config, start: int) -> list[str]:
     """A run that does not continue run.dir's own newest checkpoint (checkpoint.resume: none, or a
     path: a rollback) would leave the checkpoints an earlier run saved there after `start` beside
