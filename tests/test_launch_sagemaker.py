@@ -360,6 +360,22 @@ def test_a_prompt_mixture_and_a_glob_reach_the_job(tmp_path):
     assert over == ['ppo.eval_tasks=["hellaswag", "/opt/ml/input/data/ppo_eval_tasks_1/my-task.yaml"]']
 
 
+def test_the_dry_run_sees_the_jobs_run_dir_not_this_machines(tmp_path, capsys):
+    """The launch dry run checked run.dir on the launching machine: its checkpoints (which the job never
+    sees) refused a `checkpoint.resume: none` job, or were said to be resumed."""
+    local = tmp_path / "local"
+    (local / "checkpoints" / "iter_0000010").mkdir(parents=True)
+    argv = ["launch", str(REPO / "configs" / "tiny-ppo.yaml"), "--backend", "sagemaker", "--dry-run",
+            "parallel.tp=1", "launch.nodes=1", "launch.gpus_per_node=0", "launch.procs_per_node=1",
+            "launch.sagemaker.instance_type=ml.m5.xlarge", "launch.sagemaker.role_arn=arn:aws:iam::123456789012:role/A",
+            "launch.sagemaker.image_uri=1.dkr.ecr.us-east-1.amazonaws.com/a:1", f"launch.sagemaker.source_s3_uri=s3://{BUCKET}/j",
+            f"launch.sagemaker.output_s3_uri=s3://{BUCKET}/o", f"launch.sagemaker.checkpoint_s3_uri=s3://{BUCKET}/c",
+            f"launch.sagemaker.inputs={{ppo.policy_init: s3://{BUCKET}/sft/, ppo.reward_init: s3://{BUCKET}/rm/}}",
+            f"run.dir={local}", "checkpoint.resume=none"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert "run.dir -> /opt/ml/checkpoints" in capsys.readouterr().err
+
+
 def test_missing_aws_credentials_is_one_line_exit_2(monkeypatch, tmp_path, capsys):
     import os
 

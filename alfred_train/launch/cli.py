@@ -11,6 +11,7 @@ Handlers return the exit code: 0 ok, 2 bad configuration (ConfigError, nothing s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -121,7 +122,13 @@ def _launch_sagemaker(run: job_files.ResolvedRun, args: argparse.Namespace) -> i
                                       source_root=sagemaker.source_root())
     job_tree = sagemaker_plan.rewritten_tree(run.tree, plan)
     job_files.load_run_tree(job_tree)  # the job's own config loads
-    report = describe(run.config, launch.stage)  # refuses what does not fit the GPUs or the volume
+    # Refuses what does not fit the GPUs or the volume. Inputs are checked where they are now (local,
+    # FSx), the run directory where the job has it: not this machine's runs/<name>, whose
+    # checkpoints the job never sees (the dry run said it would resume them).
+    cfg = run.config
+    view = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=launch.sagemaker.run_dir or plan.run_dir),
+                               checkpoint=dataclasses.replace(cfg.checkpoint, node_local=plan.node_local))
+    report = describe(view, launch.stage)
     if args.dry_run:  # the request on stdout (JSON); the plan for a person on stderr
         request = sagemaker.build_request(launch, name=name, submit_uri=sagemaker.source_uri(launch, name), plan=plan)
         print(report, *plan.lines(), IMAGE_NEEDS, sep="\n", file=sys.stderr)
