@@ -278,7 +278,7 @@ def _resume_lines(cfg: Config, stage: str) -> list[str]:
 
 def checkpoint_lines(cfg: Config, trainable_params: list[int], bf16: bool) -> list[str]:
     """Checkpoint size; on SageMaker also per-instance disk and S3 traffic (refuses a small volume)."""
-    from alfred_train.launch.sagemaker_plan import disk_plan
+    from alfred_train.launch.sagemaker_disk import disk_plan
 
     size = resources.checkpoint_size(trainable_params, bf16=bf16)
     lines = [f"Checkpoint: {resources.human(size.total)} each ({resources.human(size.weights)} weights + "

@@ -16,13 +16,7 @@ A list (a data mixture, ppo.eval_tasks' YAML files) is placed file by file (KEY[
 through one folder input for KEY that stands for the files' common folder.
 Anything else is refused before submission (exit 2, naming the key).
 
-Checkpoints, two layouts:
-- node-local (default): run.dir = /opt/ml/checkpoints on every instance, synced by SageMaker to
-  `checkpoint_s3_uri`; each node writes its ranks' files, the nodes' files meet in S3, and on a
-  restart SageMaker downloads the whole prefix to every instance. The volume must hold that
-  download (keep x the whole checkpoint) plus the node's share of the next save.
-- shared FSx: `run_dir` under `fsx.path` with `fsx.access_mode: rw`; one copy on the file system,
-  nothing on the instances' volumes and no CheckpointConfig.
+Checkpoints and the disk they need: alfred_train.launch.sagemaker_disk.
 """
 
 from __future__ import annotations
@@ -32,10 +26,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 from pathlib import Path
+from typing import Any
 
-from alfred_train import resources
 from alfred_train.errors import ConfigError
 from alfred_train.launch.config import LaunchConfig
 from alfred_train.launch.s3 import parse_s3_uri
@@ -158,8 +151,7 @@ _MIXTURE_ITEM = re.compile(r"\[\d+\]$")  # data.prompts[1]: source 1 of a mixtur
 _GLOB = re.compile(r"[*?\[]")
 
 
-def _place(key: str, value, tree: dict, sm, plan: InputPlan, upload_root: str,
-           source_root: Path) -> tuple[str, tuple[str, str]]:
+def _place(key: str, value, sm, plan: InputPlan, upload_root: str, source_root: Path) -> tuple[str, tuple[str, str]]:
     """Where the job reads `key` (a path, or source i of a mixture as KEY[i]): (path in the container,
     (channel, path inside it)); a channel of launch.sagemaker.inputs is added to `plan`."""
     fsx = sm.fsx
@@ -186,7 +178,7 @@ def _place(key: str, value, tree: dict, sm, plan: InputPlan, upload_root: str,
     )
 
 
-def _place_list(key: str, value: list, tree: dict, sm, plan: InputPlan, upload_root: str, source_root: Path) -> None:
+def _place_list(key: str, value: list, sm, plan: InputPlan, upload_root: str, source_root: Path) -> None:
     """A mixture (each source's path) or ppo.eval_tasks (each task YAML file; names stay), each file
     placed as KEY[i] is, or all through one folder input for KEY standing for their common folder
     (the recipe's five /fsx/alfred/data/*.jsonl from s3://b/alfred/data/). Sets the job's list and,
@@ -209,7 +201,7 @@ def _place_list(key: str, value: list, tree: dict, sm, plan: InputPlan, upload_r
             placed[i] = (f"{ch.container_path}/{rel}", (ch.name, rel))
     for i, f in files.items():
         if i not in placed:
-            placed[i] = _place(f"{key}[{i}]", f, tree, sm, plan, upload_root, source_root)
+            placed[i] = _place(f"{key}[{i}]", f, sm, plan, upload_root, source_root)
     rewritten, items = [], []
     for i, item in enumerate(value):
         if i not in placed:  # an lm-eval task name
@@ -304,11 +296,11 @@ def plan_inputs(tree: dict, launch: LaunchConfig, *, upload_root: str, source_ro
     for key in INPUT_KEYS:
         value = _get(tree, key)
         if isinstance(value, list) and key in LIST_KEYS:
-            _place_list(key, value, tree, sm, plan, upload_root, source_root)
+            _place_list(key, value, sm, plan, upload_root, source_root)
             continue
         if key not in sm.inputs and (value is None or (key == "checkpoint.resume" and value in ("auto", "none"))):
             continue
-        path, where = _place(key, value, tree, sm, plan, upload_root, source_root)
+        path, where = _place(key, value, sm, plan, upload_root, source_root)
         plan.rewrites[key], plan.sources[key] = path, where
     if sm.run_dir:
         rest = _under(sm.run_dir, fsx.path)
@@ -346,52 +338,3 @@ def input_data_config(launch: LaunchConfig, plan: InputPlan) -> list[dict]:
                                    "S3DataDistributionType": "FullyReplicated"}}
         out.append({"ChannelName": ch.name, "DataSource": source, "InputMode": sm.input_mode})
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Disk
-
-
-@dataclass(frozen=True)
-class DiskPlan:
-    per_instance: float  # bytes of volume each instance needs for checkpoints
-    lines: list[str]
-
-
-def disk_plan(cfg, size: resources.CheckpointSize) -> DiskPlan:
-    """Per-instance disk and S3 traffic of the checkpoints; refuses a volume_size_gb that cannot hold them."""
-    launch, p = cfg.launch, cfg.parallel
-    sm = launch.sagemaker
-    keep = cfg.checkpoint.keep
-    h = resources.human
-    if sm.run_dir:
-        lines = [f"  layout: shared run directory on FSx ({sm.run_dir}): one copy; the file system needs "
-                 f"{h((keep + 1) * size.total)} (keep {keep} + the one being written); instance volumes hold none"]
-        return DiskPlan(0.0, lines)
-    share = resources.largest_node_share(size, tp=p.tp, pp=p.pp, zero=p.zero, nodes=launch.nodes,
-                                         gpus_per_node=launch.workers_per_node)
-    if sm.checkpoint_s3_uri:
-        need = keep * size.total + share
-        lines = [f"  layout: node-local {CHECKPOINT_LOCAL_PATH} synced to {sm.checkpoint_s3_uri}; each node writes "
-                 f"up to {h(share)} per save",
-                 f"  S3 traffic: {h(size.total)} uploaded per save; a restart downloads the whole prefix (>= keep "
-                 f"{keep} x {h(size.total)}) to each of {launch.nodes} instances = {h(keep * size.total * launch.nodes)}",
-                 f"  per-instance disk: {h(need)} (the restart download + this node's share of the next save)"]
-    else:
-        need = (keep + 1) * share
-        lines = [f"  layout: node-local {CHECKPOINT_LOCAL_PATH} without checkpoint_s3_uri: checkpoints are lost "
-                 f"with the instances (no resume after a restart)",
-                 f"  per-instance disk: {h(need)} ((keep {keep} + 1) x this node's share {h(share)})"]
-    volume = sm.volume_size_gb * resources.GB
-    lines.append(f"  volume_size_gb: {sm.volume_size_gb} ({h(volume)}); File-mode inputs are copied there too")
-    local_max = resources.INSTANCE_LOCAL_STORAGE_GB.get(sm.instance_type)
-    if local_max and sm.volume_size_gb > local_max:
-        raise ConfigError(f"launch.sagemaker.volume_size_gb: {sm.instance_type} trains on its local NVMe "
-                          f"({local_max} GB); ask for at most that")
-    if volume < need:
-        raise ConfigError(
-            f"launch.sagemaker.volume_size_gb: {sm.volume_size_gb} GB cannot hold the checkpoints: each instance needs "
-            f"{need / resources.GB:.0f} GB ({'restart download of keep ' + str(keep) + ' x ' + h(size.total) if sm.checkpoint_s3_uri else 'node-local saves'}"
-            f" + {h(share)} being written); raise it to >= {int(-(-need // resources.GB))}, lower checkpoint.keep, "
-            "or put the run directory on FSx (launch.sagemaker.run_dir)")
-    return DiskPlan(need, lines)
