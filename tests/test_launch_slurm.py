@@ -45,7 +45,7 @@ dist.destroy_process_group()
 if restart == 0 and rank == 0:
     open(os.environ["ALFRED_REQUEUE_RECORD"], "w").write("checkpoint iter_0000007 saved at step 7\\n")
     sys.exit(3)
-if restart == 0:
+if restart == 0 and got == [signal.SIGUSR1]:
     time.sleep(30)  # still "finishing" when rank 0 exits: srun's --kill-on-bad-exit ends it
 sys.exit(0)
 """
