@@ -97,12 +97,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--run_dir", default=CHECKPOINT_DIR, help="the run directory (checkpoints)")
     parser.add_argument("--inputs", default="{}", help="JSON {run-config key: [channel, path]}")
     parser.add_argument("--master_port", type=int, default=MASTER_PORT)
+    parser.add_argument("--job_id", default="", help="the training job's name: ALFRED_JOB_ID for the trainer")
     parser.add_argument("--print-only", action="store_true", help="print the commands, run nothing")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.job_id:  # inherited by torchrun and the trainer: a restarted job continues its own checkpoints
+        os.environ["ALFRED_JOB_ID"] = args.job_id
     environ = dict(os.environ)
     config = str((CODE_DIR / args.config) if not Path(args.config).is_absolute() else args.config)
     commands = []

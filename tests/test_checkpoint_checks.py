@@ -224,3 +224,9 @@ def test_a_restarted_slurm_job_continues_its_own_checkpoints(tmp_path):
     assert checkpoint_checks.resume_of_restarted_job(from_path, restart) is from_path  # iter 10 is not this job's
     (ckpts / "iter_0000030").mkdir()
     assert checkpoint_checks.resume_of_restarted_job(from_path, restart).checkpoint.resume == "auto"
+    # SageMaker: a spot restart of the same job (run.dir's job-id is its ALFRED_JOB_ID), not another job
+    assert checkpoint_checks.resume_of_restarted_job(cfg, {"ALFRED_JOB_ID": "ppo-1"}) is cfg  # no marker yet
+    (tmp_path / "run" / "job-id").write_text("ppo-1\n")
+    assert checkpoint_checks.resume_of_restarted_job(cfg, {"ALFRED_JOB_ID": "ppo-2"}) is cfg  # another job
+    assert checkpoint_checks.resume_of_restarted_job(cfg, {"ALFRED_JOB_ID": "ppo-1"}).checkpoint.resume == "auto"
+

@@ -112,6 +112,7 @@ def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
                                        for item in PROMPTS]},
             "model.tokenizer": ["model_tokenizer", "tokenizer.json"],
             "ppo.policy_init": ["ppo_policy_init", ""], "ppo.reward_init": ["ppo_reward_init", ""]}, sort_keys=True)),
+        "job_id": json.dumps(name),
     }
     assert job["CheckpointConfig"] == {
         "S3Uri": f"s3://{BUCKET}/alfred-40b-ppo/checkpoints",

@@ -29,7 +29,7 @@ BUCKET = "alfred-rehearsal"
 STEPS = 4
 
 
-def submit(moto: str, name: str, inputs: Path, tmp_path: Path) -> dict:
+def submit(moto: str, name: str, inputs: Path, tmp_path: Path, *extra: str) -> dict:
     """`alfred-train launch` of the tiny PPO recipe as a 2 x ml.m5.xlarge job; returns the job."""
     overrides = [
         "parallel.tp=1", "parallel.dp=2", f"train.max_steps={STEPS}", "checkpoint.interval=1", "checkpoint.keep=5",
@@ -44,7 +44,7 @@ def submit(moto: str, name: str, inputs: Path, tmp_path: Path) -> dict:
         f"launch.sagemaker.endpoint_url={moto}",
         f"launch.sagemaker.inputs={{ppo.policy_init: {inputs / 'sft'}, ppo.reward_init: {inputs / 'rm'}}}",
     ]  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "alfred_train.launch.cli", "launch", "configs/tiny-ppo.yaml", *overrides],
+    done = subprocess.run([sys.executable, "-m", "alfred_train.launch.cli", "launch", "configs/tiny-ppo.yaml", *overrides, *extra],
                           capture_output=True, text=True, env=aws_env(moto), cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
     job_name = done.stdout.split()[-1]
@@ -85,7 +85,8 @@ def test_two_hosts_reclaimed_after_a_checkpoint_resume_from_s3_equal(moto, tmp_p
     s3 = boto_client("s3", moto)
     s3.create_bucket(Bucket=BUCKET)
     straight_job = submit(moto, "straight", ppo_inits, tmp_path)
-    reclaimed_job = submit(moto, "reclaimed", ppo_inits, tmp_path)
+    # checkpoint.resume: none holds for the job's first start: the restart continues its own checkpoints
+    reclaimed_job = submit(moto, "reclaimed", ppo_inits, tmp_path, "checkpoint.resume=none")
     assert {c["ChannelName"] for c in straight_job["InputDataConfig"]} == {"ppo_policy_init", "ppo_reward_init"}
     hosts = []
     try:

@@ -128,6 +128,7 @@ def build_request(launch: LaunchConfig, *, name: str, submit_uri: str, plan: Inp
         "procs_per_node": launch.workers_per_node,
         "run_dir": plan.run_dir,
         "inputs": json.dumps(plan.sources, sort_keys=True),  # a JSON text: entry.py's --inputs
+        "job_id": name,  # ALFRED_JOB_ID: a restart (spot) knows run.dir's checkpoints for its own
     }
     stopping = {"MaxRuntimeInSeconds": sm.max_run_s}
     if sm.spot:

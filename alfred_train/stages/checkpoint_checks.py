@@ -16,7 +16,7 @@ from alfred_train import checkpoint
 from alfred_train.config import Config
 from alfred_train.errors import ConfigError
 from alfred_train.models.build import ModelShape
-from alfred_train.stages.common import layout, tokenizer_digest, tokenizer_path
+from alfred_train.stages.common import JOB_MARKER, layout, tokenizer_digest, tokenizer_path
 
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,9 @@ def check_checkpoints(cfg: Config, stage: str, shape: ModelShape, *,
 
 
 def resume_of_restarted_job(cfg: Config, environ=None) -> Config:
-    """A requeued Slurm job (SLURM_RESTART_COUNT >= 1) runs its first command again: with
-    checkpoint.resume none or a path it refused its own checkpoints at the first requeue (or would
+    """A restarted job (Slurm: requeued, SLURM_RESTART_COUNT >= 1; SageMaker: after a spot reclaim,
+    run.dir's job-id is this job's ALFRED_JOB_ID) runs its first command again: with
+    checkpoint.resume none or a path it refused its own checkpoints at the first restart (or would
     have started over). Its run.dir's checkpoints after where it started are its own (its first run
     refused a run.dir holding later ones), so the restart continues them (`auto`); before it has
     saved one, it starts where configured."""
@@ -101,7 +102,11 @@ def resume_of_restarted_job(cfg: Config, environ=None) -> Config:
 
     environ = os.environ if environ is None else environ
     c = cfg.checkpoint
-    if int(environ.get("SLURM_RESTART_COUNT") or 0) < 1 or c.resume == "auto":
+    marker = Path(cfg.run.dir) / JOB_MARKER
+    job = environ.get("ALFRED_JOB_ID")
+    restarted = int(environ.get("SLURM_RESTART_COUNT") or 0) >= 1 or (
+        bool(job) and marker.is_file() and marker.read_text().strip() == job)
+    if not restarted or c.resume == "auto":
         return cfg
     start = 0
     if c.resume != "none":
@@ -110,8 +115,8 @@ def resume_of_restarted_job(cfg: Config, environ=None) -> Config:
     own = [step for step in checkpoint.iter_steps(Path(cfg.run.dir) / "checkpoints") if step > start]
     if not own:
         return cfg
-    log.warning("job restart %s: continuing this job's own checkpoints in run.dir (checkpoint.resume: %s "
-                "applied to its first run)", environ["SLURM_RESTART_COUNT"], c.resume)
+    log.warning("job restart: continuing this job's own checkpoints in run.dir (checkpoint.resume: %s applied "
+                "to its first run)", c.resume)
     return dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, resume="auto"))
 
 

@@ -28,6 +28,7 @@ from alfred_train.parallel.init import ParallelRuntime
 
 log = logging.getLogger("alfred_train")
 PREEMPTED_EXIT_CODE = 3  # a checkpoint was written on SIGUSR1/SIGTERM: requeue and resume
+JOB_MARKER = "job-id"  # in run.dir: the SageMaker job (ALFRED_JOB_ID, from entry.py) that runs there
 
 
 def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
@@ -58,6 +59,8 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
         try:
             tmp.write_text(dump_yaml(cfg))
             os.replace(tmp, run_dir / "config.yaml")
+            if job := os.environ.get("ALFRED_JOB_ID"):  # a restart of this job continues its checkpoints
+                (run_dir / JOB_MARKER).write_text(f"{job}\n")
         except OSError as err:  # a full disk: before any step, one line on every rank
             tmp.unlink(missing_ok=True)
             problem = f"run.dir: cannot write {run_dir / 'config.yaml'} ({err.strerror}); free space or set run.dir elsewhere"
