@@ -162,14 +162,20 @@ def _read_yaml(path: Path, what: str) -> dict:
     return data
 
 
+def default_run_dir(data: dict, path: Path) -> None:
+    """Set run.dir to runs/<config file stem> when the file sets none: two configs never share one."""
+    run = data.setdefault("run", {})
+    if isinstance(run, dict) and not run.get("dir"):
+        run["dir"] = f"runs/{path.stem}"
+
+
 def load_dict(path: str | Path | None, overrides: list[str] = ()) -> dict:
     """The raw nested dict of a run: file, then preset expansion, then overrides."""
     data = _read_yaml(Path(path), "config") if path else {}
     for ov in overrides:
         apply_override(data, ov)
-    run = data.setdefault("run", {}) if path else None
-    if isinstance(run, dict) and not run.get("dir"):  # runs/<config name>: two configs never share one
-        run["dir"] = f"runs/{Path(path).stem}"
+    if path:
+        default_run_dir(data, Path(path))
     model = data.get("model") or {}
     if isinstance(model, dict) and model.get("preset"):
         pfile = preset_path(str(model["preset"]))

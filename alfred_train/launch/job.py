@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 import yaml
 
+from alfred_train.config import default_run_dir
 from alfred_train.errors import ConfigError
 from alfred_train.launch.config import LaunchConfig, validate_common
 
@@ -116,9 +117,7 @@ def resolve_run(
         apply_override(tree, override)
     if backend is not None:
         tree.setdefault("launch", {})["backend"] = backend
-    run = tree.setdefault("run", {})
-    if isinstance(run, dict) and not run.get("dir"):  # as the trainer reads this file; the job's copy is config.yaml
-        run["dir"] = f"runs/{source.stem}"
+    default_run_dir(tree, source)  # as the trainer reads this file (the job's copy is named config.yaml)
     launch = tree.setdefault("launch", {})
     if isinstance(launch, dict) and "stage" not in launch:  # written into the job's config, not guessed again
         launch["stage"] = stage_from_sections(tree, source)
