@@ -20,6 +20,7 @@ on load).
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from pathlib import Path
 
@@ -78,6 +79,10 @@ class ZeroCheckpoint:
             self._state = get_fp32_state_dict_from_zero_checkpoint(str(self.path), tag=self.tag)
         except (FileNotFoundError, ValueError, KeyError) as err:
             raise ConfigError(f"{self.path / self.tag}: DeepSpeed cannot assemble this ZeRO checkpoint: {err}") from err
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # torch.load of a truncated or damaged shard
+            first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise ConfigError(f"{self.path / self.tag}: a ZeRO shard is damaged or incomplete ({first}); copy the "
+                              "checkpoint again, or convert another global_step*") from None
 
     def keys(self) -> list[str]:
         return list(self._state)
