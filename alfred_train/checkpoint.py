@@ -84,6 +84,19 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return found[0][1] if found else None
 
 
+def read_meta(ckpt_dir: str | Path) -> dict:
+    """A checkpoint's meta.json; a ConfigError naming it when it cannot be read (a damaged copy)."""
+    path = Path(ckpt_dir) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError, JSONDecodeError
+        raise ConfigError(f"{path} is unreadable ({type(err).__name__}); the checkpoint is damaged: use a sound "
+                          "one (an earlier iter_*, or a fresh copy of this one)") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path} holds no JSON object; the checkpoint is damaged: use a sound one")
+    return meta
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint dir, a `checkpoints/` root (its newest checkpoint) or a run dir."""
     p = Path(path)

@@ -261,15 +261,13 @@ def _init_lines(cfg: Config, stage: str) -> list[str]:
 def _resume_lines(cfg: Config, stage: str) -> list[str]:
     """The checkpoint the run resumes, and at which layout (refused if its optimizer states cannot
     reshard to it: also where PPO's preflight could not check the checkpoints without a tokenizer)."""
-    import json
-
     from alfred_train import checkpoint
     from alfred_train.stages.checkpoint_checks import check_resume_layout, checkpoints_to_load
 
     for use in checkpoints_to_load(cfg, stage):
         path = checkpoint.locate(use.where, use.key, required=False) if use.resume else None
         if path is not None:
-            meta = json.loads((path / "meta.json").read_text())
+            meta = checkpoint.read_meta(path)
             moved = check_resume_layout(cfg, use, path, meta)
             return [f"  resumes {path} (step {meta['step']})"
                     + (f" at another layout ({moved}): weights and optimizer states reshard" if moved else "")]

@@ -159,10 +159,14 @@ def check_language_model(ckpt: Path) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from alfred_train import checkpoint
+    from alfred_train.convert.hf_export import checkpoint_source
+    from alfred_train.convert.hf_output import output_problem
     from alfred_train.parallel.init import detect_launch_env
 
     if detect_launch_env().world_size != 1:
         raise ConfigError("eval runs as one process; start it without torchrun/srun")
+    if args.hf_dir and (problem := output_problem(Path(args.hf_dir))):
+        raise ConfigError(f"--hf-dir: {problem}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: must be >= 1")
     check_tasks(args.tasks)
@@ -177,11 +181,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     output.parent.mkdir(parents=True, exist_ok=True)
     if args.hf_dir:
-        hf_dir, source = Path(args.hf_dir), source_of(ckpt)
-        if exported_from(hf_dir) != source:  # another checkpoint's export is replaced, not scored
-            (hf_dir / SOURCE_FILE).unlink(missing_ok=True)  # an export cut short is no one's
+        hf_dir = Path(args.hf_dir)
+        if exported_from(hf_dir) != checkpoint_source(ckpt):  # another checkpoint's export is replaced, not scored
             export_hf(ckpt, hf_dir)
-            (hf_dir / SOURCE_FILE).write_text(json.dumps(source) + "\n")
         results = run_harness(hf_dir, names, manager, args)
     else:
         with tempfile.TemporaryDirectory(prefix=".hf-export-", dir=output.parent) as tmp:
@@ -199,25 +201,15 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-SOURCE_FILE = "alfred-eval-source.json"  # in --hf-dir: the checkpoint it was exported from
-
-
-def source_of(ckpt: Path) -> dict:
-    """What identifies `ckpt`'s weights: its path and its manifest's digest (a checkpoint saved again
-    under the same name is another one)."""
-    from alfred_train.checkpointing import manifest
-
-    found = ckpt / manifest.MANIFEST
-    return {"checkpoint": str(ckpt.resolve()),
-            "manifest_sha256": manifest.sha256_of(found) if found.is_file() else None}
-
-
 def exported_from(hf_dir: Path) -> dict | None:
-    """The `source_of` recorded in an export made by `eval --hf-dir`, or None."""
-    try:
-        return json.loads((hf_dir / SOURCE_FILE).read_text()) if (hf_dir / "config.json").is_file() else None
-    except (OSError, ValueError):
+    """The checkpoint (`hf_export.checkpoint_source`) an export in `hf_dir` holds the policy of, as
+    lm-eval loads it (merged when it is a LoRA policy); None for anything else."""
+    from alfred_train.convert.hf_output import read_record
+
+    record = read_record(hf_dir) or {}
+    if record.get("by") != "mcore-to-hf" or record.get("model") != "policy" or record.get("lora") == "adapter":
         return None
+    return {k: record.get(k) for k in ("checkpoint", "manifest_sha256")}
 
 
 def export_hf(ckpt: Path, hf_dir: Path) -> None:

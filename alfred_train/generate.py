@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,13 +63,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from alfred_train.checkpoint import resolve_checkpoint
     from alfred_train.parallel.init import detect_launch_env
+    from alfred_train.parallel.spawn import LAUNCHER_PID
 
     parallel = parallel_config(args.overrides)
     sampling_params(args)  # refuse bad flags before any process starts
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_output(args.prompts, args.output)
-    resolve_checkpoint(args.checkpoint)
+    ckpt = resolve_checkpoint(args.checkpoint)
+    if detect_launch_env().rank == 0 and LAUNCHER_PID not in os.environ:  # not again in our own workers
+        check_checkpoint(ckpt, args.model)
     world = parallel.tp * parallel.pp
     if world > 1 and detect_launch_env().launcher == "single":
         from alfred_train.parallel.spawn import spawn_local
@@ -77,18 +81,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return _run_worker(args, parallel)
 
 
+def check_checkpoint(ckpt: Path, model: str) -> None:
+    """`ckpt` against its manifest, then the LoRA bases its `model` loads: a corrupted checkpoint
+    generated wrong text (exit 0), a truncated one died in a traceback."""
+    from alfred_train.checkpoint import read_meta
+    from alfred_train.checkpointing import manifest
+    from alfred_train.models import lora_checkpoint
+
+    manifest.refuse_damaged(ckpt, named="", fix="generate from a sound checkpoint", before="loading")
+    meta = read_meta(ckpt)
+    if model not in (held := meta.get("models") or []):
+        raise ConfigError(f"--model {model}: {ckpt} holds {held}; pick one of them with --model")
+    lora_checkpoint.check_bases(ckpt, meta, [model], named="", verify=True)
+
+
 def check_output(prompts: str, output: str) -> None:
     """Refuse an --output that would overwrite the --prompts file, or that cannot be written."""
     from alfred_train.checkpointing.site import file_in_the_way
 
     out, src = Path(output), Path(prompts)
+    if blocked := file_in_the_way(out.parent):
+        raise ConfigError(f"--output {output}: {blocked} is a file, not a directory; name another path")
     if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
         raise ConfigError(f"--output {output} is the --prompts file and would overwrite it; "
                           "write the completions to another path")
     if out.is_dir():
         raise ConfigError(f"--output {output} is a directory; name a .jsonl file to write")
-    if blocked := file_in_the_way(out.parent):
-        raise ConfigError(f"--output {output}: {blocked} is a file, not a directory; name another path")
+    try:  # here, not after the whole decode
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--output {output}: cannot write there ({err.strerror or err}); name a writable "
+                          "path") from None
 
 
 def parallel_config(overrides: list[str]):
@@ -155,7 +180,7 @@ def read_prompts(path: str | Path, tokenizer, template, max_len: int) -> list[Pr
         if isinstance(obj, dict) and "prompt_ids" in obj:
             ids = obj["prompt_ids"]
             if not (isinstance(ids, list) and ids and all(
-                    isinstance(i, int) and 0 <= i < tokenizer.vocab_size for i in ids)):
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tokenizer.vocab_size for i in ids)):
                 raise ConfigError(f"{where}: prompt_ids must be a non-empty list of token ids in "
                                   f"[0, {tokenizer.vocab_size})")
             ids = ids[-max_len:]
@@ -204,8 +229,8 @@ def _load_policy(args, ckpt: Path, parallel, runtime):
     path, meta = load_meta(ckpt)
     tokenizer = load_tokenizer(args.tokenizer or checkpoint_tokenizer(meta))
     vocab = checkpoint_shape(path, meta).vocab_size
-    if tokenizer.vocab_size != vocab:  # checked before any weight is read
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, the checkpoint's model {vocab}: "
+    if tokenizer.vocab_size > vocab:  # checked before any weight is read; fewer: padded rows, never sampled
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, more than the checkpoint's model ({vocab}): "
                           "pass the training tokenizer with --tokenizer")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and not runtime.cpu)
     chunks, shape, _ = build_from_checkpoint(path, parallel, runtime, name=args.model, kind="lm",

@@ -738,6 +738,18 @@ def test_damaged_checkpoint_refused_before_export(tiny_ckpt, tmp_path):
 
 
 
+def test_generate_on_a_converted_model_with_more_rows_than_tokens(tiny_ckpt, tmp_path):
+    """HF Llama's 520 embedding rows over a 512-token tokenizer (rows a checkpoint pads to): generate
+    refused it (tokenizer vocabulary != the model's); ids past the tokenizer's are never sampled."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt_ids": [1, 40, 41]}\n')
+    done = cli("generate", str(tiny_ckpt), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"),
+               "--max-new-tokens", "6", "--min-new-tokens", "6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = json.loads((tmp_path / "o.jsonl").read_text())["completion_ids"]
+    assert len(ids) == 6 and all(0 <= i < 512 for i in ids), ids
+
+
 def _small_delta_pair(root: Path, late_shape: tuple[int, ...] = (2,)) -> tuple[Path, Path]:
     """base and delta dirs of four tensors; the delta's last tensor (by name) has shape late_shape."""
     config = {"model_type": "llama", "hidden_size": 2, "num_hidden_layers": 1, "num_attention_heads": 1}
@@ -805,21 +817,84 @@ def test_import_refuses_a_directory_that_is_not_an_earlier_import(tiny_llama, tm
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
 
 
-def test_export_over_an_earlier_export_drops_its_adapter_and_tokenizer_config(tiny_ckpt, tmp_path):
+def test_export_over_an_earlier_export_replaces_what_it_wrote(tiny_ckpt, tmp_path):
     out = tmp_path / "hf"
-    (out / "adapter").mkdir(parents=True)  # what an earlier export of a LoRA checkpoint left
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        (out / "adapter" / name).write_text("{}")
-    (out / "tokenizer_config.json").write_text('{"tokenizer_class": "stale"}')
-    (out / "tokenizer.json").write_text("{}")
-    (out / "generation_config.json").write_text('{"eos_token_id": 99}')
-    (out / "README.md").write_text("not ours")
     done = cli("convert", "mcore-to-hf", str(tiny_ckpt), str(out))
     assert done.returncode == 0, done.stderr[-4000:]
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
-                                                     "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
+    record = json.loads((out / "alfred-export.json").read_text())
+    assert record["by"] == "mcore-to-hf" and record["model"] == "policy" and record["lora"] is None
+    assert record["checkpoint"] == str(sorted(tiny_ckpt.glob("iter_*"))[-1].resolve())
+    from alfred_train.convert.hf_export import checkpoint_source
+    from alfred_train.evaluation import exported_from
+
+    assert exported_from(out) == checkpoint_source(sorted(tiny_ckpt.glob("iter_*"))[-1])  # eval --hf-dir reuses it
+    # as if the earlier export had been of a LoRA checkpoint with another tokenizer
+    (out / "adapter").mkdir()
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer.json"):
+        (out / name).write_text("{}")
+    (out / "tokenizer_config.json").write_text('{"tokenizer_class": "stale"}')
+    record["files"] += ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer.json"]
+    (out / "alfred-export.json").write_text(json.dumps(record))
+    (out / "README.md").write_text("not ours")  # a model card written beside it
+    done = cli("convert", "mcore-to-hf", str(tiny_ckpt), str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    written = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "alfred-export.json", *written])
+    assert json.loads((out / "alfred-export.json").read_text())["files"] == written
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging directory left
+
+
+def test_export_refuses_a_directory_that_is_not_an_export(tiny_llama, tiny_ckpt, tmp_path, capsys):
+    """A downloaded model (or the HF base of the run itself) named as the output: an export deleted its
+    model*.safetensors and tokenizer files and wrote ours."""
+    hf_dir = _copy_hf(tiny_llama, tmp_path / "base")
+    before = {p: p.read_bytes() for p in sorted(hf_dir.rglob("*")) if p.is_file()}
+    err = _convert_error(capsys, "mcore-to-hf", str(tiny_ckpt), str(hf_dir))
+    assert f"output {hf_dir} is not empty and holds no earlier export" in err, err
+    delta = _copy_hf(tiny_llama, tmp_path / "delta")
+    err = _convert_error(capsys, "apply-delta", str(tiny_llama), str(delta), str(hf_dir))
+    assert f"output {hf_dir} is not empty and holds no earlier export" in err, err
+    assert {p: p.read_bytes() for p in sorted(hf_dir.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_failed_export_leaves_output_as_it_was(tiny_ckpt, tmp_path, capsys, monkeypatch, earlier):
+    """A failure once the weights are written (here: copying the tokenizer) leaves OUT_DIR as it was:
+    absent, or the earlier export it would have replaced, whole; and no staging directory."""
+    from alfred_train.convert import hf_export
+    from alfred_train.errors import ConfigError
+
+    out = tmp_path / "exports" / "hf"
+    if earlier:
+        assert cli("convert", "mcore-to-hf", str(tiny_ckpt), str(out)).returncode == 0
+        (out / "model.safetensors").write_bytes(b"the earlier weights")
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    written = []
+
+    def fail(state, out_dir):
+        written.extend(p.name for p in out_dir.iterdir())
+        raise ConfigError("tokenizer copy failed mid-way")
+
+    monkeypatch.setattr(hf_export, "export_tokenizer", fail)
+    err = _convert_error(capsys, "mcore-to-hf", str(tiny_ckpt), str(out))
+    assert "tokenizer copy failed mid-way" in err and written == ["model.safetensors"], (err, written)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == (["hf"] if earlier else [])
+
+
+def test_outputs_that_cannot_be_written_are_one_line_errors(tiny_llama, tiny_ckpt, tmp_path, capsys):
+    """A name the filesystem refuses (here too long, as EACCES or EROFS would be): one line, before
+    any weight is read, for each converter."""
+    out = tmp_path / ("x" * 250)  # a valid name; its staging directory's name is too long
+    for argv in (["mcore-to-hf", str(tiny_ckpt), str(out)], ["hf-to-mcore", str(tiny_llama), str(out)],
+                 ["apply-delta", str(tiny_llama), str(tiny_llama), str(out)]):
+        err = _convert_error(capsys, *argv)
+        assert f"output {out}: cannot write there (File name too long)" in err, err
+    err = _convert_error(capsys, "mcore-to-hf", str(tiny_ckpt), str(tmp_path / ("y" * 300) / "hf"))
+    assert "File name too long; name another path" in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("field,value,tensor,shapes", [

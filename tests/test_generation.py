@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -650,6 +651,57 @@ def test_generate_refuses_to_overwrite_its_prompts(tmp_path, capsys):
     assert f"{prompts} is a file, not a directory" in capsys.readouterr().err
     assert prompts.read_text() == '{"prompt": "hi"}\n'
 
+
+
+@pytest.mark.parametrize("damage,words", [("corrupt", "does not match its sha256 (corrupted)"),
+                                         ("truncate", "bytes, the manifest says"),
+                                         ("meta", "meta.json does not match its sha256")])
+def test_generate_refuses_a_damaged_checkpoint(sft_run, tmp_path, capsys, damage, words):
+    """A corrupted shard generated wrong text with exit 0; a truncated one died in a DCP traceback."""
+    from alfred_train.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_run / "checkpoints", run / "checkpoints")
+    ckpt = sorted((run / "checkpoints").glob("iter_*"))[-1]
+    target = ckpt / "meta.json" if damage == "meta" else sorted(ckpt.glob("*.distcp"))[0]
+    data = bytearray(target.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    target.write_bytes(bytes(data))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    assert main(["generate", str(run), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"alfred-train: error: {ckpt} is damaged: ") and words in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "o.jsonl").exists()
+
+
+def test_generate_names_a_missing_model_and_an_unusable_output(sft_run, tmp_path, capsys):
+    from alfred_train.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt_ids": [true, 5]}\n')
+    assert main(["generate", str(sft_run), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"),
+                 "--model", "value"]) == 2
+    assert "--model value: " in (err := capsys.readouterr().err) and "holds ['policy']" in err, err
+    long = tmp_path / ("x" * 300) / "o.jsonl"
+    assert main(["generate", str(sft_run), "--prompts", str(prompts), "--output", str(long)]) == 2
+    assert "File name too long; name another path" in capsys.readouterr().err
+
+
+def test_read_prompts_refuses_booleans_as_token_ids(tmp_path):
+    from alfred_train.data.corpus import TINY_SP_MODEL_PATH
+    from alfred_train.data.templates import get_template
+    from alfred_train.data.tokenizer import load_tokenizer
+    from alfred_train.errors import ConfigError
+    from alfred_train.generate import read_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt_ids": [1, 5]}\n{"prompt_ids": [true, 5]}\n')
+    with pytest.raises(ConfigError, match=r"prompts.jsonl:2: prompt_ids must be a non-empty list of token ids"):
+        read_prompts(prompts, load_tokenizer(TINY_SP_MODEL_PATH), get_template("plain"), 32)
 
 
 def test_read_prompts_names_an_undecodable_line(tmp_path):

@@ -16,6 +16,7 @@ Tolerances: our logits vs transformers + peft 1e-4 (as tests/test_convert.py); p
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -232,6 +233,51 @@ def test_eval_scores_a_lora_policy_with_its_adapters(runs, tmp_path):
     scored, merged, base = (load_file(tmp_path / d / "model.safetensors") for d in ("eval", "merged", "base"))
     assert scored.keys() == merged.keys() and all(torch.equal(scored[k], merged[k]) for k in scored)
     assert any(not torch.equal(scored[k], base[k]) for k in scored)  # the adapters moved the policy
+
+
+def _one_error(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_lora_checkpoint_over_a_damaged_or_missing_base_is_refused(runs, tmp_path):
+    """The LoRA checkpoint's own files were checked, its base's not: a corrupted base exported and
+    generated wrong weights with exit 0; a base moved or pruned died in a FileNotFoundError traceback."""
+    from alfred_train.checkpointing import manifest
+
+    base = tmp_path / "base" / "checkpoints" / "iter_0000004"
+    shutil.copytree(runs / "base" / "checkpoints" / "iter_0000004", base)
+    ckpt = tmp_path / "lora" / "checkpoints" / "iter_0000004"
+    shutil.copytree(runs / "tp2" / "checkpoints" / "iter_0000004", ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["state"]["lora"]["policy"]["base"]["path"] = str(base)  # the copy of its base
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    sealed = json.loads((ckpt / "manifest.json").read_text())
+    for entry in sealed["files"]:
+        if entry["path"] == "meta.json":
+            entry.update(size=(ckpt / "meta.json").stat().st_size, sha256=manifest.sha256_of(ckpt / "meta.json"))
+    (ckpt / "manifest.json").write_text(json.dumps(sealed))
+    shard = sorted(base.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "List cheerful words:"}) + "\n")
+    stacked = ("sft", str(TINY_SFT), f"run.dir={tmp_path / 'stacked'}", "parallel.tp=1", "lora.rank=2",
+               f"checkpoint.init={ckpt}", "train.max_steps=1")
+    for args, named in ((("convert", "mcore-to-hf", str(ckpt), str(tmp_path / "hf")), ""),
+                        (("generate", str(ckpt), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl")), ""),
+                        (stacked, "checkpoint.init: ")):
+        line = _one_error(run_cli(*args, check=False))
+        assert f"{named}{ckpt}: its LoRA base {base} is damaged: {shard.name} does not match its sha256" in line, line
+    shutil.rmtree(base.parent.parent)  # moved, or pruned by checkpoint.keep
+    for args, named in ((("convert", "mcore-to-hf", str(ckpt), str(tmp_path / "hf")), ""),
+                        ((*stacked, "--dry-run"), "checkpoint.init: ")):
+        line = _one_error(run_cli(*args, check=False))
+        assert f"{named}{ckpt} is a LoRA checkpoint over the base {base} (model 'policy'), which holds no " \
+               "checkpoint now" in line, line
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "o.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------

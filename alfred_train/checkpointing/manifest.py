@@ -187,8 +187,11 @@ def problems(ckpt_dir: Path, *, expect_step: int | None = None, threads: int = 8
     return [f"{e['path']} does not match its sha256 (corrupted)" for e, d in zip(to_hash, digests) if d != e["sha256"]]
 
 
-def refuse_damaged(ckpt_dir: Path, *, named: str, fix: str, before: str) -> None:
-    """ConfigError ("{named}{ckpt_dir} is damaged: ...; {fix} ...") when `ckpt_dir`'s files do not
+ANOTHER = " (an earlier iter_*, or a fresh copy of this one)"
+
+
+def refuse_damaged(ckpt_dir: Path, *, named: str, fix: str, before: str, other: str = ANOTHER) -> None:
+    """ConfigError ("{named}{ckpt_dir} is damaged: ...; {fix}{other}") when `ckpt_dir`'s files do not
     match its manifest (`problems`); one written before manifests existed is used unchecked, with a
     warning that it cannot be checked `before` loading or exporting it."""
     if not (Path(ckpt_dir) / MANIFEST).is_file():
@@ -196,5 +199,4 @@ def refuse_damaged(ckpt_dir: Path, *, named: str, fix: str, before: str) -> None
                                                   ckpt_dir, MANIFEST, before)
         return
     if found := problems(Path(ckpt_dir)):
-        raise ConfigError(f"{named}{ckpt_dir} is damaged: {'; '.join(found[:3])}; {fix} "
-                          "(an earlier iter_*, or a fresh copy of this one)")
+        raise ConfigError(f"{named}{ckpt_dir} is damaged: {'; '.join(found[:3])}; {fix}{other}")

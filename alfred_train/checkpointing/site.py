@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from alfred_train.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Site:
@@ -122,10 +124,14 @@ def release_run_dirs() -> None:
 
 def file_in_the_way(path: Path) -> Path | None:
     """`path`, or its nearest existing ancestor, when that is not a directory: where
-    `path.mkdir(parents=True)` would fail. None when the directory exists or can be made."""
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return None if candidate.is_dir() else candidate
+    `path.mkdir(parents=True)` would fail. None when the directory exists or can be made. A path
+    the OS cannot look up (a name too long, a loop of links) is a ConfigError naming it."""
+    try:
+        for candidate in (path, *path.parents):
+            if candidate.exists():
+                return None if candidate.is_dir() else candidate
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror or err}; name another path") from None
     return None
 
 

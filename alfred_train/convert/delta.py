@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from alfred_train.convert import hf_output
 from alfred_train.convert.hf_config import read_hf_config
 from alfred_train.convert.safetensors_io import DEFAULT_SHARD_BYTES, SafetensorsDir, ShardWriter
 from alfred_train.convert.tokenizer_files import TOKENIZER_FILES
@@ -64,8 +65,11 @@ def check_output(out: Path, inputs: tuple[Path, ...]) -> None:
 
 def apply_delta(base_dir: str | Path, delta_dir: str | Path, out_dir: str | Path,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """OUT_DIR: new, empty or an earlier export, written whole or not at all (convert/hf_output.py)."""
     base_dir, delta_dir, out = Path(base_dir), Path(delta_dir), Path(out_dir)
     check_output(out, (base_dir, delta_dir))
+    if problem := hf_output.output_problem(out):
+        raise ConfigError(problem)
     check_configs(read_hf_config(base_dir), read_hf_config(delta_dir))
     base, delta = SafetensorsDir(base_dir), SafetensorsDir(delta_dir)
     only_base = sorted(set(base.keys()) - set(delta.keys()))
@@ -75,13 +79,15 @@ def apply_delta(base_dir: str | Path, delta_dir: str | Path, out_dir: str | Path
                           f"only in delta: {only_delta[:3]})")
     for name in delta.keys():  # every shape from the headers, before anything is written
         check_shape(name, base.shape(name), delta.shape(name))
-    with ShardWriter(out, max_shard_bytes) as writer:
-        for name in delta.keys():
-            writer.add(name, add_delta(name, base.get(name), delta.get(name)))
-    for fname in ("config.json", *TOKENIZER_FILES):
-        src = delta_dir / fname if (delta_dir / fname).is_file() else base_dir / fname
-        if src.is_file():
-            shutil.copyfile(src, out / fname)
+    record = {"by": "apply-delta", "base": str(base_dir.resolve()), "delta": str(delta_dir.resolve())}
+    with hf_output.staged(out, record) as stage:
+        with ShardWriter(stage, max_shard_bytes) as writer:
+            for name in delta.keys():
+                writer.add(name, add_delta(name, base.get(name), delta.get(name)))
+        for fname in ("config.json", *TOKENIZER_FILES):
+            src = delta_dir / fname if (delta_dir / fname).is_file() else base_dir / fname
+            if src.is_file():
+                shutil.copyfile(src, stage / fname)
     vocab = json.loads((out / "config.json").read_text()).get("vocab_size")
     print(f"apply-delta: {base_dir} + {delta_dir} -> {out} ({len(delta.keys())} tensors, vocab {vocab})",
           flush=True)

@@ -8,9 +8,11 @@ tensors and mapped back with the same rules as the import (`convert/hf.py`):
     OUT_DIR/tokenizer.* ...          copied from the checkpoint's state["tokenizer"]
     OUT_DIR/adapter/                 a LoRA checkpoint's adapters in PEFT's format (convert/peft.py),
                                      OUT_DIR then holding its base; --merge-lora: merged weights instead
+    OUT_DIR/alfred-export.json       what it was exported from (convert/hf_output.py)
 
-The checkpoint is checked against its manifest (sizes, sha256) before anything loads. Exporting into
-an earlier export replaces its weights, config, tokenizer files and adapter/; other files stay.
+The checkpoint, and the LoRA bases it loads, are checked against their manifests (sizes, sha256)
+before anything loads. OUT_DIR is new, empty or an earlier export, written whole or not at all
+(`hf_output.staged`): an export into an earlier one replaces the files it wrote; others stay.
 
 A scalar model ("reward", "value") becomes *ForSequenceClassification with `score.weight` (1, h);
 our ScalarHead's bias is written as `score.bias` only when it is non-zero (transformers' score head
@@ -25,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-from alfred_train.convert import hf, hf_config, peft
+from alfred_train.convert import hf, hf_config, hf_output, peft
 from alfred_train.convert.mcore import gather_globals
 from alfred_train.convert.safetensors_io import DEFAULT_SHARD_BYTES, write_safetensors
-from alfred_train.convert.tokenizer_files import (copy_tokenizer_files, remove_tokenizer_files,
-                                                   write_tokenizer_config)
+from alfred_train.convert.tokenizer_files import copy_tokenizer_files, write_tokenizer_config
 from alfred_train.errors import ConfigError
 from alfred_train.models import lora, lora_checkpoint
 from alfred_train.models.build import ModelShape
@@ -75,19 +76,6 @@ def _token_ids(state: dict, tok) -> dict:
     return {"bos": tok.bos_id, "eos": tok.eos_id, "pad": pad}
 
 
-def remove_earlier_export(out: Path) -> None:
-    """Remove the files an earlier export into `out` wrote that this one may not write again (its
-    tokenizer files, config.json, the adapter/ of a LoRA checkpoint); the weights are replaced by
-    `write_safetensors`. Nothing else in `out` is touched."""
-    remove_tokenizer_files(out)  # also generation_config.json
-    (out / "config.json").unlink(missing_ok=True)
-    adapter = out / ADAPTER_DIR
-    for name in (peft.CONFIG_FILE, peft.WEIGHTS_FILE):
-        (adapter / name).unlink(missing_ok=True)
-    if adapter.is_dir() and not any(adapter.iterdir()):
-        adapter.rmdir()
-
-
 def export_tokenizer(state: dict, out_dir: Path):
     """Copy the checkpoint's tokenizer next to the weights; returns it loaded, or None."""
     from alfred_train.data.tokenizer import load_tokenizer
@@ -102,16 +90,31 @@ def export_tokenizer(state: dict, out_dir: Path):
     return tok
 
 
+def checkpoint_source(ckpt: Path) -> dict:
+    """What identifies `ckpt`'s weights in an export's record: its path and its manifest's digest (a
+    checkpoint saved again under the same name is another one)."""
+    from alfred_train.checkpointing import manifest
+
+    found = Path(ckpt) / manifest.MANIFEST
+    return {"checkpoint": str(Path(ckpt).resolve()),
+            "manifest_sha256": manifest.sha256_of(found) if found.is_file() else None}
+
+
 def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: str | None = None,
                 dtype: str = "auto", max_shard_bytes: int = DEFAULT_SHARD_BYTES, merge_lora: bool = False) -> Path:
     """A LoRA checkpoint writes its base to OUT_DIR and its adapters in PEFT's format to
-    OUT_DIR/adapter/ (or, with merge_lora, the merged weights W + scale * B A to OUT_DIR)."""
+    OUT_DIR/adapter/ (or, with merge_lora, the merged weights W + scale * B A to OUT_DIR). The
+    output is checked first, then the checkpoint and the LoRA bases it loads against their manifests."""
     from alfred_train.checkpoint import resolve_checkpoint
     from alfred_train.checkpointing import manifest
     from alfred_train.models.from_checkpoint import checkpoint_shape, load_meta
 
-    manifest.refuse_damaged(resolve_checkpoint(ckpt_dir), named="", fix="export a sound checkpoint", before="export")
-    ckpt, meta = load_meta(ckpt_dir)
+    out = Path(out_dir)
+    if problem := hf_output.output_problem(out):  # before a 40B checkpoint's files are hashed
+        raise ConfigError(problem)
+    ckpt = resolve_checkpoint(ckpt_dir)
+    manifest.refuse_damaged(ckpt, named="", fix="export a sound checkpoint", before="export")
+    ckpt, meta = load_meta(ckpt)
     state = meta.get("state") or {}
     shape = checkpoint_shape(ckpt, meta)
     name = pick_model(meta, model)
@@ -120,28 +123,41 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: st
              "fp16": "float16"}.get(dtype, dtype)
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: use one of auto, {', '.join(DTYPES)}")
-
-    ours = load_global_tensors(ckpt, name, shape, kind, runtime)
     entry = (state.get("lora") or {}).get(name)
-    adapters = {}
-    if entry:
-        spec = lora.AdapterSpec.from_state(entry)
-        if merge_lora:
-            ours = lora_checkpoint.merge_globals(ours, spec)
-        elif kind == "scalar":
-            raise ConfigError(f"--model {name}: a LoRA reward/value model exports merged only; add --merge-lora")
-        else:
+    if entry and kind == "scalar" and not merge_lora:
+        raise ConfigError(f"--model {name}: a LoRA reward/value model exports merged only; add --merge-lora")
+    lora_checkpoint.check_bases(ckpt, meta, [name], named="", verify=True)
+    lora_mode = None if not entry else "merged" if merge_lora else "adapter"
+    record = {"by": "mcore-to-hf", **checkpoint_source(ckpt), "model": name, "lora": lora_mode, "dtype": dtype}
+    with hf_output.staged(out, record) as stage:
+        ours = load_global_tensors(ckpt, name, shape, kind, runtime)
+        adapters = {}
+        if lora_mode == "merged":
+            ours = lora_checkpoint.merge_globals(ours, lora.AdapterSpec.from_state(entry))
+        elif lora_mode == "adapter":
             adapters = {k: v for k, v in ours.items() if lora.ADAPTER_KEY in k}
             ours = {k: v for k, v in ours.items() if lora.ADAPTER_KEY not in k}
+        config = _write_model(stage, ours, shape, kind, state, dtype, max_shard_bytes)
+        if adapters:
+            peft.export_adapter(adapters, lora.AdapterSpec.from_state(entry), shape, stage / ADAPTER_DIR,
+                                base_path=str(out.resolve()), dtype=DTYPES[dtype])
+    if adapters:
+        print(f"convert: LoRA adapters of {name!r} -> {out / ADAPTER_DIR} (PEFT: "
+              f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{out}'), '{out / ADAPTER_DIR}'))")
+    print(f"convert: {ckpt} (model {name!r}) -> {out} ({config['architectures'][0]}, {dtype}"
+          f"{', LoRA merged' if lora_mode == 'merged' else ''})", flush=True)
+    return out
+
+
+def _write_model(out: Path, ours: dict, shape: ModelShape, kind: str, state: dict, dtype: str,
+                 max_shard_bytes: int) -> dict:
+    """Weights, tokenizer files, config.json and generation_config.json into `out`; returns the config."""
     tied = kind == "lm" and torch.equal(ours["embedding.word_embeddings.weight"], ours["output_layer.weight"])
     tensors = hf.hf_from_ours(hf.rules_for(shape, kind), ours, tied=tied)
     if "score.bias" in tensors:
         log.warning("score.bias is non-zero: transformers' %s has no bias and will ignore it",
                     hf_config.ARCHITECTURES[(shape.arch, kind)])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     write_safetensors({k: v.to(DTYPES[dtype]) for k, v in tensors.items()}, out, max_shard_bytes)
-    remove_earlier_export(out)
     tok = export_tokenizer(state, out)
     ids = _token_ids(state, tok)
     config = hf_config.hf_config_from_shape(shape, kind, tied=tied, dtype=dtype, bos_id=ids["bos"],
@@ -150,11 +166,4 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: st
     if not (out / "generation_config.json").exists():
         gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    if adapters:
-        peft.export_adapter(adapters, spec, shape, out / ADAPTER_DIR, base_path=str(out.resolve()),
-                            dtype=DTYPES[dtype])
-        print(f"convert: LoRA adapters of {name!r} -> {out / ADAPTER_DIR} (PEFT: "
-              f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{out}'), '{out / ADAPTER_DIR}'))")
-    print(f"convert: {ckpt} (model {name!r}) -> {out} ({config['architectures'][0]}, {dtype}"
-          f"{', LoRA merged' if entry and merge_lora else ''})", flush=True)
-    return out
+    return config

@@ -256,6 +256,11 @@ def prepare_on_main(plan: ImportPlan, hf_dir: Path, out_dir: Path) -> tuple[str 
     except ConfigError as err:
         shutil.rmtree(staging, ignore_errors=True)
         return None, str(err)
+    except OSError as err:  # no permission, a read-only filesystem: before any weight is read
+        from alfred_train.convert.hf_output import cannot_write
+
+        shutil.rmtree(staging, ignore_errors=True)
+        return None, cannot_write(out_dir, err)
 
 
 def read_adapter(plan: ImportPlan, adapter: str | Path | None):

@@ -21,6 +21,7 @@ response: encoded on its own, sentencepiece's dummy prefix put a second space af
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
@@ -67,12 +68,18 @@ def read_prompt_jsonl(path: str | Path) -> list[PromptExample]:
 
 
 def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> Path:
-    """One JSON object per line, UTF-8, keys in insertion order; creates parent directories."""
+    """One JSON object per line, UTF-8, keys in insertion order; creates parent directories. Written
+    to a temporary file beside `path` and renamed: a failure leaves no half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

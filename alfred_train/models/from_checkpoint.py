@@ -12,10 +12,8 @@ from alfred_train.models.build import ModelShape, build_model
 
 
 def load_meta(ckpt: str | Path) -> tuple[Path, dict]:
-    import json
-
     path = checkpoint.resolve_checkpoint(ckpt)
-    return path, json.loads((path / "meta.json").read_text())
+    return path, checkpoint.read_meta(path)
 
 
 def checkpoint_shape(path: Path, meta: dict) -> ModelShape:

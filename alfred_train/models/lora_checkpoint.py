@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -91,15 +92,12 @@ def load_base(chunks, ref: BaseRef, name: str, *, merge_own: bool = True) -> Non
     checkpoint (StackLLaMA: SFT adapters, then RM adapters, then PPO adapters) is loaded merged:
     its own base, then W += scale * B A of its adapters, shard by shard (`merge_into_base`).
     merge_own=False: a checkpoint holding base and adapters together gives its base alone."""
-    import json
-    from pathlib import Path
-
     from alfred_train import checkpoint
     from alfred_train.models.build import unwrap
 
     models = [unwrap(c) for c in chunks]
     if ref.path is not None:
-        meta = json.loads((Path(ref.path) / "meta.json").read_text())
+        meta = checkpoint.read_meta(ref.path)
         entry = ((meta.get("state") or {}).get("lora") or {}).get(ref.model)
         if entry and not _self_contained(entry):
             inner = BaseRef.from_state(entry["base"])
@@ -186,6 +184,49 @@ def _adapters_aside(models):
         for parent, target, mine in aside:
             parent._modules.pop(f"lora_{target}", None)
             parent.add_module(f"lora_{target}", mine)
+
+
+def base_paths(meta: dict, name: str) -> list[tuple[Path, str]]:
+    """(checkpoint, model) of each checkpoint model `name` of a checkpoint with this meta.json reads
+    its frozen base from, nearest first: a LoRA checkpoint's base, that base's own base when it is a
+    LoRA checkpoint too, ... ([] for a full model, a self-contained or seeded-init LoRA checkpoint).
+    The walk stops at a base that is gone (no meta.json): `check_bases` names it."""
+    from alfred_train.checkpoint import read_meta
+
+    found = []
+    entry = ((meta.get("state") or {}).get("lora") or {}).get(name)
+    while entry and not _self_contained(entry) and (ref := BaseRef.from_state(entry["base"])).path is not None:
+        path = Path(ref.path)
+        found.append((path, ref.model))
+        if not (path / "meta.json").is_file():
+            break
+        entry = ((read_meta(path).get("state") or {}).get("lora") or {}).get(ref.model)
+    return found
+
+
+def check_bases(path, meta: dict, names, *, named: str, verify: bool) -> None:
+    """ConfigError when a base that models `names` of checkpoint `path` load (`base_paths`) is gone
+    (moved, or pruned by checkpoint.keep) or, with `verify`, damaged against its manifest: a LoRA
+    checkpoint's own files were checked and its base loaded unchecked, or failed with a traceback."""
+    from alfred_train.checkpointing import manifest
+
+    for name in names:
+        for base, model in base_paths(meta, name):
+            if not (base / "meta.json").is_file():
+                raise ConfigError(f"{named}{path} is a LoRA checkpoint over the base {base} (model {model!r}), which "
+                                  "holds no checkpoint now (moved, or removed by checkpoint.keep); put it back there")
+            if verify:
+                manifest.refuse_damaged(base, named=f"{named}{path}: its LoRA base ", before="loading",
+                                        fix="put a sound copy of the base it was trained on back there", other="")
+
+
+def check_sound(path, meta: dict, names, *, named: str, fix: str, before: str) -> None:
+    """Checkpoint `path` against its manifest (`manifest.refuse_damaged`), then the bases its models
+    `names` load (`check_bases`): every file a load of them reads."""
+    from alfred_train.checkpointing import manifest
+
+    manifest.refuse_damaged(path, named=named, fix=fix, before=before)
+    check_bases(path, meta, names, named=named, verify=True)
 
 
 def _self_contained(entry: dict) -> bool:

@@ -6,7 +6,6 @@ of an earlier run beside them."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch.distributed as dist
 from alfred_train import checkpoint
 from alfred_train.config import Config
 from alfred_train.errors import ConfigError
+from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import ModelShape
 from alfred_train.stages.common import JOB_MARKER, layout, tokenizer_digest, tokenizer_path
 
@@ -110,8 +110,7 @@ def resume_of_restarted_job(cfg: Config, environ=None) -> Config:
         return cfg
     start = 0
     if c.resume != "none":
-        meta = checkpoint.resolve_checkpoint(c.resume) / "meta.json"
-        start = json.loads(meta.read_text()).get("step", 0)
+        start = checkpoint.read_meta(checkpoint.resolve_checkpoint(c.resume)).get("step", 0)
     own = [step for step in checkpoint.iter_steps(Path(cfg.run.dir) / "checkpoints") if step > start]
     if not own:
         return cfg
@@ -168,22 +167,28 @@ def checked(cfg: Config, use: CheckpointUse, shape: ModelShape, *, required: boo
     path = checkpoint.locate(use.where, use.key, required=required)
     if path is None:
         return None
-    meta = json.loads((path / "meta.json").read_text())
+    meta = checkpoint.read_meta(path)
     _check_checkpoint(cfg, use, path, meta, shape)
+    lora_checkpoint.check_bases(path, meta, _loaded(use, meta), named=f"{use.key}: ", verify=False)
     if required and not use.resume:  # a resume is verified as it is chosen (checkpoint.find_resumable)
-        _check_sound(use, path)
+        _check_sound(use, path, meta)
     return path, meta
 
 
-def _check_sound(use: CheckpointUse, path: Path) -> None:
-    """The run itself (not the dry run: it would hash a 40B model's files), rank 0 only: an init's
-    files against its manifest, sizes then sha256, as a resume and `convert`/`eval` check theirs.
-    A damaged SFT checkpoint started PPO from corrupted weights without a word. One written before
-    manifests existed (or by an older converter) is loaded unchecked, with a warning."""
-    from alfred_train.checkpointing import manifest
+def _loaded(use: CheckpointUse, meta: dict) -> tuple[str, ...]:
+    """The models the run loads from `use`'s checkpoint (the first of `use.holds` it holds)."""
+    return next(names for names in use.holds if set(names) <= set(meta.get("models") or []))
 
+
+def _check_sound(use: CheckpointUse, path: Path, meta: dict) -> None:
+    """The run itself (not the dry run: it would hash a 40B model's files), rank 0 only: an init's
+    files against its manifest, sizes then sha256, and those of the LoRA bases it loads, as a resume
+    and `convert`/`eval`/`generate` check theirs. A damaged SFT checkpoint started PPO from corrupted
+    weights without a word. One written before manifests existed (or by an older converter) is
+    loaded unchecked, with a warning."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        manifest.refuse_damaged(path, named=f"{use.key}: ", fix="point it at a sound checkpoint", before="loading")
+        lora_checkpoint.check_sound(path, meta, _loaded(use, meta), named=f"{use.key}: ",
+                                    fix="point it at a sound checkpoint", before="loading")
 
 
 def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, shape: ModelShape) -> None:
