@@ -6,7 +6,10 @@
     hf_import.py       `convert hf-to-mcore`
     hf_export.py       `convert mcore-to-hf`
     delta.py           `convert apply-delta`
+    hf_output.py       the HF directory both write: new, empty or an earlier export; staged, moved in whole
     safetensors_io.py  lazy reading of single-file / sharded safetensors dirs; sharded writing
     tokenizer_files.py tokenizer files carried along
+    peft.py            LoRA adapters <-> PEFT's adapter format
+    deepspeed_zero.py  an HF Trainer DeepSpeed ZeRO checkpoint as an import source
     cli.py             the `convert` subcommands
 """
