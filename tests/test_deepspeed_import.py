@@ -73,7 +73,7 @@ def test_zero_checkpoint_errors_name_the_problem(zero3, tmp_path):
     shard = sorted((broken / "global_step2").glob("*optim_states.pt"))[0]
     shard.write_bytes(shard.read_bytes()[:1000])  # a copy cut short
     done = run_cli("convert", "hf-to-mcore", str(broken), str(tmp_path / "out"), check=False)
-    errors = [ln for ln in done.stderr.splitlines() if "error" in ln]
+    errors = [ln for ln in done.stderr.splitlines() if "error:" in ln]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert len(errors) == 1 and "a ZeRO shard is damaged or incomplete" in errors[0], errors
     assert not (tmp_path / "out").exists()

@@ -80,7 +80,7 @@ class ZeroCheckpoint:
         except (FileNotFoundError, ValueError, KeyError) as err:
             raise ConfigError(f"{self.path / self.tag}: DeepSpeed cannot assemble this ZeRO checkpoint: {err}") from err
         except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # torch.load of a truncated or damaged shard
-            first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            first = str(err).splitlines()[0].split(". ")[0][:200] if str(err) else type(err).__name__
             raise ConfigError(f"{self.path / self.tag}: a ZeRO shard is damaged or incomplete ({first}); copy the "
                               "checkpoint again, or convert another global_step*") from None
 
