@@ -15,6 +15,9 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+MAX_WEIGHT = 1000  # a mixture weight is a number of copies of its source: inf overflowed in the mixer
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     for key, val in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.dp", p.dp),
@@ -73,7 +76,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if isinstance(files, tuple):
             _check(len(files) > 0, f"{key}: an empty mixture; list at least one {{path: ..., weight: ...}}")
             for i, source in enumerate(files):
-                _check(source.weight > 0, f"{key}[{i}].weight: must be > 0, got {source.weight}")
+                _check(0 < source.weight <= MAX_WEIGHT, f"{key}[{i}].weight: must be > 0 and at most {MAX_WEIGHT} "
+                       f"(the copies of the source in the mixture), got {source.weight}")
     _check(not (p.sequence_parallel and p.tp == 1), "parallel.sequence_parallel: needs parallel.tp > 1")
     o = cfg.ppo  # how PPO's batches split over dp: ppo.checks.check_config (an SFT run at dp 3 has no rollouts)
     _check(0 < o.top_p <= 1.0, f"ppo.top_p: must be in (0, 1], got {o.top_p}")
@@ -131,7 +135,7 @@ def _validate_extras(cfg: Config) -> None:
                "logging.wandb.mode: online needs W&B credentials (WANDB_API_KEY or `wandb login`); "
                "or set logging.wandb.mode: offline and `wandb sync` later")
     if cfg.ppo.eval_tasks:
-        from alfred_train.evaluation import check_tasks
+        from alfred_train.eval_tasks import check_tasks
 
         check_tasks(cfg.ppo.eval_tasks, "ppo.eval_tasks")
         _check(cfg.checkpoint.save_final, "ppo.eval_tasks: evaluates the final checkpoint; set "

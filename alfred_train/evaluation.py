@@ -30,12 +30,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from alfred_train.errors import ConfigError
+from alfred_train.errors import AlfredError, ConfigError
+from alfred_train.eval_tasks import check_task_names, check_tasks, is_task_file, split_tasks
 
 log = logging.getLogger("alfred_train")
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_EVALUATE_OFFLINE": "1"}
-INSTALL_HINT = "pip install 'alfred-train[eval]'"
 
 
 def add_commands(subparsers) -> None:
@@ -54,98 +54,32 @@ def add_commands(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tasks: names and YAML files, checked before any weight is read.
-
-def split_tasks(tasks) -> list[str]:
-    return [t.strip() for entry in tasks for t in str(entry).split(",") if t.strip()]
-
-
-def is_task_file(task: str) -> bool:
-    return task.endswith((".yaml", ".yml"))
-
-
-def check_tasks(tasks, key: str = "--tasks") -> None:
-    """lm-eval is installed and every task file exists and names a task (no model, no index)."""
-    import importlib.util
-
-    for package in ("lm_eval", "accelerate"):
-        if importlib.util.find_spec(package) is None:
-            raise ConfigError(f"{key}: evaluation needs lm-evaluation-harness; {INSTALL_HINT}")
-    for task in split_tasks(tasks):
-        if is_task_file(task):
-            task_name(Path(task), key)
-
-
-def task_name(path: Path, key: str = "--tasks") -> str:
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    if not path.is_file():
-        raise ConfigError(f"{key}: task file {path} does not exist")
-    try:
-        config = load_yaml(str(path), resolve_func=False, recursive=True)
-    except Exception as err:  # yaml errors, a missing `include:` ...: one line naming the file
-        raise ConfigError(f"{key}: {path} is not a readable lm-eval task file: {err}") from None
-    name = config.get("task") if isinstance(config, dict) else None
-    if not isinstance(name, str):
-        raise ConfigError(f"{key}: {path} has no `task:` name (lm-eval task YAML files start with one)")
-    if not config.get("dataset_path") and not config.get("custom_dataset"):
-        raise ConfigError(f"{key}: {path} names no `dataset_path:` (a hub dataset, or `json` with "
-                          f"dataset_kwargs.data_files) for task {name!r}")
-    return name
-
-
-def resolve_tasks(tasks) -> tuple[list[str], list[str]]:
-    """(task names, folders of the YAML files to register with lm-eval's TaskManager)."""
-    names, folders = [], []
-    for task in split_tasks(tasks):
-        if is_task_file(task):
-            names.append(task_name(Path(task)))
-            folder = str(Path(task).resolve().parent)
-            if folder not in folders:
-                folders.append(folder)
-        else:
-            names.append(task)
-    return names, folders
-
-
-def task_manager(names: list[str], folders: list[str], key: str = "--tasks"):
-    """lm-eval's TaskManager over our YAML folders (plus its own registry when a name needs it)."""
-    from lm_eval.tasks import TaskManager
-
-    builtin = any(n not in _names_in(folders) for n in names)
-    manager = TaskManager(include_path=folders or None, include_defaults=builtin)
-    missing = [n for n in names if n not in manager.all_tasks]
-    if missing:
-        raise ConfigError(f"{key}: lm-eval knows no task {', '.join(missing)}; give a task YAML file or a "
-                          "name from `lm-eval ls tasks`")
-    return manager
-
-
-def check_task_names(tasks, key: str) -> None:
-    """Every task name is known to lm-eval: its index of ~15k task files takes ~10 s to build, so
-    this runs in the dry run and once before training, not at each config load (`check_tasks`)."""
-    check_tasks(tasks, key)
-    task_manager(*resolve_tasks(tasks), key)
-
-
-def _names_in(folders: list[str]) -> set[str]:
-    found = set()
-    for folder in folders:
-        for path in Path(folder).glob("*.y*ml"):
-            try:
-                found.add(task_name(path))
-            except ConfigError:
-                pass
-    return found
-
-
-# ---------------------------------------------------------------------------------------------
 # The command.
 
 def default_output(ckpt: Path) -> Path:
-    """RUN_DIR/eval/<iter_N>.json: RUN_DIR/checkpoints/iter_N -> RUN_DIR, OUT/iter_N (convert) -> OUT."""
+    """RUN_DIR/eval/<iter_N>.json: RUN_DIR/checkpoints/iter_N -> RUN_DIR, OUT/iter_N (convert) -> OUT
+    (of the resolved path: `eval .` inside iter_N wrote iter_N/eval/.json)."""
+    ckpt = ckpt.resolve()
     root = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     return root / "eval" / f"{ckpt.name}.json"
+
+
+def check_output(output: Path, key: str = "--output") -> None:
+    """The results file can be written: found after the export and the whole evaluation, it was a
+    traceback (a directory, a parent that is a file) with a temporary file left behind."""
+    from alfred_train.checkpointing.site import file_in_the_way
+
+    if output.is_dir():
+        raise ConfigError(f"{key} {output} is a directory; name a .json file to write")
+    if blocked := file_in_the_way(output.parent):
+        raise ConfigError(f"{key} {output}: {blocked} is a file, not a directory; name another path")
+
+
+def check_device(device: str | None) -> None:
+    import torch
+
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or leave it out")
 
 
 def check_language_model(ckpt: Path) -> None:
@@ -158,6 +92,7 @@ def check_language_model(ckpt: Path) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    """Every check (tasks and their data, checkpoint, outputs, device) before the export."""
     from alfred_train import checkpoint
     from alfred_train.convert.hf_export import checkpoint_source
     from alfred_train.convert.hf_output import output_problem
@@ -169,15 +104,16 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--hf-dir: {problem}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: must be >= 1")
+    check_device(args.device)
+    offline = all(is_task_file(t) for t in split_tasks(args.tasks))
+    if offline:
+        os.environ.update(OFFLINE_ENV)  # before lm-eval/datasets read them
     check_tasks(args.tasks)
     ckpt = checkpoint.resolve_checkpoint(args.ckpt)
     check_language_model(ckpt)
     output = Path(args.output) if args.output else default_output(ckpt)
-    names, folders = resolve_tasks(args.tasks)
-    offline = all(is_task_file(t) for t in split_tasks(args.tasks))
-    if offline:
-        os.environ.update(OFFLINE_ENV)  # before lm-eval/datasets read them
-    manager = task_manager(names, folders)  # unknown task names fail here, before the export
+    check_output(output)
+    names, manager = check_task_names(args.tasks, "--tasks")  # before the export
 
     output.parent.mkdir(parents=True, exist_ok=True)
     if args.hf_dir:
@@ -204,10 +140,12 @@ def run_eval(args: argparse.Namespace) -> int:
 def exported_from(hf_dir: Path) -> dict | None:
     """The checkpoint (`hf_export.checkpoint_source`) an export in `hf_dir` holds the policy of, as
     lm-eval loads it (merged when it is a LoRA policy); None for anything else."""
-    from alfred_train.convert.hf_output import read_record
+    from alfred_train.convert.hf_output import is_whole, read_record
 
     record = read_record(hf_dir) or {}
     if record.get("by") != "mcore-to-hf" or record.get("model") != "policy" or record.get("lora") == "adapter":
+        return None
+    if not is_whole(hf_dir):  # a file deleted or cut short since: exported again
         return None
     return {k: record.get(k) for k in ("checkpoint", "manifest_sha256")}
 
@@ -234,8 +172,14 @@ def run_harness(hf_dir: Path, names: list[str], manager, args) -> dict:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = HFLM(pretrained=str(hf_dir), device=device, batch_size=args.batch_size, dtype="auto")
-    results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=args.limit,
-                              num_fewshot=args.num_fewshot, log_samples=args.samples, bootstrap_iters=1000)
+    try:
+        results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=args.limit,
+                                  num_fewshot=args.num_fewshot, log_samples=args.samples, bootstrap_iters=1000)
+    except Exception as err:  # what the checks cannot see: a hub dataset out of reach, a task's own code
+        log.debug("lm-eval failed", exc_info=True)
+        first = " ".join(str(err).split())[:300] or "no message"
+        raise AlfredError(f"lm-eval failed on {', '.join(names)}: {type(err).__name__}: {first} (a hub dataset needs "
+                          "network access; task YAML files with local data run offline)") from None
     if results is None:  # lm-eval returns None on non-zero ranks only
         raise RuntimeError("lm-eval returned no results")
     for key in ("pretty_env_info",):  # bulky machine dump; lm-eval versions stay
@@ -248,8 +192,11 @@ def write_json(results: dict, output: Path) -> None:
     from lm_eval.utils import handle_non_serializable
 
     tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
-    os.replace(tmp, output)
+    try:
+        tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -828,19 +828,23 @@ def test_export_over_an_earlier_export_replaces_what_it_wrote(tiny_ckpt, tmp_pat
     from alfred_train.evaluation import exported_from
 
     assert exported_from(out) == checkpoint_source(sorted(tiny_ckpt.glob("iter_*"))[-1])  # eval --hf-dir reuses it
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(weights[:100])  # cut short since: exported again, not scored
+    assert exported_from(out) is None
+    (out / "model.safetensors").write_bytes(weights)
     # as if the earlier export had been of a LoRA checkpoint with another tokenizer
     (out / "adapter").mkdir()
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer.json"):
         (out / name).write_text("{}")
     (out / "tokenizer_config.json").write_text('{"tokenizer_class": "stale"}')
-    record["files"] += ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer.json"]
+    record["files"].update({"adapter/adapter_config.json": 2, "adapter/adapter_model.safetensors": 2, "tokenizer.json": 2})
     (out / "alfred-export.json").write_text(json.dumps(record))
     (out / "README.md").write_text("not ours")  # a model card written beside it
     done = cli("convert", "mcore-to-hf", str(tiny_ckpt), str(out))
     assert done.returncode == 0, done.stderr[-4000:]
     written = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "alfred-export.json", *written])
-    assert json.loads((out / "alfred-export.json").read_text())["files"] == written
+    assert sorted(json.loads((out / "alfred-export.json").read_text())["files"]) == written
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging directory left

@@ -225,6 +225,93 @@ def test_eval_task_errors_are_one_line(tmp_path, capsys, monkeypatch, task, mess
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def _broken_task(folder: Path, how: str) -> str:
+    """A task file of `write_task`'s task, broken as `how` says; returns what the error must hold."""
+    task = write_task(folder)
+    text, data = task.read_text(), folder / "tiny_mc.jsonl"
+    if how == "missing data":
+        data.unlink()
+        return f"its data file {data} does not exist"
+    if how == "bad data line":
+        data.write_text(data.read_text() + '{"question": "x", \n')
+        return f"{data}:{len(QUESTIONS) + 1}: invalid JSON"
+    if how == "misspelt key":
+        task.write_text(text.replace("doc_to_text:", "doc_to_txt:"))
+        return "unexpected keyword argument 'doc_to_txt'"
+    if how == "output type":
+        task.write_text(text.replace("output_type: multiple_choice", "output_type: multiple_choise"))
+        return "output_type 'multiple_choise' is not one of"
+    if how == "group file":
+        task.write_text("group: my_group\ntask:\n  - tiny_mc\n")
+        return "is an lm-eval group file"
+    if how == "yaml syntax":
+        task.write_text("task: tiny_mc\ndataset_path: json\n  bad: [\n")
+        return "is not a readable lm-eval task file"
+    (folder / "sub").mkdir()
+    (folder / "sub" / "other.yaml").write_text(text)  # "same name": lm-eval ran whichever it indexed first
+    return "both name task 'tiny_mc'"
+
+
+@pytest.mark.parametrize("how", ["missing data", "bad data line", "misspelt key", "output type", "group file",
+                                 "yaml syntax", "same name"])
+def test_task_files_are_checked_against_lm_eval_and_their_data(tmp_path, how):
+    """What the dry run and the preflight before training let through, for lm-eval to fail on in a
+    traceback after the whole PPO run (which then exited 0)."""
+    from alfred_train.errors import ConfigError
+    from alfred_train.eval_tasks import check_task_names
+
+    words = _broken_task(tmp_path, how)
+    with pytest.raises(ConfigError) as caught:
+        check_task_names([str(tmp_path / "tiny_mc.yaml")], "ppo.eval_tasks")
+    assert str(caught.value).startswith("ppo.eval_tasks: ") and words in str(caught.value), caught.value
+    assert len(str(caught.value).splitlines()) == 1
+    with pytest.raises(ConfigError, match="--tasks: names no task"):
+        check_task_names([" , "], "--tasks")
+
+
+def test_ppo_dry_run_refuses_a_task_whose_data_is_missing(tmp_path, capsys, monkeypatch):
+    from alfred_train.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    words = _broken_task(tmp_path / "tasks", "missing data")
+    assert main(["ppo", TINY_PPO, f"ppo.eval_tasks=[{tmp_path / 'tasks' / 'tiny_mc.yaml'}]", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_outputs_and_device_are_checked_before_the_export(work, tmp_path, capsys):
+    """A results path that is a directory or under a file, an --hf-dir that is a file, a CUDA device
+    on a machine without one: found after the export (and the whole evaluation), with a traceback."""
+    import torch
+
+    from alfred_train.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    base = ["eval", str(work["run_dir"]), "--tasks", str(work["task"])]
+    cases = [(["--output", str(tmp_path / "adir")], "is a directory; name a .json file"),
+             (["--output", str(tmp_path / "afile" / "r.json")], "is a file, not a directory"),
+             (["--hf-dir", str(tmp_path / "afile")], "--hf-dir: output"),
+             (["--output", str(tmp_path / "r.json"), "--device", "cuda"], "no CUDA GPU is visible")]
+    for flags, words in cases[:3] + (cases[3:] if not torch.cuda.is_available() else []):
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, (flags, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"] and not any((tmp_path / "adir").iterdir())
+
+
+def test_default_output_does_not_depend_on_how_the_checkpoint_is_spelled(tmp_path, monkeypatch):
+    from alfred_train.evaluation import default_output
+
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_0000003"
+    ckpt.mkdir(parents=True)
+    want = tmp_path / "run" / "eval" / "iter_0000003.json"
+    monkeypatch.chdir(ckpt)
+    assert default_output(Path(".")) == want
+    monkeypatch.chdir(ckpt.parent)
+    assert default_output(Path("iter_0000003")) == want == default_output(ckpt)
+
+
 def test_ppo_eval_tasks_are_checked_at_config_load(tmp_path):
     from alfred_train.config import load_config
     from alfred_train.errors import ConfigError

@@ -1,6 +1,6 @@
 """The Hugging Face directories `convert mcore-to-hf` and `convert apply-delta` write: whole or not at all.
 
-    OUT_DIR/alfred-export.json   {"by": "mcore-to-hf", "files": [every file it wrote], ...what from}
+    OUT_DIR/alfred-export.json   {"by": "mcore-to-hf", "files": {every file it wrote: bytes}, ...what from}
 
 OUT_DIR must be new, empty, or an earlier export (it holds alfred-export.json). Anything else, a
 downloaded base model or a run directory, is refused before any weight is read: an export into it
@@ -37,6 +37,8 @@ def read_record(out_dir: Path) -> dict | None:
 def output_problem(out_dir: Path) -> str | None:
     """Why `out_dir` cannot take an export (None: new, empty, or an earlier export)."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        return f"output {out_dir} is a file, not a directory; name a directory to write into"
     if not out_dir.is_dir() or not any(out_dir.iterdir()) or read_record(out_dir) is not None:
         return None
     return (f"output {out_dir} is not empty and holds no earlier export (no {RECORD}): an export would replace "
@@ -74,8 +76,20 @@ def staged(out_dir: str | Path, record: dict) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _files(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != RECORD)
+def _files(root: Path) -> dict[str, int]:
+    """Every file under `root` but the record: relative path -> size in bytes."""
+    return {p.relative_to(root).as_posix(): p.stat().st_size
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != RECORD}
+
+
+def is_whole(out_dir: Path) -> bool:
+    """An earlier export is all there: every file its record lists, at its size (a reused export
+    with a file deleted or cut short went on to a transformers traceback)."""
+    files = (read_record(out_dir) or {}).get("files")
+    if not isinstance(files, dict) or read_record(out_dir).get("incomplete"):
+        return False
+    return all((Path(out_dir) / name).is_file() and (Path(out_dir) / name).stat().st_size == size
+               for name, size in files.items())
 
 
 def _write_record(out: Path, record: dict) -> None:
@@ -91,9 +105,9 @@ def _commit(stage: Path, out: Path, record: dict) -> None:
         _write_record(stage, record)
         os.replace(stage, out)  # onto an empty directory too (POSIX rename)
         return
-    old = (read_record(out) or {}).get("files") or []
-    old = [f for f in old if isinstance(f, str) and ".." not in f.split("/") and not f.startswith("/")]
-    _write_record(out, {"by": record.get("by"), "incomplete": True, "files": sorted({*old, *new})})
+    old = [f for f in (read_record(out) or {}).get("files") or {}
+           if isinstance(f, str) and ".." not in f.split("/") and not f.startswith("/")]
+    _write_record(out, {"by": record.get("by"), "incomplete": True, "files": {**dict.fromkeys(old, None), **new}})
     for name in old:
         (out / name).unlink(missing_ok=True)
     for name in sorted({str(Path(f).parent) for f in old} - {"."}, key=len, reverse=True):

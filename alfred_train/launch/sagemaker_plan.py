@@ -183,7 +183,7 @@ def _place_list(key: str, value: list, sm, plan: InputPlan, upload_root: str, so
     placed as KEY[i] is, or all through one folder input for KEY standing for their common folder
     (the recipe's five /fsx/alfred/data/*.jsonl from s3://b/alfred/data/). Sets the job's list and,
     for entry.py, {"items": [...]} with each path as [channel, path inside it]."""
-    from alfred_train.evaluation import is_task_file
+    from alfred_train.eval_tasks import is_task_file
 
     files = {i: str(item.get("path") if isinstance(item, dict) else item) for i, item in enumerate(value)
              if isinstance(item, dict) or key != "ppo.eval_tasks" or is_task_file(str(item))}

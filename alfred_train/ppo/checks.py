@@ -191,7 +191,7 @@ def preflight(cfg: Config, *, dry_run: bool, main: bool = True):
 
     check_config(cfg)
     if cfg.ppo.eval_tasks and main:  # before training: a misspelt task must not wait for the run's end
-        from alfred_train.evaluation import check_task_names
+        from alfred_train.eval_tasks import check_task_names
 
         check_task_names(cfg.ppo.eval_tasks, "ppo.eval_tasks")
     path = tokenizer_path(cfg)
