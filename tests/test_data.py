@@ -434,3 +434,12 @@ def test_synthetic_records_are_deterministic_mixed_and_short(tmp_path, tiny_sp):
     assert max(len(encode_sft(tiny_sp, template, r, 1000)[0]) for r in sft) < 48
     loaded = read_sft_jsonl(write_jsonl(tmp_path / "sft.jsonl", sft[:5]))
     assert loaded[0] == SFTExample((Message("user", sft[0]["prompt"]),), sft[0]["response"])
+
+
+def test_sft_dataset_counts_the_examples_it_cuts(tiny_sp):
+    """Examples longer than seq_len + 1 were cut without a word (95% of every response dropped)."""
+    template = get_template("plain")
+    examples = [SFTExample((Message("user", "hi"),), "word " * n) for n in (2, 200, 300)]
+    built = SFTDataset.build(examples, tiny_sp, template, seq_len=32)
+    assert (built.cut, built.no_loss) == (2, 0)
+    assert SFTDataset.build(examples[:1] * 8, tiny_sp, template, seq_len=32).cut == 0

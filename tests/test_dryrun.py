@@ -369,6 +369,29 @@ def test_examples_and_pairs_that_train_on_nothing_are_left_out_and_counted(capsy
     assert code == 2 and "data.seq_len: every training pair reads the same for chosen and rejected" in err, err
 
 
+def test_cut_examples_are_counted_and_a_small_split_only_warns(capsys, caplog, tmp_path):
+    """Examples and pairs longer than data.seq_len were cut without a word; a small SFT set at the
+    default valid_fraction was refused with advice to lower data.seq_len; equal chosen and rejected
+    responses were blamed on data.seq_len."""
+    sft = [str(TINY_SFT), "data.synthetic=false"]
+    rows = [{"prompt": f"Say {i}.", "response": "word " * (5 if i % 2 else 200)} for i in range(40)]
+    code, out, err = dry_run(capsys, "sft", *sft, "data.valid_fraction=0", f"data.train={_jsonl(tmp_path / 'a.jsonl', rows)}")
+    assert code == 0, err
+    assert "20 of 40 training examples are longer than data.seq_len + 1 (65 tokens) and are cut there" in caplog.text
+    small = [{"prompt": f"Say {i}.", "response": "ok"} for i in range(40)]
+    code, out, err = dry_run(capsys, "sft", *sft, "train.global_batch_size=4", "train.micro_batch_size=1",
+                             f"data.train={_jsonl(tmp_path / 'small.jsonl', small)}")
+    assert code == 0 and "0 held out" in out, err
+    assert "data.valid_fraction (0.05: 2 examples): too few held-out tokens for one row" in caplog.text
+    rm = [str(TINY_RM), "data.synthetic=false", "train.global_batch_size=8"]
+    pairs = [{"prompt": f"Write {i}.", "chosen": "sunny " * (3 if i % 2 else 90), "rejected": "sad"} for i in range(40)]
+    code, out, err = dry_run(capsys, "rm", *rm, f"data.train={_jsonl(tmp_path / 'rm.jsonl', pairs)}")
+    assert code == 0 and "19 of 38 training pairs fill data.seq_len (40 tokens)" in caplog.text, err
+    same = [{"prompt": f"Write {i}.", "chosen": "same", "rejected": "same"} for i in range(40)]
+    code, _, err = dry_run(capsys, "rm", *rm, f"data.train={_jsonl(tmp_path / 'same.jsonl', same)}")
+    assert code == 2 and "every training pair has the same chosen and rejected response" in err, err
+
+
 def test_schedules_use_the_peak_and_spend_no_update_at_rate_zero(capsys):
     """Update k takes megatron's rate at step k - 1 (megatron's and HF's reading): Tulu's linear decay
     to 0 over its 300 iterations ends one step above 0 (it spent the 300th at rate 0), a schedule

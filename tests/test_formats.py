@@ -399,3 +399,46 @@ def test_a_bad_record_stops_a_stage_with_one_line_and_exit_2(tmp_path):
                       "'question', 'response_j' and 'response_k' strings) (fix it, or set "
                       "data.skip_bad_records: true to skip such records)"]
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()  # nothing built, nothing written
+
+
+def test_windows_bom_and_lone_surrogates_in_jsonl_and_json_arrays(tmp_path):
+    """A BOM (Notepad, PowerShell) made record 1 invalid JSON, and a whole .json array unreadable; a
+    lone surrogate escape (a string cut through an emoji) passed reading and crashed the tokenizer."""
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(3)]
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    for name in ("bom.jsonl", "bom.json"):
+        assert read(tmp_path / name, "sft")[1] == [SFTExample((Message(U, f"q{i}"),), f"a{i}") for i in range(3)], name
+    cut = lines.replace('"a1"', '"a1 \\ud83d"')  # valid JSON, no encodable text
+    (tmp_path / "cut.jsonl").write_text(cut)
+    (tmp_path / "cut.json").write_text(json.dumps(rows).replace('"a1"', '"a1 \\ud83d"'))
+    for name, where in (("cut.jsonl", "cut.jsonl:2"), ("cut.json", "cut.json:item 2")):
+        with pytest.raises(ConfigError, match=rf"{where}: holds an unpaired UTF-16 surrogate \(\\ud83d"):
+            read(tmp_path / name, "sft")
+        _, records, bad = read(tmp_path / name, "sft", skip=True)
+        assert len(records) == 2 and len(bad) == 1
+
+
+def test_a_damaged_parquet_page_is_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": [f"question {i} " * 20 for i in range(400)],
+                             "response": [f"answer {i} " * 20 for i in range(400)]}), path, row_group_size=100)
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 64):  # the footer (metadata) stays whole
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"d.parquet: rows after \d+ cannot be read"):
+        read(path, "sft", fmt="records")
+
+
+def test_an_existing_file_with_glob_characters_is_read_as_itself(tmp_path):
+    path = fx.write(tmp_path / "sft[v2].jsonl", [{"prompt": "q", "response": "a"}])
+    assert mixture.paths(str(path)) == [str(path)]
+    cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train='{path}'"])
+    assert mixture.unreachable(cfg.data.train, cfg.data.format, "data.train") == []
+    with pytest.raises(ConfigError, match=r"data.train\[0\].weight: must be > 0 and at most 1000"):
+        load_config(TINY_SFT, ["data.synthetic=false", f"data.train=[{{path: '{path}', weight: .inf}}]"])

@@ -45,6 +45,22 @@ def _check_file(path: Path) -> None:
         raise ConfigError(f"data file {path}: unknown file type {path.suffix!r}; use .jsonl, .jsonl.gz or .parquet")
 
 
+BOM = "\ufeff"
+
+
+def lone_surrogate(text: str, value: Any) -> str | None:
+    """What is wrong with a JSON value holding an unpaired UTF-16 surrogate escape (a string cut
+    through an emoji, "\\ud83d"): valid JSON, but no tokenizer can encode it. None when there is none."""
+    if "\\ud" not in text.lower():  # only an escape can write one
+        return None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = f"\\u{ord(err.object[err.start]):04x}"
+        return f"holds an unpaired UTF-16 surrogate ({code}: text cut through an emoji?)"
+    return None
+
+
 def _open_bytes(path: Path):
     """The file's bytes, gunzipped when its name ends in .gz."""
     return gzip.open(path) if path.suffix == ".gz" else path.open("rb")
@@ -57,7 +73,7 @@ def _json_array_rows(path: Path) -> Iterator[Row] | None:
         return None
     try:
         with _open_bytes(path) as f:
-            head = f.read(4096).lstrip()
+            head = f.read(4096).removeprefix(BOM.encode()).lstrip()
             if not head.startswith(b"["):
                 return None
             text = head + f.read()
@@ -72,7 +88,9 @@ def _json_array_rows(path: Path) -> Iterator[Row] | None:
                           f"{err.colno}); fix it, or write one JSON object per line (JSONL)") from None
     if not isinstance(items, list):
         return None
-    return (Row(f"{path}:item {i}", value) for i, value in enumerate(items, 1))
+    text = text.decode("utf-8")
+    return (Row(f"{path}:item {i}", None, bad) if (bad := lone_surrogate(text, value)) else Row(f"{path}:item {i}", value)
+            for i, value in enumerate(items, 1))
 
 
 def jsonl_rows(path: Path) -> Iterator[Row]:
@@ -97,12 +115,16 @@ def jsonl_rows(path: Path) -> Iterator[Row]:
                     byte = f"byte 0x{raw[err.start]:02x} at column {err.start + 1}"
                     yield Row(where, None, f"not UTF-8 text ({byte}); re-save the file as UTF-8")
                     continue
+                if line_no == 1:
+                    line = line.removeprefix(BOM)  # Windows tools (Notepad, PowerShell) write one
                 if not line.strip():
                     continue
                 try:
-                    yield Row(where, json.loads(line))
+                    value = json.loads(line)
                 except json.JSONDecodeError as err:
                     yield Row(where, None, f"invalid JSON ({err.msg} at column {err.colno})")
+                    continue
+                yield Row(where, None, surrogate) if (surrogate := lone_surrogate(line, value)) else Row(where, value)
     except gzip.BadGzipFile as err:
         if line_no == 0:
             raise ConfigError(f"data file {path} is not gzip-compressed; rename it to {path.name[:-3]} "
@@ -130,7 +152,15 @@ def _parquet_file(path: Path):
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
     row_no = 0
-    for batch in _parquet_file(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+    batches = _parquet_file(path).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as err:  # a damaged data page behind a sound footer: ArrowInvalid, OSError (snappy)
+            raise ConfigError(f"data file {path}: rows after {row_no} cannot be read ({err}); download or write "
+                              "the file again") from None
+        if batch is None:
+            return
         for value in batch.to_pylist():
             row_no += 1
             yield Row(f"{path}:row {row_no}", value)

@@ -63,8 +63,9 @@ def check_formats(d: DataConfig, kind: Kind) -> None:
 
 
 def paths(pattern: str) -> list[str]:
-    """A path, or the sorted files a glob matches (hub datasets ship shards: train-0000*-of-00010.parquet)."""
-    if not any(c in pattern for c in "*?["):
+    """A path, or the sorted files a glob matches (hub datasets ship shards: train-0000*-of-00010.parquet).
+    A file that exists is itself, whatever its name holds (sft[v2].jsonl)."""
+    if not any(c in pattern for c in "*?[") or Path(pattern).exists():
         return [pattern]
     found = sorted(glob.glob(pattern))
     if not found:
@@ -79,8 +80,7 @@ def unreachable(files: Optional[DataFiles], default_format: str, key: str) -> li
         return []
     missing = []
     for i, source in enumerate(sources(files, default_format)):
-        glob_chars = any(c in source.path for c in "*?[")
-        if not (glob.glob(source.path) if glob_chars else Path(source.path).exists()):
+        if not (Path(source.path).exists() or glob.glob(source.path)):
             missing.append(f"{key}{'' if isinstance(files, str) else f'[{i}]'}: {source.path}")
     return missing
 

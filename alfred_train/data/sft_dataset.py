@@ -23,9 +23,10 @@ from alfred_train.errors import ConfigError
 class SFTDataset:
     """Fixed-length SFT rows (`SFTBlocks`, each field (N, S)) and their data-parallel batches."""
 
-    def __init__(self, blocks: SFTBlocks, no_loss: int = 0):
+    def __init__(self, blocks: SFTBlocks, no_loss: int = 0, cut: int = 0):
         self.blocks = blocks
         self.no_loss = no_loss  # examples left out: their prompt fills seq_len, no response token is left
+        self.cut = cut  # examples longer than seq_len + 1 tokens, cut on the right (their EOD lost)
 
     @classmethod
     def build(
@@ -40,7 +41,8 @@ class SFTDataset:
         """Encode each example (cut to seq_len + 1 tokens: S inputs and one more label), shuffle the
         examples with `seed` (so packed blocks mix sources, as StackLLaMA's shuffled stream), then
         pack them into seq_len blocks, or pad one example per row when `pack` is False. An example
-        whose prompt fills seq_len + 1 tokens trains on nothing: it is left out (counted in `no_loss`)."""
+        whose prompt fills seq_len + 1 tokens trains on nothing: it is left out (counted in `no_loss`);
+        one cut before its EOD is counted in `cut`."""
         cut = [encode_sft(tokenizer, template, example, seq_len + 1) for example in examples]
         encoded = [(ids, mask) for ids, mask in cut if any(mask)]
         if cut and not encoded:
@@ -49,7 +51,8 @@ class SFTDataset:
         order = np.random.default_rng([seed, 0x5F7]).permutation(len(encoded))
         shuffled = [encoded[i] for i in order]
         blocks = pack_examples(shuffled, seq_len) if pack else pad_examples(shuffled, seq_len, tokenizer.pad_id)
-        return cls(blocks, no_loss=len(cut) - len(encoded))
+        longer = sum(len(ids) == seq_len + 1 and ids[-1] != tokenizer.eod_id for ids, mask in encoded)
+        return cls(blocks, no_loss=len(cut) - len(encoded), cut=longer)
 
     def __len__(self) -> int:
         return len(self.blocks)

@@ -94,9 +94,16 @@ def _distinct(cfg: Config, pairs: list[EncodedPair], what: str) -> list[EncodedP
     that fills data.seq_len, so both are cut to the same tokens) teach nothing and score a tie, which
     counts as wrong: left out and counted; refused when none is left."""
     kept = [pair for pair in pairs if pair[0] != pair[1]]
+    seq_len = cfg.data.seq_len
+    if pairs and not kept and all(len(chosen) < seq_len for chosen, _ in pairs):
+        raise ConfigError(f"data: every {what} pair has the same chosen and rejected response; check the files' "
+                          "chosen/rejected fields (or data.format)")
     if pairs and not kept:
         raise ConfigError(f"data.seq_len: every {what} pair reads the same for chosen and rejected once cut to "
-                          f"data.seq_len ({cfg.data.seq_len}) tokens (or has equal responses); raise data.seq_len")
+                          f"data.seq_len ({seq_len}) tokens (or has equal responses); raise data.seq_len")
+    if cut := sum(len(chosen) == seq_len or len(rejected) == seq_len for chosen, rejected in kept):
+        log.warning("%d of %d %s pairs fill data.seq_len (%d tokens): their responses are cut there and scored "
+                    "cut (raise data.seq_len to keep more of them)", cut, len(kept), what, seq_len)
     if len(kept) < len(pairs):
         log.warning("%d of %d %s pairs left out: chosen and rejected are the same tokens once cut to data.seq_len "
                     "(%d): equal responses, or a prompt that fills it (raise data.seq_len to keep those)",

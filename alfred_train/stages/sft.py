@@ -45,12 +45,20 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[SFTDataset, SFTDataset | None]
         try:
             valid_set = SFTDataset.build(valid_ex, tokenizer, template, d.seq_len, d.pack, t.seed)
         except ConfigError as err:
-            held = "data.valid" if d.valid else f"data.valid_fraction ({d.valid_fraction}: {len(valid_ex)} examples)"
-            raise ConfigError(f"{held}: the held-out examples: {err}") from None
+            if d.valid:
+                raise ConfigError(f"data.valid: the held-out examples: {err}") from None
+            # a split too small for one row (a small data set at the default fraction): trains, without valid_loss
+            log.warning("data.valid_fraction (%g: %d examples): too few held-out tokens for one row of data.seq_len "
+                        "(%d); training goes on without valid_loss (raise data.valid_fraction, or set it to 0 to train "
+                        "on them too)", d.valid_fraction, len(valid_ex), d.seq_len)
     for name, built, n in [("training", train_set, len(train_ex)), ("held-out", valid_set, len(valid_ex))]:
         if built is not None and built.no_loss:
             log.warning("%d of %d %s examples left out: their prompt fills data.seq_len (%d tokens), no response "
                         "token is left to train on (raise data.seq_len to keep them)", built.no_loss, n, name, d.seq_len)
+        if built is not None and built.cut:
+            log.warning("%d of %d %s examples are longer than data.seq_len + 1 (%d tokens) and are cut there: the rest "
+                        "of their response is not trained on (raise data.seq_len to keep more)", built.cut, n, name,
+                        d.seq_len + 1)
     check_enough(len(train_set), t.global_batch_size)
     return train_set, valid_set
 
