@@ -73,9 +73,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"data.seq_len: {cfg.data.seq_len} is above model.max_seq_len ({m.max_seq_len}), the positions the model "
            "is built (and exported) for; lower data.seq_len or raise model.max_seq_len")
     for key, files in [("data.train", cfg.data.train), ("data.valid", cfg.data.valid), ("data.prompts", cfg.data.prompts)]:
+        _check(not isinstance(files, str) or files.strip() != "", f"{key}: an empty path; name a data file "
+               "(or remove the key)")
         if isinstance(files, tuple):
             _check(len(files) > 0, f"{key}: an empty mixture; list at least one {{path: ..., weight: ...}}")
             for i, source in enumerate(files):
+                _check(source.path.strip() != "", f"{key}[{i}].path: an empty path; name a data file")
                 _check(0 < source.weight <= MAX_WEIGHT, f"{key}[{i}].weight: must be > 0 and at most {MAX_WEIGHT} "
                        f"(the copies of the source in the mixture), got {source.weight}")
     _check(not (p.sequence_parallel and p.tp == 1), "parallel.sequence_parallel: needs parallel.tp > 1")

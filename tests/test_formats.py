@@ -442,3 +442,23 @@ def test_an_existing_file_with_glob_characters_is_read_as_itself(tmp_path):
     assert mixture.unreachable(cfg.data.train, cfg.data.format, "data.train") == []
     with pytest.raises(ConfigError, match=r"data.train\[0\].weight: must be > 0 and at most 1000"):
         load_config(TINY_SFT, ["data.synthetic=false", f"data.train=[{{path: '{path}', weight: .inf}}]"])
+
+
+def test_gzip_or_parquet_under_a_jsonl_name_and_an_inspect_of_nothing(tmp_path, capsys):
+    """Both read as "not UTF-8 text; re-save as UTF-8"; `data inspect` exited 0 on a file the run refuses."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.jsonl").write_bytes(gzip.compress(b'{"prompt": "q", "response": "a"}\n'))
+    pq.write_table(pa.table({"prompt": ["q"], "response": ["a"]}), tmp_path / "b.jsonl")
+    for name, words in (("a.jsonl", "is gzip-compressed; rename it to a.jsonl.gz"),
+                        ("b.jsonl", "is a Parquet file; rename it to b.parquet")):
+        with pytest.raises(ConfigError, match=words):
+            read(tmp_path / name, "sft")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    assert cli.main(["data", "inspect", str(blank), "--format", "records", "--kind", "sft"]) == 2
+    err = capsys.readouterr().err
+    assert "gives no SFT examples" in err and len(err.strip().splitlines()) == 1, err

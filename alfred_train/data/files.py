@@ -61,6 +61,21 @@ def lone_surrogate(text: str, value: Any) -> str | None:
     return None
 
 
+def _refuse_other_container(path: Path) -> None:
+    """A gzip or Parquet file under a .jsonl/.json name read as "not UTF-8 text" line by line."""
+    if path.suffix == ".gz":
+        return
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return  # reading it says what is wrong
+    if magic.startswith(b"\x1f\x8b"):
+        raise ConfigError(f"data file {path} is gzip-compressed; rename it to {path.name}.gz")
+    if magic == b"PAR1":
+        raise ConfigError(f"data file {path} is a Parquet file; rename it to {path.stem}.parquet")
+
+
 def _open_bytes(path: Path):
     """The file's bytes, gunzipped when its name ends in .gz."""
     return gzip.open(path) if path.suffix == ".gz" else path.open("rb")
@@ -99,6 +114,7 @@ def jsonl_rows(path: Path) -> Iterator[Row]:
 
     Lines are decoded one by one, so a line that is not UTF-8 is one bad row, not an unreadable file.
     A line ends at \\n, \\r\\n or a bare \\r (JSON holds no raw carriage return in a value)."""
+    _refuse_other_container(path)
     array = _json_array_rows(path)
     if array is not None:
         yield from array

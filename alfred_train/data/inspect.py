@@ -92,7 +92,7 @@ def render(record, template) -> str:
 
 
 def report(path: str, fmt: str, kind: str, template_name: str, tokenizer, languages=()) -> tuple[list[str], int]:
-    """(lines to print, number of bad records)."""
+    """(lines to print, number of bad records); a file that gives no record is refused, as by the run."""
     told = fmt == "auto"
     if told:
         fmt = formats.detect(path)
@@ -114,6 +114,10 @@ def report(path: str, fmt: str, kind: str, template_name: str, tokenizer, langua
     if bad.found:
         lines.append(f"--- {len(bad.found)} bad record(s)")
         lines += bad.found
+    if not records:  # as the run refuses it
+        raise ConfigError(f"{path} ({fmt}) gives no {formats.KIND_WORDS[kind]}"
+                          + (f" in --languages {','.join(languages)}" if languages else "")
+                          + (f" ({len(bad.found)} bad record(s), first: {bad.found[0]})" if bad.found else ""))
     return lines, len(bad.found)
 
 
