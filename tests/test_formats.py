@@ -177,11 +177,14 @@ def test_alpaca_json_arrays_and_sharegpt_conversations(tmp_path):
              {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Bye?"}, {"from": "gpt", "value": "Bye"},
              {"from": "human", "value": "unanswered"}]
     path = fx.write(tmp_path / "sharegpt.jsonl", [{"id": "a", "conversations": turns},
-                                                  {"id": "b", "conversations": turns[:1]}])
+                                                  {"id": "b", "conversations": turns[:1]},
+                                                  {"id": "c", "conversations": turns[1:3] + turns[2:3]}])
     fmt, sft, bad = read(path, "sft", skip=True)
     context = (Message("system", "Be brief."), Message(U, "Hi"), Message(A, "Hello"), Message(U, "Bye?"))
     assert fmt == "sharegpt" and sft == [SFTExample(context, "Bye")]
-    assert bad == [f"{path}:2: 'conversations' has no reply after a human turn ({formats.SHAREGPT_FORM})"]
+    assert bad == [f"{path}:2: 'conversations' has no gpt reply ({formats.SHAREGPT_FORM})",
+                   f"{path}:3: conversations[2], the last reply, follows a gpt turn, not a human turn "
+                   f"({formats.SHAREGPT_FORM})"]
     assert read(path, "prompt", skip=True)[1] == [PromptExample(context + (Message(A, "Bye"), Message(U, "unanswered")))]
     with pytest.raises(ConfigError, match=r"sharegpt has no preference pairs"):
         read(path, "preference")
@@ -462,3 +465,15 @@ def test_gzip_or_parquet_under_a_jsonl_name_and_an_inspect_of_nothing(tmp_path, 
     assert cli.main(["data", "inspect", str(blank), "--format", "records", "--kind", "sft"]) == 2
     err = capsys.readouterr().err
     assert "gives no SFT examples" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_oasst1_trees_export_and_a_large_valid_fraction_are_named(tmp_path):
+    from alfred_train.data.sampler import check_enough
+
+    tree = {"message_tree_id": "t1", "tree_state": "ready_for_export",
+            "prompt": {"message_id": "m1", "role": "prompter", "text": "Hi", "replies": []}}
+    path = fx.write(tmp_path / "2023-04-12_oasst_ready.trees.jsonl", [tree])
+    with pytest.raises(ConfigError, match=r"trees.jsonl:1: an oasst1 trees export .* use the flat message table"):
+        formats.detect(path)
+    with pytest.raises(ConfigError, match=r"lower the batch size, lower data.valid_fraction \(0.99 is held out\)"):
+        check_enough(2, 4, 0.99)

@@ -187,8 +187,12 @@ def _sharegpt_sft(value: Any, where: str) -> SFTExample:
     """The conversation up to its last reply (a question left unanswered at the end is dropped)."""
     turns = _sharegpt_turns(value, where)
     last = max((i for i, t in enumerate(turns) if t.role == "assistant"), default=None)
-    if last is None or last == 0 or turns[last - 1].role != "user":
-        raise ConfigError(f"{where}: 'conversations' has no reply after a human turn ({SHAREGPT_FORM})")
+    if last is None:
+        raise ConfigError(f"{where}: 'conversations' has no gpt reply ({SHAREGPT_FORM})")
+    if last == 0 or turns[last - 1].role != "user":
+        before = "nothing" if last == 0 else f"a {dict(user='human', assistant='gpt').get(r := turns[last - 1].role, r)} turn"
+        raise ConfigError(f"{where}: conversations[{last}], the last reply, follows {before}, not a human turn "
+                          f"({SHAREGPT_FORM})")
     return SFTExample(turns[:last], turns[last].content)
 
 
@@ -306,6 +310,9 @@ def detect(path: str | Path) -> str:
     first_bad, seen = None, 0
     for seen, row in enumerate(files.rows(path), 1):
         if isinstance(row.value, dict):
+            if "message_tree_id" in row.value and isinstance(row.value.get("prompt"), dict):
+                raise ConfigError(f"{row.where}: an oasst1 trees export (*.trees.jsonl, one nested tree per line); "
+                                  "use the flat message table (*.messages.jsonl, or the hub's parquet): format oasst1")
             fmt = format_of_keys(row.value)
             if fmt is None:
                 raise ConfigError(f"{row.where}: cannot tell the data format from the keys "

@@ -31,12 +31,14 @@ class RankBatch:
     consumed_samples: int  # global samples consumed once this batch is done: save it to resume
 
 
-def check_enough(num_samples: int, global_batch: int) -> None:
-    """One global batch fits in the dataset (checked before any model is built, and by --dry-run)."""
+def check_enough(num_samples: int, global_batch: int, held_out: float = 0.0) -> None:
+    """One global batch fits in the dataset (checked before any model is built, and by --dry-run);
+    `held_out`: the data.valid_fraction the training samples are left from, named when it is set."""
     if num_samples < global_batch:
+        fraction = f", lower data.valid_fraction ({held_out:g} is held out)" if held_out else ""
         raise ConfigError(
             f"the dataset has {num_samples} samples, fewer than train.global_batch_size ({global_batch}); "
-            "lower the batch size or add data"
+            f"lower the batch size{fraction} or add data"
         )
 
 

@@ -85,7 +85,7 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[list[EncodedPair], list[Encode
     encode = partial(encode_preference, tokenizer, get_template(cfg.data.template), max_len=cfg.data.seq_len)
     train_set, valid_set = _distinct(cfg, [encode(p) for p in train_pairs], "training"), \
         _distinct(cfg, [encode(p) for p in valid_pairs], "held-out")
-    check_enough(len(train_set), cfg.train.global_batch_size)
+    check_enough(len(train_set), cfg.train.global_batch_size, 0 if cfg.data.valid else cfg.data.valid_fraction)
     return train_set, valid_set
 
 

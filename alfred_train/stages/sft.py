@@ -59,7 +59,7 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[SFTDataset, SFTDataset | None]
             log.warning("%d of %d %s examples are longer than data.seq_len + 1 (%d tokens) and are cut there: the rest "
                         "of their response is not trained on (raise data.seq_len to keep more)", built.cut, n, name,
                         d.seq_len + 1)
-    check_enough(len(train_set), t.global_batch_size)
+    check_enough(len(train_set), t.global_batch_size, 0 if d.valid else d.valid_fraction)
     return train_set, valid_set
 
 
