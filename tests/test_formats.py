@@ -185,7 +185,8 @@ def test_alpaca_json_arrays_and_sharegpt_conversations(tmp_path):
     assert bad == [f"{path}:2: 'conversations' has no gpt reply ({formats.SHAREGPT_FORM})",
                    f"{path}:3: conversations[2], the last reply, follows a gpt turn, not a human turn "
                    f"({formats.SHAREGPT_FORM})"]
-    assert read(path, "prompt", skip=True)[1] == [PromptExample(context + (Message(A, "Bye"), Message(U, "unanswered")))]
+    assert read(path, "prompt", skip=True)[1] == [PromptExample(context + (Message(A, "Bye"), Message(U, "unanswered"))),
+                                                  PromptExample((Message(U, "Hi"),))]
     with pytest.raises(ConfigError, match=r"sharegpt has no preference pairs"):
         read(path, "preference")
 
