@@ -85,8 +85,9 @@ def _files(root: Path) -> dict[str, int]:
 def is_whole(out_dir: Path) -> bool:
     """An earlier export is all there: every file its record lists, at its size (a reused export
     with a file deleted or cut short went on to a transformers traceback)."""
-    files = (read_record(out_dir) or {}).get("files")
-    if not isinstance(files, dict) or read_record(out_dir).get("incomplete"):
+    record = read_record(out_dir) or {}
+    files = record.get("files")
+    if not isinstance(files, dict) or record.get("incomplete"):
         return False
     return all((Path(out_dir) / name).is_file() and (Path(out_dir) / name).stat().st_size == size
                for name, size in files.items())
