@@ -127,12 +127,12 @@ def resolve_tasks(tasks) -> tuple[list[str], list[str]]:
     return names, folders
 
 
-def check_one_file_per_name(tasks, folders: list[str], key: str) -> None:
-    """lm-eval indexes every *.yaml under the registered folders and keeps the first file of a name:
-    two files named alike scored the other one, with a warning lost in its log."""
-    given = {Path(t).resolve(): task_name(Path(t), key) for t in split_tasks(tasks) if is_task_file(t)}
-    for path, name in given.items():
-        others = [p for p, n in _named_in(folders).items() if n == name and p != path]
+def check_one_file_per_name(tasks, indexed: dict[Path, str], key: str) -> None:
+    """lm-eval indexes every *.yaml under the registered folders (`indexed`: `_named_in`) and keeps
+    the first file of a name: two files named alike scored the other one, with a warning lost in its log."""
+    for path in (Path(t).resolve() for t in split_tasks(tasks) if is_task_file(t)):
+        name = indexed[path]
+        others = [p for p, n in indexed.items() if n == name and p != path]
         if others:
             raise ConfigError(f"{key}: {path} and {others[0]} both name task {name!r}, and lm-eval would run one "
                               "of them; give each task file its own `task:` name")
@@ -150,11 +150,12 @@ def _named_in(folders: list[str]) -> dict[Path, str]:
     return found
 
 
-def task_manager(names: list[str], folders: list[str], key: str = "--tasks"):
-    """lm-eval's TaskManager over our YAML folders (plus its own registry when a name needs it)."""
+def task_manager(names: list[str], folders: list[str], ours: set[str], key: str = "--tasks"):
+    """lm-eval's TaskManager over our YAML folders (plus its own registry when a name is not among
+    `ours`, the task names found in them)."""
     from lm_eval.tasks import TaskManager
 
-    builtin = any(n not in set(_named_in(folders).values()) for n in names)
+    builtin = any(n not in ours for n in names)
     manager = TaskManager(include_path=folders or None, include_defaults=builtin)
     missing = [n for n in names if n not in manager.all_tasks]
     if missing:
@@ -172,6 +173,7 @@ def check_task_names(tasks, key: str):
         if is_task_file(task):
             check_task_file(Path(task), key)
     names, folders = resolve_tasks(tasks)
-    check_one_file_per_name(tasks, folders, key)
-    return names, task_manager(names, folders, key)
+    indexed = _named_in(folders)  # every task file under the folders, read once
+    check_one_file_per_name(tasks, indexed, key)
+    return names, task_manager(names, folders, set(indexed.values()), key)
 
