@@ -34,11 +34,19 @@ class StepResult:
     reports: dict  # other per-step sums reported by the forward step, averaged per token
 
 
+def lr_floor(optim_cfg, lr: float | None = None) -> float:
+    """The rate a schedule of peak `lr` (default optim.lr) decays to: optim.min_lr scaled by
+    lr / optim.lr (ppo.value_lr's schedule has the policy's shape)."""
+    return optim_cfg.min_lr * ((lr or optim_cfg.lr) / optim_cfg.lr)
+
+
 def build_optimizer(chunks, optim_cfg, *, lr: float | None = None, bf16: bool, zero: bool):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    # megatron's scheduler takes each param group's min_lr over its own: it must be the scaled floor
+    # (ppo.value_lr decayed to the unscaled optim.min_lr, and rose to it when below)
     cfg = OptimizerConfig(
-        optimizer="adam", lr=lr or optim_cfg.lr, min_lr=optim_cfg.min_lr,
+        optimizer="adam", lr=lr or optim_cfg.lr, min_lr=lr_floor(optim_cfg, lr),
         weight_decay=optim_cfg.weight_decay, adam_beta1=optim_cfg.beta1, adam_beta2=optim_cfg.beta2,
         adam_eps=optim_cfg.eps, clip_grad=optim_cfg.clip_grad, bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=zero)
@@ -64,8 +72,7 @@ def build_scheduler(optimizer, optim_cfg, max_steps: int, *, lr: float | None = 
     update is wasted at rate 0 either: with 10 warm-up steps, updates 1-10 ramp and the 11th is at the peak."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    peak = lr or optim_cfg.lr
-    floor = optim_cfg.min_lr * (peak / optim_cfg.lr)
+    peak, floor = lr or optim_cfg.lr, lr_floor(optim_cfg, lr)
     warmup, decay, _ = schedule_lengths(optim_cfg, max_steps)
     style = optim_cfg.schedule
     return OptimizerParamScheduler(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch.distributed as dist
 
 from launch_fixtures import moto, moto_server, slurm_cluster  # noqa: F401 (fixtures, shared by the session)
 from tests.helpers import ROOT
@@ -36,3 +37,23 @@ def ppo_inits(tmp_path_factory):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0 and "ppo models ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """One-process megatron-core model parallel state (gloo) with the project's CPU adapter."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+    from alfred_train.parallel import cpu
+
+    cpu.install()  # no-op with CUDA
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    yield parallel_state
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()

@@ -67,26 +67,6 @@ def reference_logprobs_entropy(logits, targets):
 # ----------------------------------------------------------------------------- attention
 
 
-@pytest.fixture(scope="module")
-def megatron_world():
-    """One-process megatron-core model parallel state (gloo) with the project's CPU adapter."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
-
-    from alfred_train.parallel import cpu
-
-    cpu.install()  # no-op with CUDA
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-    yield parallel_state
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
-
-
 def build_core_attention(
     backend, *, heads=4, groups=2, head_dim=8, layer=1, qk_scaling=False, dtype=torch.float32
 ):
