@@ -113,6 +113,7 @@ def _split_config_arg(args) -> tuple[str | None, list[str]]:
 def run_stage(args) -> int:
     from alfred_train.checkpointing.site import run_dir_problem
     from alfred_train.config import default_config_path, load_config
+    from alfred_train.config_checks import validate_stage
     from alfred_train.data.formats import STAGE_KINDS
     from alfred_train.data.mixture import check_formats
     from alfred_train.parallel.init import detect_launch_env
@@ -121,6 +122,7 @@ def run_stage(args) -> int:
     if config is None:
         config = str(default_config_path().with_name(f"tiny-{args.command}.yaml"))
     cfg = load_config(config, overrides)
+    validate_stage(cfg, args.command)
     check_formats(cfg.data, STAGE_KINDS[args.command])  # dolly cannot feed the RM: say so before any work
     if problem := run_dir_problem(Path(cfg.run.dir), profile=cfg.logging.profile_step is not None):
         raise ConfigError(problem)  # a file where run.dir/ or its profile/ goes: before the dry run or any worker

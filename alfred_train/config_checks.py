@@ -49,13 +49,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"parallel.pp: model.num_layers ({m.num_layers}) is not divisible by pp ({p.pp})"
            + (f" x vpp ({p.vpp})" if p.vpp else "") + "; pick a pp that divides the layer count")
     _check(p.vpp is None or p.pp > 1, "parallel.vpp: virtual pipeline stages need parallel.pp > 1")
-    micro_per_step = t.global_batch_size // max(t.micro_batch_size * p.dp, 1)
-    _check(p.vpp is None or micro_per_step % p.pp == 0,
-           f"parallel.vpp: the interleaved schedule needs the micro-batches per step ({micro_per_step} = "
-           f"global_batch_size / (micro_batch_size x dp)) to be a multiple of pp ({p.pp})")
-    _check(t.global_batch_size % (t.micro_batch_size * p.dp) == 0,
-           f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-           f"micro_batch_size ({t.micro_batch_size}) x dp ({p.dp})")
     _check(m.arch != "falcon" or m.parallel_layernorms in (1, 2),
            f"model.parallel_layernorms: must be 1 or 2, got {m.parallel_layernorms}")
     _check(cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr ({cfg.optim.lr})")
@@ -89,6 +82,27 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            f"ppo.min_new_tokens: {o.min_new_tokens} is above ppo.max_new_tokens ({o.max_new_tokens})")
     _validate_extras(cfg)
     _validate_lora(cfg)
+
+
+def validate_stage(cfg: Config, stage: str) -> None:
+    """The checks of keys only some stages read (after `validate`): SFT and RM step on
+    train.global_batch_size in micro-batches of train.micro_batch_size; PPO reads neither (its
+    batches are ppo.*, checked by ppo.checks) and starts from ppo.policy_init / ppo.reward_init.
+    One YAML may serve several stages (a recipe's rm.init is the RM stage's), so a key that belongs
+    to another stage is ignored, except checkpoint.init, which PPO would silently not load."""
+    p, t = cfg.parallel, cfg.train
+    if stage == "ppo":
+        _check(not cfg.checkpoint.init, f"checkpoint.init: PPO does not load it ({cfg.checkpoint.init}); its policy and "
+               "reference start from ppo.policy_init, its value and reward models from ppo.reward_init: set those "
+               "and remove checkpoint.init")
+        return
+    micro_per_step = t.global_batch_size // max(t.micro_batch_size * p.dp, 1)
+    _check(p.vpp is None or micro_per_step % p.pp == 0,
+           f"parallel.vpp: the interleaved schedule needs the micro-batches per step ({micro_per_step} = "
+           f"global_batch_size / (micro_batch_size x dp)) to be a multiple of pp ({p.pp})")
+    _check(t.global_batch_size % (t.micro_batch_size * p.dp) == 0,
+           f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+           f"micro_batch_size ({t.micro_batch_size}) x dp ({p.dp})")
 
 
 def _validate_ranges(cfg: Config) -> None:

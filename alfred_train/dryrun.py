@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from alfred_train import resources
 from alfred_train.config import Config, validate
+from alfred_train.config_checks import validate_stage
 from alfred_train.errors import ConfigError
 from alfred_train.models.build import ModelShape, resolve_shape
 from alfred_train.sizing import bytes_per_param, kv_cache_bytes, model_params, params_per_gpu, stage_layers
@@ -126,6 +127,7 @@ def describe(cfg: Config, stage: str) -> str:
     if stage not in STAGE_MODELS:
         raise ConfigError(f"stage {stage!r}: expected one of {', '.join(STAGE_MODELS)}")
     validate(cfg, world_size=cfg.world_size)
+    validate_stage(cfg, stage)
     _check_launch(cfg)
     unchecked = []
     if stage == "ppo":  # the same checks `alfred-train ppo` runs before it builds a model

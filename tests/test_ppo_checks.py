@@ -44,6 +44,9 @@ CASES = [
     (["data.synthetic_size=20"], "ppo.rollouts_per_iter"),  # 20 prompts < 32 rollouts
     (["ppo.missing_eod_penalty=-1"], "ppo.missing_eod_penalty"),
     (["data.valid=/data/valid.jsonl"], "data.valid"),  # PPO never read it: a dry run called it valid
+    (["checkpoint.init=/does/not/exist"], "checkpoint.init"),  # ignored: PPO starts from ppo.*_init
+    (["ppo.adaptive_kl=true", "ppo.kl_coef=0"], "ppo.kl_coef"),  # the controller multiplies: 0 stayed 0
+    (["ppo.adaptive_kl=true", "ppo.kl_horizon=6"], "ppo.kl_horizon"),  # 1 - 0.2 x 32 / 6 < 0: a negative beta
 ]
 
 
@@ -75,6 +78,15 @@ def test_config_errors_exit_2_naming_the_key_in_dry_run_and_real_run(capsys, tmp
         assert code == 2, (extra, err)
         assert err.startswith(f"alfred-train: error: {key}") and err.count("\n") == 1, err
     assert not (tmp_path / "config.yaml").exists()  # nothing written, nothing started
+
+
+def test_the_sft_batch_keys_ppo_does_not_read_do_not_refuse_it(capsys, tmp_path, inits):
+    """train.micro_batch_size / global_batch_size are the SFT and RM stages' (a recipe's YAML serves
+    several stages); a PPO run was refused for them not dividing each other."""
+    over = [f"run.dir={tmp_path}", *inits, "train.micro_batch_size=3", "--dry-run"]
+    assert cli.main(["ppo", TINY_PPO, *over]) == 0, capsys.readouterr().err
+    code, err = _run(capsys, "rm", str(ROOT / "configs" / "tiny-rm.yaml"), *over[:1], *over[3:])
+    assert code == 2 and err.startswith("alfred-train: error: train.global_batch_size: 32 is not divisible"), err
 
 
 def test_the_alfred_recipe_names_a_backend_ppo_runs_with(capsys):

@@ -147,9 +147,11 @@ def load_run_tree(tree: dict) -> Any:
 def check_world_size(run: ResolvedRun) -> None:
     """The job starts launch.nodes * workers_per_node processes: that must be tp * pp * dp."""
     from alfred_train.config import validate
+    from alfred_train.config_checks import validate_stage
 
     validate_common(run.launch)
     validate(run.config, world_size=run.launch.nodes * run.launch.workers_per_node)
+    validate_stage(run.config, run.launch.stage)
     if run.launch.stage == "ppo":  # PPO's config-only checks, before a job is submitted
         from alfred_train.ppo.checks import check_config
 

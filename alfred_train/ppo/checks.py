@@ -49,6 +49,11 @@ def _fail(msg: str) -> None:
     raise ConfigError(msg)
 
 
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        _fail(msg)
+
+
 def check_config(cfg: Config) -> None:
     """The checks that need nothing but the config (see the module docstring)."""
     o, p, m = cfg.ppo, cfg.parallel, cfg.model
@@ -87,6 +92,14 @@ def check_config(cfg: Config) -> None:
             _fail(f"ppo.eval_prompts: {o.eval_prompts} held-out prompts do not split over dp ({p.dp}) into whole "
                   f"micro-batches of ppo.train_micro_batch ({o.train_micro_batch}); use a multiple of "
                   f"{p.dp * o.train_micro_batch} (or 0 to turn held-out evaluation off)")
+    if o.adaptive_kl:  # beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * rollouts_per_iter / horizon)
+        _require(o.kl_coef > 0, "ppo.kl_coef: the adaptive KL controller multiplies it each iteration, so from 0 it "
+                 "stays 0; set ppo.kl_coef > 0 (its starting value) or ppo.adaptive_kl: false")
+        _require(o.kl_horizon > o.rollouts_per_iter / 5,
+                 f"ppo.kl_horizon: {o.kl_horizon} is too short for ppo.rollouts_per_iter {o.rollouts_per_iter}: an "
+                 f"iteration multiplies the KL coefficient by as little as 1 - 0.2 x {o.rollouts_per_iter} / "
+                 f"{o.kl_horizon}, which is not > 0; set ppo.kl_horizon above {o.rollouts_per_iter / 5:g} (Ziegler "
+               "et al. and trlx use 10000)")
     if o.missing_eod_penalty is not None and o.missing_eod_penalty < 0:
         _fail(f"ppo.missing_eod_penalty: is subtracted from the score, so it must be >= 0 (got {o.missing_eod_penalty})")
     limit = prompt_token_limit(cfg)
