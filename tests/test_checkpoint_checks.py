@@ -98,6 +98,29 @@ def test_a_resumed_run_is_checked_against_its_checkpoint(capsys, tmp_path, ckpts
     _error(capsys, "checkpoint.resume", "holds no checkpoint", *sft, f"checkpoint.resume={ckpts['empty']}")
 
 
+def test_a_resume_in_another_precision_is_refused(capsys, tmp_path):
+    """A bf16 run's optimizer holds fp32 main copies, an fp32 run's none: resumed as the other, the run
+    died in a KeyError traceback after a dry run called it valid. auto is bf16 on a GPU: the dry run
+    (perhaps on a login node) leaves it to the run, which knows its device."""
+    run = tmp_path / "run"
+    ckpt = _checkpoint(run / "checkpoints" / "iter_0000002", ["policy"], "sft", _shape(TINY_SFT))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["state"]["precision"] = "fp32"
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    sft = ["sft", TINY_SFT, "parallel.tp=1", f"run.dir={run}", "--dry-run"]
+    _error(capsys, "train.precision", f"this run trains in bf16, but checkpoint.resume ({ckpt}) was trained in fp32",
+           *sft, "train.precision=bf16")
+    assert _run(capsys, *sft, "train.precision=fp32")[0] == 0
+    assert _run(capsys, *sft)[0] == 0  # auto: not known here
+    cfg = load_config(TINY_SFT, ["parallel.tp=1", f"run.dir={run}"])  # the run on this (CPU) machine: fp32
+    shape = common.shape_for(cfg, common.tokenizer_for(cfg))
+    assert checkpoint_checks.check_checkpoints(cfg, "sft", shape, required=True)[0]
+    meta["state"]["precision"] = "bf16"
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="^train.precision: this run trains in fp32, but .* trained in bf16"):
+        checkpoint_checks.check_checkpoints(cfg, "sft", shape, required=True)
+
+
 def test_rm_init_is_checked_in_dry_run_and_before_the_real_run_builds_anything(capsys, tmp_path, ckpts):
     for init in (ckpts["sft"], ckpts["rm"]):  # an SFT policy or an RM
         code, _, err = _run(capsys, "rm", TINY_RM, "parallel.tp=1", f"rm.init={init}", f"run.dir={tmp_path / 'r'}",

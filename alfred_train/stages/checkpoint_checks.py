@@ -168,7 +168,7 @@ def checked(cfg: Config, use: CheckpointUse, shape: ModelShape, *, required: boo
     if path is None:
         return None
     meta = checkpoint.read_meta(path)
-    _check_checkpoint(cfg, use, path, meta, shape)
+    _check_checkpoint(cfg, use, path, meta, shape, required)
     lora_checkpoint.check_bases(path, meta, _loaded(use, meta), named=f"{use.key}: ", verify=False)
     if required and not use.resume:  # a resume is verified as it is chosen (checkpoint.find_resumable)
         _check_sound(use, path, meta)
@@ -191,7 +191,8 @@ def _check_sound(use: CheckpointUse, path: Path, meta: dict) -> None:
                                     fix="point it at a sound checkpoint", before="loading")
 
 
-def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, shape: ModelShape) -> None:
+def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, shape: ModelShape,
+                      required: bool) -> None:
     key, state = use.key, meta.get("state") or {}
     held = meta.get("models") or []
     if not any(set(names) <= set(held) for names in use.holds):
@@ -207,6 +208,7 @@ def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, s
     saved_layout = meta.get("layout") or {}
     if use.resume:
         check_resume_layout(cfg, use, path, meta)
+        _check_resume_precision(cfg, use, path, state, required)
     if (saved_layout.get("vpp") or 1) != (cfg.parallel.vpp or 1):
         raise ConfigError(f"parallel.vpp: {key} ({path}) was saved with parallel.vpp={saved_layout.get('vpp')}; "
                           "set parallel.vpp as when saved")
@@ -227,6 +229,25 @@ def _check_text(cfg: Config, use: CheckpointUse, path: Path, meta: dict, digest:
     if theirs is not None and digest is not None and theirs != digest:
         raise ConfigError(f"model.tokenizer: {tokenizer_path(cfg)} is not the tokenizer {use.key} ({path}) was "
                           f"trained with ({state.get('tokenizer')}); set model.tokenizer to that one")
+
+
+def _check_resume_precision(cfg: Config, use: CheckpointUse, path: Path, state: dict, required: bool) -> None:
+    """A resume keeps the precision it was trained in: a bf16 run's optimizer holds fp32 main copies
+    of the weights, an fp32 run's none, and either resumed as the other died in a KeyError traceback.
+    train.precision auto is bf16 where there is a GPU: the run knows, the dry run (on a login node,
+    say) does not and leaves it to the run."""
+    saved = state.get("precision")  # None: saved before it was recorded
+    mine = cfg.train.precision
+    if mine == "auto":
+        if not required:
+            return
+        import torch
+
+        mine = "bf16" if torch.cuda.is_available() else "fp32"
+    if saved is not None and saved != mine:
+        raise ConfigError(f"train.precision: this run trains in {mine}, but {use.key} ({path}) was trained in {saved} "
+                          f"and its optimizer states are {saved}'s; set train.precision={saved} to resume, or start a "
+                          "new run.dir from its weights")
 
 
 def check_resume_layout(cfg: Config, use: CheckpointUse, path: Path, meta: dict) -> str | None:

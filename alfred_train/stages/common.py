@@ -209,7 +209,8 @@ def save(cfg: Config, runtime: ParallelRuntime, step: int, trainables: dict, sha
     the stage's own `state`, the model shape and the tokenizer (enough to rebuild from it alone)."""
     for name, t in trainables.items():
         state[f"{name}_scheduler"], state[f"{name}_steps"] = t.scheduler.state_dict(), t.steps
-    state.update(stage=stage, model=dataclasses.asdict(shape), tokenizer=tokenizer_path(cfg),
+    state.update(stage=stage, model=dataclasses.asdict(shape), precision="bf16" if use_bf16(cfg, runtime) else "fp32",
+                 tokenizer=tokenizer_path(cfg),
                  tokenizer_sha256=tokenizer_digest(tokenizer_path(cfg)), template=cfg.data.template,
                  **lora_checkpoint.checkpoint_state(trainables))
     c = cfg.checkpoint
