@@ -406,6 +406,9 @@ def test_preference_and_prompt_forms(tmp_path):
     ends_with_assistant = {"messages": [user, {"role": "assistant", "content": "a"}]}
     with pytest.raises(ConfigError, match="prompts.jsonl:1: 'messages' must end with a user message"):
         read_prompt_jsonl(_lines(tmp_path, json.dumps(ends_with_assistant), name="prompts.jsonl"))
+    for empty in ({"prompt": " \n "}, {"messages": [{"role": "user", "content": ""}]}):  # were rolled out from
+        with pytest.raises(ConfigError, match=r"prompts.jsonl:2: the prompt is empty \(only whitespace\)"):
+            read_prompt_jsonl(_lines(tmp_path, json.dumps({"prompt": "q"}), json.dumps(empty), name="prompts.jsonl"))
 
 
 # ---------------------------------------------------------------- synthetic task

@@ -152,6 +152,11 @@ def test_dolly_folds_context_into_the_prompt_and_has_no_pairs(tmp_path):
     with pytest.raises(ConfigError, match=r"dolly.jsonl \(told by its keys\): dolly has no preference pairs; "
                                           r"use a file in one of records, hh-rlhf, oasst1, stack-exchange-paired"):
         read(path, "preference")
+    # an empty instruction is an SFT example (its response teaches), but no prompt: the policy answered the template
+    blank = fx.write(tmp_path / "blank.jsonl", [{"instruction": " ", "context": "", "response": "Hi.", "category": "x"}])
+    assert len(read(blank, "sft")[1]) == 1
+    assert read(blank, "prompt", skip=True)[2] == [f"{blank}:1: the prompt is empty (only whitespace); fill it or "
+                                                   "remove the record"]
 
 
 def test_alpaca_json_arrays_and_sharegpt_conversations(tmp_path):

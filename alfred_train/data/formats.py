@@ -41,6 +41,7 @@ from alfred_train.data.records import (
     PreferencePair,
     PromptExample,
     SFTExample,
+    checked_prompt,
     parse_preference,
     parse_prompt,
     parse_sft,
@@ -337,4 +338,11 @@ def read(path: str | Path, fmt: str, kind: Kind, bad: BadRecords, languages: tup
         from alfred_train.data import oasst1
 
         return fmt, oasst1.records(files.rows(path), kind, bad, languages)
-    return fmt, bad.convert(files.rows(path), ROW_PARSERS[fmt][kind])
+    parse = ROW_PARSERS[fmt][kind]
+    if kind == "prompt":
+        parse = _nonempty(parse)
+    return fmt, bad.convert(files.rows(path), parse)
+
+
+def _nonempty(parse: Callable[[Any, str], PromptExample]) -> Callable[[Any, str], PromptExample]:
+    return lambda value, where: checked_prompt(parse(value, where), where)

@@ -145,4 +145,13 @@ def parse_preference(obj: Any, where: str) -> PreferencePair:
 
 
 def parse_prompt(obj: Any, where: str) -> PromptExample:
-    return PromptExample(_prompt_context(_require_object(obj, where, PROMPT_FORM), where, PROMPT_FORM))
+    return checked_prompt(PromptExample(_prompt_context(_require_object(obj, where, PROMPT_FORM), where, PROMPT_FORM)),
+                          where)
+
+
+def checked_prompt(example: PromptExample, where: str) -> PromptExample:
+    """`example`, refused when its last user message is empty: the policy would answer the chat
+    template alone (every format's prompts pass here)."""
+    if not example.context[-1].content.strip():
+        raise ConfigError(f"{where}: the prompt is empty (only whitespace); fill it or remove the record")
+    return example
