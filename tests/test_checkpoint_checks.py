@@ -121,6 +121,29 @@ def test_a_resume_in_another_precision_is_refused(capsys, tmp_path):
         checkpoint_checks.check_checkpoints(cfg, "sft", shape, required=True)
 
 
+def test_a_resume_with_other_adapters_is_refused_naming_the_lora_keys(capsys, tmp_path):
+    """A LoRA run resumed with full weights (or another rank), or a full one resumed with adapters:
+    the dry run passed, and the run stopped with both adapter specs as dicts, naming no key."""
+    run = tmp_path / "run"
+    ckpt = _checkpoint(run / "checkpoints" / "iter_0000002", ["policy"], "sft", _shape(TINY_SFT))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    spec = {"targets": {"linear_qkv": {"rank": 4, "scale": 2.0}, "linear_proj": {"rank": 4, "scale": 2.0}},
+            "dropout": 0.0, "base": {"path": None, "model": None, "skip": [], "seed": 1234}}
+    meta["state"]["lora"] = {"policy": spec}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    sft = ["sft", TINY_SFT, "parallel.tp=1", f"run.dir={run}", "--dry-run"]
+    lora = ["lora.rank=4", "lora.alpha=8", "lora.targets=[linear_qkv,linear_proj]", "lora.dropout=0"]
+    assert _run(capsys, *sft, *lora)[0] == 0
+    _error(capsys, "lora", "trained adapters of rank 4, alpha 8 on linear_proj, linear_qkv, dropout 0, this config "
+           "the full weights (no adapters); set lora.rank=4 lora.alpha=8 lora.targets=[linear_proj,linear_qkv] "
+           "lora.dropout=0 as when saved", *sft)
+    _error(capsys, "lora", "this config adapters of rank 8, alpha 8", *sft, *lora, "lora.rank=8")
+    del meta["state"]["lora"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    _error(capsys, "lora", "trained the full weights (no adapters), this config adapters of rank 4, alpha 8",
+           *sft, *lora)
+
+
 def test_rm_init_is_checked_in_dry_run_and_before_the_real_run_builds_anything(capsys, tmp_path, ckpts):
     for init in (ckpts["sft"], ckpts["rm"]):  # an SFT policy or an RM
         code, _, err = _run(capsys, "rm", TINY_RM, "parallel.tp=1", f"rm.init={init}", f"run.dir={tmp_path / 'r'}",

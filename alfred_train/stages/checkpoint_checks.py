@@ -209,6 +209,7 @@ def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, s
     if use.resume:
         check_resume_layout(cfg, use, path, meta)
         _check_resume_precision(cfg, use, path, state, required)
+        _check_resume_adapters(cfg, use, path, state)
     if (saved_layout.get("vpp") or 1) != (cfg.parallel.vpp or 1):
         raise ConfigError(f"parallel.vpp: {key} ({path}) was saved with parallel.vpp={saved_layout.get('vpp')}; "
                           "set parallel.vpp as when saved")
@@ -248,6 +249,37 @@ def _check_resume_precision(cfg: Config, use: CheckpointUse, path: Path, state: 
         raise ConfigError(f"train.precision: this run trains in {mine}, but {use.key} ({path}) was trained in {saved} "
                           f"and its optimizer states are {saved}'s; set train.precision={saved} to resume, or start a "
                           "new run.dir from its weights")
+
+
+def _check_resume_adapters(cfg: Config, use: CheckpointUse, path: Path, state: dict) -> None:
+    """A resume trains the adapters it saved (or the full weights it saved): another lora section
+    passed the dry run and stopped the run with a dict of both specs naming no key."""
+    from alfred_train.models.lora import AdapterSpec
+
+    mine = AdapterSpec.from_config(cfg.lora).to_state() if cfg.lora.rank else None
+    for name in use.holds[0]:
+        entry = (state.get("lora") or {}).get(name)
+        theirs = {"targets": entry["targets"], "dropout": entry.get("dropout", 0.0)} if entry else None
+        if theirs != mine:
+            raise ConfigError(f"lora: {use.key} ({path}) trained {_adapters(theirs)}, this config {_adapters(mine)}; "
+                              f"set {_lora_keys(theirs)} as when saved, or set a new run.dir")
+
+
+def _adapters(spec: dict | None) -> str:
+    if spec is None:
+        return "the full weights (no adapters)"
+    ranks = {t["rank"] for t in spec["targets"].values()}
+    alphas = {round(t["rank"] * t["scale"], 6) for t in spec["targets"].values()}
+    return (f"adapters of rank {'/'.join(map(str, sorted(ranks)))}, alpha {'/'.join(f'{a:g}' for a in sorted(alphas))} "
+            f"on {', '.join(sorted(spec['targets']))}, dropout {spec['dropout']:g}")
+
+
+def _lora_keys(spec: dict | None) -> str:
+    if spec is None:
+        return "lora.rank=0"
+    t = next(iter(spec["targets"].values()))
+    return (f"lora.rank={t['rank']} lora.alpha={round(t['rank'] * t['scale'], 6):g} "
+            f"lora.targets=[{','.join(sorted(spec['targets']))}] lora.dropout={spec['dropout']:g}")
 
 
 def check_resume_layout(cfg: Config, use: CheckpointUse, path: Path, meta: dict) -> str | None:
