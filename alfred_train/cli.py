@@ -117,6 +117,7 @@ def run_stage(args) -> int:
     from alfred_train.data.formats import STAGE_KINDS
     from alfred_train.data.mixture import check_formats
     from alfred_train.parallel.init import detect_launch_env
+    from alfred_train.stages import inits
 
     config, overrides = _split_config_arg(args)
     if config is None:
@@ -129,13 +130,15 @@ def run_stage(args) -> int:
     if args.dry_run:
         from alfred_train.dryrun import describe
 
-        print(describe(cfg, args.command))
+        print(describe(inits.pin(cfg, args.command), args.command))
         return 0
     from alfred_train.stages.checkpoint_checks import resume_of_restarted_job
 
     cfg = resume_of_restarted_job(cfg)
     launch = detect_launch_env()
-    if launch.launcher == "single" and cfg.world_size > 1:
+    spawning = launch.launcher == "single" and cfg.world_size > 1
+    cfg = inits.pin(cfg, args.command, say=not spawning)  # the workers say it
+    if spawning:
         from alfred_train.parallel.spawn import spawn_local
 
         if args.command == "ppo":  # its config errors before any worker starts (each worker checks again)

@@ -52,10 +52,19 @@ def test_tp2_step_equals_tp1_and_resume_is_exact(inits, tmp_path):
     # stop after 2 iterations, resume for the 3rd: identical to the uninterrupted run, bit for bit
     # (with the frozen models offloaded between phases: a no-op move on CPU, but the code path runs;
     # and with static rollout micro-batches where tp1 used continuous batching: the same tokens)
+    # ppo.policy_init names an SFT run directory, whose newest checkpoint is the reference model: when
+    # that run saves a newer one before the resume (here: another policy), the resumed run keeps the
+    # reference it started from (it took the new one, silently)
     static = ["ppo.offload_frozen=true", "ppo.continuous_batching=false"]
-    _ppo(inits, tmp_path / "resumed", "parallel.tp=1", "train.max_steps=2", *static)
-    proc = _ppo(inits, tmp_path / "resumed", "parallel.tp=1", "train.max_steps=3", *static)
+    sft_run = tmp_path / "sft-run"
+    shutil.copytree(inits / "sft", sft_run)
+    _ppo(inits, tmp_path / "resumed", "parallel.tp=1", "train.max_steps=2", *static, f"ppo.policy_init={sft_run}")
+    shutil.copytree(tmp_path / "resumed" / "checkpoints" / "iter_0000002", sft_run / "checkpoints" / "iter_0000002")
+    proc = _ppo(inits, tmp_path / "resumed", "parallel.tp=1", "train.max_steps=3", *static, f"ppo.policy_init={sft_run}")
     assert "resumed from" in proc.stderr
+    assert f"ppo.policy_init: {sft_run} now resolves to {sft_run / 'checkpoints' / 'iter_0000002'}; a resumed run " \
+           f"keeps the checkpoint it started from ({sft_run / 'checkpoints' / 'iter_0000001'})" in proc.stderr
+    assert proc.stderr.count("now resolves to") == 1  # rank 0 only
     for key in COMPARED + ["kl_coef", "lr", "value_lr"]:
         assert metrics(tmp_path / "resumed", key) == metrics(tmp_path / "tp1", key), key
     rows = [json.loads(x) for x in (tmp_path / "tp1" / "metrics.jsonl").read_text().splitlines()]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import random
@@ -25,6 +24,7 @@ from alfred_train.errors import AlfredError, ConfigError
 from alfred_train.models import lora, lora_checkpoint
 from alfred_train.models.build import ModelShape, build_model, resolve_shape, unwrap
 from alfred_train.parallel.init import ParallelRuntime
+from alfred_train.stages import inits
 
 log = logging.getLogger("alfred_train")
 PREEMPTED_EXIT_CODE = 3  # a checkpoint was written on SIGUSR1/SIGTERM: requeue and resume
@@ -226,7 +226,9 @@ def resume(cfg: Config, runtime: ParallelRuntime, trainables: dict) -> tuple[int
     path = resume_dir(cfg, runtime)
     if path is None:
         return None
-    lora_checkpoint.check_resume(json.loads((path / "meta.json").read_text()).get("state") or {}, trainables, path)
+    saved = checkpoint.read_meta(path).get("state") or {}
+    lora_checkpoint.check_resume(saved, trainables, path)
+    inits.check_resumed(cfg, saved.get("stage", ""), saved)
     meta = checkpoint.load_models(path, _saved(trainables), strict_layout=layout(cfg))
     state = meta["state"]
     for name, t in trainables.items():

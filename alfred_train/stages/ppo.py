@@ -28,7 +28,7 @@ from alfred_train.ppo.generation import SamplingParams
 from alfred_train.ppo.update import minibatch_rows, policy_forward_step, value_forward_step
 from alfred_train.profiling import Phases
 from alfred_train.models.build import unwrap
-from alfred_train.stages import common
+from alfred_train.stages import common, inits
 from alfred_train.training import Trainable
 
 log = logging.getLogger("alfred_train")
@@ -94,6 +94,7 @@ def run(cfg: Config, runtime) -> int:
     tokenizer, prompt_set, _ = common.on_every_rank(
         runtime, lambda: preflight(cfg, dry_run=False, main=runtime.is_main))
     run_dir = common.prepare_run_dir(cfg, runtime)
+    started_from = inits.record(cfg, "ppo")  # recorded in its checkpoints: a resume keeps them
     shape = common.shape_for(cfg, tokenizer)
     backend = choose_backend(cfg.model.attention_backend, needs_padding_mask=True)  # left-padded rollouts
     if cfg.lora.rank:  # two copies, bases loaded (a LoRA checkpoint holds the adapters only)
@@ -130,7 +131,7 @@ def run(cfg: Config, runtime) -> int:
 
     def save(at_step):
         common.save(cfg, runtime, at_step, trainables, shape, "ppo", kl_controller=kl_ctl.state_dict(),
-                    consumed_prompts=consumed, bad_steps=bad_steps)
+                    consumed_prompts=consumed, bad_steps=bad_steps, inits=started_from)
 
     def evaluate(tag_step):
         return evaluate_policy(models, runtime, eval_prompts, eval_keys, params, o, tokenizer, t.seed, common_args, scoring,

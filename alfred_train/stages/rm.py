@@ -37,7 +37,7 @@ from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import unwrap
 from alfred_train.profiling import Phases
-from alfred_train.stages import checkpoint_checks, common
+from alfred_train.stages import checkpoint_checks, common, inits
 from alfred_train.training import Trainable, reduce_reports, run_schedule
 
 log = logging.getLogger("alfred_train")
@@ -175,6 +175,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     shape = common.shape_for(cfg, tokenizer)
     # the init and the resumed checkpoint, before anything is written (refused everywhere if on any rank)
     common.on_every_rank(runtime, lambda: checkpoint_checks.check_checkpoints(cfg, "rm", shape, required=True))
+    started_from = inits.record(cfg, "rm")  # recorded in its checkpoints: a resume keeps them
     run_dir = common.prepare_run_dir(cfg, runtime)
     backend = common.attention_backend(cfg, runtime)
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind="scalar", total_steps=t.max_steps)
@@ -192,7 +193,8 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
         trainable.optimizer.reload_model_params()  # bf16 / ZeRO keep fp32 main copies of the weights: refresh them
 
     def save(at_step, consumed_samples):
-        common.save(cfg, runtime, at_step, trainables, shape, "rm", consumed_samples=consumed_samples)
+        common.save(cfg, runtime, at_step, trainables, shape, "rm", consumed_samples=consumed_samples,
+                    inits=started_from)
 
     valid_batches = _valid_batches(valid_set, cfg, runtime, tokenizer)
 

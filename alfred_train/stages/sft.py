@@ -20,7 +20,7 @@ from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import unwrap
 from alfred_train.profiling import Phases
-from alfred_train.stages import checkpoint_checks, common
+from alfred_train.stages import checkpoint_checks, common, inits
 from alfred_train.training import Trainable, reduce_reports, run_schedule
 
 log = logging.getLogger("alfred_train")
@@ -90,6 +90,7 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     shape = common.shape_for(cfg, tokenizer)
     # the init and the resumed checkpoint, before run.dir is written (refused everywhere if on any rank)
     common.on_every_rank(runtime, lambda: checkpoint_checks.check_checkpoints(cfg, "sft", shape, required=True))
+    started_from = inits.record(cfg, "sft")  # recorded in its checkpoints: a resume keeps them
     run_dir = common.prepare_run_dir(cfg, runtime)
     backend = common.attention_backend(cfg, runtime)
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind="lm", total_steps=t.max_steps)
@@ -109,7 +110,8 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
         trainable.optimizer.reload_model_params()  # bf16: refresh the fp32 main copies from the loaded weights
 
     def save(at_step, consumed_samples):
-        common.save(cfg, runtime, at_step, trainables, shape, "sft", consumed_samples=consumed_samples)
+        common.save(cfg, runtime, at_step, trainables, shape, "sft", consumed_samples=consumed_samples,
+                    inits=started_from)
 
     metrics = MetricsLogger(run_dir, enabled=runtime.is_main, total_steps=t.max_steps, start_step=step,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="sft",
