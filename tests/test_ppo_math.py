@@ -250,7 +250,15 @@ def test_adaptive_kl_controller_two_updates_and_resume():
     resumed.load_state_dict(kl.state_dict())
     assert resumed.kl_coef == kl.kl_coef
     fixed = FixedKLController(0.01)
-    assert fixed.update(100.0, n_steps=64) == 0.01 and fixed.state_dict() == {"kl_coef": 0.01}
+    assert fixed.update(100.0, n_steps=64) == 0.01 and fixed.state_dict() == {"kl_coef": 0.01, "adaptive": False}
+    # a resume with another ppo.kl_coef: a fixed beta is the config's (the saved one won, warned as replaced);
+    # adaptive KL turned on at a resume starts from ppo.kl_coef, not from the fixed beta saved
+    changed = FixedKLController(0.5)
+    changed.load_state_dict(fixed.state_dict())
+    assert changed.kl_coef == 0.5
+    turned_on = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    turned_on.load_state_dict(fixed.state_dict())
+    assert turned_on.kl_coef == 0.2
     with pytest.raises(ConfigError, match="target must be > 0"):
         AdaptiveKLController(0.1, target=0.0, horizon=10000)
 

@@ -324,11 +324,11 @@ class FixedKLController:
         """No change; returns beta."""
         return self.kl_coef
 
-    def state_dict(self) -> dict[str, float]:
-        return {"kl_coef": self.kl_coef}
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.kl_coef, "adaptive": False}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.kl_coef = float(state["kl_coef"])
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: a fixed beta is the config's (ppo.kl_coef changed on resume applies)."""
 
 
 class AdaptiveKLController(FixedKLController):
@@ -352,6 +352,15 @@ class AdaptiveKLController(FixedKLController):
             )
         self.target = float(target)
         self.horizon = float(horizon)
+
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.kl_coef, "adaptive": True}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from the saved beta, unless it was a fixed one (adaptive KL turned on at the resume:
+        ppo.kl_coef is the starting value). Checkpoints before "adaptive" was saved were adaptive or not."""
+        if state.get("adaptive", True):
+            self.kl_coef = float(state["kl_coef"])
 
     def update(self, current_kl: float, n_steps: int) -> float:
         """Move beta toward the target KL; returns the new beta."""

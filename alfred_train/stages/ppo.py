@@ -110,7 +110,10 @@ def run(cfg: Config, runtime) -> int:
     resumed = common.resume(cfg, runtime, trainables)
     if resumed is not None:
         step, state = resumed
-        kl_ctl.load_state_dict(state["kl_controller"])
+        kl_ctl.load_state_dict(state["kl_controller"])  # a fixed beta is ppo.kl_coef's; adaptive goes on
+        if o.adaptive_kl and kl_ctl.kl_coef != o.kl_coef:
+            log.info("adaptive KL: resumed at beta %.4g (ppo.kl_coef %.4g is its starting value)", kl_ctl.kl_coef,
+                     o.kl_coef)
         consumed, bad_steps = state["consumed_prompts"], state["bad_steps"]
     elif not cfg.lora.rank:
         common.load_full(models.policy, o.policy_init, "policy", "policy")
