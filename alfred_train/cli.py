@@ -204,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
             print("alfred-train: interrupted; steps since the last checkpoint are lost, and the same command "
                   "resumes from it (checkpoint.resume: auto)", file=sys.stderr, flush=True)
         code = 130
+    except Exception as err:  # noqa: BLE001 (a collective whose other end died: one line, not 50)
+        from alfred_train.parallel.init import lost_peer
+
+        if (reason := lost_peer(err)) is None:
+            raise
+        print(f"alfred-train: error: rank {os.environ.get('RANK', 0)}: a collective failed because another worker "
+              f"stopped ({reason}); that worker's output, or the launcher's line, says why", file=sys.stderr, flush=True)
+        code = 1
     return int(code or 0)
 
 

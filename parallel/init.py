@@ -155,6 +155,26 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+# how gloo and NCCL say that the process at the other end of a collective is gone
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "remote process exited or there was a network error")
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """The transport's words when `err` (or what it was raised from) is a collective that failed
+    because another worker stopped (killed, out of memory, its own error), else None. Its traceback
+    says nothing about why: that worker's output, or the launcher's line, does."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, RuntimeError):
+            said = str(err)
+            if reason := next((words for words in _PEER_LOST if words in said), None):
+                return reason
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _free_port() -> int:
     import socket
 
