@@ -41,6 +41,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 import torch.distributed as dist
 
+from alfred_train import atomic
 from alfred_train.checkpointing import manifest as mf
 from alfred_train.resources import human
 from alfred_train.checkpointing import safety, writer
@@ -254,7 +255,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
         problem = mf.publish(tmp, final, manifest, site.node) if site.owner else None
         _all_or_raise(problem, f"checkpoint {iter_name(step)}")
         if site.owner:  # every node's part is complete and renamed: `latest` may move
-            mf.write_durable(root / LATEST, final.name)
+            atomic.write_text(root / LATEST, final.name, durable=True)
             _prune(root, keep, written=step)
         t2 = time.perf_counter()
         if s3_uri:

@@ -30,6 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from alfred_train.atomic import write_text
 from alfred_train.errors import AlfredError, ConfigError
 from alfred_train.eval_tasks import check_task_names, check_tasks, is_task_file, split_tasks
 
@@ -191,12 +192,7 @@ def write_json(results: dict, output: Path) -> None:
     """Atomically: a reader never sees half a file."""
     from lm_eval.utils import handle_non_serializable
 
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(output, json.dumps(results, indent=2, default=handle_non_serializable))
 
 
 # ---------------------------------------------------------------------------------------------

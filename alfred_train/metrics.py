@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
+
+from alfred_train.atomic import replacing, write_text
 
 
 STEP_LOGS = ("metrics.jsonl", "samples.jsonl")  # JSONL logs with a "step" per row
@@ -35,9 +36,7 @@ def drop_rows_after(path: Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+        write_text(path, "".join(f"{line}\n" for line in kept))
     return dropped
 
 
@@ -163,8 +162,9 @@ def plot_metrics(run_dir: str | Path, keys: list, out_name: str = "metrics.png")
         ax.axis("off")
     fig.tight_layout()
     out = Path(run_dir) / out_name
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, dpi=90, format=out.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    os.replace(tmp, out)  # a crash mid-write keeps the previous plot whole
+    try:
+        with replacing(out, binary=True) as f:  # a crash mid-write keeps the previous plot whole
+            fig.savefig(f, dpi=90, format=out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from alfred_train.atomic import write_text
+
 RUN_ID_FILE = "wandb_run_id"
 SECRET_KEY = re.compile(r"secret|token|passw|api[_-]?key|access[_-]?key|credential|private[_-]?key", re.I)
 MASK = "***"
@@ -105,7 +107,5 @@ def start(run_dir: str | Path) -> WandbRun | None:
     finally:
         sys.argv = argv
     if not id_file.exists():
-        tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp")
-        tmp.write_text(run.id + "\n")
-        os.replace(tmp, id_file)
+        write_text(id_file, run.id + "\n")
     return WandbRun(run)

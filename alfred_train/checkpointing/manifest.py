@@ -28,6 +28,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from alfred_train.atomic import fsync_dir, write_text
 from alfred_train.errors import AlfredError, ConfigError
 
 MANIFEST = "manifest.json"
@@ -125,7 +126,7 @@ def publish(tmp: Path, final: Path, manifest: dict, node: int) -> str | None:
         path = tmp / entry["path"]
         if not path.is_file() or path.stat().st_size != entry["size"]:
             return f"{entry['path']} is missing or has another size than its writer reported"
-    write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n", durable=True)
     for folder in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
         fsync_dir(folder)
     fsync_dir(tmp)
@@ -137,25 +138,6 @@ def publish(tmp: Path, final: Path, manifest: dict, node: int) -> str | None:
     fsync_dir(final.parent)
     shutil.rmtree(replaced, ignore_errors=True)
     return None
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: Path, text: str) -> None:
-    """Replace `path` with `text` atomically and durably: temp file, fsync, rename, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from alfred_train.checkpointing.manifest import fsync_dir
+from alfred_train.atomic import fsync_dir
 from alfred_train.checkpointing.site import Site
 
 log = logging.getLogger("alfred_train")

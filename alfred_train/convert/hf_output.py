@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from alfred_train.atomic import write_text
 from alfred_train.errors import ConfigError
 
 RECORD = "alfred-export.json"
@@ -94,9 +95,7 @@ def is_whole(out_dir: Path) -> bool:
 
 
 def _write_record(out: Path, record: dict) -> None:
-    tmp = out / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / RECORD)
+    write_text(out / RECORD, json.dumps(record, indent=2) + "\n")
 
 
 def _commit(stage: Path, out: Path, record: dict) -> None:

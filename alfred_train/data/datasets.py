@@ -21,10 +21,10 @@ response: encoded on its own, sentencepiece's dummy prefix put a second space af
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
+from alfred_train.atomic import replacing
 from alfred_train.data import files
 from alfred_train.data.records import (
     Context,
@@ -72,14 +72,9 @@ def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> Path:
     to a temporary file beside `path` and renamed: a failure leaves no half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from alfred_train.atomic import write_text
 from alfred_train.checkpointing.manifest import MANIFEST, MANIFEST_FORMAT, ManifestError, check_manifest
 from alfred_train.checkpointing.manifest import sha256_of as _sha256
 from alfred_train.errors import AlfredError
@@ -91,9 +92,7 @@ def write_manifest(ckpt_dir: str | os.PathLike) -> dict:
     """
     manifest = build_manifest(ckpt_dir)
     target = Path(ckpt_dir) / MANIFEST
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, target)
+    write_text(target, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

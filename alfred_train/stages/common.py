@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from alfred_train.atomic import write_text
 from alfred_train import checkpoint
 from alfred_train.checkpointing.site import Site, check_run_dir, lock_run_dir, run_dir_problem
 from alfred_train.config import Config, dump_yaml
@@ -53,16 +54,13 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     check_run_dir(run_dir, site)
     problem = None
     if site.owner:
-        tmp = run_dir / ".config.yaml.tmp"
         if runtime.is_main:
             _say_config_changes(run_dir / "config.yaml", cfg)
         try:
-            tmp.write_text(dump_yaml(cfg))
-            os.replace(tmp, run_dir / "config.yaml")
+            write_text(run_dir / "config.yaml", dump_yaml(cfg))
             if job := os.environ.get("ALFRED_JOB_ID"):  # a restart of this job continues its checkpoints
                 (run_dir / JOB_MARKER).write_text(f"{job}\n")
         except OSError as err:  # a full disk: before any step, one line on every rank
-            tmp.unlink(missing_ok=True)
             problem = f"run.dir: cannot write {run_dir / 'config.yaml'} ({err.strerror}); free space or set run.dir elsewhere"
     if problems := site.problems_everywhere(problem):
         raise ConfigError(problems[0])
@@ -315,9 +313,7 @@ def write_requeue_record(step: int, runtime) -> None:
     path = os.environ.get("ALFRED_REQUEUE_RECORD")
     if not path or not runtime.is_main:
         return
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(f"checkpoint {checkpoint.iter_name(step)} saved at step {step}\n")
-    os.replace(tmp, path)
+    write_text(path, f"checkpoint {checkpoint.iter_name(step)} saved at step {step}\n")
 
 
 _preempted = False  # set by SIGUSR1 / SIGTERM from the moment a worker starts (`Preemption.listen`)
