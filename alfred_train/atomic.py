@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
+
+from alfred_train.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -44,3 +47,22 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_writable(path: str | os.PathLike, key: str, what: str) -> None:
+    """ConfigError naming `key` unless a `what` (".json file", ...) can be written at `path`: not a
+    directory, no file where one of its folders goes, a folder this process may write in (created
+    here, so that a run finds out before its work, not after)."""
+    from alfred_train.checkpointing.site import file_in_the_way
+
+    path = Path(path)
+    if blocked := file_in_the_way(path.parent):  # also a name the OS cannot look up, named
+        raise ConfigError(f"{key} {path}: {blocked} is a file, not a directory; name another path")
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{key} {path} is a directory; name a {what} to write")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{key} {path}: cannot write there ({err.strerror or err}); name a writable path") from None

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from alfred_train.atomic import write_text
+from alfred_train.atomic import check_writable, write_text
 from alfred_train.errors import AlfredError, ConfigError
 from alfred_train.eval_tasks import check_task_names, check_tasks, is_task_file, split_tasks
 
@@ -68,12 +68,7 @@ def default_output(ckpt: Path) -> Path:
 def check_output(output: Path, key: str = "--output") -> None:
     """The results file can be written: found after the export and the whole evaluation, it was a
     traceback (a directory, a parent that is a file) with a temporary file left behind."""
-    from alfred_train.checkpointing.site import file_in_the_way
-
-    if output.is_dir():
-        raise ConfigError(f"{key} {output} is a directory; name a .json file to write")
-    if blocked := file_in_the_way(output.parent):
-        raise ConfigError(f"{key} {output}: {blocked} is a file, not a directory; name another path")
+    check_writable(output, key, ".json file")
 
 
 def check_device(device: str | None) -> None:
@@ -116,7 +111,6 @@ def run_eval(args: argparse.Namespace) -> int:
     check_output(output)
     names, manager = check_task_names(args.tasks, "--tasks")  # before the export
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     if args.hf_dir:
         hf_dir = Path(args.hf_dir)
         if exported_from(hf_dir) != checkpoint_source(ckpt):  # another checkpoint's export is replaced, not scored

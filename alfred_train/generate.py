@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,23 +96,13 @@ def check_checkpoint(ckpt: Path, model: str) -> None:
 
 def check_output(prompts: str, output: str) -> None:
     """Refuse an --output that would overwrite the --prompts file, or that cannot be written."""
-    from alfred_train.checkpointing.site import file_in_the_way
+    from alfred_train.atomic import check_writable
 
     out, src = Path(output), Path(prompts)
-    if blocked := file_in_the_way(out.parent):
-        raise ConfigError(f"--output {output}: {blocked} is a file, not a directory; name another path")
+    check_writable(out, "--output", ".jsonl file")  # here, not after the whole decode
     if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
         raise ConfigError(f"--output {output} is the --prompts file and would overwrite it; "
                           "write the completions to another path")
-    if out.is_dir():
-        raise ConfigError(f"--output {output} is a directory; name a .jsonl file to write")
-    try:  # here, not after the whole decode
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
-    except OSError as err:
-        raise ConfigError(f"--output {output}: cannot write there ({err.strerror or err}); name a writable "
-                          "path") from None
 
 
 def parallel_config(overrides: list[str]):
