@@ -383,6 +383,17 @@ def test_cut_examples_are_counted_and_a_small_split_only_warns(capsys, caplog, t
                              f"data.train={_jsonl(tmp_path / 'small.jsonl', small)}")
     assert code == 0 and "0 held out" in out, err
     assert "data.valid_fraction (0.05: 2 examples): too few held-out tokens for one row" in caplog.text
+    # held-out prompts that fill data.seq_len: not for want of tokens (the warning said so), and more of them won't do
+    from alfred_train.data import mixture
+
+    cfg = load_config(TINY_SFT, [*sft[1:], f"data.train={tmp_path / 'small.jsonl'}"])
+    held = {r.context[-1].content for r in mixture.load_train_valid(cfg.data, "sft", cfg.train.seed)[1]}
+    filled = [{**r, "prompt": r["prompt"] + " word" * 80 if r["prompt"] in held else r["prompt"]} for r in small]
+    caplog.clear()
+    code, out, err = dry_run(capsys, "sft", *sft, "train.global_batch_size=4", "train.micro_batch_size=1",
+                             f"data.train={_jsonl(tmp_path / 'filled.jsonl', filled)}")
+    assert code == 0 and "data.valid_fraction (0.05: 2 examples): the prompt of each fills data.seq_len (64), no " \
+        "response token is left to score; training goes on without valid_loss (raise data.seq_len)" in caplog.text, err
     rm = [str(TINY_RM), "data.synthetic=false", "train.global_batch_size=8"]
     pairs = [{"prompt": f"Write {i}.", "chosen": "sunny " * (3 if i % 2 else 90), "rejected": "sad"} for i in range(40)]
     code, out, err = dry_run(capsys, "rm", *rm, f"data.train={_jsonl(tmp_path / 'rm.jsonl', pairs)}")

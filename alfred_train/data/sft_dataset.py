@@ -20,6 +20,10 @@ from alfred_train.data.tokenizer import Tokenizer
 from alfred_train.errors import ConfigError
 
 
+class NoResponseTokens(ConfigError):
+    """Every example's prompt fills data.seq_len: nothing to train on (or to score)."""
+
+
 class SFTDataset:
     """Fixed-length SFT rows (`SFTBlocks`, each field (N, S)) and their data-parallel batches."""
 
@@ -46,7 +50,7 @@ class SFTDataset:
         cut = [encode_sft(tokenizer, template, example, seq_len + 1) for example in examples]
         encoded = [(ids, mask) for ids, mask in cut if any(mask)]
         if cut and not encoded:
-            raise ConfigError(f"data.seq_len: the prompt of every example fills data.seq_len ({seq_len}) tokens, so "
+            raise NoResponseTokens(f"data.seq_len: the prompt of every example fills data.seq_len ({seq_len}) tokens, so "
                               "no response token is left to train on; raise data.seq_len")
         order = np.random.default_rng([seed, 0x5F7]).permutation(len(encoded))
         shuffled = [encoded[i] for i in order]

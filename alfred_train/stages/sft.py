@@ -12,7 +12,7 @@ from alfred_train.config import Config
 from alfred_train.data import synthetic
 from alfred_train.data.records import parse_sft
 from alfred_train.data.sampler import check_enough
-from alfred_train.data.sft_dataset import SFTDataset
+from alfred_train.data.sft_dataset import NoResponseTokens, SFTDataset
 from alfred_train.data.templates import get_template
 from alfred_train.errors import ConfigError
 from alfred_train.metrics import MetricsLogger, plot_metrics
@@ -48,9 +48,11 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[SFTDataset, SFTDataset | None]
             if d.valid:
                 raise ConfigError(f"data.valid: the held-out examples: {err}") from None
             # a split too small for one row (a small data set at the default fraction): trains, without valid_loss
-            log.warning("data.valid_fraction (%g: %d examples): too few held-out tokens for one row of data.seq_len "
-                        "(%d); training goes on without valid_loss (raise data.valid_fraction, or set it to 0 to train "
-                        "on them too)", d.valid_fraction, len(valid_ex), d.seq_len)
+            why = ("the prompt of each fills data.seq_len (%d), no response token is left to score; training goes "
+                   "on without valid_loss (raise data.seq_len)" if isinstance(err, NoResponseTokens) else
+                   "too few held-out tokens for one row of data.seq_len (%d); training goes on without valid_loss "
+                   "(raise data.valid_fraction, or set it to 0 to train on them too)")
+            log.warning("data.valid_fraction (%g: %d examples): " + why, d.valid_fraction, len(valid_ex), d.seq_len)
     for name, built, n in [("training", train_set, len(train_ex)), ("held-out", valid_set, len(valid_ex))]:
         if built is not None and built.no_loss:
             log.warning("%d of %d %s examples left out: their prompt fills data.seq_len (%d tokens), no response "
