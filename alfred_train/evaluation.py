@@ -165,6 +165,9 @@ def run_harness(hf_dir: Path, names: list[str], manager, args) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    import lm_eval.evaluator
+
+    lm_eval.evaluator.get_git_commit_hash = _git_hash  # its own let git's "fatal: not a git repository" through
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = HFLM(pretrained=str(hf_dir), device=device, batch_size=args.batch_size, dtype="auto")
     try:
@@ -180,6 +183,15 @@ def run_harness(hf_dir: Path, names: list[str], manager, args) -> dict:
     for key in ("pretty_env_info",):  # bulky machine dump; lm-eval versions stay
         results.pop(key, None)
     return results
+
+
+def _git_hash() -> str | None:
+    """What lm-eval records as results["git_hash"] (`git describe` of the working directory), asked
+    quietly: outside a repository git printed "fatal: not a git repository" into every eval."""
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).decode().strip()
+    except (subprocess.CalledProcessError, OSError):
+        return None
 
 
 def write_json(results: dict, output: Path) -> None:

@@ -12,14 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_SFT = ROOT / "configs" / "tiny-sft.yaml"
 
 
-def run_cli(*args: str, timeout: int = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m alfred_train ARGS` in a fresh process; raises with its output when it fails."""
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None, check: bool = True,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m alfred_train ARGS` in a fresh process (in `cwd`); raises with its output when it fails."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if not env or key not in env:
             full_env.pop(key, None)
     proc = subprocess.run([sys.executable, "-m", "alfred_train", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=ROOT)
+                          timeout=timeout, env=full_env, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"alfred-train {' '.join(args)} exited {proc.returncode}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")

@@ -191,8 +191,9 @@ def test_ppo_eval_tasks_evaluate_the_final_checkpoint(work):
 def test_eval_cli_scores_every_choice_and_writes_json(work, tmp_path):
     out = tmp_path / "res.json"
     done = run_cli("eval", str(work["run_dir"]), "--tasks", str(work["task"]), "--output", str(out), "--samples",
-                   "--batch-size", "2")
+                   "--batch-size", "2", cwd=tmp_path)  # not a git repository
     assert "|tiny_mc|" in done.stdout and "acc" in done.stdout
+    assert "not a git repository" not in done.stderr  # lm-eval's `git describe`, once in every eval
     results = json.loads(out.read_text())
     assert results["alfred_train"]["offline"] is True
     samples = results["samples"]["tiny_mc"]
