@@ -115,6 +115,7 @@ def _validate_ranges(cfg: Config) -> None:
                 ("ppo.kl_horizon", op.kl_horizon), ("ppo.policy_epochs", op.policy_epochs),
                 ("ppo.value_epochs", op.value_epochs), ("ppo.max_bad_steps", op.max_bad_steps),
                 ("ppo.clip_policy", op.clip_policy), ("ppo.clip_value", op.clip_value)]
+    positive += [("train.eval_batches", cfg.train.eval_batches), ("train.log_interval", cfg.train.log_interval)]
     if d.synthetic:
         positive.append(("data.synthetic_size", d.synthetic_size))
     for key, value in [("model.vocab_size", m.vocab_size), ("model.ffn_hidden_size", m.ffn_hidden_size),
@@ -124,6 +125,9 @@ def _validate_ranges(cfg: Config) -> None:
             positive.append((key, value))
     for key, value in positive:
         _check(value > 0, f"{key}: must be > 0, got {value}")
+    intervals = [("checkpoint.interval", cfg.checkpoint.interval), ("train.eval_interval", cfg.train.eval_interval)]
+    for key, value in intervals:
+        _check(value >= 0, f"{key}: must be >= 0 (0: at the end only), got {value}")
     for key, value in [("optim.min_lr", o.min_lr), ("optim.weight_decay", o.weight_decay),
                        ("optim.clip_grad", o.clip_grad), ("optim.warmup_steps", o.warmup_steps),
                        ("ppo.top_k", op.top_k), ("ppo.min_new_tokens", op.min_new_tokens), ("ppo.kl_coef", op.kl_coef),

@@ -144,6 +144,21 @@ def test_a_resume_with_other_adapters_is_refused_naming_the_lora_keys(capsys, tm
            *sft, *lora)
 
 
+def test_a_resume_with_another_global_batch_is_refused_before_the_run_writes(capsys, tmp_path):
+    """The dry run passed it; the run was refused by the sampler after replacing config.yaml."""
+    run = tmp_path / "run"
+    ckpt = _checkpoint(run / "checkpoints" / "iter_0000002", ["policy"], "sft", _shape(TINY_SFT))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["state"]["consumed_samples"] = 64
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    sft = ["sft", TINY_SFT, "parallel.tp=1", f"run.dir={run}"]
+    assert _run(capsys, *sft, "train.global_batch_size=32", "--dry-run")[0] == 0
+    for dry in (["--dry-run"], []):
+        _error(capsys, "train.global_batch_size", f"48, but checkpoint.resume ({ckpt}) stopped after 64 samples, not a "
+               "whole number of batches of 48", *sft, "train.global_batch_size=48", "train.micro_batch_size=8", *dry)
+    assert not (run / "config.yaml").exists()
+
+
 def test_rm_init_is_checked_in_dry_run_and_before_the_real_run_builds_anything(capsys, tmp_path, ckpts):
     for init in (ckpts["sft"], ckpts["rm"]):  # an SFT policy or an RM
         code, _, err = _run(capsys, "rm", TINY_RM, "parallel.tp=1", f"rm.init={init}", f"run.dir={tmp_path / 'r'}",

@@ -134,6 +134,8 @@ def test_impossible_layouts(capsys, overrides, key, numbers):
     ("ppo.eval_prompts=-4", "ppo.eval_prompts: must be >= 0, got -4"),
     ("ppo.eval_limit=0", "ppo.eval_limit: must be > 0, got 0"),  # it failed after training, exit 0
     ("ppo.lam=1.5", "ppo.lam: must be in [0, 1], got 1.5"),
+    ("checkpoint.interval=-1", "checkpoint.interval: must be >= 0 (0: at the end only), got -1"),  # saved every step
+    ("train.eval_batches=0", "train.eval_batches: must be > 0, got 0"),  # warned to raise data.valid_fraction
     ("optim.beta1=2", "optim.beta1: must be in [0, 1), got 2.0"),
     ("optim.eps=-1", "optim.eps: must be > 0, got -1.0"),
     ("optim.weight_decay=-1", "optim.weight_decay: must be >= 0, got -1.0"),

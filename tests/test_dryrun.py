@@ -403,6 +403,14 @@ def test_cut_examples_are_counted_and_a_small_split_only_warns(capsys, caplog, t
     assert code == 2 and "every training pair has the same chosen and rejected response" in err, err
 
 
+def test_a_training_split_too_small_for_one_block_names_valid_fraction(capsys):
+    """It named data.seq_len and adding data only, when the held-out fraction took the data."""
+    code, _, err = dry_run(capsys, "sft", str(TINY_SFT), "data.valid_fraction=0.999")
+    assert code == 2 and err.rstrip().endswith("too few for one packed block of data.seq_len=64; lower data.seq_len "
+                                               "or add data, or lower data.valid_fraction (0.999: 1998 of 2000 "
+                                               "examples held out)"), err
+
+
 def test_schedules_use_the_peak_and_spend_no_update_at_rate_zero(capsys):
     """Update k takes megatron's rate at step k - 1 (megatron's and HF's reading): Tulu's linear decay
     to 0 over its 300 iterations ends one step above 0 (it spent the 300th at rate 0), a schedule

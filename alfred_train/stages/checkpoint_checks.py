@@ -210,6 +210,7 @@ def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, s
         check_resume_layout(cfg, use, path, meta)
         _check_resume_precision(cfg, use, path, state, required)
         _check_resume_adapters(cfg, use, path, state)
+        _check_resume_batch(cfg, use, path, state)
     if (saved_layout.get("vpp") or 1) != (cfg.parallel.vpp or 1):
         raise ConfigError(f"parallel.vpp: {key} ({path}) was saved with parallel.vpp={saved_layout.get('vpp')}; "
                           "set parallel.vpp as when saved")
@@ -249,6 +250,19 @@ def _check_resume_precision(cfg: Config, use: CheckpointUse, path: Path, state: 
         raise ConfigError(f"train.precision: this run trains in {mine}, but {use.key} ({path}) was trained in {saved} "
                           f"and its optimizer states are {saved}'s; set train.precision={saved} to resume, or start a "
                           "new run.dir from its weights")
+
+
+def _check_resume_batch(cfg: Config, use: CheckpointUse, path: Path, state: dict) -> None:
+    """The data position a resume continues from is a whole number of this run's batches: another
+    train.global_batch_size passed the dry run and was refused by the sampler after config.yaml
+    was replaced (naming train.global_batch_size for PPO too, whose batch is ppo.rollouts_per_iter)."""
+    for field, key, size in (("consumed_samples", "train.global_batch_size", cfg.train.global_batch_size),
+                             ("consumed_prompts", "ppo.rollouts_per_iter", cfg.ppo.rollouts_per_iter)):
+        done = state.get(field)
+        if isinstance(done, int) and size > 0 and done % size:
+            raise ConfigError(f"{key}: {size}, but {use.key} ({path}) stopped after {done} samples, not a whole number "
+                              f"of batches of {size}; resume with the {key} it was trained with (run.dir's config.yaml "
+                              "says), or set a new run.dir")
 
 
 def _check_resume_adapters(cfg: Config, use: CheckpointUse, path: Path, state: dict) -> None:

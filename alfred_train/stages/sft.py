@@ -39,7 +39,13 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[SFTDataset, SFTDataset | None]
     d, t = cfg.data, cfg.train
     train_ex, valid_ex = load_sft_examples(cfg)
     template = get_template(d.template)
-    train_set = SFTDataset.build(train_ex, tokenizer, template, d.seq_len, d.pack, t.seed)
+    try:
+        train_set = SFTDataset.build(train_ex, tokenizer, template, d.seq_len, d.pack, t.seed)
+    except ConfigError as err:
+        if d.valid or not len(valid_ex) or isinstance(err, NoResponseTokens):
+            raise
+        raise ConfigError(f"{err}, or lower data.valid_fraction ({d.valid_fraction:g}: {len(valid_ex)} of "
+                          f"{len(train_ex) + len(valid_ex)} examples held out)") from None
     valid_set = None
     if len(valid_ex):
         try:
