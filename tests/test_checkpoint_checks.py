@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,46 @@ def test_a_resume_with_another_global_batch_is_refused_before_the_run_writes(cap
         _error(capsys, "train.global_batch_size", f"48, but checkpoint.resume ({ckpt}) stopped after 64 samples, not a "
                "whole number of batches of 48", *sft, "train.global_batch_size=48", "train.micro_batch_size=8", *dry)
     assert not (run / "config.yaml").exists()
+
+
+def test_a_lora_resume_needs_the_base_its_adapters_were_trained_over(capsys, tmp_path):
+    """The dry run passed each of these and the run stopped with a dict of both bases (no key); a
+    copy of the base (a renamed SFT run) was refused, though the refusal of a moved one advised it."""
+    shape = _shape(TINY_RM)
+    sft = _checkpoint(tmp_path / "sft" / "iter_0000004", ["policy"], "sft", shape)
+    (sft / "manifest.json").write_text('{"step": 4, "files": {}}')
+    spec = {"targets": {"linear_qkv": {"rank": 4, "scale": 2.0}}, "dropout": 0.0}
+
+    def resumed(run: str, base: dict) -> list[str]:
+        ckpt = _checkpoint(tmp_path / run / "checkpoints" / "iter_0000002", ["reward"], "rm", shape)
+        meta = json.loads((ckpt / "meta.json").read_text())
+        meta["state"]["lora"] = {"reward": {**spec, "base": {"model": "policy", "skip": ["output_layer"], **base}}}
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+        return ["rm", TINY_RM, "parallel.tp=1", f"run.dir={tmp_path / run}", "lora.rank=4", "lora.alpha=8",
+                "lora.targets=[linear_qkv]", "lora.dropout=0", "--dry-run"]
+
+    seeded = resumed("seeded", {"path": None, "seed": 1234})
+    assert _run(capsys, *seeded, "rm.init=null")[0] == 0
+    _error(capsys, "rm.init", "trained its adapters over the seeded init (train.seed 1234), not over a checkpoint; "
+           "remove rm.init", *seeded, f"rm.init={sft}")
+    _error(capsys, "train.seed", "over the seeded init of train.seed=1234; set train.seed=1234", *seeded,
+           "rm.init=null", "train.seed=5")
+    over = resumed("over-sft", {"path": str(sft), "seed": None})
+    assert _run(capsys, *over, f"rm.init={sft}")[0] == 0
+    _error(capsys, "rm.init", f"trained its adapters over {sft}; set rm.init to it (or a copy of it)", *over, "rm.init=null")
+    copy = tmp_path / "renamed" / "iter_0000004"
+    shutil.copytree(sft, copy)
+    assert _run(capsys, *over, f"rm.init={copy}")[0] == 0, capsys.readouterr().err  # the same manifest: the same base
+    (copy / "manifest.json").write_text('{"step": 4, "files": {"other": 1}}')
+    _error(capsys, "rm.init", f"{copy} is not the base checkpoint.resume", *over, f"rm.init={copy}")
+
+
+def test_a_damaged_meta_json_is_named_with_the_key_that_took_it(capsys, tmp_path):
+    sft = _checkpoint(tmp_path / "sft" / "checkpoints" / "iter_0000004", ["policy"], "sft", _shape(TINY_RM))
+    (sft / "meta.json").write_text("{not json")
+    (sft / "manifest.json").write_text("{}")
+    _error(capsys, "rm.init", f"{sft / 'meta.json'} is unreadable (JSONDecodeError)", "rm", TINY_RM, "parallel.tp=1",
+           f"run.dir={tmp_path / 'rm'}", f"rm.init={tmp_path / 'sft'}", "--dry-run")
 
 
 def test_rm_init_is_checked_in_dry_run_and_before_the_real_run_builds_anything(capsys, tmp_path, ckpts):

@@ -103,6 +103,6 @@ def test_a_resumed_sft_run_with_full_weights_loads_no_init(tmp_path):
     started = inits.pin(cfg, "sft")
     _checkpoint(tmp_path / "run" / "checkpoints" / "iter_0000002", ["policy"], "sft", step=2,
                 inits=inits.record(started, "sft"))
-    shutil.rmtree(init)  # gone: not loaded by the resume
-    assert inits.pin(cfg, "sft") == cfg
+    shutil.rmtree(init)  # gone: not loaded by the resume; config.yaml still names where the run started
+    assert inits.pin(cfg, "sft") == load_config(TINY_SFT, [f"checkpoint.init={init.resolve()}", f"run.dir={tmp_path / 'run'}"])
     assert inits.record(cfg, "sft")["checkpoint.init"]["path"] == str(init.resolve())  # passed on

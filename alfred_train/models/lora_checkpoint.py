@@ -276,10 +276,15 @@ def checkpoint_state(trainables: dict) -> dict:
 
 
 def check_resume(state: dict, trainables: dict, path) -> None:
-    """The checkpoint being resumed was trained on the same bases with the same adapters."""
+    """The checkpoint being resumed was trained on the same bases with the same adapters (the run's
+    checks said which and named the key: `stages.checkpoint_checks`; a base's path may differ, a
+    copy of it being the same base)."""
+    def aside_paths(lora_state: dict) -> dict:
+        return {name: {**entry, "base": {**entry.get("base", {}), "path": None}} for name, entry in lora_state.items()}
+
     mine = checkpoint_state(trainables).get("lora", {})
     saved = state.get("lora") or {}
-    if mine != saved:
+    if aside_paths(mine) != aside_paths(saved):
         raise ConfigError(f"{path}: its LoRA adapters/base {saved or 'none'} differ from this run's "
                           f"{mine or 'none'}; resume with the same lora section and base checkpoints")
 

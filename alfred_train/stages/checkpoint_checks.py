@@ -167,9 +167,13 @@ def checked(cfg: Config, use: CheckpointUse, shape: ModelShape, *, required: boo
     path = checkpoint.locate(use.where, use.key, required=required)
     if path is None:
         return None
-    meta = checkpoint.read_meta(path)
+    try:
+        meta = checkpoint.read_meta(path)
+    except ConfigError as err:  # a damaged meta.json: name the key that took it
+        raise ConfigError(f"{use.key}: {err}") from None
     _check_checkpoint(cfg, use, path, meta, shape, required)
-    lora_checkpoint.check_bases(path, meta, _loaded(use, meta), named=f"{use.key}: ", verify=False)
+    if not use.resume:  # a resumed run loads its bases from its own inits, checked as those
+        lora_checkpoint.check_bases(path, meta, _loaded(use, meta), named=f"{use.key}: ", verify=False)
     if required and not use.resume:  # a resume is verified as it is chosen (checkpoint.find_resumable)
         _check_sound(use, path, meta)
     return path, meta
@@ -210,6 +214,7 @@ def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, s
         check_resume_layout(cfg, use, path, meta)
         _check_resume_precision(cfg, use, path, state, required)
         _check_resume_adapters(cfg, use, path, state)
+        _check_resume_bases(cfg, use, path, state)
         _check_resume_batch(cfg, use, path, state)
     if (saved_layout.get("vpp") or 1) != (cfg.parallel.vpp or 1):
         raise ConfigError(f"parallel.vpp: {key} ({path}) was saved with parallel.vpp={saved_layout.get('vpp')}; "
@@ -277,6 +282,44 @@ def _check_resume_adapters(cfg: Config, use: CheckpointUse, path: Path, state: d
         if theirs != mine:
             raise ConfigError(f"lora: {use.key} ({path}) trained {_adapters(theirs)}, this config {_adapters(mine)}; "
                               f"set {_lora_keys(theirs)} as when saved, or set a new run.dir")
+
+
+def _check_resume_bases(cfg: Config, use: CheckpointUse, path: Path, state: dict) -> None:
+    """A LoRA resume puts its adapters back over the base they were trained on: the init the run
+    loads (pinned, `stages.inits`) is that checkpoint or a copy, or, for a base that was the seeded
+    init, there is no init and train.seed is the same. Each passed the dry run and stopped the run
+    with a dict of both bases; a copy of the base (a renamed SFT run) was refused."""
+    from alfred_train.stages import inits
+
+    stage = state.get("stage")
+    for name in use.holds[0] if cfg.lora.rank else ():
+        base = (((state.get("lora") or {}).get(name) or {}).get("base")) or {}
+        key, where = _init_of(cfg, stage, name)
+        recorded = (state.get("inits") or {}).get(key) or {}
+        if base.get("path") is None and base.get("seed") is not None:  # over the seeded init
+            if where:
+                raise ConfigError(f"{key}: {use.key} ({path}) trained its adapters over the seeded init (train.seed "
+                                  f"{base['seed']}), not over a checkpoint; remove {key} to resume it, or set a new "
+                                  "run.dir")
+            if base["seed"] != cfg.train.seed:
+                raise ConfigError(f"train.seed: {use.key} ({path}) trained its adapters over the seeded init of "
+                                  f"train.seed={base['seed']}; set train.seed={base['seed']} to resume it")
+        elif base.get("path") is not None:
+            if not where:
+                raise ConfigError(f"{key}: {use.key} ({path}) trained its adapters over {base['path']}; set {key} to "
+                                  "it (or a copy of it) to resume, or set a new run.dir")
+            if not inits.same_checkpoint(where, base["path"], recorded.get("manifest_sha256")):
+                raise ConfigError(f"{key}: {where} is not the base {use.key} ({path}) trained its adapters over "
+                                  f"({base['path']}); set {key} to it (or a copy of it), or set a new run.dir")
+
+
+def _init_of(cfg: Config, stage: str | None, name: str) -> tuple[str, str | None]:
+    """(config key, its value) of the init model `name`'s base comes from in a `stage` run."""
+    if stage == "ppo":
+        return ("ppo.policy_init", cfg.ppo.policy_init) if name == "policy" else ("ppo.reward_init", cfg.ppo.reward_init)
+    if stage == "rm" and (cfg.rm.init or not cfg.checkpoint.init):
+        return "rm.init", cfg.rm.init
+    return "checkpoint.init", cfg.checkpoint.init
 
 
 def _adapters(spec: dict | None) -> str:

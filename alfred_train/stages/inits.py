@@ -42,9 +42,9 @@ def pin(cfg: Config, stage: str, *, say: bool = True) -> Config:
     from alfred_train.stages.checkpoint_checks import init_uses
 
     resumed = _resumed_meta(cfg)
-    if not _loads_inits(cfg, stage, resumed):
-        return cfg
     recorded = _recorded(resumed) or {}
+    if not _loads_inits(cfg, stage, resumed):  # nothing loaded: config.yaml still says where the run started
+        return _with(cfg, {use.key: recorded[use.key]["path"] for use in init_uses(cfg, stage) if use.key in recorded})
     pins = {}
     for use in init_uses(cfg, stage):
         if use.key in recorded:
@@ -80,8 +80,7 @@ def check_resumed(cfg: Config, stage: str, state: dict) -> None:
     recorded = state.get("inits") or {}
     for use in init_uses(cfg, stage):
         entry = recorded.get(use.key)
-        if entry is None or str(Path(use.where).resolve()) == entry["path"] or (
-                entry.get("manifest_sha256") is not None and _manifest_sha(Path(use.where)) == entry["manifest_sha256"]):
+        if entry is None or same_checkpoint(use.where, entry["path"], entry.get("manifest_sha256")):
             continue
         raise ConfigError(f"{use.key}: the checkpoint resumed started from {entry['path']}, but this run loaded "
                           f"{use.where}; set {use.key}={entry['path']} (a resumed run keeps its inits)")
@@ -140,6 +139,15 @@ def _resolved(where: str) -> Path | None:
         return checkpoint.resolve_checkpoint(where)
     except ConfigError:
         return None
+
+
+def same_checkpoint(path: str | Path, other: str | Path, other_sha: str | None = None) -> bool:
+    """`path` is checkpoint `other` (whose manifest had sha256 `other_sha` when recorded), there or
+    copied elsewhere: the same place, or the same manifest (every file's size and sha256)."""
+    if Path(path).resolve() == Path(other).resolve():
+        return True
+    mine = _manifest_sha(Path(path))
+    return mine is not None and mine == (other_sha or _manifest_sha(Path(other)))
 
 
 def _manifest_sha(path: Path) -> str | None:
