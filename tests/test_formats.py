@@ -139,6 +139,13 @@ def test_a_held_out_fraction_keeps_conversations_whole(tmp_path):
     cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train={repeated}", "data.valid_fraction=0.1"])
     train, valid = mixture.load_train_valid(cfg.data, "sft", seed=0)
     assert len(valid) == 8 and not {r.context for r in valid} & {r.context for r in train}
+    # across a mixture too: the same records in two entries (a file and its Parquet copy) were held out
+    # of one and trained on from the other, 38 of 40 held-out SFT examples
+    copy = fx.write(tmp_path / "twice.parquet", [{"prompt": f"p{i}", "response": "r"} for i in range(40)] * 2)
+    mix = f"data.train=[{{path: {repeated}, weight: 1}}, {{path: {copy}, weight: 1}}]"
+    train, valid = mixture.load_train_valid(load_config(TINY_SFT, ["data.synthetic=false", mix,
+                                                                   "data.valid_fraction=0.1"]).data, "sft", seed=0)
+    assert valid and not {r.context for r in valid} & {r.context for r in train}
 
 
 def test_dolly_folds_context_into_the_prompt_and_has_no_pairs(tmp_path):

@@ -137,11 +137,15 @@ def load_train_valid(d: DataConfig, kind: Kind, seed: int) -> tuple[list, list]:
     if d.valid:
         return _mix([(p, p.records) for p in parts], seed, "data.train"), load(d.valid, kind, d, seed, "data.valid")
     rng = random.Random(seed)
+    drawn = [(part, *_held_out(part.records, d.valid_fraction, rng)) for part in parts]
+    # a conversation held out of one file is held out of them all: the same records in two entries (a
+    # file and its Parquet copy, a file listed twice) were held out of one and trained on from the other
+    held_out = {_opening(part.records[i].context) for part, _, held in drawn for i in held}
     train_parts, valid = [], []
-    for part in parts:
-        order, held = _held_out(part.records, d.valid_fraction, rng)
+    for part, order, held in drawn:
         valid += [part.records[i] for i in order if i in held]
-        train_parts.append((part, [part.records[i] for i in order if i not in held]))
+        train_parts.append((part, [part.records[i] for i in order
+                                   if i not in held and _opening(part.records[i].context) not in held_out]))
     return _mix(train_parts, seed, "data.train"), valid
 
 
