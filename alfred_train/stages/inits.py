@@ -10,12 +10,15 @@ its KL penalty measured against a new model. So:
     checkpoint it resolves to, or, on a resume, by the one the resumed checkpoint records it started
     from (`record`, in each checkpoint's state["inits"]). A newer checkpoint under the same run
     directory is a warning (the resumed run keeps its own); a config naming another checkpoint
-    outright, a recorded one gone or rewritten (its manifest's sha256 changed), is refused;
+    outright, a recorded one gone or rewritten (its manifest's sha256 changed), is refused; a copy
+    of it (the same manifest: a renamed SFT run) named instead is taken (`same_checkpoint`; a LoRA
+    resume's base is checked the same way, `checkpoint_checks._check_resume_bases`);
   * `check_resumed` refuses a resume whose recorded inits are not what the run loaded (a checkpoint
     only S3 held, fetched after `pin` looked at run.dir).
 
-A resumed SFT or RM run with full weights loads no init (the checkpoint holds the model): nothing
-is pinned for it. Checkpoints saved before inits were recorded resolve the config as before.
+A resumed SFT or RM run with full weights loads no init (the checkpoint holds the model): its
+config only says the recorded one again. Checkpoints saved before inits were recorded resolve the
+config as before.
 """
 
 from __future__ import annotations
