@@ -186,9 +186,11 @@ def load_dict(path: str | Path | None, overrides: list[str] = ()) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] = (), *, here: bool = True) -> Config:
+    """here=False: a config for another machine (a SageMaker job's, its paths in the container):
+    the files it names are not read."""
     cfg = from_dict(Config, load_dict(path, overrides))
-    validate(cfg)
+    validate(cfg, here=here)
     return cfg
 
 

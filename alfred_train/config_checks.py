@@ -18,7 +18,8 @@ def _check(ok: bool, msg: str) -> None:
 MAX_WEIGHT = 1000  # a mixture weight is a number of copies of its source: inf overflowed in the mixer
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+def validate(cfg: Config, world_size: Optional[int] = None, *, here: bool = True) -> None:
+    """here=False: the config of a job on another machine: the files it names are not looked at."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     for key, val in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.dp", p.dp),
                      ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
@@ -80,7 +81,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(o.temperature > 0, f"ppo.temperature: must be > 0, got {o.temperature}")
     _check(o.min_new_tokens <= o.max_new_tokens,
            f"ppo.min_new_tokens: {o.min_new_tokens} is above ppo.max_new_tokens ({o.max_new_tokens})")
-    _validate_extras(cfg)
+    _validate_extras(cfg, here)
     _validate_lora(cfg)
 
 
@@ -142,8 +143,9 @@ def _validate_ranges(cfg: Config) -> None:
            f"model starts from; keep one")
 
 
-def _validate_extras(cfg: Config) -> None:
-    """Optional packages and files the run will need, checked before any model is built."""
+def _validate_extras(cfg: Config, here: bool = True) -> None:
+    """Optional packages and files the run will need, checked before any model is built (the files
+    only `here`: a SageMaker job's task files are at their container paths)."""
     import importlib.util
 
     if cfg.logging.wandb is not None:
@@ -158,7 +160,8 @@ def _validate_extras(cfg: Config) -> None:
     if cfg.ppo.eval_tasks:
         from alfred_train.eval_tasks import check_tasks
 
-        check_tasks(cfg.ppo.eval_tasks, "ppo.eval_tasks")
+        if here:
+            check_tasks(cfg.ppo.eval_tasks, "ppo.eval_tasks")
         _check(cfg.checkpoint.save_final, "ppo.eval_tasks: evaluates the final checkpoint; set "
                "checkpoint.save_final: true")
 

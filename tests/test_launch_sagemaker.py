@@ -375,6 +375,12 @@ def test_the_dry_run_sees_the_jobs_run_dir_not_this_machines(tmp_path, capsys):
             f"run.dir={local}", "checkpoint.resume=none"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert "run.dir -> /opt/ml/checkpoints" in capsys.readouterr().err
+    # a task YAML delivered to the job: the job's config was loaded here, and its task file looked for at its
+    # container path (every eval_tasks file was refused, in any delivery form)
+    task = tmp_path / "tiny_mc.yaml"
+    task.write_text("task: tiny_mc\ndataset_path: json\noutput_type: multiple_choice\n")
+    inputs = argv[-3].replace("}", f", 'ppo.eval_tasks[0]': {task}}}")
+    assert cli.main([*argv[:-3], inputs, *argv[-2:], f"ppo.eval_tasks=[{task}]"]) == 0, capsys.readouterr().err
 
 
 def test_missing_aws_credentials_is_one_line_exit_2(monkeypatch, tmp_path, capsys):

@@ -121,7 +121,7 @@ def _launch_sagemaker(run: job_files.ResolvedRun, args: argparse.Namespace) -> i
     plan = sagemaker_plan.plan_inputs(run.tree, launch, upload_root=sagemaker.inputs_uri(launch, name),
                                       source_root=sagemaker.source_root())
     job_tree = sagemaker_plan.rewritten_tree(run.tree, plan)
-    job_files.load_run_tree(job_tree)  # the job's own config loads
+    job_files.load_run_tree(job_tree, here=False)  # the job's own config loads (its paths: the container's)
     # Refuses what does not fit the GPUs or the volume. Inputs are checked where they are now (local,
     # FSx), the run directory where the job has it: not this machine's runs/<name>, whose
     # checkpoints the job never sees (the dry run said it would resume them).

@@ -134,14 +134,15 @@ def stage_from_sections(tree: dict, source: Path) -> str:
     return named[0] if named else "sft"
 
 
-def load_run_tree(tree: dict) -> Any:
-    """Load `tree` exactly as the job will: through the trainer's loader, from a YAML file."""
+def load_run_tree(tree: dict, *, here: bool = True) -> Any:
+    """Load `tree` exactly as the job will: through the trainer's loader, from a YAML file.
+    here=False: a SageMaker job's tree, whose paths are the container's (not read here)."""
     from alfred_train.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / RESOLVED_CONFIG
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
-        return load_config(path)
+        return load_config(path, here=here)
 
 
 def check_world_size(run: ResolvedRun) -> None:
