@@ -346,6 +346,19 @@ def test_a_prompt_mixture_and_a_glob_reach_the_job(tmp_path):
     assert plan.rewrites["data.prompts"] == "/opt/ml/input/data/data_prompts/part-*.jsonl"
     assert plan.sources["data.prompts"] == ("data_prompts", "part-*.jsonl")
 
+    # one data file delivered through the folder that holds it: the job read the folder as the file
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prompts.jsonl").write_text('{"prompt": "q"}\n')
+    folder = [*overrides[:-2], f"data.prompts={tmp_path / 'data' / 'prompts.jsonl'}",
+              f"launch.sagemaker.inputs={{data.prompts: {tmp_path / 'data'}}}"]
+    run = job.resolve_run(REPO / "configs" / "alfred-40b-ppo.yaml", folder, template=TEMPLATE)
+    plan = sagemaker_plan.plan_inputs(run.tree, run.launch, upload_root="s3://alfred-test/x", source_root=REPO)
+    assert plan.rewrites["data.prompts"] == "/opt/ml/input/data/data_prompts/prompts.jsonl"
+    run = job.resolve_run(REPO / "configs" / "alfred-40b-ppo.yaml", [*folder[:-2], "data.prompts=/home/me/other.jsonl",
+                                                                      folder[-1]], template=TEMPLATE)
+    with pytest.raises(ConfigError, match=r"^launch.sagemaker.inputs.data.prompts: .*/data holds no other.jsonl"):
+        sagemaker_plan.plan_inputs(run.tree, run.launch, upload_root="s3://alfred-test/x", source_root=REPO)
+
     # ppo.eval_tasks: a task YAML file of the user's was not delivered (the job failed after training)
     (tmp_path / "my-task.yaml").write_text("task: mine\ndataset_path: json\n")
     tasks = [*overrides[:-2], f"ppo.eval_tasks=[hellaswag, {tmp_path / 'my-task.yaml'}]"]

@@ -40,6 +40,7 @@ CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # CheckpointConfig.LocalPath
 INPUT_KEYS = ("model.tokenizer", "data.train", "data.valid", "data.prompts", "rm.init", "checkpoint.init",
               "ppo.policy_init", "ppo.reward_init", "checkpoint.resume", "ppo.eval_tasks")
 LIST_KEYS = ("data.train", "data.valid", "data.prompts", "ppo.eval_tasks")  # a mixture / task names and files
+FILE_KEYS = LIST_KEYS  # they name files (a folder delivered for one stands for the folder that holds it)
 _FSX_ID = re.compile(r"^fs-[0-9a-f]{8,21}$")
 SOURCE_DIRS = ("alfred_train", "parallel", "kernels", "sagemaker", "configs")  # shipped in the tarball
 
@@ -163,6 +164,8 @@ def _place(key: str, value, sm, plan: InputPlan, upload_root: str, source_root: 
         if ch.s3_uri.endswith("/") and value is not None and _GLOB.search(str(value)):
             pattern = _glob_part(str(value))  # a folder for data/*.jsonl: the job globs inside it
             path = f"{path}/{pattern}"
+        elif ch.s3_uri.endswith("/") and value is not None and _MIXTURE_ITEM.sub("", key) in FILE_KEYS:
+            path = f"{path}/{_in_folder(key, str(value), ch)}"  # the job read the folder as the data file
         return path, (ch.name, path[len(f"{CHANNEL_ROOT}/{ch.name}"):].lstrip("/"))
     value = str(value)
     rest = _under(value, fsx.path) if fsx.file_system_id else None
@@ -215,6 +218,16 @@ def _place_list(key: str, value: list, sm, plan: InputPlan, upload_root: str, so
             items.append(list(placed[i][1]))
     plan.rewrites[key] = rewritten
     plan.sources[key] = {"items": items}
+
+
+def _in_folder(key: str, value: str, ch: Channel) -> str:
+    """The name of file `value` inside the folder delivered for `key`: its own name (a local folder
+    must hold it)."""
+    name = Path(value).name
+    if ch.upload_from and not (Path(ch.upload_from) / name).is_file():
+        raise ConfigError(f"launch.sagemaker.inputs.{key}: {ch.upload_from} holds no {name} ({key} names {value}); "
+                          "give the file itself, or the folder that holds it")
+    return name
 
 
 def _fixed_folder(path: str) -> str:
