@@ -113,6 +113,18 @@ def test_slurm_launch_refuses_what_the_dry_run_refuses(capsys):
     assert out.startswith("#!/bin/bash\n") and "alfred-train ppo --dry-run: the configuration is valid" in err
 
 
+def test_an_empty_or_scalar_launch_section_is_one_line(capsys, tmp_path):
+    """With --backend an empty `launch:` (None) was a TypeError traceback; so was `launch=5`."""
+    from alfred_train.cli import main
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text((REPO / "configs" / "tiny-sft.yaml").read_text() + "\nlaunch:\n")
+    for argv in ([str(empty), "--backend", "local"], [str(empty)], [str(REPO / "configs" / "tiny-sft.yaml"), "launch=5"]):
+        assert main(["launch", *argv, "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("alfred-train: error: launch: expected a mapping, got ") and err.count("\n") == 1, err
+
+
 def test_the_stage_comes_from_the_config_sections(tmp_path):
     """`launch configs/tiny-rm.yaml` trained SFT (launch.stage defaulted to sft); the stage is now the
     one the sections name, written into the job's config, and a config naming two must say which."""

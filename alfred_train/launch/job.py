@@ -115,6 +115,8 @@ def resolve_run(
         tree = _merge(tree, _without_placeholders(extra))
     for override in overrides:
         apply_override(tree, override)
+    if "launch" in tree and not isinstance(tree["launch"], dict):  # `launch:` left empty is None
+        raise ConfigError(f"launch: expected a mapping, got {tree['launch']!r}; fill the launch section or remove it")
     if backend is not None:
         tree.setdefault("launch", {})["backend"] = backend
     default_run_dir(tree, source)  # as the trainer reads this file (the job's copy is named config.yaml)
