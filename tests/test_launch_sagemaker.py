@@ -288,6 +288,18 @@ def test_fsx_inputs_and_shared_run_dir_request(tmp_path, capsys):
     ]
     assert request["VpcConfig"] == {"Subnets": ["subnet-0a1b"], "SecurityGroupIds": ["sg-0c2d"]}
     assert "CheckpointConfig" not in request
+    # SageMaker takes at most 2,500 characters per hyperparameter value (boto3 and moto do not check): a
+    # mixture of many files named one by one passed every check and would be refused at submission
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("sagemaker").operation_model("CreateTrainingJob")
+    assert model.input_shape.members["HyperParameters"].value.metadata["max"] == sagemaker.HYPERPARAMETER_LIMIT
+    plan.sources["data.prompts"] = {"items": [{"path": ["data_prompts", f"shard-{i:03d}.jsonl"], "weight": 1.0}
+                                              for i in range(60)]}
+    with pytest.raises(ConfigError, match=r"^launch.sagemaker.inputs: the map of where the job reads each input is "
+                                          r"\d+ characters, over SageMaker's 2500 per hyperparameter; name a mixture's "
+                                          r"files by a glob"):
+        sagemaker.build_request(run.launch, name="x", submit_uri="s3://alfred-test/x.tgz", plan=plan)
     tree = sagemaker_plan.rewritten_tree(run.tree, plan)
     assert tree["ppo"]["policy_init"] == "/opt/ml/input/data/fsx/checkpoints/falcon-40b-sft"
     assert tree["model"]["tokenizer"] == "/opt/ml/input/data/fsx/hf/falcon-40b/tokenizer.json"

@@ -114,6 +114,9 @@ def inputs_uri(launch: LaunchConfig, name: str) -> str:
     return f"{str(parse_s3_uri(launch.sagemaker.source_s3_uri).child(name))}/inputs"
 
 
+HYPERPARAMETER_LIMIT = 2500  # characters in one CreateTrainingJob HyperParameters value (botocore's model)
+
+
 def build_request(launch: LaunchConfig, *, name: str, submit_uri: str, plan: InputPlan | None = None) -> dict:
     """The CreateTrainingJob request for `launch` (pure; validate_sagemaker and plan_inputs first)."""
     sm = launch.sagemaker
@@ -130,6 +133,11 @@ def build_request(launch: LaunchConfig, *, name: str, submit_uri: str, plan: Inp
         "inputs": json.dumps(plan.sources, sort_keys=True),  # a JSON text: entry.py's --inputs
         "job_id": name,  # ALFRED_JOB_ID: a restart (spot) knows run.dir's checkpoints for its own
     }
+    inputs = json.dumps(hyper["inputs"])
+    if len(inputs) > HYPERPARAMETER_LIMIT:  # boto3 does not check it: the job would be refused at submission
+        raise ConfigError(f"launch.sagemaker.inputs: the map of where the job reads each input is {len(inputs)} "
+                          f"characters, over SageMaker's {HYPERPARAMETER_LIMIT} per hyperparameter; name a mixture's "
+                          "files by a glob (data.prompts: /data/prompts/*.jsonl) rather than one by one")
     stopping = {"MaxRuntimeInSeconds": sm.max_run_s}
     if sm.spot:
         stopping["MaxWaitTimeInSeconds"] = sm.max_wait_s or sm.max_run_s
