@@ -386,6 +386,36 @@ def test_a_prompt_mixture_and_a_glob_reach_the_job(tmp_path):
     assert over == ['ppo.eval_tasks=["hellaswag", "/opt/ml/input/data/ppo_eval_tasks_1/my-task.yaml"]']
 
 
+def test_a_lora_init_uploaded_from_here_must_hold_its_base(tmp_path):
+    """Its base is named by this machine's absolute path, which the job does not have: it was
+    uploaded, and the job failed at start (StackLLaMA's LoRA SFT -> RM -> PPO)."""
+    from alfred_train.launch import job, sagemaker_plan
+
+    def checkpoint(path, lora):
+        path.mkdir(parents=True)
+        (path / "meta.json").write_text(json.dumps({"step": 2, "models": ["policy"], "state": {"lora": lora}}))
+        return path
+
+    base = {"path": str(tmp_path / "base" / "iter_0000001"), "model": "policy", "skip": [], "seed": None}
+    lora = checkpoint(tmp_path / "lora-sft" / "iter_0000002", {"policy": {"targets": {}, "dropout": 0.0, "base": base}})
+    whole = checkpoint(tmp_path / "sft" / "iter_0000002", {})
+    overrides = [*account_fields("http://unused"), "launch.sagemaker.checkpoint_s3_uri=s3://alfred-test/c"]
+    overrides = [o for o in overrides if not o.startswith("launch.sagemaker.inputs=")]
+    for init, refused in ((lora, True), (whole, False)):
+        inputs = {**S3_INPUTS, "ppo.policy_init": init}
+        run = job.resolve_run(REPO / "configs" / "alfred-40b-ppo.yaml", [
+            *overrides, f"launch.sagemaker.inputs={{{', '.join(f'{k}: {v}' for k, v in inputs.items())}}}"],
+            template=TEMPLATE)
+        plan = lambda: sagemaker_plan.plan_inputs(run.tree, run.launch, upload_root="s3://alfred-test/x",  # noqa: E731
+                                                  source_root=REPO)
+        if not refused:
+            plan()
+            continue
+        with pytest.raises(ConfigError, match=r"^launch.sagemaker.inputs.ppo.policy_init: .*lora-sft/iter_0000002 is a "
+                                              r"LoRA checkpoint over the base .*base/iter_0000001 \(this machine's path"):
+            plan()
+
+
 def test_the_dry_run_sees_the_jobs_run_dir_not_this_machines(tmp_path, capsys):
     """The launch dry run checked run.dir on the launching machine: its checkpoints (which the job never
     sees) refused a `checkpoint.resume: none` job, or were said to be resumed."""

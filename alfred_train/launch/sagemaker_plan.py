@@ -315,6 +315,8 @@ def plan_inputs(tree: dict, launch: LaunchConfig, *, upload_root: str, source_ro
             continue
         path, where = _place(key, value, sm, plan, upload_root, source_root)
         plan.rewrites[key], plan.sources[key] = path, where
+        if key in CHECKPOINT_KEYS:
+            _check_self_contained(key, plan.channels[-1] if key in sm.inputs else None)
     if sm.run_dir:
         rest = _under(sm.run_dir, fsx.path)
         plan.run_dir = f"{CHANNEL_ROOT}/{fsx.channel}" + (f"/{rest}" if rest else "")
@@ -324,6 +326,29 @@ def plan_inputs(tree: dict, launch: LaunchConfig, *, upload_root: str, source_ro
         raise ConfigError(f"checkpoint.node_local: {str(given).lower()}, but the job's run directory is {layout}; "
                           f"remove it (the launcher sets {str(plan.node_local).lower()})")
     return plan
+
+
+CHECKPOINT_KEYS = ("rm.init", "checkpoint.init", "ppo.policy_init", "ppo.reward_init")
+
+
+def _check_self_contained(key: str, ch: Channel | None) -> None:
+    """An init uploaded from here must hold its weights: a LoRA checkpoint refers to its base by this
+    machine's absolute path, which the job does not have (it failed at start, after the uploads)."""
+    from alfred_train import checkpoint
+    from alfred_train.models import lora_checkpoint
+
+    if ch is None or not ch.upload_from or not Path(ch.upload_from).is_dir():
+        return
+    try:
+        found = checkpoint.resolve_checkpoint(ch.upload_from)
+        meta = checkpoint.read_meta(found)
+    except ConfigError:
+        return  # not a checkpoint: the job's own checks name it
+    for model in meta.get("models") or []:
+        if bases := lora_checkpoint.base_paths(meta, model):
+            raise ConfigError(f"launch.sagemaker.inputs.{key}: {found} is a LoRA checkpoint over the base {bases[0][0]} "
+                              "(this machine's path, which the job does not have); deliver a self-contained one: "
+                              "`convert mcore-to-hf CKPT HF`, then `convert hf-to-mcore HF OUT --adapter HF/adapter`")
 
 
 def rewritten_tree(tree: dict, plan: InputPlan) -> dict:
