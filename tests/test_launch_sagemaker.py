@@ -163,7 +163,11 @@ def test_p4d_job_created_field_by_field(moto, run_config, tmp_path):
     status = launch_cli("jobs", "status", name, "--backend", "sagemaker", "--endpoint-url", moto, endpoint=moto)
     assert status.returncode == 0 and status.stdout.split()[:2] == [name, "Completed"], status.stderr
     logs = launch_cli("jobs", "logs", name, "--backend", "sagemaker", "--endpoint-url", moto, endpoint=moto)
-    assert logs.returncode == 0 and logs.stdout == f"no log events yet for {name}\n"
+    assert logs.returncode == 0 and logs.stdout.startswith(f"no log events yet for {name} Completed"), logs
+    # a job that does not exist has no log events either: it said so with exit 0, where status says exit 1
+    nope = launch_cli("jobs", "logs", "nope-123", "--backend", "sagemaker", "--endpoint-url", moto, endpoint=moto)
+    assert nope.returncode == 1 and "error: describe_training_job nope-123: " in nope.stderr, nope
+    assert nope.stderr.count("\n") == 1 and "Could not find training job" in nope.stderr
 
 
 def test_existing_job_name_is_refused(moto):

@@ -179,7 +179,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(sagemaker.status_line(sagemaker.describe(sm_client, args.job)))
     elif args.action == "logs":
         text = sagemaker.log_text(sagemaker.make_client("logs", args.region, args.endpoint_url), args.job)
-        sys.stdout.write(text or f"no log events yet for {args.job}\n")
+        if not text:  # a job that does not exist has none either: say which (exit 1 for an unknown one)
+            text = f"no log events yet for {sagemaker.status_line(sagemaker.describe(sm_client, args.job))}\n"
+        sys.stdout.write(text)
     else:
         sagemaker.stop(sm_client, args.job)
         print(f"stop requested for SageMaker training job {args.job}")
