@@ -173,6 +173,13 @@ def test_tiny_sft_on_slurm_and_requeue_resumes_to_the_same_loss(slurm_cluster, t
     assert "scontrol show job -o 999999 failed (exit 1): " in u_err and "Traceback" not in u_err, u_err
     logs = launch_cli("jobs", "logs", job_id, "--backend", "slurm", "--tail", "1")
     assert logs.communicate(timeout=60)[0] == "alfred: workers exited with 0\n"
+    # a partition sbatch refuses: the key named, exit 2, no job folder left without a job (it was exit 1)
+    bad = launch_cli(*common, f"run.dir={tmp_path}/bad", "launch.name=bad", "launch.slurm.partition=nope")
+    b_err = bad.communicate(timeout=60)[1]
+    assert bad.returncode == 2 and "error: launch.slurm.partition: sbatch --parsable " in b_err, b_err
+    assert b_err.count("\n") == 1 and "nvalid partition" in b_err, b_err
+    folders = tmp_path / "bad" / "launch"
+    assert not folders.exists() or not any(folders.iterdir())
 
     # The fake AWS secret in the launcher's environment is nowhere: outputs, run dirs, job
     # scripts, logs, nor slurmctld's saved job state.

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -100,7 +101,11 @@ def _launch_slurm(run: job_files.ResolvedRun, args: argparse.Namespace) -> int:
                               "set it to a folder the job's nodes can write") from None
     script_path = job_dir / "job.sbatch"
     script_path.write_text(script)
-    job_id = slurm.submit(script_path)
+    try:
+        job_id = slurm.submit(script_path)
+    except AlfredError:  # nothing was queued: no job folder without a job
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
     (job_dir / "job_id").write_text(job_id + "\n")
     print(f"submitted Slurm job {job_id} ({script_path})", flush=True)
     if not args.wait:

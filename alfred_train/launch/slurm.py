@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from alfred_train.errors import AlfredError
+from alfred_train.errors import AlfredError, ConfigError
 from alfred_train.launch.config import LaunchConfig
 
 CHECKPOINT_EXIT_CODE = 3  # the trainer's "saved a checkpoint after a signal, not finished" code
@@ -176,9 +176,21 @@ def _run(argv: list[str]) -> str:
     return done.stdout
 
 
+# what sbatch says of a field of launch.slurm it refuses (Slurm's words, lower case)
+_REFUSED = {"invalid partition": "launch.slurm.partition", "invalid account": "launch.slurm.account",
+            "invalid qos": "launch.slurm.extra_sbatch"}
+
+
 def submit(script_path: Path) -> str:
-    """sbatch the script; returns the job id."""
-    return _run(["sbatch", "--parsable", str(script_path)]).strip().split(";")[0]
+    """sbatch the script; returns the job id. A partition or account sbatch refuses is a config
+    error naming the key (exit 2)."""
+    try:
+        return _run(["sbatch", "--parsable", str(script_path)]).strip().split(";")[0]
+    except SlurmError as err:
+        key = next((k for words, k in _REFUSED.items() if words in str(err).lower()), None)
+        if key is None:
+            raise
+        raise ConfigError(f"{key}: {err}; `sinfo -s` and `sacctmgr show assoc user=$USER` list what you may use") from None
 
 
 @dataclass(frozen=True)
