@@ -24,7 +24,6 @@ config as before.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from pathlib import Path
 
@@ -155,7 +154,7 @@ def same_checkpoint(path: str | Path, other: str | Path, other_sha: str | None =
 
 def _manifest_sha(path: Path) -> str | None:
     try:
-        return hashlib.sha256((path / manifest.MANIFEST).read_bytes()).hexdigest()
+        return manifest.sha256_of(path / manifest.MANIFEST)
     except OSError:
         return None
 
