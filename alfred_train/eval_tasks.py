@@ -59,6 +59,37 @@ def read_task_file(path: Path, key: str = "--tasks") -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def files_read_beside(path: Path) -> list[Path]:
+    """The files lm-eval reads for task file `path` besides it, resolved: its `include:`s (and
+    theirs) and the Python module of each `!function` found next to the YAML that names it."""
+    import yaml
+
+    found, todo = [], [path.resolve()]
+    while todo:
+        here = todo.pop()
+        functions = []
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_constructor("!function", lambda loader, node: functions.append(loader.construct_scalar(node)))
+        try:
+            config = yaml.load(here.read_text(), Loader=Loader)  # noqa: S506 (SafeLoader plus !function)
+        except (OSError, yaml.YAMLError):
+            continue  # read_task_file names it
+        includes = config.get("include", []) if isinstance(config, dict) else []
+        for name in includes if isinstance(includes, list) else [includes]:
+            include = (here.parent / str(name)).resolve()
+            if include not in found and include.is_file():
+                found.append(include)
+                todo.append(include)
+        for spec in functions:
+            module = (here.parent / f"{spec.rpartition('.')[0].replace('.', '/')}.py").resolve()
+            if module not in found and module.is_file():
+                found.append(module)
+    return found
+
+
 def task_name(path: Path, key: str = "--tasks") -> str:
     config = read_task_file(path, key)
     if "group" in config and not isinstance(config.get("task"), str):

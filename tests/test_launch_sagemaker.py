@@ -216,6 +216,53 @@ def test_local_tokenizer_goes_with_its_config_and_a_failed_upload_is_one_error(m
     assert "\n" not in str(err.value)
 
 
+def test_a_task_file_goes_with_what_it_includes(moto, tmp_path):
+    """A task YAML uploaded from here went up alone: the job failed at its `include:` (an lm-eval
+    template) or its `!function` module, at start. Delivered as SageMaker would, lm-eval now
+    loads it with its functions; a file it reads outside its folder is refused at launch."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+    from sagemaker_rehearsal import _download_prefix
+
+    from alfred_train.launch.sagemaker_plan import plan_inputs
+
+    s3 = boto_client("s3", moto)
+    s3.create_bucket(Bucket=BUCKET)
+    tasks = tmp_path / "tasks"
+    (tasks / "common").mkdir(parents=True)
+    (tasks / "common" / "_mc_template_yaml").write_text("output_type: multiple_choice\ndataset_path: json\n")
+    (tasks / "utils.py").write_text("def docs(dataset):\n    return dataset\n")
+    (tasks / "mine.yaml").write_text("include: common/_mc_template_yaml\ntask: mine\nprocess_docs: !function utils.docs\n")
+    (tasks / "other.yaml").write_text("task: other\n")  # not read by mine.yaml: stays here
+    tree = yaml.safe_load(TEMPLATE.read_text())["launch"]
+    tree["sagemaker"] = {**tree["sagemaker"], "inputs": {"ppo.eval_tasks[0]": str(tasks / "mine.yaml")}}
+    plan = plan_inputs({"ppo": {"eval_tasks": [str(tasks / "mine.yaml")]}}, LaunchConfig.from_dict(tree),
+                       upload_root=f"s3://{BUCKET}/up", source_root=REPO)
+    assert plan.rewrites["ppo.eval_tasks"] == ["/opt/ml/input/data/ppo_eval_tasks_0/mine.yaml"]
+    assert "(and common/_mc_template_yaml, utils.py beside it)" in "\n".join(plan.lines())
+    sagemaker.upload_inputs(plan, s3)
+    data = tmp_path / "job" / "input" / "data"
+    for ch in plan.channels:
+        _download_prefix(s3, ch.s3_uri, data / ch.name)
+    delivered = data / "ppo_eval_tasks_0"
+    assert sorted(p.relative_to(delivered).as_posix() for p in delivered.rglob("*") if p.is_file()) == [
+        "common/_mc_template_yaml", "mine.yaml", "utils.py"]
+    task = load_yaml(delivered / "mine.yaml", resolve_func=True)
+    assert task["output_type"] == "multiple_choice" and task["process_docs"].__name__ == "docs"
+
+    (tasks / "mine.yaml").write_text("include: ../_shared_yaml\ntask: mine\n")
+    (tmp_path / "_shared_yaml").write_text("dataset_path: json\n")
+    with pytest.raises(ConfigError, match=r"^launch.sagemaker.inputs.ppo.eval_tasks\[0\]: .*mine.yaml reads "
+                                          r".*_shared_yaml, outside its folder; deliver a folder holding both as "
+                                          r"launch.sagemaker.inputs.ppo.eval_tasks$"):
+        plan_inputs({"ppo": {"eval_tasks": [str(tasks / "mine.yaml")]}}, LaunchConfig.from_dict(tree),
+                    upload_root=f"s3://{BUCKET}/up", source_root=REPO)
+    tree["sagemaker"]["inputs"] = {"ppo.eval_tasks": str(tasks)}  # the folder of the list: the same holds
+    with pytest.raises(ConfigError, match=r"^launch.sagemaker.inputs.ppo.eval_tasks: .*mine.yaml reads .*_shared_yaml, "
+                                          r"outside the folder that stands for .*tasks; move it there"):
+        plan_inputs({"ppo": {"eval_tasks": [str(tasks / "mine.yaml"), str(tasks / "other.yaml")]}},
+                    LaunchConfig.from_dict(tree), upload_root=f"s3://{BUCKET}/up", source_root=REPO)
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [

@@ -78,7 +78,8 @@ class InputPlan:
             out.append("  (none)")
         for ch in self.channels:
             if ch.upload_from or ch.copy_from:
-                also = " (and the tokenizer files beside it)" if ch.companions else ""
+                also = (" (and the tokenizer files beside it)" if ch.name == "model_tokenizer" else
+                        f" (and {', '.join(ch.companions)} beside it)") if ch.companions else ""
                 verb = "upload" if ch.upload_from else "copy"
                 out.append(f"  {verb} {ch.upload_from or ch.copy_from}{also} -> {ch.s3_uri}")
         out.append(f"  run.dir -> {self.run_dir}  (checkpoint.node_local: {str(self.node_local).lower()})")
@@ -148,6 +149,27 @@ def _tokenizer_channel(source: str, upload_root: str) -> Channel:
                    copy_from="" if ch.upload_from else ch.s3_uri, companions=companions)
 
 
+def _task_channel(key: str, source: str, upload_root: str) -> Channel:
+    """A task YAML file uploaded from here goes with what lm-eval reads beside it (its `include:`s,
+    the modules of its `!function`s), into a folder of its own: alone, the job stopped at its start."""
+    from alfred_train.eval_tasks import files_read_beside, is_task_file
+
+    ch = _s3_channel(key, source, upload_root)
+    file = Path(ch.upload_from)
+    if not ch.upload_from or not file.is_file() or not is_task_file(file.name):
+        return ch
+    companions = []
+    for need in files_read_beside(file):
+        if not need.is_relative_to(file.parent):
+            raise ConfigError(f"launch.sagemaker.inputs.{key}: {file} reads {need}, outside its folder; deliver a "
+                              f"folder holding both as launch.sagemaker.inputs.{_MIXTURE_ITEM.sub('', key)}")
+        companions.append(need.relative_to(file.parent).as_posix())
+    if not companions:
+        return ch
+    return Channel(ch.name, f"{upload_root}/{ch.name}/", ch.container_path, upload_from=ch.upload_from,
+                   companions=tuple(companions))
+
+
 _MIXTURE_ITEM = re.compile(r"\[\d+\]$")  # data.prompts[1]: source 1 of a mixture
 _GLOB = re.compile(r"[*?\[]")
 
@@ -157,14 +179,16 @@ def _place(key: str, value, sm, plan: InputPlan, upload_root: str, source_root: 
     (channel, path inside it)); a channel of launch.sagemaker.inputs is added to `plan`."""
     fsx = sm.fsx
     if key in sm.inputs:
-        make = _tokenizer_channel if key == "model.tokenizer" else partial(_s3_channel, key)
+        make = (_tokenizer_channel if key == "model.tokenizer" else partial(_task_channel, key)
+                if key.startswith("ppo.eval_tasks[") else partial(_s3_channel, key))
         ch = make(sm.inputs[key], upload_root)
         plan.channels.append(ch)
         path = ch.container_path
-        if ch.s3_uri.endswith("/") and value is not None and _GLOB.search(str(value)):
+        folder = ch.container_path == f"{CHANNEL_ROOT}/{ch.name}"  # a folder delivered, not a file (with companions)
+        if folder and value is not None and _GLOB.search(str(value)):
             pattern = _glob_part(str(value))  # a folder for data/*.jsonl: the job globs inside it
             path = f"{path}/{pattern}"
-        elif ch.s3_uri.endswith("/") and value is not None and _MIXTURE_ITEM.sub("", key) in FILE_KEYS:
+        elif folder and value is not None and _MIXTURE_ITEM.sub("", key) in FILE_KEYS:
             path = f"{path}/{_in_folder(key, str(value), ch)}"  # the job read the folder as the data file
         return path, (ch.name, path[len(f"{CHANNEL_ROOT}/{ch.name}"):].lstrip("/"))
     value = str(value)
@@ -199,6 +223,8 @@ def _place_list(key: str, value: list, sm, plan: InputPlan, upload_root: str, so
                               f"launch.sagemaker.inputs.{key}[i]")
         plan.channels.append(ch)
         common = os.path.commonpath([_fixed_folder(f) for f in files.values()]) if files else ""
+        if key == "ppo.eval_tasks":
+            _check_tasks_inside(files.values(), common, key)
         for i, f in files.items():
             rel = os.path.relpath(f, common) if common else os.path.basename(f)
             placed[i] = (f"{ch.container_path}/{rel}", (ch.name, rel))
@@ -218,6 +244,17 @@ def _place_list(key: str, value: list, sm, plan: InputPlan, upload_root: str, so
             items.append(list(placed[i][1]))
     plan.rewrites[key] = rewritten
     plan.sources[key] = {"items": items}
+
+
+def _check_tasks_inside(files, common: str, key: str) -> None:
+    """The folder delivered for the task files must hold what lm-eval reads beside them too."""
+    from alfred_train.eval_tasks import files_read_beside
+
+    for file in (Path(f) for f in files if Path(f).is_file()):
+        for need in files_read_beside(file):
+            if not need.is_relative_to(Path(common).resolve()):
+                raise ConfigError(f"launch.sagemaker.inputs.{key}: {file} reads {need}, outside the folder that "
+                                  f"stands for {common}; move it there, or deliver a folder above both")
 
 
 def _in_folder(key: str, value: str, ch: Channel) -> str:
