@@ -105,6 +105,9 @@ def init_runtime(dims: ParallelDims, backend: str = "auto", timeout_minutes: int
         threads = int(os.environ.get("ALFRED_THREADS", 0)) or max(1, (os.cpu_count() or 1) // launch.world_size)
         torch.set_num_threads(threads)
     else:
+        if launch.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {launch.local_rank} has no GPU of its own ({torch.cuda.device_count()} "
+                              "visible on this node): start at most one process per GPU")
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -151,6 +151,7 @@ def test_an_unquoted_time_limit_says_to_quote_it():
         ({"stage": "dpo"}, "launch.stage"),
         ({"nodes": 0}, "launch.nodes"),
         ({"gpus_per_node": 0}, "launch.procs_per_node"),
+        ({"gpus_per_node": 1, "procs_per_node": 2}, "launch.procs_per_node"),  # two processes on one GPU
         ({"name": "bad_name"}, "launch.name"),
         ({"slurm": {"time": "90"}}, "launch.slurm.time"),
         ({"slurm": {"time": "00:05:00", "signal_lead_s": 300}}, "launch.slurm.signal_lead_s"),

@@ -210,6 +210,10 @@ def validate_common(cfg: LaunchConfig) -> None:
         raise ConfigError("launch.procs_per_node: gpus_per_node and procs_per_node must be >= 0")
     if cfg.workers_per_node == 0:
         raise ConfigError("launch.procs_per_node: set it (>= 1) for a CPU job with gpus_per_node: 0")
+    if 0 < cfg.gpus_per_node < cfg.procs_per_node:  # the processes past the last GPU found no device at start
+        raise ConfigError(f"launch.procs_per_node: {cfg.procs_per_node} processes per node on {cfg.gpus_per_node} "
+                          f"GPU(s): each process needs a GPU of its own; set at most {cfg.gpus_per_node} "
+                          "(0 = one per GPU)")
     if not JOB_NAME.match(cfg.name) or len(cfg.name) > 40:
         raise ConfigError(
             f"launch.name: {cfg.name!r} must be 1-40 letters, digits or inner hyphens "
