@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -487,6 +488,26 @@ def test_the_dry_run_sees_the_jobs_run_dir_not_this_machines(tmp_path, capsys):
     task.write_text("task: tiny_mc\ndataset_path: json\noutput_type: multiple_choice\n")
     inputs = argv[-3].replace("}", f", 'ppo.eval_tasks[0]': {task}}}")
     assert cli.main([*argv[:-3], inputs, *argv[-2:], f"ppo.eval_tasks=[{task}]"]) == 0, capsys.readouterr().err
+
+
+def test_the_dry_run_checks_the_inits_it_uploads(tmp_path, capsys, ppo_inits):
+    """The launch dry run checked the run config's init paths (not reachable here, so skipped), not
+    the local folders it was about to upload: an RM uploaded as the policy passed, and the job failed
+    at start after the upload."""
+    argv = ["launch", str(REPO / "configs" / "tiny-ppo.yaml"), "--backend", "sagemaker", "--dry-run",
+            "parallel.tp=1", "launch.nodes=1", "launch.gpus_per_node=0", "launch.procs_per_node=1",
+            "launch.sagemaker.instance_type=ml.m5.xlarge", "launch.sagemaker.role_arn=arn:aws:iam::123456789012:role/A",
+            "launch.sagemaker.image_uri=1.dkr.ecr.us-east-1.amazonaws.com/a:1", f"launch.sagemaker.source_s3_uri=s3://{BUCKET}/j",
+            f"launch.sagemaker.output_s3_uri=s3://{BUCKET}/o", f"launch.sagemaker.checkpoint_s3_uri=s3://{BUCKET}/c",
+            f"run.dir={tmp_path / 'run'}", "ppo.policy_init=/fsx/alfred/sft", "ppo.reward_init=/fsx/alfred/rm"]
+    swapped = f"launch.sagemaker.inputs={{ppo.policy_init: {ppo_inits / 'rm'}, ppo.reward_init: {ppo_inits / 'sft'}}}"
+    assert cli.main([*argv, swapped]) == 2
+    assert re.match(r"error: ppo.policy_init: .*/rm/checkpoints/iter_0000001 holds the models "
+                    r"\['reward'\]; ppo.policy_init takes an SFT checkpoint", capsys.readouterr().err.splitlines()[-1])
+    right = f"launch.sagemaker.inputs={{ppo.policy_init: {ppo_inits / 'sft'}, ppo.reward_init: {ppo_inits / 'rm'}}}"
+    assert cli.main([*argv, right]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"weights start from ppo.policy_init: {ppo_inits / 'sft'}\n" in err, err
 
 
 def test_missing_aws_credentials_is_one_line_exit_2(monkeypatch, tmp_path, capsys):

@@ -127,10 +127,11 @@ def _launch_sagemaker(run: job_files.ResolvedRun, args: argparse.Namespace) -> i
                                       source_root=sagemaker.source_root())
     job_tree = sagemaker_plan.rewritten_tree(run.tree, plan)
     job_files.load_run_tree(job_tree, here=False)  # the job's own config loads (its paths: the container's)
-    # Refuses what does not fit the GPUs or the volume. Inputs are checked where they are now (local,
-    # FSx), the run directory where the job has it: not this machine's runs/<name>, whose
-    # checkpoints the job never sees (the dry run said it would resume them).
-    cfg = run.config
+    # Refuses what does not fit the GPUs or the volume. Inputs are checked where they are now (what
+    # is uploaded from here, or the config's path where it is reachable: FSx), the run directory where
+    # the job has it: not this machine's runs/<name>, whose checkpoints the job never sees (the dry
+    # run said it would resume them).
+    cfg = job_files.load_run_tree(sagemaker_plan.uploaded_tree(run.tree, plan))
     view = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=launch.sagemaker.run_dir or plan.run_dir),
                                checkpoint=dataclasses.replace(cfg.checkpoint, node_local=plan.node_local))
     report = describe(view, launch.stage)

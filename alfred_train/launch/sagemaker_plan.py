@@ -398,6 +398,33 @@ def rewritten_tree(tree: dict, plan: InputPlan) -> dict:
     return out
 
 
+def uploaded_tree(tree: dict, plan: InputPlan) -> dict:
+    """The run config with each input uploaded from here at its local path: what the launch dry run
+    checks (the config's own path, e.g. /fsx/..., may not be there, or hold something else)."""
+    local = {ch.name: Path(ch.upload_from) for ch in plan.channels if ch.upload_from}
+
+    def here(source, given):
+        channel, rel = source
+        if channel not in local:
+            return given
+        base = local[channel] if local[channel].is_dir() else local[channel].parent
+        return str(base / rel) if rel else str(base)
+
+    def item_here(item, source):  # a list's item: a task name, a mixture's source, a file
+        if isinstance(source, dict):
+            return {**item, "path": here(source["path"], item["path"])}
+        return here(source, item) if isinstance(source, list) else item
+
+    out = copy.deepcopy(tree)
+    for key, source in plan.sources.items():
+        value = _get(tree, key)
+        if isinstance(source, dict):
+            _set(out, key, [item_here(item, src) for item, src in zip(value, source["items"])])
+        else:
+            _set(out, key, here(source, value))
+    return out
+
+
 def input_data_config(launch: LaunchConfig, plan: InputPlan) -> list[dict]:
     """CreateTrainingJob's InputDataConfig for the plan's channels."""
     sm = launch.sagemaker
