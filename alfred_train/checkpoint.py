@@ -358,9 +358,13 @@ def verify_checkpoint(path: Path, runtime) -> None:
 def _latest_hint(root: Path) -> str | None:
     """What is wrong with `latest` (it is only a hint, never followed), or None."""
     marker = root / LATEST
-    if not marker.exists():
+    if not marker.exists() and not marker.is_symlink():
         return None
-    name = marker.read_text().strip()
+    try:
+        name = marker.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:  # a folder, binary garbage, a dangling link
+        why = err.strerror if isinstance(err, OSError) else "not text"
+        return f"{marker} is unreadable ({why}; ignored: resume walks iter_* by step)"
     if not name:
         return f"{marker} is empty (ignored: resume walks iter_* by step)"
     if not (root / name).is_dir():

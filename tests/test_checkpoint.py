@@ -150,6 +150,14 @@ def test_latest_naming_a_partial_copy_is_only_a_hint(reference, tmp_path):
     assert f"resumed from {ckpt(run, 4)} at step 4" in proc.stderr
     assert_same_as(run, reference)
 
+    run = copy_run(reference, tmp_path / "garbage-latest")  # was a UnicodeDecodeError traceback
+    (run / "checkpoints" / "latest").write_bytes(b"\xed\xa0\x80\xff garbage")
+    shutil.rmtree(ckpt(run, 5))
+    proc = sft(run)
+    assert "latest is unreadable (not text; ignored" in proc.stderr, proc.stderr[-3000:]
+    assert f"resumed from {ckpt(run, 4)} at step 4" in proc.stderr
+    assert_same_as(run, reference)
+
 
 def _snapshot(run: Path) -> dict:
     return {p.relative_to(run).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
