@@ -224,10 +224,17 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
     root = Path(ckpt_root)
     final = root / iter_name(step)
     tmp = root / f".tmp-{iter_name(step)}"
+    problem = None
     if site.owner:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as err:  # a full disk, a folder turned read-only: one line, as for the files
+            problem = str(_write_failed(err, step, root, tmp, owner=False))
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)  # the barrier before writing, which also tells every rank
+    if found := next((p for p in problems if p), None):
+        raise CheckpointWriteError(found)
     sharded = {}
     for name, (chunks, optimizer) in models.items():
         msd = _model_sd(chunks, name)

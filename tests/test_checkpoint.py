@@ -421,6 +421,29 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(small_disk):
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder no process may write in, root included (`chattr +i`); skipped where that is not allowed."""
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not allowed here")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=False)
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_stops_the_run_before_step_1(unwritable):
+    """run.dir was checked, not its checkpoints/: the run trained to its first checkpoint and ended
+    in a 37-line PermissionError traceback (exit 1), and every requeue again."""
+    run = unwritable.parent
+    proc = run_cli("sft", *SFT, f"run.dir={run}", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"alfred-train: error: run.dir: cannot write in {unwritable} (Operation not permitted), where checkpoints "
+        "are saved; make it writable or set run.dir elsewhere"), proc.stderr[-3000:]
+    assert not (run / "metrics.jsonl").exists()
+
+
 PPO_STEPS = 3
 PPO = [str(ROOT / "configs" / "tiny-ppo.yaml"), "parallel.tp=1", f"train.max_steps={PPO_STEPS}",
        "ppo.rollouts_per_iter=16", "ppo.rollout_micro_batch=8", "ppo.train_micro_batch=4",

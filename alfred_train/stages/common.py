@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,9 +47,15 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     if site.owner and problem is None:
         try:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            problem = lock_run_dir(run_dir)  # one run at a time in a directory
         except OSError as err:
             problem = f"run.dir: cannot create {run_dir / 'checkpoints'} ({err.strerror}); set run.dir elsewhere"
+        try:
+            if problem is None:  # each save writes a folder there: found out now, not after the first interval
+                tempfile.TemporaryDirectory(dir=run_dir / "checkpoints").cleanup()
+                problem = lock_run_dir(run_dir)  # one run at a time in a directory
+        except OSError as err:
+            problem = (f"run.dir: cannot write in {run_dir / 'checkpoints'} ({err.strerror}), where checkpoints are "
+                       "saved; make it writable or set run.dir elsewhere")
     if problems := site.problems_everywhere(problem):  # collective: every rank stops, none waits
         raise ConfigError(problems[0])
     check_run_dir(run_dir, site)
