@@ -78,11 +78,41 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     """The newest checkpoint under `ckpt_root` by step number that has its manifest and meta.json
     (a cheap check for reading a finished run, e.g. `ppo.policy_init`; resume verifies fully).
     Checkpoints written before manifests existed (none under `ckpt_root` has one) count by meta.json."""
-    found = sorted(((s, p) for s, p in iter_steps(ckpt_root).items() if (p / "meta.json").exists()), reverse=True)
+    return latest_checkpoint_of(iter_steps(ckpt_root))
+
+
+def latest_checkpoint_of(steps: dict[int, Path]) -> Path | None:
+    found = sorted(((s, p) for s, p in steps.items() if (p / "meta.json").exists()), reverse=True)
     with_manifest = [p for _, p in found if (p / mf.MANIFEST).exists()]
     if with_manifest:
         return with_manifest[0]
     return found[0][1] if found else None
+
+
+def newest_resumable(ckpt_root: str | Path) -> Path | None:
+    """The checkpoint `checkpoint.resume: auto` is expected to resume, read cheaply (the run verifies
+    every file, `find_resumable`): the newest of `latest_checkpoint`'s kind whose meta.json is readable
+    and matches the sha256 its manifest records. A damaged meta.json is skipped here as the run skips
+    it (it stopped the run, or was believed: a flipped shape field said to change model.*)."""
+    steps = iter_steps(ckpt_root)
+    while (found := latest_checkpoint_of(steps)) is not None and not _meta_sound(found):
+        steps = {s: p for s, p in steps.items() if p != found}
+    return found
+
+
+def _meta_sound(ckpt_dir: Path) -> bool:
+    try:
+        json.loads((ckpt_dir / "meta.json").read_text())
+    except (OSError, ValueError):  # UnicodeDecodeError, JSONDecodeError
+        return False
+    if not (ckpt_dir / mf.MANIFEST).exists():
+        return True  # written before manifests: its meta.json is all there is
+    try:
+        entries = mf.read_manifest(ckpt_dir)["files"]
+    except mf.ManifestError:
+        return False
+    recorded = next((e["sha256"] for e in entries if e["path"] == "meta.json"), None)
+    return recorded is None or mf.sha256_of(ckpt_dir / "meta.json") == recorded
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:

@@ -159,6 +159,24 @@ def test_latest_naming_a_partial_copy_is_only_a_hint(reference, tmp_path):
     assert_same_as(run, reference)
 
 
+def test_a_damaged_meta_json_is_skipped_before_the_run_as_in_it(reference, tmp_path):
+    """The checks before the run read the newest meta.json unverified: an empty one stopped the run
+    ("unreadable ... use a sound one", the one before it never tried), a flipped bit in its shape told
+    the user to change model.*. Both are skipped for the one before, as the resume itself does."""
+    for name, damage, said in [
+            ("empty", lambda meta: meta.write_text(""), "meta.json has 0 bytes, the manifest says"),
+            ("bit-rot", lambda meta: meta.write_text(meta.read_text().replace('"hidden_size": 64', '"hidden_size": 65')),
+             "meta.json does not match its sha256 (corrupted)")]:
+        run = copy_run(reference, tmp_path / name)
+        damage(ckpt(run, 5) / "meta.json")
+        dry = run_cli("sft", *SFT, f"run.dir={run}", "--dry-run")
+        assert f"resumes {ckpt(run, 4)} (step 4)" in dry.stdout + dry.stderr, name
+        proc = sft(run)
+        assert f"iter_0000005: {said}" in proc.stderr, proc.stderr[-3000:]
+        assert f"resumed from {ckpt(run, 4)} at step 4" in proc.stderr
+        assert_same_as(run, reference)
+
+
 def _snapshot(run: Path) -> dict:
     return {p.relative_to(run).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in run.rglob("*") if p.is_file() and p.name not in ("config.yaml", ".lock")}

@@ -60,7 +60,7 @@ def checkpoints_to_load(cfg: Config, stage: str) -> list[CheckpointUse]:
     resume = []
     if c.resume not in ("auto", "none"):
         resume = [CheckpointUse("checkpoint.resume", c.resume, (TRAINED[stage],), own, resume=True)]
-    elif c.resume == "auto" and (found := checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints")):
+    elif c.resume == "auto" and (found := checkpoint.newest_resumable(Path(cfg.run.dir) / "checkpoints")):
         resume = [CheckpointUse("checkpoint.resume", str(found), (TRAINED[stage],), f"{own} (auto: run.dir's newest)",
                                 resume=True)]
     loads_init = stage == "ppo" or cfg.lora.rank or not resume

@@ -126,7 +126,7 @@ def _resumed_meta(cfg: Config) -> dict | None:
     c = cfg.checkpoint
     if c.resume == "none":
         return None
-    path = checkpoint.latest_checkpoint(Path(cfg.run.dir) / "checkpoints") if c.resume == "auto" \
+    path = checkpoint.newest_resumable(Path(cfg.run.dir) / "checkpoints") if c.resume == "auto" \
         else _resolved(c.resume)
     if path is None:
         return None
