@@ -22,7 +22,7 @@ TINY_SFT = str(ROOT / "configs" / "tiny-sft.yaml")
 def _checkpoint(path: Path, models: list[str], stage: str, *, step: int = 1, tag: str = "", **state) -> Path:
     path.mkdir(parents=True)
     (path / "meta.json").write_text(json.dumps({"step": step, "models": models, "state": {"stage": stage, **state}}))
-    (path / "manifest.json").write_text(json.dumps({"step": step, "files": {}, "tag": tag or str(path)}))
+    (path / "manifest.json").write_text(json.dumps({"format": 1, "step": step, "files": [], "tag": tag or str(path)}))
     return path
 
 
