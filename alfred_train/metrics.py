@@ -25,14 +25,14 @@ def drop_rows_after(path: Path, step: int) -> int:
     if not path.exists():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
             row = json.loads(line)
-        except ValueError:  # a line cut by a kill
+        except ValueError:  # a line cut by a kill, or bytes that are not UTF-8 (a damaged disk block)
             dropped += 1
             continue
         if step and isinstance(row, dict) and row.get("step", 0) <= step:
-            kept.append(line)
+            kept.append(line.decode())
         else:
             dropped += 1
     if dropped:

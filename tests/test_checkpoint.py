@@ -10,6 +10,7 @@ inside a save) and SIGTERM during a save. Crafted pickles are refused before any
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
@@ -106,6 +107,19 @@ def test_rows_after_the_resumed_step_are_dropped(tmp_path):
     assert drop_rows_after(log, 2) == 3
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [0, 1, 2]
     assert drop_rows_after(log, 0) == 3 and log.read_text() == ""  # a fresh start keeps nothing
+    # bytes that are not UTF-8 (a damaged block) were a UnicodeDecodeError at every resume: a bad line
+    log.write_bytes(b'{"step": 1}\n\xed\xa0\x80\xff\x00\n{"step": 2}\n{"step": 3}\n')
+    assert drop_rows_after(log, 2) == 2 and log.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_an_earlier_config_yaml_that_is_not_text_is_ignored(tmp_path, caplog):
+    from alfred_train.config import load_config
+    from alfred_train.stages.common import _say_config_changes
+
+    (tmp_path / "config.yaml").write_bytes(b"\xed\xa0\x80 garbage \xff")  # was a UnicodeDecodeError traceback
+    with caplog.at_level(logging.WARNING, "alfred_train"):
+        _say_config_changes(tmp_path / "config.yaml", load_config(TINY_SFT))
+    assert caplog.text == ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def _say_config_changes(path: Path, cfg: Config) -> None:
 
     try:
         before = flat(yaml.safe_load(path.read_text()) or {})
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 text
         return
     now = flat(yaml.safe_load(dump_yaml(cfg)))
     changed = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
