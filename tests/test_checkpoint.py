@@ -476,6 +476,16 @@ def test_a_checkpoints_folder_that_cannot_be_written_stops_the_run_before_step_1
     assert not (run / "metrics.jsonl").exists()
 
 
+def test_a_checkpoints_link_to_nowhere_is_named(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(tmp_path / "gone")  # a scratch volume not mounted: it said "File exists"
+    proc = run_cli("sft", *SFT, f"run.dir={run}", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"alfred-train: error: run.dir: {run / 'checkpoints'} links to {tmp_path / 'gone'}, which does not exist; "
+        "create it or remove the link"), proc.stderr[-2000:]
+
+
 PPO_STEPS = 3
 PPO = [str(ROOT / "configs" / "tiny-ppo.yaml"), "parallel.tp=1", f"train.max_steps={PPO_STEPS}",
        "ppo.rollouts_per_iter=16", "ppo.rollout_micro_batch=8", "ppo.train_micro_batch=4",

@@ -89,8 +89,12 @@ def test_a_resumed_run_is_checked_against_its_checkpoint(capsys, tmp_path, ckpts
     code, out, err = _run(capsys, *sft, "parallel.tp=2")  # plain optimizer states reshard like the weights
     assert code == 0 and "(step 1) at another layout (tp 1 -> 2): weights and optimizer states reshard" in out, err
     _error(capsys, "checkpoint.resume", "parallel.zero=false when saved", *sft, "parallel.zero=true")
-    _error(capsys, "checkpoint.resume", "holds the models ['policy'] of a sft run", "rm", TINY_RM, "parallel.tp=1",
-           f"run.dir={run}", "--dry-run")
+    _error(capsys, "checkpoint.resume", "holds the models ['policy'] of a sft run; checkpoint.resume takes this rm "
+           "stage's own checkpoints ('reward') (auto: run.dir's newest): set a new run.dir", "rm", TINY_RM,
+           "parallel.tp=1", f"run.dir={run}", "--dry-run")
+    _error(capsys, "checkpoint.resume", "holds the models ['reward'] of a rm run; checkpoint.resume takes this sft "
+           "stage's own checkpoints ('policy'): name one of this stage's checkpoints", *sft,
+           f"checkpoint.resume={ckpts['rm']}")  # it said to set a new run.dir
     # resumed, an SFT run loads no init: a bad checkpoint.init is not in the way
     assert _run(capsys, *sft, f"checkpoint.init={ckpts['rm']}")[0] == 0
     # starting over beside an earlier run's checkpoints would leave them as the newest: refused

@@ -201,7 +201,8 @@ def _check_checkpoint(cfg: Config, use: CheckpointUse, path: Path, meta: dict, s
     held = meta.get("models") or []
     if not any(set(names) <= set(held) for names in use.holds):
         stage = f" of a {state['stage']} run" if state.get("stage") else ""
-        fix = "set a new run.dir" if use.resume else "point it there"
+        named = use.resume and cfg.checkpoint.resume not in ("auto", "none")  # a path given, not run.dir's newest
+        fix = "name one of this stage's checkpoints" if named else "set a new run.dir" if use.resume else "point it there"
         raise ConfigError(f"{key}: {path} holds the models {held}{stage}; {key} takes {use.what}: {fix}")
     differ = checkpoint.shape_differences(state.get("model"), dataclasses.asdict(shape))
     if differ:

@@ -48,7 +48,10 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
         try:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            problem = f"run.dir: cannot create {run_dir / 'checkpoints'} ({err.strerror}); set run.dir elsewhere"
+            folder = run_dir / "checkpoints"
+            problem = (f"run.dir: {folder} links to {os.readlink(folder)}, which does not exist; create it or remove "
+                       "the link" if folder.is_symlink() else
+                       f"run.dir: cannot create {folder} ({err.strerror}); set run.dir elsewhere")
         try:
             if problem is None:  # each save writes a folder there: found out now, not after the first interval
                 tempfile.TemporaryDirectory(dir=run_dir / "checkpoints").cleanup()
