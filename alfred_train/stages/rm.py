@@ -23,7 +23,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from alfred_train import checkpoint
 from alfred_train.config import Config
 from alfred_train.data import synthetic
 from alfred_train.data.datasets import encode_preference
@@ -32,12 +31,9 @@ from alfred_train.data.records import parse_preference
 from alfred_train.data.sampler import check_enough, iterate_batches
 from alfred_train.data.templates import get_template
 from alfred_train.errors import ConfigError
-from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.models import lora_checkpoint
-from alfred_train.models.build import unwrap
-from alfred_train.profiling import Phases
-from alfred_train.stages import checkpoint_checks, common, inits
+from alfred_train.stages import checkpoint_checks, common, supervised
 from alfred_train.training import Trainable, reduce_reports, run_schedule
 
 log = logging.getLogger("alfred_train")
@@ -173,69 +169,27 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     tokenizer = common.tokenizer_for(cfg)
     train_set, valid_set = prepare_data(cfg, tokenizer)  # bad data stops the run before any model is built
     shape = common.shape_for(cfg, tokenizer)
-    # the init and the resumed checkpoint, before anything is written (refused everywhere if on any rank)
-    common.on_every_rank(runtime, lambda: checkpoint_checks.check_checkpoints(cfg, "rm", shape, required=True))
-    started_from = inits.record(cfg, "rm")  # recorded in its checkpoints: a resume keeps them
-    run_dir = common.prepare_run_dir(cfg, runtime)
-    backend = common.attention_backend(cfg, runtime)
-    trainable = common.build_trainable(cfg, runtime, shape, backend, kind="scalar", total_steps=t.max_steps)
-    trainables = {MODEL_NAME: trainable}
-
-    step, consumed = 0, 0
-    if cfg.lora.rank and (cfg.rm.init or cfg.checkpoint.init):  # the frozen trunk, under the adapters
-        common.load_lora_base(trainable, MODEL_NAME, lora_base_ref(cfg, shape))
-    resumed = common.resume(cfg, runtime, trainables)
-    if resumed is not None:
-        step, state = resumed
-        consumed = state["consumed_samples"]
-    elif (cfg.rm.init or cfg.checkpoint.init) and not cfg.lora.rank:
-        init_from(cfg, [unwrap(c) for c in trainable.chunks], shape)
-        trainable.optimizer.reload_model_params()  # bf16 / ZeRO keep fp32 main copies of the weights: refresh them
-
-    def save(at_step, consumed_samples):
-        common.save(cfg, runtime, at_step, trainables, shape, "rm", consumed_samples=consumed_samples,
-                    inits=started_from)
-
+    init = supervised.Init(given=bool(cfg.rm.init or cfg.checkpoint.init),
+                           load=lambda chunks: init_from(cfg, chunks, shape), lora_base=lambda: lora_base_ref(cfg, shape))
+    started = supervised.start(cfg, runtime, "rm", shape, model_name=MODEL_NAME, kind="scalar", init=init)
+    trainable = started.trainable
     valid_batches = _valid_batches(valid_set, cfg, runtime, tokenizer)
 
-    def evaluate_now() -> dict:
-        return evaluate(trainable, valid_batches, cfg, runtime)
+    def one_step(indices):
+        mbs = micro_batches(train_set, indices, t.micro_batch_size, tokenizer, cfg.data.seq_len)
+        return trainable.step(mbs, rm_forward_step, seq_len=cfg.data.seq_len, micro_batch_size=2 * t.micro_batch_size)
 
-    metrics = MetricsLogger(run_dir, enabled=runtime.is_main, total_steps=t.max_steps, start_step=step,
-                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="rm",
-                            log_interval=t.log_interval)
-    preemption = common.Preemption()
-    batches = iterate_batches(len(train_set), t.global_batch_size, runtime.dp_rank, cfg.parallel.dp,
-                              t.seed, consumed)
-    phases = Phases(run_dir, cfg.logging.profile_step, runtime.rank, runtime.device)
-    code = 0
-    while step < t.max_steps:
-        position = next(batches)
-        with phases("step", step + 1):
-            mbs = micro_batches(train_set, position.indices, t.micro_batch_size, tokenizer, cfg.data.seq_len)
-            result = trainable.step(mbs, rm_forward_step, seq_len=cfg.data.seq_len,
-                                    micro_batch_size=2 * t.micro_batch_size)
-        step, consumed = step + 1, position.consumed_samples
-        dt = phases.seconds["step"]
-        row = {"loss": result.loss, "accuracy": result.reports["correct"], "margin": result.reports["margin"],
-               "lr": result.lr, "grad_norm": result.grad_norm, "pairs_per_s": t.global_batch_size / dt,
-               "step_time": dt, "skipped": int(not result.ok)}
-        if valid_batches and t.eval_interval and step % t.eval_interval == 0:
-            row.update(evaluate_now())
-        metrics.log(step, row)
-        last = step == t.max_steps
-        if last and valid_batches and "valid_loss" not in row:
-            metrics.log(step, evaluate_now())
-        if common.checkpoint_or_stop(cfg, step, lambda at: save(at, consumed), preemption, runtime, metrics):
-            code = common.PREEMPTED_EXIT_CODE
-            break
-    metrics.close()
-    if runtime.is_main:
-        if cfg.logging.plots:
-            plot_metrics(run_dir, ["loss", "valid_loss", "accuracy", "valid_accuracy", "margin", "lr"])
-        print(f"rm: {step} steps done; run directory: {run_dir} "
-              f"(metrics.jsonl, tb/, checkpoints/{checkpoint.iter_name(step)})", flush=True)
-    return code
+    def row(result, seconds):
+        return {"loss": result.loss, "accuracy": result.reports["correct"], "margin": result.reports["margin"],
+                "lr": result.lr, "grad_norm": result.grad_norm, "pairs_per_s": t.global_batch_size / seconds}
+
+    positions = iterate_batches(len(train_set), t.global_batch_size, runtime.dp_rank, cfg.parallel.dp, t.seed,
+                                started.consumed)
+    return supervised.train(
+        cfg, runtime, started, "rm", one_step=one_step, row=row,
+        batches=((position, position.indices) for position in positions),
+        evaluate=(lambda: evaluate(trainable, valid_batches, cfg, runtime)) if valid_batches else None,
+        plotted=["loss", "valid_loss", "accuracy", "valid_accuracy", "margin", "lr"])
 
 
 def _valid_batches(valid_set, cfg: Config, runtime: ParallelRuntime, tokenizer) -> list:

@@ -7,7 +7,6 @@ from functools import partial
 
 import torch
 
-from alfred_train import checkpoint
 from alfred_train.config import Config
 from alfred_train.data import synthetic
 from alfred_train.data.records import parse_sft
@@ -15,12 +14,9 @@ from alfred_train.data.sampler import check_enough
 from alfred_train.data.sft_dataset import NoResponseTokens, SFTDataset
 from alfred_train.data.templates import get_template
 from alfred_train.errors import ConfigError
-from alfred_train.metrics import MetricsLogger, plot_metrics
 from alfred_train.parallel.init import ParallelRuntime
 from alfred_train.models import lora_checkpoint
-from alfred_train.models.build import unwrap
-from alfred_train.profiling import Phases
-from alfred_train.stages import checkpoint_checks, common, inits
+from alfred_train.stages import common, supervised
 from alfred_train.training import Trainable, reduce_reports, run_schedule
 
 log = logging.getLogger("alfred_train")
@@ -96,64 +92,27 @@ def run(cfg: Config, runtime: ParallelRuntime) -> int:
     tokenizer = common.tokenizer_for(cfg)
     train_set, valid_set = prepare_data(cfg, tokenizer)  # bad data stops the run before any model is built
     shape = common.shape_for(cfg, tokenizer)
-    # the init and the resumed checkpoint, before run.dir is written (refused everywhere if on any rank)
-    common.on_every_rank(runtime, lambda: checkpoint_checks.check_checkpoints(cfg, "sft", shape, required=True))
-    started_from = inits.record(cfg, "sft")  # recorded in its checkpoints: a resume keeps them
-    run_dir = common.prepare_run_dir(cfg, runtime)
-    backend = common.attention_backend(cfg, runtime)
-    trainable = common.build_trainable(cfg, runtime, shape, backend, kind="lm", total_steps=t.max_steps)
-    trainables = {MODEL_NAME: trainable}
-
+    init = supervised.Init(
+        given=bool(cfg.checkpoint.init),
+        load=lambda chunks: common.load_full(chunks, cfg.checkpoint.init, MODEL_NAME, MODEL_NAME),
+        lora_base=lambda: lora_checkpoint.base_ref(cfg.checkpoint.init, MODEL_NAME))
+    started = supervised.start(cfg, runtime, "sft", shape, model_name=MODEL_NAME, kind="lm", init=init)
+    trainable = started.trainable
     valid_rows = _valid_rows(valid_set, cfg, runtime)
 
-    step, consumed = 0, 0
-    if cfg.lora.rank and cfg.checkpoint.init:  # the frozen base, under the adapters
-        common.load_lora_base(trainable, MODEL_NAME, lora_checkpoint.base_ref(cfg.checkpoint.init, MODEL_NAME))
-    resumed = common.resume(cfg, runtime, trainables)
-    if resumed is not None:
-        step, state = resumed
-        consumed = state["consumed_samples"]
-    elif cfg.checkpoint.init and not cfg.lora.rank:
-        common.load_full([unwrap(c) for c in trainable.chunks], cfg.checkpoint.init, MODEL_NAME, MODEL_NAME)
-        trainable.optimizer.reload_model_params()  # bf16: refresh the fp32 main copies from the loaded weights
+    def one_step(rows):
+        return trainable.step(micro_batches(rows, t.micro_batch_size), lm_forward_step, seq_len=cfg.data.seq_len,
+                              micro_batch_size=t.micro_batch_size)
 
-    def save(at_step, consumed_samples):
-        common.save(cfg, runtime, at_step, trainables, shape, "sft", consumed_samples=consumed_samples,
-                    inits=started_from)
+    def row(result, seconds):
+        return {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                "tokens_per_s": t.global_batch_size * cfg.data.seq_len / seconds}
 
-    metrics = MetricsLogger(run_dir, enabled=runtime.is_main, total_steps=t.max_steps, start_step=step,
-                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc="sft",
-                            log_interval=t.log_interval)
-    preemption = common.Preemption()
-    batches = train_set.batches(t.global_batch_size, runtime.dp_rank, cfg.parallel.dp, t.seed, consumed)
-    phases = Phases(run_dir, cfg.logging.profile_step, runtime.rank, runtime.device)
-    code = 0
-    while step < t.max_steps:
-        position, rows = next(batches)
-        with phases("step", step + 1):
-            result = trainable.step(micro_batches(rows, t.micro_batch_size), lm_forward_step,
-                                    seq_len=cfg.data.seq_len, micro_batch_size=t.micro_batch_size)
-        step, consumed = step + 1, position.consumed_samples
-        dt = phases.seconds["step"]
-        row = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-               "tokens_per_s": t.global_batch_size * cfg.data.seq_len / dt, "step_time": dt,
-               "skipped": int(not result.ok)}
-        if valid_rows is not None and t.eval_interval and step % t.eval_interval == 0:
-            row["valid_loss"] = evaluate(trainable, valid_rows, cfg, runtime)
-        metrics.log(step, row)
-        last = step == t.max_steps
-        if last and valid_rows is not None and "valid_loss" not in row:
-            metrics.log(step, {"valid_loss": evaluate(trainable, valid_rows, cfg, runtime)})
-        if common.checkpoint_or_stop(cfg, step, lambda at: save(at, consumed), preemption, runtime, metrics):
-            code = common.PREEMPTED_EXIT_CODE
-            break
-    metrics.close()
-    if runtime.is_main:
-        if cfg.logging.plots:
-            plot_metrics(run_dir, ["loss", "valid_loss", "lr", "grad_norm", "tokens_per_s"])
-        print(f"sft: {step} steps done; run directory: {run_dir} "
-              f"(metrics.jsonl, tb/, checkpoints/{checkpoint.iter_name(step)})", flush=True)
-    return code
+    return supervised.train(
+        cfg, runtime, started, "sft", one_step=one_step, row=row,
+        batches=train_set.batches(t.global_batch_size, runtime.dp_rank, cfg.parallel.dp, t.seed, started.consumed),
+        evaluate=None if valid_rows is None else lambda: {"valid_loss": evaluate(trainable, valid_rows, cfg, runtime)},
+        plotted=["loss", "valid_loss", "lr", "grad_norm", "tokens_per_s"])
 
 
 def _valid_rows(valid_set, cfg: Config, runtime: ParallelRuntime):
