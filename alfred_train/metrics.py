@@ -3,12 +3,15 @@
 Only the main rank (global rank 0) writes; on other ranks `MetricsLogger` does nothing. A run that
 resumes at step s logs each step once: rows after s in metrics.jsonl / samples.jsonl (written by the
 attempt that was lost) are dropped, and TensorBoard purges its events after s (`purge_step`).
+metrics.jsonl is strict JSON: a NaN or infinite value is written as null.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,19 +66,22 @@ class MetricsLogger:
         from alfred_train import tracking
 
         self._wandb = tracking.start(self.run_dir)  # logging.wandb in run_dir/config.yaml, else None
-        if progress and not sys.stderr.isatty():  # log files (Slurm, CI): a line every log_interval steps
+        if progress and not _terminal_columns():  # log files (Slurm, CI), a terminal of no width: a line every log_interval steps
             self._lines = (time.time(), start_step, total_steps, max(1, log_interval))
         elif progress:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                              dynamic_ncols=True, file=sys.stderr, disable=None)
+            self._logs_above_bar = logging_redirect_tqdm([logging.getLogger()])  # not glued onto the bar's line
+            self._logs_above_bar.__enter__()
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}, "time": time.time()}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json.dumps({k: _json_number(v) for k, v in record.items()}, allow_nan=False) + "\n")
         if self._tb is not None:
             for k, v in record.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
@@ -85,8 +91,8 @@ class MetricsLogger:
         shown = {k: f"{v:.4g}" for k, v in record.items()
                  if k in ("loss", "lr", "score", "kl", "accuracy", "tokens_per_s") and isinstance(v, float)}
         if self._bar is not None:
+            self._bar.set_postfix(shown, refresh=False)  # this step's numbers, drawn by the advance
             self._bar.update(max(0, step - self._bar.n))  # one advance per step, however many rows it logs
-            self._bar.set_postfix(shown, refresh=False)
         elif self._lines is not None and shown:
             t0, first, total, every = self._lines
             done = step - first
@@ -108,7 +114,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self._bar is not None:
+            self._bar.refresh()  # the last step's numbers stay on the closed bar
             self._bar.close()
+            self._logs_above_bar.__exit__(None, None, None)
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
@@ -118,6 +126,21 @@ class MetricsLogger:
 
 def _plain(v):
     return v.item() if hasattr(v, "item") else v
+
+
+def _json_number(v):
+    """NaN and infinities are not JSON (strict readers refused the whole file): null."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _terminal_columns() -> int:
+    """stderr's width, 0 when it is no terminal or one that reports no size (a bar would draw nothing)."""
+    if not sys.stderr.isatty():
+        return 0
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        return 0
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -26,3 +26,90 @@ def test_plot_panels_share_tuples_and_skip_metrics_never_logged(tmp_path):
     assert _png_size(four) == (3 * 4 * 90, 2 * round(2.8 * 90))
     assert plot_metrics(tmp_path, ["never_logged"], "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def _strict(text: str) -> list[dict]:
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    """A diverged step wrote NaN / Infinity, which JSON.parse, jq and pandas' strict readers refuse."""
+    from alfred_train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, enabled=True, total_steps=2, tensorboard=False, progress=False)
+    logger.log(1, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
+    logger.log(2, {"loss": 2.5})
+    logger.close()
+    rows = _strict((tmp_path / "metrics.jsonl").read_text())
+    assert [(r["step"], r["loss"], r.get("grad_norm"), r.get("lr")) for r in rows] == [(1, None, None, 1e-3),
+                                                                                     (2, 2.5, None, None)]
+
+
+def _on_a_terminal(monkeypatch, columns: int):
+    """stderr is a pseudo-terminal `columns` wide; returns a function that reads what was drawn on it."""
+    import fcntl
+    import os
+    import pty
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    stream = os.fdopen(slave, "w", buffering=1)
+    monkeypatch.setattr(sys, "stderr", stream)
+
+    def drawn() -> str:
+        stream.flush()
+        out = b""
+        os.set_blocking(master, False)
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out.decode(errors="replace")
+    return drawn
+
+
+def test_the_bar_shows_this_steps_numbers_and_logs_go_above_it(tmp_path, monkeypatch):
+    """The bar showed the step before's loss (and none at the end), and a checkpoint's log line was
+    glued onto the bar's line in the scrollback."""
+    import logging
+
+    from alfred_train.metrics import MetricsLogger
+
+    drawn = _on_a_terminal(monkeypatch, 120)
+    handler = logging.StreamHandler(__import__("sys").stderr)
+    logging.getLogger().addHandler(handler)
+    try:
+        logger = MetricsLogger(tmp_path, enabled=True, total_steps=3, tensorboard=False, desc="sft")
+        logger.log(1, {"loss": 1.25})
+        logger.log(2, {"loss": 2.5})
+        logging.getLogger("alfred_train").warning("saved iter_0000002")
+        logger.log(3, {"loss": 3.75})
+        logger.close()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    screen = drawn()
+    frames = [f for f in screen.replace("\n", "\r").split("\r") if "sft:" in f]
+    assert "2/3" in next(f for f in frames if "2/3" in f) and "loss=2.5" in next(f for f in frames if "2/3" in f), frames
+    assert "loss=3.75" in frames[-1] and "3/3" in frames[-1], frames
+    assert any(line.strip() == "saved iter_0000002" for line in screen.replace("\r", "\n").splitlines()), screen
+
+
+def test_a_terminal_of_no_width_gets_progress_lines(tmp_path, monkeypatch):
+    """A pty that reports 0 columns (some container shells): the bar drew nothing, for the whole run."""
+    from alfred_train.metrics import MetricsLogger
+
+    drawn = _on_a_terminal(monkeypatch, 0)
+    logger = MetricsLogger(tmp_path, enabled=True, total_steps=2, tensorboard=False, desc="rm", log_interval=1)
+    logger.log(1, {"loss": 0.5})
+    logger.log(2, {"loss": 0.25})
+    logger.close()
+    assert "rm 2/2 loss=0.25 eta 0s" in drawn()
