@@ -113,3 +113,15 @@ def test_a_terminal_of_no_width_gets_progress_lines(tmp_path, monkeypatch):
     logger.log(2, {"loss": 0.25})
     logger.close()
     assert "rm 2/2 loss=0.25 eta 0s" in drawn()
+
+
+def test_one_row_per_step_when_the_last_step_evaluates_off_the_interval(tmp_path):
+    """The end-of-run evaluation was a second row for the last step (13, then 13 with valid_loss)."""
+    from tests.helpers import TINY_SFT, run_cli
+
+    run = tmp_path / "sft"
+    run_cli("sft", str(TINY_SFT), "parallel.tp=1", "train.max_steps=3", "train.eval_interval=2", f"run.dir={run}",
+            "logging.plots=false", "logging.tensorboard=false", "checkpoint.interval=0")
+    rows = _strict((run / "metrics.jsonl").read_text())
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert ["valid_loss" in r for r in rows] == [False, True, True] and all("loss" in r for r in rows)

@@ -4,7 +4,7 @@
 anything: the checkpoints the run loads are checked on every rank, the inits pinned and recorded
 (`stages.inits`), run.dir prepared, the model built, then LoRA's frozen base loaded, the run resumed
 or its init loaded. `train` is the loop: one optimizer step per global batch, its metrics row,
-held-out evaluation every train.eval_interval steps and at the end, checkpoints and preemption
+held-out evaluation every train.eval_interval steps and at the last (in the step's row), checkpoints and preemption
 (`common.checkpoint_or_stop`), the final plot. A stage supplies only what differs: its data, its
 forward step, its metrics and its evaluation.
 """
@@ -95,11 +95,10 @@ def train(cfg: Config, runtime: ParallelRuntime, started: Started, stage: str, *
         step, consumed = step + 1, position.consumed_samples
         dt = phases.seconds["step"]
         values = {**row(result, dt), "step_time": dt, "skipped": int(not result.ok)}
-        if evaluate is not None and t.eval_interval and step % t.eval_interval == 0:
+        due = step == t.max_steps or (t.eval_interval and step % t.eval_interval == 0)
+        if evaluate is not None and due:  # in the step's own row: one row per step
             values.update(evaluate())
         metrics.log(step, values)
-        if step == t.max_steps and evaluate is not None and "valid_loss" not in values:
-            metrics.log(step, evaluate())
         if common.checkpoint_or_stop(cfg, step, lambda at: started.save(at, consumed), preemption, runtime, metrics):
             code = common.PREEMPTED_EXIT_CODE
             break
