@@ -261,10 +261,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
             tmp.mkdir(parents=True)
         except OSError as err:  # a full disk, a folder turned read-only: one line, as for the files
             problem = str(_write_failed(err, step, root, tmp, owner=False))
-    problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)  # the barrier before writing, which also tells every rank
-    if found := next((p for p in problems if p), None):
-        raise CheckpointWriteError(found)
+    if problems := site.problems_everywhere(problem):  # the barrier before writing, which also tells every rank
+        raise CheckpointWriteError(problems[0])
     sharded = {}
     for name, (chunks, optimizer) in models.items():
         msd = _model_sd(chunks, name)

@@ -45,20 +45,11 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     site = Site.detect(runtime.rank, cfg.checkpoint.node_local)
     problem = run_dir_problem(run_dir, profile=cfg.logging.profile_step is not None)
     if site.owner and problem is None:
+        problem = _checkpoints_folder_problem(run_dir / "checkpoints")
         try:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            problem = problem or lock_run_dir(run_dir)  # one run at a time in a directory
         except OSError as err:
-            folder = run_dir / "checkpoints"
-            problem = (f"run.dir: {folder} links to {os.readlink(folder)}, which does not exist; create it or remove "
-                       "the link" if folder.is_symlink() else
-                       f"run.dir: cannot create {folder} ({err.strerror}); set run.dir elsewhere")
-        try:
-            if problem is None:  # each save writes a folder there: found out now, not after the first interval
-                tempfile.TemporaryDirectory(dir=run_dir / "checkpoints").cleanup()
-                problem = lock_run_dir(run_dir)  # one run at a time in a directory
-        except OSError as err:
-            problem = (f"run.dir: cannot write in {run_dir / 'checkpoints'} ({err.strerror}), where checkpoints are "
-                       "saved; make it writable or set run.dir elsewhere")
+            problem = f"run.dir: cannot create {run_dir / 'checkpoints'} ({err.strerror}); set run.dir elsewhere"
     if problems := site.problems_everywhere(problem):  # collective: every rank stops, none waits
         raise ConfigError(problems[0])
     check_run_dir(run_dir, site)
@@ -77,6 +68,23 @@ def prepare_run_dir(cfg: Config, runtime: ParallelRuntime) -> Path:
     if note := schedule_lengths(cfg.optim, cfg.train.max_steps)[2]:  # once the run is sure to start
         log.warning("%s (raise train.max_steps or optim.decay_steps to warm up longer)", note)
     return run_dir
+
+
+def _checkpoints_folder_problem(folder: Path) -> str | None:
+    """Why run.dir's checkpoints/ cannot be made, or written in (each save writes a folder there: found
+    out before the first step, not at the first save), or None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if folder.is_symlink():
+            return f"run.dir: {folder} links to {os.readlink(folder)}, which does not exist; create it or remove the link"
+        return f"run.dir: cannot create {folder} ({err.strerror}); set run.dir elsewhere"
+    try:
+        tempfile.TemporaryDirectory(dir=folder).cleanup()
+    except OSError as err:
+        return (f"run.dir: cannot write in {folder} ({err.strerror}), where checkpoints are saved; make it writable "
+                "or set run.dir elsewhere")
+    return None
 
 
 def _say_config_changes(path: Path, cfg: Config) -> None:
