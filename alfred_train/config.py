@@ -83,14 +83,24 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
 
 
+MOVED = {"ppo.max_bad_steps": "train.max_bad_steps"}  # key -> where it is now
+
+
+def _unknown_key(where: str, valid, override: str = "") -> ConfigError:
+    if where in MOVED:
+        return ConfigError(f"{where}: moved to {MOVED[where]}; rename it")
+    there = f" in override {override!r}" if override else ""
+    listed = f" (valid keys here: {', '.join(sorted(valid))})" if valid else ""
+    return ConfigError(f"{where}: unknown key{there}{listed}")
+
+
 def from_dict(cls: type, data: dict, path: str = "") -> Any:
     """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(f"{where}: unknown key (valid keys here: {', '.join(sorted(names))})")
+            raise _unknown_key(f"{path}.{key}" if path else str(key), names)
     kwargs = {k: _convert(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -130,9 +140,7 @@ def apply_override(data: dict, override: str) -> None:
     for i, part in enumerate(parts):
         hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
         if part not in hints:
-            where = ".".join(parts[: i + 1])
-            valid = f" (valid keys here: {', '.join(sorted(hints))})" if hints else ""
-            raise ConfigError(f"{where}: unknown key in override {override!r}{valid}")
+            raise _unknown_key(".".join(parts[: i + 1]), hints, override)
         if i == len(parts) - 1:
             node[part] = _override_value(override, raw)
         else:

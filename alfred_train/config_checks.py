@@ -114,9 +114,10 @@ def _validate_ranges(cfg: Config) -> None:
                 ("model.norm_eps", m.norm_eps), ("model.init_std", m.init_std), ("optim.lr", o.lr),
                 ("optim.eps", o.eps), ("ppo.max_new_tokens", op.max_new_tokens), ("ppo.kl_target", op.kl_target),
                 ("ppo.kl_horizon", op.kl_horizon), ("ppo.policy_epochs", op.policy_epochs),
-                ("ppo.value_epochs", op.value_epochs), ("ppo.max_bad_steps", op.max_bad_steps),
+                ("ppo.value_epochs", op.value_epochs),
                 ("ppo.clip_policy", op.clip_policy), ("ppo.clip_value", op.clip_value)]
-    positive += [("train.eval_batches", cfg.train.eval_batches), ("train.log_interval", cfg.train.log_interval)]
+    positive += [("train.eval_batches", cfg.train.eval_batches), ("train.log_interval", cfg.train.log_interval),
+                 ("train.max_bad_steps", cfg.train.max_bad_steps)]
     if d.synthetic:
         positive.append(("data.synthetic_size", d.synthetic_size))
     for key, value in [("model.vocab_size", m.vocab_size), ("model.ffn_hidden_size", m.ffn_hidden_size),

@@ -102,6 +102,9 @@ class TrainConfig:
     eval_interval: int = 0  # evaluate every N steps (0: only at the end when there is a valid set)
     eval_batches: int = 4  # micro-batches per evaluation
     log_interval: int = 10  # without a terminal, print a progress line every N steps (metrics.jsonl: every step)
+    # stop after this many steps (PPO: iterations) in a row whose update was skipped for a non-finite
+    # loss or gradient; each skipped one is said on the console
+    max_bad_steps: int = 3
     # activation recomputation (megatron-core): none; selective = attention core; full = keep each
     # layer's input only and re-run the layer in the backward pass (~1/3 more compute, least memory)
     recompute: Literal["none", "selective", "full"] = "none"
@@ -200,7 +203,6 @@ class PPOConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     offload_frozen: bool = False  # keep reference and reward models on CPU between phases
-    max_bad_steps: int = 3  # stop after this many non-finite updates in a row
     value_lr: Optional[float] = None  # None: optim.lr
     eval_prompts: int = 32  # held-out prompts scored at the start and end of the run: the first distinct ones
     # of the prompt set (before data.prompts weights), and no training prompt repeats one

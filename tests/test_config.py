@@ -93,6 +93,13 @@ def test_override_unknown_key_names_the_valid_ones(capsys):
     assert "valid keys here:" in msg and " lr," in msg
 
 
+def test_a_moved_key_says_where_it_is_now(tmp_path, capsys):
+    assert cli_error(capsys, "sft", str(TINY_SFT), "ppo.max_bad_steps=2") == \
+        "ppo.max_bad_steps: moved to train.max_bad_steps; rename it"
+    assert cli_error(capsys, "sft", tiny_plus(tmp_path, "ppo:\n  max_bad_steps: 2\n")) == \
+        "ppo.max_bad_steps: moved to train.max_bad_steps; rename it"
+
+
 def test_malformed_override(capsys):
     msg = cli_error(capsys, "sft", str(TINY_SFT), "optim.lr")
     assert msg == "override 'optim.lr': expected KEY.PATH=VALUE, e.g. optim.lr=1e-5"
@@ -129,7 +136,7 @@ def test_impossible_layouts(capsys, overrides, key, numbers):
     ("ppo.max_new_tokens=0", "ppo.max_new_tokens: must be > 0, got 0"),
     ("ppo.kl_coef=-1", "ppo.kl_coef: must be >= 0, got -1.0"),
     ("ppo.policy_epochs=0", "ppo.policy_epochs: must be > 0, got 0"),
-    ("ppo.max_bad_steps=0", "ppo.max_bad_steps: must be > 0, got 0"),  # it stopped a healthy run
+    ("train.max_bad_steps=0", "train.max_bad_steps: must be > 0, got 0"),  # it stopped a healthy run
     ("ppo.value_lr=-1", "ppo.value_lr: must be > 0, got -1.0"),
     ("ppo.eval_prompts=-4", "ppo.eval_prompts: must be >= 0, got -4"),
     ("ppo.eval_limit=0", "ppo.eval_limit: must be > 0, got 0"),  # it failed after training, exit 0

@@ -125,3 +125,23 @@ def test_one_row_per_step_when_the_last_step_evaluates_off_the_interval(tmp_path
     rows = _strict((run / "metrics.jsonl").read_text())
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert ["valid_loss" in r for r in rows] == [False, True, True] and all("loss" in r for r in rows)
+
+
+def test_skipped_steps_are_said_and_stop_the_run(tmp_path):
+    """An SFT run whose every update went non-finite exited 0, silently (PPO alone had a limit):
+    each skipped step is a console warning, train.max_bad_steps in a row stop the run (exit 1,
+    one line), and the count resumes with the run."""
+    from tests.helpers import TINY_SFT, run_cli
+
+    run = tmp_path / "sft"
+    args = ["sft", str(TINY_SFT), "parallel.tp=1", "train.max_steps=8", "train.eval_interval=0", f"run.dir={run}",
+            "logging.plots=false", "logging.tensorboard=false", "checkpoint.interval=1", "optim.lr=1e30",
+            "optim.warmup_steps=0", "train.max_bad_steps=3"]
+    first = run_cli(*args, "train.max_steps=2")  # step 1 makes the weights huge: step 2 is not finite
+    assert "SFT step 2: update skipped (non-finite loss or gradient), 1 in a row of train.max_bad_steps=3" \
+        in first.stderr
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 SFT steps in a row had a non-finite loss or gradient (train.max_bad_steps=3)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "SFT step 3: update skipped" in proc.stderr
+    assert [r["skipped"] for r in _strict((run / "metrics.jsonl").read_text())] == [0, 1, 1, 1]

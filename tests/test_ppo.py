@@ -158,10 +158,11 @@ def test_warnings_print_once_at_tp2(inits, tmp_path):
 
 def test_non_finite_updates_stop_the_run(tmp_path):
     _worker(tmp_path / "init", "nan-reward")
-    proc = _ppo(tmp_path / "init", tmp_path / "run", "parallel.tp=1", "train.max_steps=5", "ppo.max_bad_steps=2",
+    proc = _ppo(tmp_path / "init", tmp_path / "run", "parallel.tp=1", "train.max_steps=5", "train.max_bad_steps=2",
                 check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "ppo.max_bad_steps=2" in proc.stderr and "Traceback" not in proc.stderr
+    assert "2 PPO iterations in a row had a non-finite loss or gradient (train.max_bad_steps=2)" in proc.stderr
+    assert proc.stderr.count("PPO iteration 1: update skipped") == 1 and "Traceback" not in proc.stderr
     # every optimizer step of the iteration is skipped: 1 policy step + 4 value steps (SHORT)
     assert metrics(tmp_path / "run", "skipped_updates")[:2] == [5, 5]
 

@@ -337,6 +337,29 @@ def write_requeue_record(step: int, runtime) -> None:
 _preempted = False  # set by SIGUSR1 / SIGTERM from the moment a worker starts (`Preemption.listen`)
 
 
+class TooManyBadSteps(AlfredError):
+    exit_code = 1
+
+
+class BadSteps:
+    """Steps (PPO: iterations) in a row whose update was skipped for a non-finite loss or gradient:
+    each one is said on the console, and `train.max_bad_steps` of them stop the run (the weights are
+    the last good step's: a skipped update changes nothing)."""
+
+    def __init__(self, cfg: Config, runtime: ParallelRuntime, unit: str, hint: str, count: int = 0):
+        self.limit, self.unit, self.hint, self.count = cfg.train.max_bad_steps, unit, hint, count
+        self.is_main = runtime.is_main
+
+    def after(self, step: int, skipped: int) -> None:
+        self.count = self.count + 1 if skipped else 0
+        if self.count >= self.limit:
+            raise TooManyBadSteps(f"{self.count} {self.unit}s in a row had a non-finite loss or gradient "
+                                  f"(train.max_bad_steps={self.limit}); {self.hint}")
+        if skipped and self.is_main:
+            log.warning("%s %d: update skipped (non-finite loss or gradient), %d in a row of train.max_bad_steps=%d",
+                        self.unit, step, self.count, self.limit)
+
+
 class Preemption:
     """SIGUSR1 / SIGTERM ask the run to checkpoint at the next step boundary and exit with code 3.
 

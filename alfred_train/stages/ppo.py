@@ -17,7 +17,6 @@ import torch
 from alfred_train.config import Config
 from alfred_train.data import synthetic
 from alfred_train.data.sampler import iterate_batches
-from alfred_train.errors import AlfredError
 from alfred_train.kernels.backends import choose_backend
 from alfred_train.evaluation import evaluate_after_training
 from alfred_train.metrics import MetricsLogger, plot_metrics
@@ -32,10 +31,6 @@ from alfred_train.stages import common, inits
 from alfred_train.training import Trainable
 
 log = logging.getLogger("alfred_train")
-
-
-class TooManyBadSteps(AlfredError):
-    exit_code = 1
 
 
 def _frozen(chunks):
@@ -106,7 +101,8 @@ def run(cfg: Config, runtime) -> int:
     kl_ctl = ppo_math.AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.adaptive_kl \
         else ppo_math.FixedKLController(o.kl_coef)
     trainables = {"policy": policy, "value": value}
-    step, consumed, bad_steps = 0, 0, 0
+    step, consumed = 0, 0
+    bad_steps = common.BadSteps(cfg, runtime, "PPO iteration", "lower optim.lr or check the reward scale")
     resumed = common.resume(cfg, runtime, trainables)
     if resumed is not None:
         step, state = resumed
@@ -114,7 +110,7 @@ def run(cfg: Config, runtime) -> int:
         if o.adaptive_kl and kl_ctl.kl_coef != o.kl_coef:
             log.info("adaptive KL: resumed at beta %.4g (ppo.kl_coef %.4g is its starting value)", kl_ctl.kl_coef,
                      o.kl_coef)
-        consumed, bad_steps = state["consumed_prompts"], state["bad_steps"]
+        consumed, bad_steps.count = state["consumed_prompts"], state["bad_steps"]
     elif not cfg.lora.rank:
         common.load_full(models.policy, o.policy_init, "policy", "policy")
         common.load_full(models.value, o.reward_init, "reward", "value")
@@ -134,7 +130,7 @@ def run(cfg: Config, runtime) -> int:
 
     def save(at_step):
         common.save(cfg, runtime, at_step, trainables, shape, "ppo", kl_controller=kl_ctl.state_dict(),
-                    consumed_prompts=consumed, bad_steps=bad_steps, inits=started_from)
+                    consumed_prompts=consumed, bad_steps=bad_steps.count, inits=started_from)
 
     def evaluate(tag_step):
         return evaluate_policy(models, runtime, eval_prompts, eval_keys, params, o, tokenizer, t.seed, common_args, scoring,
@@ -185,7 +181,6 @@ def run(cfg: Config, runtime) -> int:
         beta = kl_ctl.kl_coef
         kl_ctl.update(stats["kl"], o.rollouts_per_iter)
         bad = policy_reports["skipped"] + value_reports["skipped"]
-        bad_steps = bad_steps + 1 if bad else 0
         gen_tokens = stats.pop("_response_tokens")
         if o.recompute_logprobs:  # largest |scoring - sampler| log-prob over this iteration's tokens
             stats["logprob_gap"] = logprob_gap(rollout, sampler_logprobs, runtime.dp_group)
@@ -201,9 +196,7 @@ def run(cfg: Config, runtime) -> int:
             row.update(evaluate(step))
         metrics.log(step, row)
         _write_samples(run_dir, step, rollout, tokenizer, runtime, o.samples_per_iter)
-        if bad_steps >= o.max_bad_steps:
-            raise TooManyBadSteps(f"{bad_steps} PPO iterations in a row had a non-finite loss or gradient "
-                                  f"(ppo.max_bad_steps={o.max_bad_steps}); lower optim.lr or check the reward scale")
+        bad_steps.after(step, bad)
         if common.checkpoint_or_stop(cfg, step, save, preemption, runtime, metrics):
             code = common.PREEMPTED_EXIT_CODE
             break

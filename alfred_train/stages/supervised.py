@@ -31,7 +31,8 @@ class Started:
     trainable: Trainable
     step: int  # optimizer steps done (0, or the resumed checkpoint's)
     consumed: int  # training samples consumed, where the data position resumes
-    save: Callable[[int, int], None]  # (step, consumed samples) -> a checkpoint of run.dir
+    bad_steps: int  # skipped (non-finite) steps in a row before `step`
+    save: Callable[[int, int, int], None]  # (step, consumed samples, bad steps) -> a checkpoint of run.dir
 
 
 @dataclass(frozen=True)
@@ -55,22 +56,22 @@ def start(cfg: Config, runtime: ParallelRuntime, stage: str, shape: ModelShape, 
     trainable = common.build_trainable(cfg, runtime, shape, backend, kind=kind, total_steps=cfg.train.max_steps)
     trainables = {model_name: trainable}
 
-    step, consumed = 0, 0
+    step, consumed, bad_steps = 0, 0, 0
     if cfg.lora.rank and init.given:  # the frozen base, under the adapters
         common.load_lora_base(trainable, model_name, init.lora_base())
     resumed = common.resume(cfg, runtime, trainables)
     if resumed is not None:
         step, state = resumed
-        consumed = state["consumed_samples"]
+        consumed, bad_steps = state["consumed_samples"], state.get("bad_steps", 0)  # older: none saved
     elif init.given and not cfg.lora.rank:
         init.load([unwrap(c) for c in trainable.chunks])
         trainable.optimizer.reload_model_params()  # bf16 / ZeRO keep fp32 main copies of the weights: refresh them
 
-    def save(at_step: int, consumed_samples: int) -> None:
+    def save(at_step: int, consumed_samples: int, bad: int) -> None:
         common.save(cfg, runtime, at_step, trainables, shape, stage, consumed_samples=consumed_samples,
-                    inits=started_from)
+                    bad_steps=bad, inits=started_from)
 
-    return Started(run_dir, trainable, step, consumed, save)
+    return Started(run_dir, trainable, step, consumed, bad_steps, save)
 
 
 def train(cfg: Config, runtime: ParallelRuntime, started: Started, stage: str, *, batches: Iterator,
@@ -86,6 +87,8 @@ def train(cfg: Config, runtime: ParallelRuntime, started: Started, stage: str, *
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, desc=stage,
                             log_interval=t.log_interval)
     preemption = common.Preemption()
+    bad_steps = common.BadSteps(cfg, runtime, f"{stage.upper()} step", "lower optim.lr or check the data",
+                                started.bad_steps)
     phases = Phases(run_dir, cfg.logging.profile_step, runtime.rank, runtime.device)
     code = 0
     while step < t.max_steps:
@@ -99,7 +102,9 @@ def train(cfg: Config, runtime: ParallelRuntime, started: Started, stage: str, *
         if evaluate is not None and due:  # in the step's own row: one row per step
             values.update(evaluate())
         metrics.log(step, values)
-        if common.checkpoint_or_stop(cfg, step, lambda at: started.save(at, consumed), preemption, runtime, metrics):
+        bad_steps.after(step, values["skipped"])
+        if common.checkpoint_or_stop(cfg, step, lambda at: started.save(at, consumed, bad_steps.count), preemption,
+                                     runtime, metrics):
             code = common.PREEMPTED_EXIT_CODE
             break
     metrics.close()
