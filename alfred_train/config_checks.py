@@ -153,11 +153,12 @@ def _validate_extras(cfg: Config, here: bool = True) -> None:
         _check(importlib.util.find_spec("wandb") is not None,
                "logging.wandb: the wandb package is not installed; pip install 'alfred-train[wandb]' "
                "or remove logging.wandb")
-        from alfred_train.tracking import has_credentials
+        from alfred_train import tracking
 
-        _check(cfg.logging.wandb.mode == "offline" or has_credentials(),
-               "logging.wandb.mode: online needs W&B credentials (WANDB_API_KEY or `wandb login`); "
-               "or set logging.wandb.mode: offline and `wandb sync` later")
+        run_mode = tracking.mode(cfg.logging.wandb.mode)
+        _check(not tracking.needs_login(run_mode) or tracking.has_credentials(),
+               f"logging.wandb.mode: {run_mode} needs W&B credentials (WANDB_API_KEY or `wandb login`); "
+               "or set logging.wandb.mode: offline (or WANDB_MODE=offline) and `wandb sync` later")
     if cfg.ppo.eval_tasks:
         from alfred_train.eval_tasks import check_tasks
 

@@ -136,7 +136,9 @@ class WandbConfig:
     project: str = "alfred-train"
     name: Optional[str] = None  # the W&B run's display name (default: run.name, else the run dir's name)
     entity: Optional[str] = None  # team or user (default: the logged-in user's)
-    mode: Literal["online", "offline"] = "online"  # offline: files under run.dir/wandb, `wandb sync` later
+    # offline: files under run.dir/wandb, `wandb sync` later; disabled: no W&B run.
+    # None: the environment's WANDB_MODE, else online (set here, it wins over WANDB_MODE, as wandb.init's does)
+    mode: Optional[Literal["online", "offline", "disabled"]] = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Weights & Biases beside metrics.jsonl and TensorBoard (`logging.wandb`), on the main rank only.
 
     logging:
-      wandb: {project: alfred-40b, name: ppo-run-3, mode: online}    # or offline
+      wandb: {project: alfred-40b, name: ppo-run-3, mode: online}    # or offline; unset: WANDB_MODE, else online
 
 What the W&B run gets: the resolved config exactly as the run wrote it (run.dir/config.yaml, with
 any secret-looking key masked, and the same for the command line W&B records) and every
@@ -28,6 +28,16 @@ from alfred_train.atomic import write_text
 RUN_ID_FILE = "wandb_run_id"
 SECRET_KEY = re.compile(r"secret|token|passw|api[_-]?key|access[_-]?key|credential|private[_-]?key", re.I)
 MASK = "***"
+
+
+def mode(configured: str | None, env=os.environ) -> str:
+    """The W&B mode of a run: logging.wandb.mode, else WANDB_MODE, else online. wandb.init lets its
+    own argument beat WANDB_MODE, so ours goes to it only as the config's or the environment's."""
+    return configured or env.get("WANDB_MODE") or "online"
+
+
+def needs_login(run_mode: str) -> bool:
+    return run_mode not in ("offline", "dryrun", "disabled")  # dryrun: W&B's older name of offline
 
 
 def has_credentials(env=os.environ) -> bool:
@@ -101,7 +111,7 @@ def start(run_dir: str | Path) -> WandbRun | None:
     argv, sys.argv = sys.argv, [sys.argv[0], *mask_argv(sys.argv[1:])]
     try:
         run = wandb.init(project=section.get("project"), entity=section.get("entity"), name=name,
-                         mode=section.get("mode", "online"), dir=str(run_dir), id=run_id, resume="allow",
+                         mode=mode(section.get("mode")), dir=str(run_dir), id=run_id, resume="allow",
                          config=mask_secrets(config),
                          settings=wandb.Settings(console="off"))  # stdout/stderr stay ours (tqdm, log files)
     finally:

@@ -155,11 +155,42 @@ def test_online_wandb_without_credentials_is_a_config_error(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="logging.wandb.mode: online needs W&B credentials"):
         load_config(TINY_PPO, ["logging.wandb={project: p}"])
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
-    assert load_config(TINY_PPO, ["logging.wandb={project: p}"]).logging.wandb.mode == "online"
+    assert load_config(TINY_PPO, ["logging.wandb={project: p}"]).logging.wandb.mode is None  # online
     wandb = load_config(TINY_PPO, ["logging.wandb.project=q", "logging.wandb.mode=offline"]).logging.wandb
     assert (wandb.project, wandb.mode) == ("q", "offline")
     with pytest.raises(ConfigError, match="logging.wandb.projekt: unknown key"):
         load_config(TINY_PPO, ["logging.wandb.projekt=q"])
+
+
+def test_wandb_mode_from_the_environment_unless_the_config_sets_one(tmp_path, monkeypatch):
+    """WANDB_MODE=offline (a cluster without internet) was refused for lack of credentials, and the
+    run would have gone online: wandb.init's mode argument beats WANDB_MODE, and we always passed one."""
+    from alfred_train import tracking
+    from alfred_train.config import load_config
+    from alfred_train.errors import ConfigError
+
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert tracking.mode(load_config(TINY_PPO, ["logging.wandb={project: p}"]).logging.wandb.mode) == "offline"
+    with pytest.raises(ConfigError, match="logging.wandb.mode: online needs W&B credentials"):
+        load_config(TINY_PPO, ["logging.wandb={project: p, mode: online}"])  # the config's word wins
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.mode(None) == "disabled" and tracking.mode("offline") == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    assert tracking.mode(None) == "online"
+    # a SageMaker job gets none of this shell's environment: the launch writes the mode it means here
+    from alfred_train.launch.cli import _wandb_mode_fixed
+
+    tree = {"run": {"dir": "r"}, "logging": {"tensorboard": False, "wandb": {"project": "p"}}}
+    assert _wandb_mode_fixed(tree, {})["logging"] == {"tensorboard": False, "wandb": {"project": "p", "mode": "online"}}
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert _wandb_mode_fixed(tree, {})["logging"]["wandb"]["mode"] == "offline"
+    assert _wandb_mode_fixed(tree, {"WANDB_MODE": "disabled"})["logging"]["wandb"]["mode"] == "disabled"
+    set_here = {"logging": {"wandb": {"project": "p", "mode": "online"}}}
+    assert _wandb_mode_fixed(set_here, {}) == set_here and _wandb_mode_fixed({"run": {}}, {}) == {"run": {}}
+    assert tree["logging"]["wandb"] == {"project": "p"}  # the run's own tree is not changed
 
 
 def test_mask_secrets_at_any_depth():

@@ -116,6 +116,18 @@ def _launch_slurm(run: job_files.ResolvedRun, args: argparse.Namespace) -> int:
     return done.exit_code if done.state == "COMPLETED" or done.exit_code else 1
 
 
+def _wandb_mode_fixed(tree: dict, job_env: dict[str, str]) -> dict:
+    """A SageMaker job gets none of this shell's environment: an unset logging.wandb.mode becomes what
+    it means here (WANDB_MODE of launch.sagemaker.environment, else of this shell, else online)."""
+    from alfred_train import tracking
+
+    wandb = (tree.get("logging") or {}).get("wandb")
+    if not isinstance(wandb, dict) or wandb.get("mode"):
+        return tree
+    fixed = {**wandb, "mode": tracking.mode(None, {**os.environ, **job_env})}
+    return {**tree, "logging": {**tree["logging"], "wandb": fixed}}
+
+
 def _launch_sagemaker(run: job_files.ResolvedRun, args: argparse.Namespace) -> int:
     from alfred_train.dryrun import describe
 
@@ -123,15 +135,16 @@ def _launch_sagemaker(run: job_files.ResolvedRun, args: argparse.Namespace) -> i
     validate_sagemaker(launch)
     job_files.check_world_size(run)
     name = sagemaker.job_name(launch)
-    plan = sagemaker_plan.plan_inputs(run.tree, launch, upload_root=sagemaker.inputs_uri(launch, name),
+    tree = _wandb_mode_fixed(run.tree, launch.sagemaker.environment)
+    plan = sagemaker_plan.plan_inputs(tree, launch, upload_root=sagemaker.inputs_uri(launch, name),
                                       source_root=sagemaker.source_root())
-    job_tree = sagemaker_plan.rewritten_tree(run.tree, plan)
+    job_tree = sagemaker_plan.rewritten_tree(tree, plan)
     job_files.load_run_tree(job_tree, here=False)  # the job's own config loads (its paths: the container's)
     # Refuses what does not fit the GPUs or the volume. Inputs are checked where they are now (what
     # is uploaded from here, or the config's path where it is reachable: FSx), the run directory where
     # the job has it: not this machine's runs/<name>, whose checkpoints the job never sees (the dry
     # run said it would resume them).
-    cfg = job_files.load_run_tree(sagemaker_plan.uploaded_tree(run.tree, plan))
+    cfg = job_files.load_run_tree(sagemaker_plan.uploaded_tree(tree, plan))
     view = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=launch.sagemaker.run_dir or plan.run_dir),
                                checkpoint=dataclasses.replace(cfg.checkpoint, node_local=plan.node_local))
     report = describe(view, launch.stage)
