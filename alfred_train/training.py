@@ -109,20 +109,19 @@ def schedule_line(optim_cfg, max_steps: int, unit: str, *, lr: float | None = No
 SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
 
 
-def restore_scheduler(scheduler, state: dict) -> None:
+def restore_scheduler(scheduler, state: dict) -> list[str]:
     """Resume a schedule at its saved step; the schedule itself is this run's config. A resumed run
     whose config changed it (train.max_steps with optim.decay_steps unset, optim.lr, ...) follows the
-    new one from the saved step on, with a warning that names the change: megatron's default (the
-    checkpoint's values win, said at INFO level) kept a run extended from 2 to 4 iterations at its
-    floor rate. megatron's load_state_dict *adds* the saved steps to the current count."""
+    new one from the saved step on; returns the changes ("lr_decay_steps 2 -> 4"), for the caller's
+    warning: megatron's default (the checkpoint's values win, said at INFO level) kept a run extended
+    from 2 to 4 iterations at its floor rate. megatron's load_state_dict *adds* the saved steps to the
+    current count."""
     changed = [f"{k} {state[k]} -> {getattr(scheduler, k)}" for k in SCHEDULE_KEYS
                if k in state and state[k] != getattr(scheduler, k)]
     scheduler.num_steps = 0
     scheduler.override_opt_param_scheduler = True  # this config's values, the checkpoint's step count
     scheduler.load_state_dict(state)
-    if changed and (not dist.is_initialized() or dist.get_rank() == 0):
-        log.warning("resume: the learning-rate schedule follows this config, not the checkpoint's (%s)",
-                    ", ".join(changed))
+    return changed
 
 
 def wrap_ddp(chunks, *, zero: bool):

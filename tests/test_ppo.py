@@ -156,6 +156,16 @@ def test_warnings_print_once_at_tp2(inits, tmp_path):
     assert metrics(tmp_path / "run", "prompts_cut")[0] > 0
 
 
+def test_a_resumed_schedule_change_is_one_warning_naming_each_model(inits, tmp_path):
+    """It was two lines, the same words, one per model and neither named."""
+    extend = ["parallel.tp=1", "optim.decay_steps=null", "optim.warmup_steps=0", "ppo.eval_prompts=0"]
+    _ppo(inits, tmp_path / "run", *extend, "train.max_steps=1", "checkpoint.interval=1")
+    proc = _ppo(inits, tmp_path / "run", *extend, "train.max_steps=2")
+    said = [line for line in proc.stderr.splitlines() if "learning-rate schedule follows" in line]
+    assert len(said) == 1 and said[0].endswith("resume: the learning-rate schedule follows this config, not the "
+                                                "checkpoint's (policy: lr_decay_steps 1 -> 2; value: lr_decay_steps 1 -> 2)"), said
+
+
 def test_non_finite_updates_stop_the_run(tmp_path):
     _worker(tmp_path / "init", "nan-reward")
     proc = _ppo(tmp_path / "init", tmp_path / "run", "parallel.tp=1", "train.max_steps=5", "train.max_bad_steps=2",

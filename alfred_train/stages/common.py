@@ -247,9 +247,14 @@ def resume(cfg: Config, runtime: ParallelRuntime, trainables: dict) -> tuple[int
     inits.check_resumed(cfg, saved.get("stage", ""), saved)
     meta = checkpoint.load_models(path, _saved(trainables), strict_layout=layout(cfg))
     state = meta["state"]
+    changed = {}
     for name, t in trainables.items():
-        restore_scheduler(t.scheduler, state[f"{name}_scheduler"])
+        changed[name] = ", ".join(restore_scheduler(t.scheduler, state[f"{name}_scheduler"]))
         t.steps = state[f"{name}_steps"]
+    changed = {name: change for name, change in changed.items() if change}
+    if changed and runtime.is_main:  # one line, each model's changes named when there are two (PPO)
+        said = "; ".join(f"{name}: {c}" for name, c in changed.items()) if len(trainables) > 1 else changed.popitem()[1]
+        log.warning("resume: the learning-rate schedule follows this config, not the checkpoint's (%s)", said)
     moved = checkpoint.layout_note(meta["layout"], layout(cfg))
     if moved is None:
         checkpoint.load_rng(path, runtime.rank)
