@@ -19,11 +19,11 @@ returns the newest sound one; with `checkpoint.s3_uri` a newer sound checkpoint 
 and verified first. Checkpoints that exist but none sound: DamagedCheckpointsError, never step 0.
 
 Node-local run directories (one per node, `checkpoint.node_local`) are described in
-`checkpointing/site.py`. Model weights load at any TP/PP layout. A resume may change the layout too
-(`reshard_problem`): plain optimizer states reshard across TP, PP and DP like the weights, ZeRO's
-across DP (a 16-node job resumed on 8 nodes); anything else is refused in one line. A checkpoint holds any number of
-named models (`policy`, `value`, ...), each with an optional optimizer; `meta.json["state"]`
-carries the JSON-able trainer state.
+`checkpointing/site.py`. Model weights load at any TP/PP layout. A resume may change the layout
+too (`checkpointing/optimizer_state.py`): plain optimizer states reshard across TP, PP and DP like
+the weights, ZeRO's across DP (a 16-node job resumed on 8 nodes); anything else is refused in one
+line. A checkpoint holds any number of named models (`policy`, `value`, ...), each with an optional
+optimizer; `meta.json["state"]` carries the JSON-able trainer state.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch.distributed as dist
 from alfred_train import atomic
 from alfred_train.checkpointing import manifest as mf
 from alfred_train.resources import human
-from alfred_train.checkpointing import safety, writer
+from alfred_train.checkpointing import optimizer_state, safety, writer
 from alfred_train.checkpointing.site import Site
 from alfred_train.errors import AlfredError, ConfigError
 
@@ -177,70 +177,6 @@ def _strip(state: dict, prefix: str) -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-@torch.no_grad()
-def _prime_optimizer_state(optimizer) -> None:
-    """Materialize torch Adam's lazy state (with its per-parameter `step`) by one step at lr=0 on
-    zero gradients; parameters do not change. megatron-core 0.16.1's distributed optimizer needs
-    that state to build its load template when Adam is torch's (no TE/apex FusedAdam)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        if len(inner.state):
-            continue
-        saved = [g["lr"] for g in inner.param_groups]
-        for g in inner.param_groups:
-            g["lr"] = 0.0
-            for p in g["params"]:
-                p.grad = torch.zeros_like(p)
-        inner.step()
-        for g, lr in zip(inner.param_groups, saved):
-            g["lr"] = lr
-            for p in g["params"]:
-                p.grad = None
-
-
-def _adam_step(optimizer) -> float | None:
-    """torch Adam's per-parameter step count (the same for every parameter)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in opt.optimizer.state.values():
-            if "step" in state:
-                return float(state["step"])
-    return None
-
-
-def _set_adam_step(optimizer, step: float) -> None:
-    """Restore the step count: megatron-core 0.16.1's distributed optimizer loads it only into a
-    state it allocates itself, not into the primed one (see `_prime_optimizer_state`)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in opt.optimizer.state.values():
-            if "step" in state:
-                state["step"] = torch.tensor(step, dtype=torch.float32)
-
-
-# megatron-core 0.16.1's distributed optimizer keys its state "optimizer.distributed.dp_group_idx_N...",
-# the same for every model, so two in one checkpoint (PPO's policy and value) collided. Since this
-# format (meta.json "optimizer_keys") those keys carry the model's name; older checkpoints still load.
-OPTIMIZER_KEYS = "per-model"
-
-
-def _optimizer_sd(optimizer, model_sd: dict, is_loading: bool, prefix: str = "") -> dict:
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
-
-    merged = {f"{chunk}/{k}": v for chunk, sd in model_sd.items() for k, v in sd.items()}  # vpp chunks share local names
-    # The distributed optimizer (ZeRO) is saved per DP shard ("dp_reshardable"): megatron-core
-    # 0.16.1's default fully-sharded format rejects fp32 params (flattened_range unsupported).
-    metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
-    with torch.no_grad():
-        sd = optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=metadata)
-
-    def named(item):
-        if isinstance(item, ShardedBase) and item.key.startswith("optimizer.distributed."):
-            item.key = prefix + item.key
-        return item
-
-    return dict_list_map_inplace(named, sd) if prefix else sd
-
-
 def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict, runtime,
                     keep: int, layout: dict, *, node_local: bool = False, s3_uri: str | None = None,
                     timings: dict | None = None) -> Path:
@@ -268,7 +204,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
         msd = _model_sd(chunks, name)
         sharded.update(msd)
         if optimizer is not None:
-            sharded[f"{name}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=False, prefix=f"{name}.")
+            sharded[f"{name}.optimizer"] = optimizer_state.sharded(optimizer, msd, is_loading=False, prefix=f"{name}.")
     with _preemption_signals_blocked():
         try:
             writer.save(sharded, tmp)
@@ -277,9 +213,10 @@ def save_checkpoint(ckpt_root: str | Path, step: int, models: dict, state: dict,
             dist.barrier()
             safety.save_rng(safety.rng_file(tmp, runtime.rank))
             if runtime.is_main:
-                adam_steps = {name: _adam_step(opt) for name, (_, opt) in models.items() if opt is not None}
+                adam_steps = {name: optimizer_state.adam_step(opt) for name, (_, opt) in models.items()
+                              if opt is not None}
                 meta = {"step": step, "layout": layout, "models": sorted(models), "state": state,
-                        "adam_steps": adam_steps, "optimizer_keys": OPTIMIZER_KEYS}
+                        "adam_steps": adam_steps, "optimizer_keys": optimizer_state.KEYS}
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         except (OSError, RuntimeError, CheckpointException) as err:  # the last: torch DCP's, a BaseException
             raise _write_failed(err, step, root, tmp, site.owner) from None
@@ -407,26 +344,6 @@ def _latest_hint(root: Path) -> str | None:
     return None
 
 
-def reshard_problem(saved: dict, now: dict) -> str | None:
-    """Why optimizer states saved at layout `saved` cannot be resumed at layout `now`; None if they can.
-
-    megatron-core's plain optimizer keeps each state tensor beside its parameter, sharded as the
-    weight is (`optim_state_to_sharding_state`), so it reshards across TP, PP and DP as the weights
-    do. The distributed optimizer (parallel.zero) saves the DP shards of its flat buffers
-    (`dp_reshardable`, see `_optimizer_sd`): the buffers' layout is fixed by TP and PP, so it
-    reshards across DP only. The two optimizers' formats differ, and vpp changes the model chunks."""
-    zero = bool(saved.get("zero"))
-    if zero != bool(now["zero"]):
-        return (f"parallel.zero={str(zero).lower()} when saved (the plain and the distributed optimizer store "
-                f"their states differently); resume with parallel.zero={str(zero).lower()}")
-    if (saved.get("vpp") or 1) != (now.get("vpp") or 1):
-        return f"parallel.vpp={saved.get('vpp')} when saved; resume with parallel.vpp={saved.get('vpp')}"
-    if zero and (saved.get("tp"), saved.get("pp")) != (now["tp"], now["pp"]):
-        return (f"ZeRO optimizer states saved at parallel.tp={saved.get('tp')} parallel.pp={saved.get('pp')} "
-                f"reshard across parallel.dp only; resume at tp={saved.get('tp')} pp={saved.get('pp')} (any dp)")
-    return None
-
-
 def layout_note(saved: dict, now: dict) -> str | None:
     """One line for a resume at another layout ("tp 2 -> 1, dp 1 -> 2"), None at the same one."""
     changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in ("tp", "pp", "dp") if saved.get(k) != now[k]]
@@ -440,7 +357,7 @@ def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | Non
     models: name -> (chunks, optimizer or None). `name` may be given as "dst=src" to load the
     checkpoint's model `src` into `dst` (e.g. value model from the reward model).
     `strict_layout`: this run's layout, which optimizer states must be able to reshard to
-    (`reshard_problem`).
+    (`optimizer_state.reshard_problem`).
     skip: partial load of weights only. Parameters whose name contains one of these strings are
     left as they are (e.g. `skip=("output_layer",)` loads an SFT trunk into a scalar-head model);
     every other parameter must be in the checkpoint, as in a full load.
@@ -466,12 +383,12 @@ def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | Non
         sharded.update(msd)
         wanted[spec] = (chunks, optimizer, src, msd)
         if optimizer is not None:
-            problem = reshard_problem(meta["layout"], strict_layout) if strict_layout is not None else None
+            problem = None if strict_layout is None else optimizer_state.reshard_problem(meta["layout"], strict_layout)
             if problem:
                 raise ConfigError(f"{path}: {problem}")
-            _prime_optimizer_state(optimizer)
-            prefix = f"{src}." if meta.get("optimizer_keys") == OPTIMIZER_KEYS else ""
-            sharded[f"{src}.optimizer"] = _optimizer_sd(optimizer, msd, is_loading=True, prefix=prefix)
+            optimizer_state.prime(optimizer)
+            prefix = f"{src}." if meta.get("optimizer_keys") == optimizer_state.KEYS else ""
+            sharded[f"{src}.optimizer"] = optimizer_state.sharded(optimizer, msd, is_loading=True, prefix=prefix)
     loaded = dist_checkpointing.load(sharded, str(path))
     with torch.no_grad():
         for spec, (chunks, optimizer, src, _) in wanted.items():
@@ -480,7 +397,7 @@ def load_models(ckpt_dir: str | Path, models: dict, *, strict_layout: dict | Non
             if optimizer is not None:
                 optimizer.load_state_dict(loaded[f"{src}.optimizer"])
                 if meta.get("adam_steps", {}).get(src) is not None:
-                    _set_adam_step(optimizer, meta["adam_steps"][src])
+                    optimizer_state.set_adam_step(optimizer, meta["adam_steps"][src])
     return meta
 
 

@@ -36,6 +36,7 @@ def measure(hidden: int, layers: int, repeats: int, out: Path) -> dict:
 
     from alfred_train import checkpoint
     from alfred_train.checkpointing import manifest as mf
+    from alfred_train.checkpointing import optimizer_state
     from alfred_train.config import load_config
     from alfred_train.models.build import unwrap
     from alfred_train.stages import common
@@ -49,7 +50,7 @@ def measure(hidden: int, layers: int, repeats: int, out: Path) -> dict:
     shape = common.shape_for(cfg, tokenizer)
     trainable = common.build_trainable(cfg, runtime, shape, common.attention_backend(cfg, runtime), kind="lm",
                                        total_steps=10)
-    checkpoint._prime_optimizer_state(trainable.optimizer)  # Adam state exists, as after a step
+    optimizer_state.prime(trainable.optimizer)  # Adam state exists, as after a step
     models = {"policy": ([unwrap(c) for c in trainable.chunks], trainable.optimizer)}
     params = sum(p.numel() for c in trainable.chunks for p in c.parameters())
     rows = {"write": [], "manifest": [], "total": [], "megatron": [], "verify": []}
@@ -66,7 +67,7 @@ def measure(hidden: int, layers: int, repeats: int, out: Path) -> dict:
         plain = out / f"megatron-{hidden}x{layers}-{i}"
         plain.mkdir()
         sharded = checkpoint._model_sd(models["policy"][0], "policy")
-        sharded["policy.optimizer"] = checkpoint._optimizer_sd(trainable.optimizer, dict(sharded), is_loading=False)
+        sharded["policy.optimizer"] = optimizer_state.sharded(trainable.optimizer, dict(sharded), is_loading=False)
         t0 = time.perf_counter()
         dist_checkpointing.save(sharded, str(plain))
         rows["megatron"].append(time.perf_counter() - t0)

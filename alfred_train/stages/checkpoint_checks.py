@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from alfred_train import checkpoint
 from alfred_train.config import Config
+from alfred_train.checkpointing import optimizer_state
 from alfred_train.errors import ConfigError
 from alfred_train.models import lora_checkpoint
 from alfred_train.models.build import ModelShape
@@ -342,8 +343,8 @@ def _lora_keys(spec: dict | None) -> str:
 
 def check_resume_layout(cfg: Config, use: CheckpointUse, path: Path, meta: dict) -> str | None:
     """Refuse (ConfigError naming `use.key`) a resume whose optimizer states cannot reshard to this
-    run's layout (`checkpoint.reshard_problem`); returns the layout change, None at the same layout."""
+    run's layout (`optimizer_state.reshard_problem`); returns the layout change, None at the same layout."""
     saved = meta.get("layout") or {}
-    if problem := checkpoint.reshard_problem(saved, layout(cfg)):
+    if problem := optimizer_state.reshard_problem(saved, layout(cfg)):
         raise ConfigError(f"{use.key}: {path}: {problem}, or set a new run.dir")
     return checkpoint.layout_note(saved, layout(cfg))
