@@ -72,6 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint(args.checkpoint)
     if detect_launch_env().rank == 0 and LAUNCHER_PID not in os.environ:  # not again in our own workers
         check_checkpoint(ckpt, args.model)
+        read_inputs(args, ckpt)  # the tokenizer, template and prompts, before a process starts or a model is built
     world = parallel.tp * parallel.pp
     if world > 1 and detect_launch_env().launcher == "single":
         from alfred_train.parallel.spawn import spawn_local
@@ -209,22 +210,35 @@ def run_template(ckpt: Path) -> str:
     return "plain"
 
 
-def _load_policy(args, ckpt: Path, parallel, runtime):
+def read_inputs(args, ckpt: Path):
+    """(tokenizer, prompt records): the tokenizer against the checkpoint's vocabulary, the template,
+    every prompt line, and room for --max-new-tokens in the model's max_seq_len; no weight is read."""
+    from alfred_train.data.templates import get_template
     from alfred_train.data.tokenizer import load_tokenizer
-    from alfred_train.models.build import unwrap
-    from alfred_train.models.from_checkpoint import (build_from_checkpoint, checkpoint_shape,
-                                                     checkpoint_tokenizer, load_meta)
+    from alfred_train.models.from_checkpoint import checkpoint_shape, checkpoint_tokenizer, load_meta
 
     path, meta = load_meta(ckpt)
     tokenizer = load_tokenizer(args.tokenizer or checkpoint_tokenizer(meta))
-    vocab = checkpoint_shape(path, meta).vocab_size
-    if tokenizer.vocab_size > vocab:  # checked before any weight is read; fewer: padded rows, never sampled
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, more than the checkpoint's model ({vocab}): "
-                          "pass the training tokenizer with --tokenizer")
+    shape = checkpoint_shape(path, meta)
+    if tokenizer.vocab_size > shape.vocab_size:  # fewer: padded rows, never sampled
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, more than the checkpoint's model "
+                          f"({shape.vocab_size}): pass the training tokenizer with --tokenizer")
+    max_prompt = shape.max_seq_len - args.max_new_tokens
+    if max_prompt < 2:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
+                          f"model's max_seq_len ({shape.max_seq_len}); lower it")
+    template = get_template(args.template or run_template(ckpt))
+    return tokenizer, read_prompts(args.prompts, tokenizer, template, max_prompt)
+
+
+def _load_policy(args, ckpt: Path, parallel, runtime):
+    from alfred_train.models.build import unwrap
+    from alfred_train.models.from_checkpoint import build_from_checkpoint
+
     bf16 = args.precision == "bf16" or (args.precision == "auto" and not runtime.cpu)
-    chunks, shape, _ = build_from_checkpoint(path, parallel, runtime, name=args.model, kind="lm",
-                                             backend_name=args.attention_backend, bf16=bf16)
-    return [unwrap(c) for c in chunks], shape, tokenizer
+    chunks, _, _ = build_from_checkpoint(ckpt, parallel, runtime, name=args.model, kind="lm",
+                                         backend_name=args.attention_backend, bf16=bf16)
+    return [unwrap(c) for c in chunks]
 
 
 def _run_worker(args, parallel) -> int:
@@ -232,7 +246,6 @@ def _run_worker(args, parallel) -> int:
 
     from alfred_train.checkpoint import resolve_checkpoint
     from alfred_train.data.datasets import write_jsonl
-    from alfred_train.data.templates import get_template
     from alfred_train.parallel.dims import ParallelDims
     from alfred_train.parallel.init import init_runtime, shutdown
     from alfred_train.ppo.generation import generate_all
@@ -241,13 +254,8 @@ def _run_worker(args, parallel) -> int:
     ckpt = resolve_checkpoint(args.checkpoint)
     runtime = init_runtime(ParallelDims(parallel.tp, parallel.pp, 1), backend=parallel.backend)
     try:
-        models, shape, tokenizer = _load_policy(args, ckpt, parallel, runtime)
-        max_prompt = shape.max_seq_len - params.max_new_tokens
-        if max_prompt < 2:
-            raise ConfigError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in the "
-                              f"model's max_seq_len ({shape.max_seq_len}); lower it")
-        template = get_template(args.template or run_template(ckpt))
-        prompts = read_prompts(args.prompts, tokenizer, template, max_prompt)
+        tokenizer, prompts = read_inputs(args, ckpt)
+        models = _load_policy(args, ckpt, parallel, runtime)
         out, useful, slot_steps = [], 0.0, 0
         # continuous batching: --batch-size rows decode together and a row that ends takes the queue's next
         # prompt; the queue is cut into chunks so that a huge prompt file is not padded and held at once

@@ -165,7 +165,7 @@ def test_single_turn_templates_exact_strings():
         text = render_prompt(get_template(name), record)
         assert (text.prompt, text.response) == (prompt, "Blue.")
     assert VICUNA_SYSTEM.startswith("A chat between a curious user and an artificial intelligence assistant.")
-    with pytest.raises(ConfigError, match="unknown prompt template 'alpaca'; set data.template to one of"):
+    with pytest.raises(ConfigError, match="unknown prompt template 'alpaca'; set data.template / --template to one of"):
         get_template("alpaca")
 
 

@@ -691,6 +691,24 @@ def test_generate_names_a_missing_model_and_an_unusable_output(sft_run, tmp_path
     assert "File name too long; name another path" in capsys.readouterr().err
 
 
+def test_generate_checks_its_inputs_before_any_process_or_model(sft_run, tmp_path, capsys):
+    """A missing prompt file, a bad line or an unknown template was found only after the TP/PP workers
+    had started and built the model (and the template's error named data.template, not --template)."""
+    from alfred_train.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": 3}\n')
+    base = ["generate", str(sft_run), "parallel.tp=2", "--output", str(tmp_path / "o.jsonl")]
+    for extra, said in ((["--prompts", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
+                        (["--prompts", str(prompts)], f"{prompts}:2"),
+                        (["--prompts", str(prompts), "--template", "nope"], "set data.template / --template to one of"),
+                        (["--prompts", str(prompts), "--tokenizer", str(prompts)], "point model.tokenizer / --tokenizer")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err  # one line: no worker, no model log
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_read_prompts_refuses_booleans_as_token_ids(tmp_path):
     from alfred_train.data.corpus import TINY_SP_MODEL_PATH
     from alfred_train.data.templates import get_template

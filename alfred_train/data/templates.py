@@ -94,7 +94,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
 
 def get_template(name: str) -> PromptTemplate:
     if name not in TEMPLATES:
-        raise ConfigError(f"unknown prompt template {name!r}; set data.template to one of {', '.join(TEMPLATES)}")
+        raise ConfigError(f"unknown prompt template {name!r}; set data.template / --template to one of {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
 
 
