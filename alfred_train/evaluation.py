@@ -74,6 +74,8 @@ def check_output(output: Path, key: str = "--output") -> None:
 def check_device(device: str | None) -> None:
     import torch
 
+    if device and not (device == "cpu" or device.startswith("cuda")):
+        raise ConfigError(f"--device {device}: lm-eval runs on cuda (cuda:N) or cpu; name one or leave it out")
     if device and device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or leave it out")
 
@@ -98,8 +100,10 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ConfigError("eval runs as one process; start it without torchrun/srun")
     if args.hf_dir and (problem := output_problem(Path(args.hf_dir))):
         raise ConfigError(f"--hf-dir: {problem}")
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit {args.limit}: must be >= 1")
+    for flag, value, least in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                               ("--num-fewshot", args.num_fewshot, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} {value}: must be >= {least}")
     check_device(args.device)
     offline = all(is_task_file(t) for t in split_tasks(args.tasks))
     if offline:

@@ -324,8 +324,12 @@ def test_eval_outputs_and_device_are_checked_before_the_export(work, tmp_path, c
     cases = [(["--output", str(tmp_path / "adir")], "is a directory; name a .json file"),
              (["--output", str(tmp_path / "afile" / "r.json")], "is a file, not a directory"),
              (["--hf-dir", str(tmp_path / "afile")], "--hf-dir: output"),
+             # these went to lm-eval after the export (a tpu device, a batch of 0 rows)
+             (["--device", "tpu"], "--device tpu: lm-eval runs on cuda (cuda:N) or cpu"),
+             (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+             (["--num-fewshot", "-1"], "--num-fewshot -1: must be >= 0"),
              (["--output", str(tmp_path / "r.json"), "--device", "cuda"], "no CUDA GPU is visible")]
-    for flags, words in cases[:3] + (cases[3:] if not torch.cuda.is_available() else []):
+    for flags, words in cases[:-1] + (cases[-1:] if not torch.cuda.is_available() else []):
         assert main([*base, *flags]) == 2
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, (flags, err)
