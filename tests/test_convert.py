@@ -775,6 +775,15 @@ def test_apply_delta_wrong_shape_leaves_no_output(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_shard_size_of_zero_is_refused(tmp_path, capsys):
+    """--max-shard-size 0 wrote one file per tensor."""
+    base, delta = _small_delta_pair(tmp_path)
+    for size in ("0", "0MB", "0.1B"):
+        err = _convert_error(capsys, "apply-delta", str(base), str(delta), str(tmp_path / "out"), "--max-shard-size", size)
+        assert f"--max-shard-size '{size}': must be at least one byte" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_shard_writer_removes_its_shards_on_error(tmp_path):
     from alfred_train.convert.safetensors_io import ShardWriter
 
@@ -840,8 +849,9 @@ def test_export_over_an_earlier_export_replaces_what_it_wrote(tiny_ckpt, tmp_pat
     record["files"].update({"adapter/adapter_config.json": 2, "adapter/adapter_model.safetensors": 2, "tokenizer.json": 2})
     (out / "alfred-export.json").write_text(json.dumps(record))
     (out / "README.md").write_text("not ours")  # a model card written beside it
-    done = cli("convert", "mcore-to-hf", str(tiny_ckpt), str(out))
+    done = cli("convert", "mcore-to-hf", str(tiny_ckpt), str(out), "--merge-lora")  # no adapters: said, not silent
     assert done.returncode == 0, done.stderr[-4000:]
+    assert "--merge-lora: model 'policy' of " in done.stderr and "has no LoRA adapters" in done.stderr
     written = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "alfred-export.json", *written])
     assert sorted(json.loads((out / "alfred-export.json").read_text())["files"]) == written

@@ -28,7 +28,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
     if not m:
         raise ConfigError(f"--max-shard-size {text!r}: write a size like 5GB, 500MB or a byte count")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+    size = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+    if size < 1:  # 0 wrote one shard per tensor
+        raise ConfigError(f"--max-shard-size {text!r}: must be at least one byte; leave it out for 5GB shards")
+    return size
 
 
 def add_commands(subparsers) -> None:

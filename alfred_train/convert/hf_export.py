@@ -126,6 +126,8 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, runtime, *, model: st
     entry = (state.get("lora") or {}).get(name)
     if entry and kind == "scalar" and not merge_lora:
         raise ConfigError(f"--model {name}: a LoRA reward/value model exports merged only; add --merge-lora")
+    if merge_lora and not entry:
+        log.warning("--merge-lora: model %r of %s has no LoRA adapters; its full weights are written", name, ckpt)
     lora_checkpoint.check_bases(ckpt, meta, [name], named="", verify=True)
     lora_mode = None if not entry else "merged" if merge_lora else "adapter"
     record = {"by": "mcore-to-hf", **checkpoint_source(ckpt), "model": name, "lora": lora_mode, "dtype": dtype}
