@@ -779,7 +779,8 @@ def test_a_shard_size_of_zero_is_refused(tmp_path, capsys):
     """--max-shard-size 0 wrote one file per tensor."""
     base, delta = _small_delta_pair(tmp_path)
     for size in ("0", "0MB", "0.1B"):
-        err = _convert_error(capsys, "apply-delta", str(base), str(delta), str(tmp_path / "out"), "--max-shard-size", size)
+        err = _convert_error(capsys, "apply-delta", str(base), str(delta), str(tmp_path / "out"),
+                             "--max-shard-size", size)
         assert f"--max-shard-size '{size}': must be at least one byte" in err, err
     assert not (tmp_path / "out").exists()
 

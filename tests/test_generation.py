@@ -702,7 +702,8 @@ def test_generate_checks_its_inputs_before_any_process_or_model(sft_run, tmp_pat
     for extra, said in ((["--prompts", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
                         (["--prompts", str(prompts)], f"{prompts}:2"),
                         (["--prompts", str(prompts), "--template", "nope"], "set data.template / --template to one of"),
-                        (["--prompts", str(prompts), "--tokenizer", str(prompts)], "point model.tokenizer / --tokenizer")):
+                        (["--prompts", str(prompts), "--tokenizer", str(prompts)],
+                         "point model.tokenizer / --tokenizer")):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1, err  # one line: no worker, no model log

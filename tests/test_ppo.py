@@ -162,8 +162,9 @@ def test_a_resumed_schedule_change_is_one_warning_naming_each_model(inits, tmp_p
     _ppo(inits, tmp_path / "run", *extend, "train.max_steps=1", "checkpoint.interval=1")
     proc = _ppo(inits, tmp_path / "run", *extend, "train.max_steps=2")
     said = [line for line in proc.stderr.splitlines() if "learning-rate schedule follows" in line]
-    assert len(said) == 1 and said[0].endswith("resume: the learning-rate schedule follows this config, not the "
-                                                "checkpoint's (policy: lr_decay_steps 1 -> 2; value: lr_decay_steps 1 -> 2)"), said
+    assert len(said) == 1 and said[0].endswith(
+        "resume: the learning-rate schedule follows this config, not the checkpoint's "
+        "(policy: lr_decay_steps 1 -> 2; value: lr_decay_steps 1 -> 2)"), said
 
 
 def test_non_finite_updates_stop_the_run(tmp_path):

@@ -94,7 +94,8 @@ TEMPLATES: dict[str, PromptTemplate] = {
 
 def get_template(name: str) -> PromptTemplate:
     if name not in TEMPLATES:
-        raise ConfigError(f"unknown prompt template {name!r}; set data.template / --template to one of {', '.join(TEMPLATES)}")
+        raise ConfigError(f"unknown prompt template {name!r}; set data.template / --template to one of "
+                          f"{', '.join(TEMPLATES)}")
     return TEMPLATES[name]
 
 

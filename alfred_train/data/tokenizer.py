@@ -45,7 +45,8 @@ class SentencePieceTokenizer:
 
         path = Path(model_path)
         if not path.is_file():
-            raise ConfigError(f"sentencepiece model {path} does not exist; set model.tokenizer / --tokenizer to a .model file")
+            raise ConfigError(f"sentencepiece model {path} does not exist; "
+                              "set model.tokenizer / --tokenizer to a .model file")
         self.path = path
         self._continuation = None  # the same model without the dummy prefix, built on first use
         try:
@@ -109,7 +110,8 @@ class HFJsonTokenizer:
             ) from err
         path = Path(tokenizer_json_path)
         if not path.is_file():
-            raise ConfigError(f"tokenizer file {path} does not exist; set model.tokenizer / --tokenizer to a tokenizer.json")
+            raise ConfigError(f"tokenizer file {path} does not exist; "
+                              "set model.tokenizer / --tokenizer to a tokenizer.json")
         unknown = set(special_tokens or {}) - set(FALCON_SPECIAL_TOKENS)
         if unknown:
             roles = ", ".join(FALCON_SPECIAL_TOKENS)
@@ -197,12 +199,14 @@ def load_tokenizer(path: str | Path, special_tokens: Optional[Mapping[str, Optio
             return SentencePieceTokenizer(path / "tokenizer.model")
         if (path / "tokenizer.json").is_file():
             return HFJsonTokenizer(path / "tokenizer.json", special_tokens)
-        raise ConfigError(f"directory {path} holds neither tokenizer.model nor tokenizer.json; set model.tokenizer / --tokenizer")
+        raise ConfigError(f"directory {path} holds neither tokenizer.model nor tokenizer.json; "
+                          "set model.tokenizer / --tokenizer")
     if path.suffix == ".model":
         return SentencePieceTokenizer(path)
     if path.suffix == ".json":
         return HFJsonTokenizer(path, special_tokens)
-    raise ConfigError(f"cannot tell the tokenizer type of {path}; point model.tokenizer / --tokenizer at a .model or .json file")
+    raise ConfigError(f"cannot tell the tokenizer type of {path}; "
+                      "point model.tokenizer / --tokenizer at a .model or .json file")
 
 
 def train_sentencepiece(corpus_path: str | Path, out_prefix: str | Path, vocab_size: int) -> Path:
