@@ -198,6 +198,10 @@ def describe(cfg: Config, stage: str) -> str:
     plan = peak_plan(cfg, stage, shape, static, kv, bf16)
     lines += ["", *plan.lines]
     trainable = [mp.total for _, t, mp in models if t]
+    if cfg.lora.rank:  # a LoRA checkpoint holds the adapters (and a scalar head), not the frozen base
+        from alfred_train.models.lora_plan import checkpoint_params
+
+        trainable = checkpoint_params(cfg, shape, STAGE_MODELS[stage])
     resume = _resume_lines(cfg, stage)
     init = _init_lines(cfg, stage) if not resume or stage == "ppo" else []  # PPO's frozen models load them anyway
     lines += ["", *checkpoint_lines(cfg, trainable, bf16), *resume, *init, *data]

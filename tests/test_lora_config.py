@@ -52,3 +52,16 @@ def test_a_lora_run_that_fits_only_with_lora_is_not_refused():
     assert peak < 80
     with pytest.raises(ConfigError, match="parallel.pp: the plan needs"):  # without LoRA it does not fit
         describe(load_config(ROOT / "configs" / "stackllama-ppo.yaml", [*over, "lora.rank=0"]), "ppo")
+
+
+def test_a_lora_checkpoint_is_sized_as_its_adapters():
+    """The dry run (and the SageMaker disk check after it) sized a LoRA checkpoint as the full model's
+    weights and Adam states (94 GB for StackLLaMA's SFT), and refused a 200 GB volume for its PPO job.
+    A LoRA checkpoint holds the adapters (and the value model's head): StackLLaMA's PPO, linear_qkv r=16
+    on 32 layers of 4096 -> 12288, for the policy and the value model (+ a 4096 + 1 head)."""
+    params = 2 * 32 * 16 * (4096 + 12288) + 4097
+    text = describe(load_config(ROOT / "configs" / "stackllama-ppo.yaml",
+                                ["parallel.tp=1", "parallel.dp=8", "launch.gpu_memory_gib=80"]), "ppo")
+    line = next(ln for ln in text.splitlines() if ln.startswith("Checkpoint: "))
+    assert line.startswith(f"Checkpoint: {params * 14 / 1e6:.2f} MB each ({params * 2 / 1e6:.2f} MB weights"), line
+

@@ -24,6 +24,15 @@ def adapter_params_per_layer(shape, spec: lora.AdapterSpec, tp: int) -> int:
     return n
 
 
+def checkpoint_params(cfg, shape, stage_models) -> list[int]:
+    """Parameters a LoRA checkpoint holds for each trained model: its adapters (all layers, as at
+    tp=1: the replicated halves once) and a scalar head; the frozen base is referenced, not copied."""
+    spec = lora.AdapterSpec.from_config(cfg.lora)
+    adapters = adapter_params_per_layer(shape, spec, tp=1) * shape.num_layers
+    return [adapters + (shape.hidden_size + 1 if kind == "scalar" else 0)
+            for _, kind, trainable in stage_models if trainable]
+
+
 def state_bytes(cfg, shape, stage_models, per_stage: dict, kv: float) -> list[float]:
     """Model-state bytes per GPU of each pipeline stage with LoRA (+ `kv`, the KV cache): each trained
     model's base frozen, its adapters (and a scalar head) trainable; the frozen models of the stage
