@@ -490,6 +490,25 @@ def test_the_dry_run_sees_the_jobs_run_dir_not_this_machines(tmp_path, capsys):
     assert cli.main([*argv[:-3], inputs, *argv[-2:], f"ppo.eval_tasks=[{task}]"]) == 0, capsys.readouterr().err
 
 
+def test_a_ppo_job_needs_only_the_paths_ppo_reads(tmp_path, capsys):
+    """A recipe names every stage's paths (stable-vicuna-ppo: data.train for SFT, rm.init for the RM):
+    launching its PPO stage demanded a channel for each, although PPO reads neither."""
+    argv = ["launch", str(REPO / "configs" / "tiny-ppo.yaml"), "--backend", "sagemaker", "--dry-run",
+            "parallel.tp=1", "launch.nodes=1", "launch.gpus_per_node=0", "launch.procs_per_node=1",
+            "launch.sagemaker.instance_type=ml.m5.xlarge", "launch.sagemaker.role_arn=arn:aws:iam::123456789012:role/A",
+            "launch.sagemaker.image_uri=1.dkr.ecr.us-east-1.amazonaws.com/a:1", f"launch.sagemaker.source_s3_uri=s3://{BUCKET}/j",
+            f"launch.sagemaker.output_s3_uri=s3://{BUCKET}/o", f"launch.sagemaker.checkpoint_s3_uri=s3://{BUCKET}/c",
+            f"run.dir={tmp_path / 'run'}", "launch.stage=ppo", "data.synthetic=false",
+            "data.train=/data/oasst1/train-*.parquet", "rm.init=/data/sft-run", "data.prompts=/data/prompts.jsonl"]
+    inputs = f"launch.sagemaker.inputs={{ppo.policy_init: s3://{BUCKET}/sft/, ppo.reward_init: s3://{BUCKET}/rm/"
+    assert cli.main([*argv, inputs + f", data.prompts: s3://{BUCKET}/p/prompts.jsonl}}"]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "data.train" not in err and "rm.init" not in err, err
+    # without data.prompts, data.train is PPO's prompt set: then it must reach the job
+    assert cli.main([*argv[:-1], inputs + "}"]) == 2
+    assert "data.train" in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_the_dry_run_checks_the_inits_it_uploads(tmp_path, capsys, ppo_inits):
     """The launch dry run checked the run config's init paths (not reachable here, so skipped), not
     the local folders it was about to upload: an RM uploaded as the policy passed, and the job failed

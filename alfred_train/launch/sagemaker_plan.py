@@ -1,6 +1,6 @@
 """What a SageMaker job reads and writes: its input channels, the rewritten config, its disk.
 
-Inputs. Every path the run reads (INPUT_KEYS) must exist inside the container. Three ways:
+Inputs. Every path the stage reads (READ_BY_STAGE) must exist inside the container. Three ways:
 
 - `launch.sagemaker.inputs: {KEY: SOURCE}`: one S3 channel per key (InputDataConfig, File or
   FastFile mode), named after the key (`ppo.policy_init` -> channel `ppo_policy_init`).
@@ -39,6 +39,13 @@ CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # CheckpointConfig.LocalPath
 # Every run-config key holding a path the trainer reads.
 INPUT_KEYS = ("model.tokenizer", "data.train", "data.valid", "data.prompts", "rm.init", "checkpoint.init",
               "ppo.policy_init", "ppo.reward_init", "checkpoint.resume", "ppo.eval_tasks")
+# The ones each stage reads (PPO: data.train only for want of data.prompts, as its prompt set): a path
+# only another stage reads is left as it is, not required inside the job (a recipe names them all).
+READ_BY_STAGE = {"sft": ("model.tokenizer", "data.train", "data.valid", "checkpoint.init", "checkpoint.resume"),
+                 "rm": ("model.tokenizer", "data.train", "data.valid", "rm.init", "checkpoint.init",
+                        "checkpoint.resume"),
+                 "ppo": ("model.tokenizer", "data.prompts", "ppo.policy_init", "ppo.reward_init", "checkpoint.resume",
+                         "ppo.eval_tasks")}
 LIST_KEYS = ("data.train", "data.valid", "data.prompts", "ppo.eval_tasks")  # a mixture / task names and files
 FILE_KEYS = LIST_KEYS  # they name files (a folder delivered for one stands for the folder that holds it)
 _FSX_ID = re.compile(r"^fs-[0-9a-f]{8,21}$")
@@ -343,8 +350,13 @@ def plan_inputs(tree: dict, launch: LaunchConfig, *, upload_root: str, source_ro
     if fsx.file_system_id:
         mount = f"{CHANNEL_ROOT}/{fsx.channel}"
         plan.channels.append(Channel(fsx.channel, "", mount))
+    read = set(READ_BY_STAGE[launch.stage])
+    if launch.stage == "ppo" and not _get(tree, "data.prompts"):
+        read.add("data.train")  # PPO's prompt set, for want of data.prompts
     for key in INPUT_KEYS:
         value = _get(tree, key)
+        if key not in read and not any(_MIXTURE_ITEM.sub("", k) == key for k in sm.inputs):
+            continue
         if isinstance(value, list) and key in LIST_KEYS:
             _place_list(key, value, sm, plan, upload_root, source_root)
             continue
