@@ -378,8 +378,9 @@ def check_fits(cfg: Config, plan: PeakPlan, full: PeakPlan) -> None:
     need = f"the plan needs {plan.peak / GIB:.1f} GiB per GPU (pipeline stage {plan.stage}, {plan.phase} phase)"
     if plan.states > limit * GIB:
         key = "parallel.pp"
-        advice = (f"the model states alone need {plan.states / GIB:.1f} GiB: raise it or parallel.tp, turn on "
-                  "parallel.zero, or use a GPU with more memory")
+        zero = "" if cfg.parallel.zero else "turn on parallel.zero, "
+        advice = (f"the model states and the {resources.RESERVE_GIB:g} GiB reserve alone need {plan.states / GIB:.1f} "
+                  f"GiB: raise it or parallel.tp, {zero}or use a GPU with more memory")
     elif plan.recompute != "full" and full.peak <= limit * GIB:
         key, advice = "train.recompute", f"set train.recompute: full (plan {full.peak / GIB:.1f} GiB)"
     elif plan.phase == "generation":

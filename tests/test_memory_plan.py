@@ -56,3 +56,8 @@ def test_alfred_plan_activations_by_recompute_and_the_refusal(capsys):
     assert code == 0, err
     code, _, err = dry_run(capsys, "ppo", str(ALFRED), "launch.backend=slurm", "launch.gpu_memory_gib=24")
     assert code == 2 and "error: parallel.pp: the plan needs" in err and "has 24 GiB" in err
+    # the recipe has ZeRO on already: not advised again (it was); the reserve is said to be in the sum
+    assert "the model states and the 2 GiB reserve alone need" in err and "parallel.zero" not in err, err
+    code, _, err = dry_run(capsys, "ppo", str(ALFRED), "launch.backend=slurm", "launch.gpu_memory_gib=24",
+                           "parallel.zero=false")
+    assert code == 2 and "turn on parallel.zero" in err, err
