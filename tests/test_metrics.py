@@ -120,8 +120,10 @@ def test_one_row_per_step_when_the_last_step_evaluates_off_the_interval(tmp_path
     from tests.helpers import TINY_SFT, run_cli
 
     run = tmp_path / "sft"
-    run_cli("sft", str(TINY_SFT), "parallel.tp=1", "train.max_steps=3", "train.eval_interval=2", f"run.dir={run}",
-            "logging.plots=false", "logging.tensorboard=false", "checkpoint.interval=0")
+    done = run_cli("sft", str(TINY_SFT), "parallel.tp=1", "train.max_steps=3", "train.eval_interval=2",
+                   f"run.dir={run}", "logging.plots=false", "logging.tensorboard=false", "checkpoint.interval=0")
+    # the closing line names what the run directory holds (it named tb/ with logging.tensorboard off)
+    assert f"sft: 3 steps done; run directory: {run} (metrics.jsonl, checkpoints/iter_0000003/)" in done.stdout
     rows = _strict((run / "metrics.jsonl").read_text())
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert ["valid_loss" in r for r in rows] == [False, True, True] and all("loss" in r for r in rows)

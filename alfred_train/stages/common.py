@@ -342,6 +342,13 @@ def write_requeue_record(step: int, runtime) -> None:
 _preempted = False  # set by SIGUSR1 / SIGTERM from the moment a worker starts (`Preemption.listen`)
 
 
+def say_done(what: str, run_dir: Path, names: list[str]) -> None:
+    """The closing line: `what` and those of `names` (files; folders end in /) the run directory holds
+    (logging.tensorboard / logging.plots off, checkpoint.save_final off: not named)."""
+    held = ", ".join(n for n in names if (run_dir / n.rstrip("/")).exists())
+    print(f"{what}; run directory: {run_dir}" + (f" ({held})" if held else ""), flush=True)
+
+
 class TooManyBadSteps(AlfredError):
     exit_code = 1
 

@@ -207,8 +207,8 @@ def run(cfg: Config, runtime) -> int:
                                    "clipfrac", "explained_var", "eval_property",
                                    ("time_generate", "time_score", "time_train"), "slot_utilisation",
                                    "tokens_per_s"], "ppo.png")
-        print(f"ppo: {step} iterations done; run directory: {run_dir} (metrics.jsonl, samples.jsonl, ppo.png, "
-              f"checkpoints/)", flush=True)
+        common.say_done(f"ppo: {step} iterations done", run_dir,
+                        ["metrics.jsonl", "samples.jsonl", "tb/", "ppo.png", "checkpoints/"])
     if code == 0:
         evaluate_after_training(cfg, run_dir, runtime)  # ppo.eval_tasks: lm-eval on the final checkpoint
     return code

@@ -111,6 +111,6 @@ def train(cfg: Config, runtime: ParallelRuntime, started: Started, stage: str, *
     if runtime.is_main:
         if cfg.logging.plots:
             plot_metrics(run_dir, plotted)
-        print(f"{stage}: {step} steps done; run directory: {run_dir} "
-              f"(metrics.jsonl, tb/, checkpoints/{checkpoint.iter_name(step)})", flush=True)
+        common.say_done(f"{stage}: {step} steps done", run_dir,
+                        ["metrics.jsonl", "tb/", "metrics.png", f"checkpoints/{checkpoint.iter_name(step)}/"])
     return code
