@@ -85,13 +85,10 @@ def _check_shards(shape: ModelShape, tp: int) -> None:
 
 
 def _check_launch(cfg: Config) -> None:
-    launch = cfg.launch
-    if launch.backend == "local":
-        return
-    procs = launch.nodes * launch.workers_per_node
-    if procs != cfg.world_size:
-        raise ConfigError(f"launch.nodes: {launch.nodes} x {launch.workers_per_node} processes per node = {procs} "
-                          f"!= tp*pp*dp ({cfg.world_size}); change launch.nodes or parallel.dp")
+    from alfred_train.launch.config import check_processes
+
+    if cfg.launch.backend != "local":
+        check_processes(cfg.launch, cfg.world_size)
 
 
 def _layout_lines(cfg: Config, shape: ModelShape) -> list[str]:

@@ -54,7 +54,9 @@ def test_resolve_run_template_then_overrides(tmp_path):
     assert run.launch.slurm.env == {"A": "1"} and run.config.optim.lr == 1e-2
     assert run.run_dir == "out"
     # The whole run config is checked at launch, including processes = tp * pp * dp.
-    with pytest.raises(ConfigError, match=r"^parallel: dp\(1\) \* tp\(2\) \* pp\(1\) = 2 != WORLD_SIZE\(8\)"):
+    with pytest.raises(ConfigError, match=r"^launch.nodes: 1 x 8 \(one per GPU, launch.gpus_per_node\) processes per "
+                                          r"node = 8 != tp\*pp\*dp \(2\); change launch.nodes, the processes per node "
+                                          r"\(a CPU job: launch.gpus_per_node=0 launch.procs_per_node=N\) or parallel.dp"):
         job.check_world_size(job.resolve_run(tmp_path / "run.yaml", ["launch.nodes=1"]))
     with pytest.raises(ConfigError, match=r"^optim.lrr: unknown key"):
         job.resolve_run(tmp_path / "run.yaml", ["optim.lrr=1"], template=tmp_path / "t.yaml")
@@ -137,6 +139,17 @@ def test_the_stage_comes_from_the_config_sections(tmp_path):
     (tmp_path / "both.yaml").write_text(yaml.safe_dump(both))
     with pytest.raises(ConfigError, match=r"^launch.stage: .*both.yaml has both rm: and ppo: sections; set launch.stage"):
         job.resolve_run(tmp_path / "both.yaml")
+
+
+def test_a_misspelt_backend_is_one_line(tmp_path, capsys):
+    """launch.backend=k8s (or Slurm) was a KeyError traceback, exit 1."""
+    from alfred_train import cli
+
+    tiny_run(tmp_path / "run.yaml", run={"dir": str(tmp_path / "out")})
+    for backend in ("k8s", "Slurm"):
+        assert cli.main(["launch", str(tmp_path / "run.yaml"), "--dry-run", f"launch.backend={backend}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"launch.backend: '{backend}' is not one of slurm, sagemaker, local") and "\n" not in err, err
 
 
 def test_an_unquoted_time_limit_says_to_quote_it():

@@ -284,7 +284,7 @@ def test_a_task_file_goes_with_what_it_includes(moto, tmp_path):
         ("launch.sagemaker.subnets=[subnet-1]", "launch.sagemaker.security_group_ids"),
         ("launch.sagemaker.volume_size_gb=big", "launch.sagemaker.volume_size_gb"),
         ("launch.sagemaker.instance_count=16", "launch.sagemaker.instance_count"),
-        ("launch.nodes=2", "parallel"),  # 2 x 8 processes != tp*pp*dp = 128
+        ("launch.nodes=2", "launch.nodes"),  # 2 x 8 processes != tp*pp*dp = 128
         ("launch.sagemaker.inputs={}", "model.tokenizer"),  # /fsx/... does not exist in the job
         ("launch.sagemaker.inputs={ppo.policy_init: s3://bkt/x/}", "model.tokenizer"),
         ("launch.sagemaker.inputs={ppo.value_init: s3://bkt/x/}", "launch.sagemaker.inputs.ppo.value_init"),

@@ -25,7 +25,7 @@ from alfred_train.cli import parse_with_overrides
 from alfred_train.errors import AlfredError, ConfigError
 from alfred_train.launch import job as job_files
 from alfred_train.launch import local, sagemaker, sagemaker_plan, slurm
-from alfred_train.launch.config import BACKENDS, validate_sagemaker, validate_slurm
+from alfred_train.launch.config import BACKENDS, validate_common, validate_sagemaker, validate_slurm
 
 
 IMAGE_NEEDS = (
@@ -66,6 +66,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     run = job_files.resolve_run(args.config, args.overrides, args.template, args.backend)
+    validate_common(run.launch)  # launch.backend among them, before it picks the function
     backend = {"slurm": _launch_slurm, "sagemaker": _launch_sagemaker, "local": _launch_local}
     return backend[run.launch.backend](run, args)
 

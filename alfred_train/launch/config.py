@@ -198,6 +198,17 @@ def _check_slurm_value(value: str, key: str) -> None:
         )
 
 
+def check_processes(cfg: LaunchConfig, world_size: int) -> None:
+    """The job starts nodes x workers_per_node processes: refused when that is not tp * pp * dp."""
+    procs = cfg.nodes * cfg.workers_per_node
+    if procs != world_size:
+        per_node = f"{cfg.procs_per_node} (launch.procs_per_node)" if cfg.procs_per_node else \
+            f"{cfg.workers_per_node} (one per GPU, launch.gpus_per_node)"
+        raise ConfigError(f"launch.nodes: {cfg.nodes} x {per_node} processes per node = {procs} != tp*pp*dp "
+                          f"({world_size}); change launch.nodes, the processes per node (a CPU job: "
+                          "launch.gpus_per_node=0 launch.procs_per_node=N) or parallel.dp")
+
+
 def validate_common(cfg: LaunchConfig) -> None:
     """Checks every backend needs: stage, sizes, job name."""
     if cfg.backend not in BACKENDS:

@@ -22,7 +22,7 @@ import yaml
 
 from alfred_train.config import default_run_dir
 from alfred_train.errors import ConfigError
-from alfred_train.launch.config import LaunchConfig, validate_common
+from alfred_train.launch.config import LaunchConfig, check_processes, validate_common
 
 RESOLVED_CONFIG = "config.yaml"
 
@@ -153,6 +153,7 @@ def check_world_size(run: ResolvedRun) -> None:
     from alfred_train.config_checks import validate_stage
 
     validate_common(run.launch)
+    check_processes(run.launch, run.config.world_size)  # in launch.* words, before validate's generic ones
     validate(run.config, world_size=run.launch.nodes * run.launch.workers_per_node)
     validate_stage(run.config, run.launch.stage)
     if run.launch.stage == "ppo":  # PPO's config-only checks, before a job is submitted
