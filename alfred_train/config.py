@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import types
 import typing
 from pathlib import Path
@@ -72,9 +73,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):  # .inf, 1e400, .nan
+        raise ConfigError(f"{path}: expected a finite number, got {value}")
     if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):

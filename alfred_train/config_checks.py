@@ -52,8 +52,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, *, here: bool = True
     _check(p.vpp is None or p.pp > 1, "parallel.vpp: virtual pipeline stages need parallel.pp > 1")
     _check(m.arch != "falcon" or m.parallel_layernorms in (1, 2),
            f"model.parallel_layernorms: must be 1 or 2, got {m.parallel_layernorms}")
+    _validate_ranges(cfg)  # optim.lr > 0 first: a negative lr is its own mistake, not min_lr's
     _check(cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr ({cfg.optim.lr})")
-    _validate_ranges(cfg)
     _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep: must be >= 1, got {cfg.checkpoint.keep}")
     _check(cfg.checkpoint.s3_uri is None or re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/\S*)?$",
                                                      cfg.checkpoint.s3_uri) is not None,

@@ -93,6 +93,18 @@ def test_override_unknown_key_names_the_valid_ones(capsys):
     assert "valid keys here:" in msg and " lr," in msg
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=inf", "optim.lr: expected a finite number, got inf"),  # a megatron assert traceback, per rank
+    ("optim.lr=1e400", "optim.lr: expected a finite number, got inf"),
+    ("optim.lr=.nan", "optim.lr: expected a finite number, got nan"),
+    ("model.init_std=.inf", "model.init_std: expected a finite number, got inf"),  # a run of NaN losses
+    ("ppo.kl_coef=-.inf", "ppo.kl_coef: expected a finite number, got -inf"),
+    ("optim.lr=-1", "optim.lr: must be > 0, got -1.0"),  # it blamed optim.min_lr
+])
+def test_numbers_must_be_finite_and_the_first_wrong_key_is_named(capsys, override, message):
+    assert cli_error(capsys, "sft", str(TINY_SFT), override) == message
+
+
 def test_a_moved_key_says_where_it_is_now(tmp_path, capsys):
     assert cli_error(capsys, "sft", str(TINY_SFT), "ppo.max_bad_steps=2") == \
         "ppo.max_bad_steps: moved to train.max_bad_steps; rename it"
