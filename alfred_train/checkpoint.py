@@ -89,30 +89,45 @@ def latest_checkpoint_of(steps: dict[int, Path]) -> Path | None:
     return found[0][1] if found else None
 
 
-def newest_resumable(ckpt_root: str | Path) -> Path | None:
-    """The checkpoint `checkpoint.resume: auto` is expected to resume, read cheaply (the run verifies
+def newest_resumable(ckpt_root: str | Path, damaged: list[str] | None = None) -> Path | None:
+    """The checkpoint `checkpoint.resume: auto` is expected to resume, read cheaply (the run hashes
     every file, `find_resumable`): the newest of `latest_checkpoint`'s kind whose meta.json is readable
-    and matches the sha256 its manifest records. A damaged meta.json is skipped here as the run skips
-    it (it stopped the run, or was believed: a flipped shape field said to change model.*)."""
+    and matches its manifest's sha256, and whose files have their manifest's sizes. Each one skipped
+    is appended to `damaged` ("PATH: problem"), as the run names them (a damaged meta.json stopped the
+    run, or was believed; a truncated shard was said to be resumed)."""
     steps = iter_steps(ckpt_root)
-    while (found := latest_checkpoint_of(steps)) is not None and not _meta_sound(found):
+    while (found := latest_checkpoint_of(steps)) is not None and (problem := _cheap_problem(found)):
+        if damaged is not None:
+            damaged.append(f"{found}: {problem}")
         steps = {s: p for s, p in steps.items() if p != found}
     return found
 
 
-def _meta_sound(ckpt_dir: Path) -> bool:
+def _cheap_problem(ckpt_dir: Path) -> str | None:
     try:
         json.loads((ckpt_dir / "meta.json").read_text())
     except (OSError, ValueError):  # UnicodeDecodeError, JSONDecodeError
-        return False
+        return "meta.json cannot be read"
     if not (ckpt_dir / mf.MANIFEST).exists():
-        return True  # written before manifests: its meta.json is all there is
-    try:
-        entries = mf.read_manifest(ckpt_dir)["files"]
-    except mf.ManifestError:
-        return False
+        return None  # written before manifests: its meta.json is all there is
+    if found := mf.problems(ckpt_dir, hashes=False):
+        return "; ".join(found[:3])
+    entries = mf.read_manifest(ckpt_dir)["files"]
     recorded = next((e["sha256"] for e in entries if e["path"] == "meta.json"), None)
-    return recorded is None or mf.sha256_of(ckpt_dir / "meta.json") == recorded
+    if recorded is not None and mf.sha256_of(ckpt_dir / "meta.json") != recorded:
+        return "meta.json does not match its sha256 (corrupted)"
+    return None
+
+
+def none_sound(root: Path, damaged: list[str], s3_uri: str | None = None,
+               node_local: bool = False) -> DamagedCheckpointsError:
+    """The refusal of a resume whose checkpoints all are damaged (`damaged`: "PATH: problem" each)."""
+    return DamagedCheckpointsError(
+        f"checkpoint.resume=auto: no sound checkpoint under {root}"
+        f"{' or ' + s3_uri if s3_uri else ''} ({' | '.join(damaged)}); repair them, or move them out of run.dir to "
+        "start again from step 0 (or set a new run.dir)"
+        + ("; with checkpoint.node_local each node's copy needs every node's files (from checkpoint.s3_uri "
+           "or the launcher's checkpoint sync)" if node_local else ""))
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:
@@ -308,12 +323,7 @@ def find_resumable(ckpt_root: str | Path, runtime, *, node_local: bool = False,
         for hint in {h for _, h in seen if h}:
             log.warning("%s", hint)
     if chosen is None and damaged:
-        raise DamagedCheckpointsError(
-            f"checkpoint.resume=auto: no sound checkpoint under {root}"
-            f"{' or ' + s3_uri if s3_uri else ''} ({' | '.join(damaged)}); repair them, or move them out of run.dir to start again from "
-            "step 0 (or set a new run.dir)"
-            + ("; with checkpoint.node_local each node's copy needs every node's files (from checkpoint.s3_uri "
-               "or the launcher's checkpoint sync)" if site.node_local else ""))
+        raise none_sound(root, damaged, s3_uri, site.node_local)
     return None if chosen is None else root / iter_name(chosen)
 
 

@@ -18,6 +18,7 @@ import pytest
 from launch_fixtures import boto_client
 
 from alfred_train import cli
+from alfred_train.checkpointing import manifest as mf
 from alfred_train.config import load_config
 from alfred_train.errors import ConfigError
 from alfred_train.stages import checkpoint_checks, common
@@ -254,6 +255,31 @@ def test_a_resume_past_train_max_steps_is_refused(capsys, tmp_path):
     _error(capsys, "train.max_steps", "2, but the checkpoint resumed is at step 3: nothing to train", *sft,
            "train.max_steps=2")
     assert _run(capsys, *sft, "train.max_steps=3")[0] == 0  # a finished run, rerun: nothing to do, no error
+
+
+def test_the_dry_run_refuses_what_the_run_refuses_among_damaged_checkpoints(capsys, tmp_path):
+    """Every checkpoint of run.dir damaged: the dry run said "a seeded random init" and the run refused
+    (exit 2). A shard cut short (its manifest's size) was named by the dry run as the one resumed;
+    the run skipped it for the one before."""
+    root = tmp_path / "run" / "checkpoints"
+    for step in (3, 4):
+        ckpt = _checkpoint(root / f"iter_{step:07d}", ["policy"], "sft", _shape(TINY_SFT))
+        meta = json.loads((ckpt / "meta.json").read_text())
+        (ckpt / "meta.json").write_text(json.dumps({**meta, "step": step}))
+        (ckpt / "shard.distcp").write_bytes(b"x" * 100)
+        files = [{"path": n, "size": (ckpt / n).stat().st_size, "sha256": mf.sha256_of(ckpt / n)}
+                 for n in ("meta.json", "shard.distcp")]
+        (ckpt / mf.MANIFEST).write_text(json.dumps({"format": 1, "step": step, "files": files}))
+    sft = ["sft", TINY_SFT, "parallel.tp=1", f"run.dir={tmp_path / 'run'}", "train.max_steps=9", "--dry-run"]
+    (root / "iter_0000004" / "shard.distcp").write_bytes(b"x" * 10)  # cut short: the one before is resumed
+    code, out, err = _run(capsys, *sft)
+    assert code == 0 and f"resumes {root / 'iter_0000003'} (step 3)" in out, (out, err)
+    with open(root / "iter_0000003" / "meta.json", "a") as f:
+        f.write("x")  # now none is sound
+    code, out, err = _run(capsys, *sft)
+    assert code == 2 and err.startswith(f"alfred-train: error: checkpoint.resume=auto: no sound checkpoint under {root}")
+    assert "iter_0000004: shard.distcp has 10 bytes, the manifest says 100" in err and err.count("\n") == 1, err
+    assert "iter_0000003: meta.json cannot be read" in err
 
 
 def test_a_fresh_start_is_refused_beside_an_earlier_runs_later_checkpoints_in_s3(capsys, tmp_path, moto,

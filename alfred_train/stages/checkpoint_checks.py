@@ -61,9 +61,15 @@ def checkpoints_to_load(cfg: Config, stage: str) -> list[CheckpointUse]:
     resume = []
     if c.resume not in ("auto", "none"):
         resume = [CheckpointUse("checkpoint.resume", c.resume, (TRAINED[stage],), own, resume=True)]
-    elif c.resume == "auto" and (found := checkpoint.newest_resumable(Path(cfg.run.dir) / "checkpoints")):
-        resume = [CheckpointUse("checkpoint.resume", str(found), (TRAINED[stage],), f"{own} (auto: run.dir's newest)",
-                                resume=True)]
+    elif c.resume == "auto":
+        root, damaged = Path(cfg.run.dir) / "checkpoints", []
+        if found := checkpoint.newest_resumable(root, damaged):
+            resume = [CheckpointUse("checkpoint.resume", str(found), (TRAINED[stage],),
+                                    f"{own} (auto: run.dir's newest)", resume=True)]
+        elif checkpoint.iter_steps(root) and not c.s3_uri:  # the run refuses them (S3 may hold a sound one)
+            raise checkpoint.none_sound(root, damaged or [f"{p}: incomplete (no meta.json)"
+                                                          for p in checkpoint.iter_steps(root).values()],
+                                        node_local=c.node_local)
     loads_init = stage == "ppo" or cfg.lora.rank or not resume
     return resume + (init_uses(cfg, stage) if loads_init else [])
 
