@@ -180,11 +180,23 @@ def _run_worker(cfg, stage: str) -> int:
         shutdown()
 
 
+def _training_worker(argv: list[str]) -> bool:
+    """A stage's worker started by a launcher (ours, torchrun, srun), not the command a person typed."""
+    env = os.environ
+    started = "ALFRED_LAUNCHER_PID" in env or int(env.get("WORLD_SIZE", 1)) > 1 or (
+        "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", 1)) > 1)
+    return started and argv[:1] in (["sft"], ["rm"], ["ppo"])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _training_worker(argv):  # before torch, the config and the inits load (seconds): a scheduler's
+        from alfred_train import preemption  # USR1/TERM then is honoured at the first step, not fatal
+
+        preemption.listen()
     _quiet_third_party()
     _setup_logging()
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
         parser.print_help(sys.stderr)
         return 2

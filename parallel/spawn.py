@@ -19,6 +19,7 @@ import time
 
 QUIET_CODES = (2, 3)  # a config error (rank 0 printed it) and a preemption (every rank saved and says so)
 LAUNCHER_PID = "ALFRED_LAUNCHER_PID"  # set for the workers spawn_local starts
+STOP_GRACE_S = 30.0  # after one worker failed: the others' TERM, then KILL
 
 
 def follow_launcher() -> None:
@@ -67,7 +68,7 @@ def spawn_local(argv: list[str], world_size: int, script: str | None = None) -> 
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
-        code, ranks = 0, {p: r for r, p in enumerate(procs)}
+        code, ranks, stopping = 0, {p: r for r, p in enumerate(procs)}, None
         while procs:
             ended = [(p, p.poll()) for p in procs if p.poll() is not None]
             for p, _ in ended:
@@ -80,6 +81,11 @@ def spawn_local(argv: list[str], world_size: int, script: str | None = None) -> 
                     print(_describe(rank, rc), file=sys.stderr, flush=True)
                 for q in procs:  # one worker died: the collective would hang, stop the rest
                     q.terminate()
+                stopping = time.monotonic()
+            if stopping is not None and time.monotonic() - stopping > STOP_GRACE_S:
+                for q in procs:  # a worker that took TERM as a preemption (save at the next step) while it
+                    q.kill()  # waits for the dead one: no save can complete without it
+                stopping = None
             time.sleep(0.05)
         return code
     finally:

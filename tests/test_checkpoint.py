@@ -378,6 +378,22 @@ def test_a_preemption_signal_during_start_up_checkpoints_at_the_first_step(tmp_p
     assert "preempted at step 1" in log.read_text() and "Traceback" not in log.read_text()
 
 
+def test_a_term_right_after_the_workers_start_is_a_preemption_too(tmp_path):
+    """The workers installed their handlers only after torch, the config and the inits had loaded
+    (~13 s on a busy machine): a TERM in those seconds killed them, exit 143, nothing saved."""
+    import psutil
+
+    run, log = tmp_path / "first-seconds", tmp_path / "first-seconds.log"
+    proc = _start(run, ["sft", *SFT, "parallel.tp=2"], log)
+    _wait_for(proc, lambda: True if len(psutil.Process(proc.pid).children()) == 2 else None, "two workers")
+    time.sleep(0.5)  # python has started in each, torch has not loaded
+    assert "attention backend" not in log.read_text()
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 3, log.read_text()[-3000:]
+    assert (run / "checkpoints" / "latest").read_text() == "iter_0000001"
+    assert "preempted at step 1" in log.read_text() and "Traceback" not in log.read_text()
+
+
 def test_workers_stop_with_their_launcher_and_a_dead_rank_is_named(tmp_path):
     """`alfred-train` spawns the TP=2 workers itself. Its death (SIGKILL) used to leave them training,
     unwatched, into the run directory: now they checkpoint at their next step and exit. A worker

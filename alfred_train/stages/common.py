@@ -7,7 +7,6 @@ import hashlib
 import logging
 import os
 import random
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from alfred_train.atomic import write_text
-from alfred_train import checkpoint
+from alfred_train import checkpoint, preemption
 from alfred_train.checkpointing.site import Site, check_run_dir, lock_run_dir, run_dir_problem
 from alfred_train.config import Config, dump_yaml
 from alfred_train.data import mixture
@@ -339,7 +338,6 @@ def write_requeue_record(step: int, runtime) -> None:
     write_text(path, f"checkpoint {checkpoint.iter_name(step)} saved at step {step}\n")
 
 
-_preempted = False  # set by SIGUSR1 / SIGTERM from the moment a worker starts (`Preemption.listen`)
 
 
 def say_done(what: str, run_dir: Path, names: list[str]) -> None:
@@ -384,20 +382,12 @@ class Preemption:
     def __init__(self):
         self.listen()
 
-    @staticmethod
-    def listen() -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, _on_preemption_signal)
+    listen = staticmethod(preemption.listen)
 
     def requested(self, device) -> bool:
-        flag = torch.tensor([1.0 if _preempted else 0.0], device=device)
+        flag = torch.tensor([1.0 if preemption.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-def _on_preemption_signal(signum, frame) -> None:
-    global _preempted
-    _preempted = True
 
 
 class Timer:
