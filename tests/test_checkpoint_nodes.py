@@ -114,6 +114,16 @@ def test_node_local_checkpoints_meet_in_s3_and_a_reclaimed_run_resumes_from_s3(m
     assert metrics(one, "loss")[2:] == pytest.approx(metrics(reference, "loss")[6:], rel=1e-5)
 
 
+def test_an_s3_uri_that_cannot_be_listed_is_one_line(moto, tmp_path):
+    """A missing bucket: each rank's line ran into the others' (one garbled line, twice the words),
+    and it said "not resuming" of a fresh run."""
+    nodes = [tmp_path / "n0", tmp_path / "n1"]
+    out = on_nodes(nodes, 1, {"AWS_ENDPOINT_URL_S3": moto}, "checkpoint.s3_uri=s3://nobucket/ck", expect=1)
+    said = [line for o in out for line in o.splitlines() if "error:" in line]
+    assert len(said) == 1 and said[0].startswith("alfred-train: error: checkpoint.s3_uri: cannot list s3://nobucket/ck"), said
+    assert "fix the URI or the access, or remove checkpoint.s3_uri" in said[0] and "Traceback" not in "".join(out)
+
+
 def test_a_resume_refused_on_one_node_only_is_refused_on_every_node(tmp_path):
     """Node-local copies differ: node 1 holds a ZeRO checkpoint saved at TP=1 that cannot reshard to
     TP=2, node 0 (rank 0) is new and empty. Every node exits 2 and rank 0 prints the one line; it used to

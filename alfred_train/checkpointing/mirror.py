@@ -79,12 +79,15 @@ def fetch_newer(s3_root: str, root: Path, newest_local: int | None, runtime, sit
             listed = s3.list_iter_prefixes(s3.parse_s3_uri(s3_root), s3.make_client())
             candidates = [(step, str(loc)) for step, loc in listed if newest_local is None or step > newest_local]
         except sync_errors() as err:
-            error = f"checkpoint.s3_uri: cannot list {s3_root} ({type(err).__name__}: {err}); not resuming without it"
+            error = (f"checkpoint.s3_uri: cannot list {s3_root} ({type(err).__name__}: {err}); a run lists it before "
+                     "its first step, to resume from it: fix the URI or the access, or remove checkpoint.s3_uri")
     box = [(candidates, error)]
     dist.broadcast_object_list(box, src=0)
     candidates, error = box[0]
     if error:
-        raise s3.CheckpointSyncError(error)
+        failed = s3.CheckpointSyncError(error)
+        failed.raised_on_every_rank = True  # rank 0 says it (each rank's line ran into the others')
+        raise failed
     for step, uri in candidates:
         problem = None
         if site.owner:
