@@ -194,6 +194,12 @@ def test_the_alfred_recipe_dry_run_with_a_readable_tokenizer_notes_each_prompt_s
     assert code == 0, out.err
     assert all(f"not checked here: data.prompts[{i}]: /fsx/" in out.out for i in range(5)), out.out
     assert "not checked here: ppo.policy_init: /fsx/" in out.out
+    # without a readable tokenizer every other note was dropped: the inits and prompts are named too
+    code, out = cli.main(["ppo", ALFRED, "--dry-run"]), capsys.readouterr()
+    assert code == 0 and "not checked here: model.tokenizer: /fsx/" in out.out, out.err
+    assert all(f"not checked here: data.prompts[{i}]: /fsx/" in out.out for i in range(5)), out.out
+    assert "not checked here: ppo.policy_init: /fsx/alfred/checkpoints/falcon-40b-sft" in out.out, out.out
+    assert "not checked here: ppo.reward_init: /fsx/" in out.out
 
 
 def test_checkpoints_of_another_kind_or_shape_or_none_exit_2_in_dry_run_and_real_run(capsys, tmp_path, inits):

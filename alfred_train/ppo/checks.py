@@ -208,9 +208,16 @@ def preflight(cfg: Config, *, dry_run: bool, main: bool = True):
 
         check_task_names(cfg.ppo.eval_tasks, "ppo.eval_tasks")
     path = tokenizer_path(cfg)
-    if dry_run and not Path(path).exists():
-        return None, None, [f"model.tokenizer: {path} is not reachable here: the prompts and the checkpoints' "
-                            "tokenizer are checked when the run starts, before any model is built"]
+    if dry_run and not Path(path).exists():  # what is checked with the tokenizer is named, not passed over
+        from alfred_train.stages.checkpoint_checks import checkpoints_to_load
+
+        return None, None, [
+            f"model.tokenizer: {path} is not reachable here: the prompts and the checkpoints' tokenizer are "
+            "checked when the run starts, before any model is built",
+            *(f"{use.key}: {use.where}: its shape and tokenizer are checked against model.tokenizer's when the "
+              "run starts" for use in checkpoints_to_load(cfg, "ppo")),
+            *(f"{m} is not reachable here: the prompts' number and lengths are checked when the run starts"
+              for m in unreachable_prompts(cfg))]
     tokenizer = tokenizer_for(cfg)
     notes = check_checkpoints(cfg, tokenizer, path, required=not dry_run)
     missing = unreachable_prompts(cfg) if dry_run else []
