@@ -456,8 +456,10 @@ def test_an_existing_file_with_glob_characters_is_read_as_itself(tmp_path):
     assert mixture.paths(str(path)) == [str(path)]
     cfg = load_config(TINY_SFT, ["data.synthetic=false", f"data.train='{path}'"])
     assert mixture.unreachable(cfg.data.train, cfg.data.format, "data.train") == []
-    with pytest.raises(ConfigError, match=r"data.train\[0\].weight: must be > 0 and at most 1000"):
+    with pytest.raises(ConfigError, match=r"data.train\[0\].weight: expected a finite number, got inf"):
         load_config(TINY_SFT, ["data.synthetic=false", f"data.train=[{{path: '{path}', weight: .inf}}]"])
+    with pytest.raises(ConfigError, match=r"data.train\[0\].weight: must be > 0 and at most 1000"):
+        load_config(TINY_SFT, ["data.synthetic=false", f"data.train=[{{path: '{path}', weight: 1e6}}]"])
 
 
 def test_gzip_or_parquet_under_a_jsonl_name_and_an_inspect_of_nothing(tmp_path, capsys):
