@@ -181,9 +181,12 @@ def _run_worker(cfg, stage: str) -> int:
 
 
 def _training_worker(argv: list[str]) -> bool:
-    """A stage's worker started by a launcher (ours, torchrun, srun), not the command a person typed."""
+    """A stage's worker started by a launcher (ours, torchrun, srun), not the command a person typed.
+    The environment is read here, not by parallel.init.detect_launch_env, which imports torch."""
+    from alfred_train.parallel.spawn import LAUNCHER_PID  # the standard library only
+
     env = os.environ
-    started = "ALFRED_LAUNCHER_PID" in env or int(env.get("WORLD_SIZE", 1)) > 1 or (
+    started = LAUNCHER_PID in env or int(env.get("WORLD_SIZE", 1)) > 1 or (
         "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", 1)) > 1)
     return started and argv[:1] in (["sft"], ["rm"], ["ppo"])
 

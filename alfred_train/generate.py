@@ -70,15 +70,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_output(args.prompts, args.output)
     ckpt = resolve_checkpoint(args.checkpoint)
+    inputs = None
     if detect_launch_env().rank == 0 and LAUNCHER_PID not in os.environ:  # not again in our own workers
         check_checkpoint(ckpt, args.model)
-        read_inputs(args, ckpt)  # the tokenizer, template and prompts, before a process starts or a model is built
+        inputs = read_inputs(args, ckpt)  # tokenizer, template and prompts, before a process starts or a model is built
     world = parallel.tp * parallel.pp
     if world > 1 and detect_launch_env().launcher == "single":
         from alfred_train.parallel.spawn import spawn_local
 
         return spawn_local(_argv(args), world)
-    return _run_worker(args, parallel)
+    return _run_worker(args, parallel, inputs)
 
 
 def check_checkpoint(ckpt: Path, model: str) -> None:
@@ -241,7 +242,8 @@ def _load_policy(args, ckpt: Path, parallel, runtime):
     return [unwrap(c) for c in chunks]
 
 
-def _run_worker(args, parallel) -> int:
+def _run_worker(args, parallel, inputs=None) -> int:
+    """inputs: `read_inputs`' (tokenizer, prompts) when this process has read them already."""
     import torch
 
     from alfred_train.checkpoint import resolve_checkpoint
@@ -254,7 +256,7 @@ def _run_worker(args, parallel) -> int:
     ckpt = resolve_checkpoint(args.checkpoint)
     runtime = init_runtime(ParallelDims(parallel.tp, parallel.pp, 1), backend=parallel.backend)
     try:
-        tokenizer, prompts = read_inputs(args, ckpt)
+        tokenizer, prompts = inputs or read_inputs(args, ckpt)
         models = _load_policy(args, ckpt, parallel, runtime)
         out, useful, slot_steps = [], 0.0, 0
         # continuous batching: --batch-size rows decode together and a row that ends takes the queue's next

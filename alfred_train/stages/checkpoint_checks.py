@@ -66,9 +66,8 @@ def checkpoints_to_load(cfg: Config, stage: str) -> list[CheckpointUse]:
         if found := checkpoint.newest_resumable(root, damaged):
             resume = [CheckpointUse("checkpoint.resume", str(found), (TRAINED[stage],),
                                     f"{own} (auto: run.dir's newest)", resume=True)]
-        elif checkpoint.iter_steps(root) and not c.s3_uri:  # the run refuses them (S3 may hold a sound one)
-            raise checkpoint.none_sound(root, damaged or [f"{p}: incomplete (no meta.json)"
-                                                          for p in checkpoint.iter_steps(root).values()],
+        elif (present := checkpoint.iter_steps(root)) and not c.s3_uri:  # the run refuses them (S3 may hold one)
+            raise checkpoint.none_sound(root, damaged or [f"{p}: incomplete (no meta.json)" for p in present.values()],
                                         node_local=c.node_local)
     loads_init = stage == "ppo" or cfg.lora.rank or not resume
     return resume + (init_uses(cfg, stage) if loads_init else [])
