@@ -24,13 +24,17 @@ def adapter_params_per_layer(shape, spec: lora.AdapterSpec, tp: int) -> int:
     return n
 
 
+def _head_params(shape, kind: str) -> int:
+    """A scalar model's trained head (weight + bias); an LM's output layer is part of its frozen base."""
+    return shape.hidden_size + 1 if kind == "scalar" else 0
+
+
 def checkpoint_params(cfg, shape, stage_models) -> list[int]:
     """Parameters a LoRA checkpoint holds for each trained model: its adapters (all layers, as at
     tp=1: the replicated halves once) and a scalar head; the frozen base is referenced, not copied."""
     spec = lora.AdapterSpec.from_config(cfg.lora)
     adapters = adapter_params_per_layer(shape, spec, tp=1) * shape.num_layers
-    return [adapters + (shape.hidden_size + 1 if kind == "scalar" else 0)
-            for _, kind, trainable in stage_models if trainable]
+    return [adapters + _head_params(shape, kind) for _, kind, trainable in stage_models if trainable]
 
 
 def state_bytes(cfg, shape, stage_models, per_stage: dict, kv: float) -> list[float]:
@@ -49,7 +53,7 @@ def state_bytes(cfg, shape, stage_models, per_stage: dict, kv: float) -> list[fl
         total = kv
         for name, kind, trainable in stage_models:
             if trainable:
-                head = shape.hidden_size + 1 if kind == "scalar" and r == p.pp - 1 else 0
+                head = _head_params(shape, kind) if r == p.pp - 1 else 0
                 total += (per_stage[name][r] - head) * frozen + (adapters + head) * trained
         totals.append(total)
     return totals
